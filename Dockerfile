@@ -1,0 +1,39 @@
+# syntax=docker/dockerfile:1
+
+# ---- build ----
+FROM rust:1-bookworm AS builder
+WORKDIR /build
+
+# Dependencies first, compiled against a placeholder main: this layer is reused until
+# Cargo.toml or Cargo.lock changes.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir src \
+ && echo 'fn main() {}' > src/main.rs \
+ && cargo build --release --locked \
+ && rm -rf src
+
+# Then the real sources. COPY keeps their (older) mtimes and the placeholder's artifacts would
+# look fresh to cargo, so drop them before building the real crate.
+COPY src ./src
+RUN rm -rf target/release/.fingerprint/streamgate-* target/release/deps/streamgate-* \
+           target/release/deps/libstreamgate-* target/release/streamgate \
+ && cargo build --release --locked --bin streamgate \
+ && install -m 0755 target/release/streamgate /usr/local/bin/streamgate
+
+# ---- runtime ----
+FROM debian:bookworm-slim
+# curl is for the healthcheck in docker-compose.yml (GET /health/ready).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates curl \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin streamgate
+
+COPY --from=builder /usr/local/bin/streamgate /usr/local/bin/streamgate
+# Default configuration (the demo streams); docker-compose.yml mounts the same file over it.
+COPY examples/streamgate.toml /etc/streamgate/streamgate.toml
+
+ENV STREAMGATE_CONFIG=/etc/streamgate/streamgate.toml \
+    STREAMGATE_LISTEN=0.0.0.0:8080
+USER streamgate
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/streamgate"]

@@ -1,0 +1,127 @@
+//! One error envelope for every HTTP error: RFC 9457 `application/problem+json`.
+//!
+//! Handlers return `Result<_, ApiError>`. The `detail` is written for the client; internal
+//! causes (driver errors, I/O) are logged, not sent.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::streams::SubscribeFailure;
+use crate::streams::definition::DefinitionError;
+use crate::worker::subscription::SubscribeError;
+
+/// An HTTP error response.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// Status code.
+    pub status: StatusCode,
+    /// Short, stable summary per kind of problem.
+    pub title: &'static str,
+    /// What went wrong in this request, for a human.
+    pub detail: String,
+    /// Extra members merged into the body (e.g. the offending `field`).
+    pub extra: Option<serde_json::Value>,
+    /// `Retry-After` seconds, for 429/503.
+    pub retry_after: Option<u64>,
+    /// `WWW-Authenticate` challenge, for 401.
+    pub www_authenticate: Option<&'static str>,
+}
+
+impl ApiError {
+    /// A problem with the given status, title and detail.
+    pub fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            title,
+            detail: detail.into(),
+            extra: None,
+            retry_after: None,
+            www_authenticate: None,
+        }
+    }
+
+    /// 400.
+    pub fn bad_request(detail: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "Bad Request", detail)
+    }
+
+    /// 404.
+    pub fn not_found(detail: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "Not Found", detail)
+    }
+
+    /// 503 with `Retry-After`.
+    pub fn unavailable(detail: impl Into<String>) -> ApiError {
+        let mut error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable", detail);
+        error.retry_after = Some(2);
+        error
+    }
+
+    /// 500; the cause is logged here and never shown to the client.
+    pub fn internal(cause: impl std::fmt::Display) -> ApiError {
+        tracing::error!(%cause, "internal error");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal Server Error",
+            "an internal error occurred; it has been logged",
+        )
+    }
+
+    /// Adds members to the problem body.
+    pub fn with_extra(mut self, extra: serde_json::Value) -> ApiError {
+        self.extra = Some(extra);
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({
+            "type": "about:blank",
+            "title": self.title,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        if let (Some(serde_json::Value::Object(extra)), Some(object)) = (self.extra, body.as_object_mut()) {
+            object.extend(extra);
+        }
+        let mut response = (self.status, body.to_string()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(seconds) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let Some(challenge) = self.www_authenticate {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+        }
+        response
+    }
+}
+
+impl From<DefinitionError> for ApiError {
+    fn from(error: DefinitionError) -> ApiError {
+        let field = error.field.clone();
+        ApiError::bad_request(error.to_string()).with_extra(json!({ "field": field }))
+    }
+}
+
+impl From<SubscribeFailure> for ApiError {
+    fn from(failure: SubscribeFailure) -> ApiError {
+        match failure {
+            SubscribeFailure::NotFound(key) => ApiError::not_found(format!("no stream is defined at {key}")),
+            SubscribeFailure::Avars(error) => ApiError::bad_request(error.to_string()),
+            SubscribeFailure::Subscribe(SubscribeError::BadResumeToken(message)) => {
+                ApiError::bad_request(format!("the event id cannot be resumed from: {message}"))
+            }
+            SubscribeFailure::Subscribe(SubscribeError::Unavailable(message)) => {
+                tracing::warn!(%message, "subscribe failed: MongoDB unavailable");
+                ApiError::unavailable("MongoDB is not reachable right now; retry shortly")
+            }
+            SubscribeFailure::NotReady => ApiError::unavailable(failure.to_string()),
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! Events as they travel from a worker to its clients.
+//!
+//! A change is encoded **once**, when the worker receives it: the SSE frame, the WebSocket text
+//! and the NDJSON line are all built here and then shared (`Arc<Event>`, `Bytes` clones) by every
+//! client of the worker. No transport does per-client JSON work for a change.
+//!
+//! Event ids are MongoDB resume tokens (`_data` hex strings). Their byte order is the oplog order,
+//! so [`Token`] compares them as strings to decide "before/after" during resume hand-overs.
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+use mongodb::bson::{Bson, Document, doc};
+use mongodb::change_stream::event::ResumeToken;
+use serde_json::json;
+
+/// Largest id we accept from a client; real tokens are a few hundred hex digits at most.
+const MAX_TOKEN_LEN: usize = 4096;
+
+/// A MongoDB resume token's `_data` string, normalised to upper-case hex.
+///
+/// Ordering is the oplog order: resume tokens are KeyString encodings whose byte order is
+/// the order of the changes, and upper-case hex preserves byte order.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Token(Arc<str>);
+
+/// Why a client-supplied resume id was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    /// Not hex, odd length, empty or too long.
+    #[error("event id is not a MongoDB resume token (expected an even-length hex string)")]
+    NotHex,
+    /// Hex, but not the KeyString encoding of a resume token (which starts with a timestamp).
+    #[error("event id is not a MongoDB resume token (it does not start with a cluster time)")]
+    NotResumeToken,
+    /// JSON given, but not `{"_data": "…"}`.
+    #[error("event id JSON must be {{\"_data\": \"<hex>\"}}")]
+    BadJson,
+}
+
+impl Token {
+    /// Parses a client-supplied id: the bare `_data` string, or RESTHeart's `{"_data":"…"}`.
+    pub fn parse(input: &str) -> Result<Token, TokenError> {
+        let input = input.trim();
+        let data = if input.starts_with('{') {
+            let value: serde_json::Value =
+                serde_json::from_str(input).map_err(|_| TokenError::BadJson)?;
+            value
+                .get("_data")
+                .and_then(|v| v.as_str())
+                .ok_or(TokenError::BadJson)?
+                .to_owned()
+        } else {
+            input.to_owned()
+        };
+        if data.is_empty()
+            || data.len() > MAX_TOKEN_LEN
+            || data.len() % 2 != 0
+            || !data.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(TokenError::NotHex);
+        }
+        // KeyString type byte 130 (0x82) = Timestamp: every resume token starts with the
+        // cluster time of its change, followed by 8 bytes of it.
+        if data.len() < 18 || !data[..2].eq_ignore_ascii_case("82") {
+            return Err(TokenError::NotResumeToken);
+        }
+        Ok(Token(Arc::from(data.to_ascii_uppercase())))
+    }
+
+    /// Reads the `_data` string out of a change event's `_id` (or a post-batch token).
+    pub fn from_resume_document(id: &Document) -> Option<Token> {
+        id.get_str("_data")
+            .ok()
+            .map(|s| Token(Arc::from(s.to_ascii_uppercase())))
+    }
+
+    /// Reads the token out of the driver's opaque [`ResumeToken`].
+    pub fn from_driver(token: &ResumeToken) -> Option<Token> {
+        match mongodb::bson::to_bson(token).ok()? {
+            Bson::Document(doc) => Token::from_resume_document(&doc),
+            _ => None,
+        }
+    }
+
+    /// The driver's [`ResumeToken`] for `resumeAfter`.
+    pub fn to_driver(&self) -> Option<ResumeToken> {
+        mongodb::bson::from_document(doc! { "_data": self.as_str() }).ok()
+    }
+
+    /// The `_data` string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Ord for Token {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.as_bytes().cmp(other.0.as_bytes())
+    }
+}
+
+impl PartialOrd for Token {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Token({})", &self.0)
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What an event means to a client; everything but `Change` ends the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A change document; carries an id.
+    Change,
+    /// The collection was dropped or renamed; the stream ends.
+    Invalidate,
+    /// The stream was deleted or the client's access withdrawn; the stream ends.
+    Cancel,
+    /// The client's token expired; the stream ends.
+    AuthRevoked,
+    /// Something went wrong for this client (see [`ErrorCode`]); the stream ends.
+    Error(ErrorCode),
+}
+
+/// Codes carried by `error` events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The client fell more than its queue bound behind; it may resume from its last id.
+    SlowConsumer,
+    /// The resume id is older than the oplog holds.
+    HistoryLost,
+    /// MongoDB refused the change stream in a way retrying cannot fix (bad pipeline, ...).
+    Upstream,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+impl ErrorCode {
+    /// The wire name of the code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::SlowConsumer => "slow_consumer",
+            ErrorCode::HistoryLost => "history_lost",
+            ErrorCode::Upstream => "upstream_error",
+            ErrorCode::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl EventKind {
+    /// The SSE `event:` name and the envelope's `event` field.
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::Change => "change",
+            EventKind::Invalidate => "invalidate",
+            EventKind::Cancel => "cancel",
+            EventKind::AuthRevoked => "auth_revoked",
+            EventKind::Error(_) => "error",
+        }
+    }
+
+    /// Whether the stream ends after this event.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, EventKind::Change)
+    }
+
+    /// WebSocket close code sent after a terminal event (see README "WebSocket close codes").
+    pub fn ws_close_code(self) -> u16 {
+        match self {
+            EventKind::Change | EventKind::Invalidate => 1000,
+            EventKind::Cancel => 4001,
+            EventKind::AuthRevoked => 4003,
+            EventKind::Error(ErrorCode::SlowConsumer) => 4008,
+            EventKind::Error(ErrorCode::HistoryLost) => 4010,
+            EventKind::Error(ErrorCode::Shutdown) => 1001,
+            EventKind::Error(ErrorCode::Upstream) => 4000,
+        }
+    }
+}
+
+/// One event, pre-encoded for every transport.
+#[derive(Debug)]
+pub struct Event {
+    /// What the event means.
+    pub kind: EventKind,
+    /// The resume token (changes and invalidates); `None` for control events.
+    pub id: Option<Token>,
+    /// Complete SSE frame, blank line included.
+    pub sse: Bytes,
+    /// The JSON envelope `{"event","id","data"}` as a WebSocket text payload.
+    pub ws: Utf8Bytes,
+    /// The same envelope plus `\n`, for NDJSON.
+    pub ndjson: Bytes,
+}
+
+/// A change document could not be turned into an event.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    /// The change has no `_id._data` (a pipeline removed or replaced `_id`).
+    #[error("change event has no resume token in _id (a pipeline stage removed or changed _id)")]
+    MissingId,
+}
+
+impl Event {
+    /// Encodes a change document as returned by MongoDB (after the pipeline).
+    ///
+    /// `_id` becomes the event id and is removed from `data`; the rest is relaxed Extended JSON.
+    /// `operationType: invalidate` becomes an `invalidate` event.
+    pub fn from_change(mut change: Document) -> Result<Event, EncodeError> {
+        let id = match change.remove("_id") {
+            Some(Bson::Document(id)) => Token::from_resume_document(&id),
+            _ => None,
+        }
+        .ok_or(EncodeError::MissingId)?;
+        let kind = if change.get_str("operationType") == Ok("invalidate") {
+            EventKind::Invalidate
+        } else {
+            EventKind::Change
+        };
+        let data = Bson::Document(change).into_relaxed_extjson();
+        Ok(Event::encode(kind, Some(id), &data, false))
+    }
+
+    /// A control event (`error`, `cancel`, `auth_revoked`, …) with a `{code,message}` body.
+    ///
+    /// `reset_id` adds an empty SSE `id:` line so a browser forgets its last id (history lost).
+    pub fn control(kind: EventKind, message: &str, reset_id: bool) -> Event {
+        let code = match kind {
+            EventKind::Error(code) => code.as_str(),
+            other => other.name(),
+        };
+        let data = json!({ "code": code, "message": message });
+        Event::encode(kind, None, &data, reset_id)
+    }
+
+    fn encode(
+        kind: EventKind,
+        id: Option<Token>,
+        data: &serde_json::Value,
+        reset_id: bool,
+    ) -> Event {
+        // serde_json never fails on a Value (map keys are strings).
+        let data_json = data.to_string();
+        let name = kind.name();
+        let mut sse = String::with_capacity(data_json.len() + 64 + id.as_ref().map_or(0, |t| t.as_str().len()));
+        match (&id, reset_id) {
+            (Some(token), _) => {
+                sse.push_str("id: ");
+                sse.push_str(token.as_str());
+                sse.push('\n');
+            }
+            (None, true) => sse.push_str("id:\n"),
+            (None, false) => {}
+        }
+        sse.push_str("event: ");
+        sse.push_str(name);
+        sse.push_str("\ndata: ");
+        sse.push_str(&data_json);
+        sse.push_str("\n\n");
+
+        let mut envelope = String::with_capacity(data_json.len() + 64);
+        envelope.push_str("{\"event\":\"");
+        envelope.push_str(name);
+        envelope.push('"');
+        if let Some(token) = &id {
+            envelope.push_str(",\"id\":\"");
+            envelope.push_str(token.as_str());
+            envelope.push('"');
+        }
+        envelope.push_str(",\"data\":");
+        envelope.push_str(&data_json);
+        envelope.push('}');
+        let ws = Utf8Bytes::from(envelope.as_str());
+        envelope.push('\n');
+        Event {
+            kind,
+            id,
+            sse: Bytes::from(sse),
+            ws,
+            ndjson: Bytes::from(envelope),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &str = "8265A1B2C3000000012B022C0100296E5A1004";
+
+    #[test]
+    fn parses_bare_and_json_ids() {
+        let bare = Token::parse(TOKEN).unwrap();
+        let json = Token::parse(&format!("{{\"_data\":\"{TOKEN}\"}}")).unwrap();
+        let lower = Token::parse(&TOKEN.to_lowercase()).unwrap();
+        assert_eq!(bare, json);
+        assert_eq!(bare, lower);
+    }
+
+    #[test]
+    fn rejects_malformed_ids() {
+        assert_eq!(Token::parse("not-hex"), Err(TokenError::NotHex));
+        assert_eq!(Token::parse("abc"), Err(TokenError::NotHex));
+        assert_eq!(Token::parse(""), Err(TokenError::NotHex));
+        assert_eq!(Token::parse("00112233445566778899"), Err(TokenError::NotResumeToken));
+        assert_eq!(Token::parse("{\"x\":1}"), Err(TokenError::BadJson));
+    }
+
+    #[test]
+    fn orders_by_oplog_position() {
+        let a = Token::parse("8265A1B2C3000000012B").unwrap();
+        let b = Token::parse("8265A1B2C3000000022B").unwrap();
+        assert!(a < b);
+    }
+
+    #[test]
+    fn encodes_every_wire_format_once() {
+        let change = doc! {
+            "_id": { "_data": TOKEN },
+            "operationType": "insert",
+            "fullDocument": { "_id": 1, "n": 2_i64 },
+        };
+        let event = Event::from_change(change).unwrap();
+        assert_eq!(event.kind, EventKind::Change);
+        let sse = std::str::from_utf8(&event.sse).unwrap();
+        assert!(sse.starts_with(&format!("id: {TOKEN}\nevent: change\ndata: {{")));
+        assert!(sse.ends_with("}\n\n"));
+        assert!(!sse.contains("_data"));
+        let envelope: serde_json::Value = serde_json::from_str(event.ws.as_str()).unwrap();
+        assert_eq!(envelope["event"], "change");
+        assert_eq!(envelope["id"], TOKEN);
+        assert_eq!(envelope["data"]["fullDocument"]["n"], 2);
+        assert_eq!(&event.ndjson[..event.ndjson.len() - 1], event.ws.as_bytes());
+    }
+
+    #[test]
+    fn history_lost_resets_the_browser_id() {
+        let event = Event::control(EventKind::Error(ErrorCode::HistoryLost), "gone", true);
+        let sse = std::str::from_utf8(&event.sse).unwrap();
+        assert!(sse.starts_with("id:\nevent: error\n"));
+        assert!(sse.contains("\"code\":\"history_lost\""));
+    }
+
+    #[test]
+    fn change_without_id_is_refused() {
+        assert!(Event::from_change(doc! { "operationType": "insert" }).is_err());
+    }
+}

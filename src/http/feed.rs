@@ -1,0 +1,115 @@
+//! A client's feed as frames: batches of events, keep-alives, shutdown.
+//!
+//! Every transport drives a [`Feed`]; they differ only in how a frame becomes bytes. Batching
+//! happens here: after one event arrives, everything already queued (up to a bound) is taken
+//! too, so a client that lags a little gets one large write instead of many small ones.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::time::{Interval, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use super::negotiate::Transport;
+use crate::event::Event;
+use crate::metrics::{Metrics, TransportLabel};
+use crate::worker::Subscription;
+
+/// Most events written in one batch.
+const MAX_BATCH_EVENTS: usize = 256;
+
+/// What to write next.
+pub enum Frame {
+    /// One or more events, in order; a terminal event can only be last.
+    Events(Vec<Arc<Event>>),
+    /// Nothing happened for a keep-alive period.
+    KeepAlive,
+    /// The server is shutting down; write a goodbye and close.
+    Shutdown,
+}
+
+/// A subscription plus the timers and signals every transport needs.
+pub struct Feed {
+    subscription: Subscription,
+    keepalive: Interval,
+    shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
+    transport: Transport,
+    done: bool,
+}
+
+impl Feed {
+    /// Wraps a subscription; counts the client in metrics until dropped.
+    pub fn new(
+        subscription: Subscription,
+        keepalive: Duration,
+        shutdown: CancellationToken,
+        metrics: Arc<Metrics>,
+        transport: Transport,
+    ) -> Feed {
+        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        metrics
+            .clients
+            .get_or_create(&TransportLabel { transport: transport.as_str() })
+            .inc();
+        Feed {
+            subscription,
+            keepalive,
+            shutdown,
+            metrics,
+            transport,
+            done: false,
+        }
+    }
+
+    /// The next frame; `None` after the feed ended (terminal event written, or shutdown).
+    pub async fn next(&mut self) -> Option<Frame> {
+        if self.done {
+            return None;
+        }
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => {
+                self.done = true;
+                Some(Frame::Shutdown)
+            }
+            event = self.subscription.next() => {
+                let Some(first) = event else {
+                    self.done = true;
+                    return None;
+                };
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH_EVENTS
+                    && !batch.last().is_some_and(|e| e.kind.is_terminal())
+                {
+                    match self.subscription.try_next() {
+                        Some(event) => batch.push(event),
+                        None => break,
+                    }
+                }
+                self.keepalive.reset();
+                Some(Frame::Events(batch))
+            }
+            _ = self.keepalive.tick() => Some(Frame::KeepAlive),
+        }
+    }
+
+    /// Records a written batch in stats and metrics.
+    pub fn delivered(&self, events: usize, bytes: usize) {
+        let stats = &self.subscription.worker().stats;
+        stats.delivered.fetch_add(events as u64, Ordering::Relaxed);
+        stats.delivered_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.metrics.deliveries.inc_by(events as u64);
+    }
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        self.metrics
+            .clients
+            .get_or_create(&TransportLabel { transport: self.transport.as_str() })
+            .dec();
+    }
+}

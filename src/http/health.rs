@@ -1,0 +1,64 @@
+//! Liveness, readiness and metrics endpoints.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use mongodb::bson::{Document, doc};
+use serde_json::json;
+
+use super::AppState;
+
+/// How long readiness waits for MongoDB to answer `hello`.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `GET /health/live`: the process is up.
+pub async fn live() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// `GET /health/ready`: MongoDB answers and is a replica set member (change streams need one).
+pub async fn ready(State(state): State<AppState>) -> Response {
+    if state.shutdown.is_cancelled() {
+        return not_ready("shutting down");
+    }
+    let admin = state.registry.mongo().database("admin");
+    let hello = admin.run_command(doc! { "hello": 1 });
+    match tokio::time::timeout(READY_TIMEOUT, hello).await {
+        Ok(Ok(reply)) => match replica_set_name(&reply) {
+            Some(set) => Json(json!({ "status": "ready", "replicaSet": set })).into_response(),
+            None => not_ready("MongoDB is not a replica set member: change streams need a replica set"),
+        },
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "readiness: MongoDB error");
+            not_ready("MongoDB is not reachable")
+        }
+        Err(_) => not_ready("MongoDB did not answer in time"),
+    }
+}
+
+fn replica_set_name(hello: &Document) -> Option<&str> {
+    hello.get_str("setName").ok()
+}
+
+fn not_ready(reason: &str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({ "status": "unavailable", "reason": reason })),
+    )
+        .into_response()
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}

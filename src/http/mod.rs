@@ -1,0 +1,50 @@
+//! HTTP surface. Endpoints:
+//!
+//! | route | module |
+//! |---|---|
+//! | `GET /{db}/{coll}/_streams/{name}` (SSE, WebSocket, NDJSON) | [`subscribe`] |
+//! | `GET /health/live`, `GET /health/ready`, `GET /metrics` | [`health`] |
+
+pub mod body;
+pub mod feed;
+pub mod health;
+pub mod ndjson;
+pub mod negotiate;
+pub mod sse;
+pub mod subscribe;
+pub mod ws;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::streams::Registry;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// Definitions and workers.
+    pub registry: Arc<Registry>,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// The configuration in force.
+    pub config: Arc<Config>,
+    /// Fires on shutdown; every open stream watches it.
+    pub shutdown: CancellationToken,
+}
+
+/// Builds the router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health/live", get(health::live))
+        .route("/health/ready", get(health::ready))
+        .route("/metrics", get(health::metrics))
+        .route("/{db}/{coll}/_streams/{name}", get(subscribe::subscribe))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}

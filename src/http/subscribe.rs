@@ -1,0 +1,107 @@
+//! `GET /{db}/{coll}/_streams/{name}`: validate, subscribe, then hand over to a transport.
+//!
+//! Everything that can fail with a status code (unknown stream, bad `avars`, malformed or
+//! unusable resume id, no transport) fails here, before the response starts.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde::Deserialize;
+
+use super::AppState;
+use super::feed::Feed;
+use super::negotiate::{Transport, negotiate};
+use super::{ndjson, sse, ws};
+use crate::error::ApiError;
+use crate::event::Token;
+use crate::streams::StreamKey;
+
+/// Largest WebSocket message we read from a client (they have nothing to say).
+const WS_MAX_INCOMING: usize = 4096;
+
+/// Query parameters of a subscribe request.
+#[derive(Debug, Default, Deserialize)]
+pub struct SubscribeParams {
+    /// URL-encoded JSON object of variable values.
+    pub avars: Option<String>,
+    /// Resume position for clients that cannot send `Last-Event-ID`.
+    #[serde(rename = "lastEventId")]
+    pub last_event_id: Option<String>,
+    /// Auth token for clients that cannot send headers.
+    pub access_token: Option<String>,
+}
+
+/// The subscribe handler.
+pub async fn subscribe(
+    State(state): State<AppState>,
+    Path((db, coll, name)): Path<(String, String, String)>,
+    query: Result<Query<SubscribeParams>, QueryRejection>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let key = StreamKey::new(&db, &coll, &name)
+        .map_err(|_| ApiError::not_found(format!("no stream is defined at /{db}/{coll}/_streams/{name}")))?;
+    if state.registry.get(&key).is_none() {
+        return Err(ApiError::not_found(format!("no stream is defined at {key}")));
+    }
+    let Query(params) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let transport = negotiate(&headers)?;
+    let resume = resume_id(&headers, &params)?;
+    // Check the upgrade before any worker starts for a request that cannot be served.
+    let upgrade = match transport {
+        Transport::WebSocket => Some(upgrade.map_err(|e| {
+            ApiError::bad_request(format!("bad WebSocket upgrade: {}", e.body_text()))
+        })?),
+        _ => None,
+    };
+
+    let subscription = state
+        .registry
+        .subscribe(&key, params.avars.as_deref(), resume, transport as usize)
+        .await?;
+    let feed = Feed::new(
+        subscription,
+        state.config.keepalive(),
+        state.shutdown.clone(),
+        state.metrics.clone(),
+        transport,
+    );
+    Ok(match transport {
+        Transport::Sse => sse::response(feed, state.config.sse_retry_ms),
+        Transport::Ndjson => ndjson::response(feed),
+        Transport::WebSocket => {
+            let Some(upgrade) = upgrade else {
+                return Err(ApiError::bad_request("missing WebSocket upgrade"));
+            };
+            upgrade
+                .max_message_size(WS_MAX_INCOMING)
+                .on_upgrade(move |socket| async move {
+                    let (sink, incoming) = socket.split();
+                    ws::serve(sink, incoming, feed).await;
+                })
+                .into_response()
+        }
+    })
+}
+
+/// `Last-Event-ID` wins over `?lastEventId=`; an empty value means "from now".
+fn resume_id(headers: &HeaderMap, params: &SubscribeParams) -> Result<Option<Token>, ApiError> {
+    let header = match headers.get("last-event-id") {
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| ApiError::bad_request("Last-Event-ID is not valid text"))?,
+        ),
+        None => None,
+    };
+    let raw = header.or(params.last_event_id.as_deref()).map(str::trim);
+    match raw {
+        None | Some("") => Ok(None),
+        Some(raw) => Token::parse(raw)
+            .map(Some)
+            .map_err(|e| ApiError::bad_request(e.to_string())),
+    }
+}

@@ -1,0 +1,187 @@
+//! Streamgate: MongoDB change streams as live feeds over SSE, WebSocket and NDJSON.
+//!
+//! # Layout
+//! ```text
+//! config.rs      TOML + env + CLI configuration (no I/O beyond reading the file)
+//! error.rs       ApiError → application/problem+json
+//! event.rs       Token (resume token, oplog-ordered) and Event (encoded once per wire format)
+//! streams/       definition.rs (validation, $var binding) · registry.rs (definitions → workers)
+//! worker/        mod.rs (ring + broadcast hub) · cursor.rs (one cursor, retry from last token)
+//!                subscription.rs (per-client backlog → catch-up → live, exactly once)
+//! http/          router, transport negotiation, sse.rs / ws.rs / ndjson.rs, health + metrics
+//! metrics.rs     Prometheus registry
+//! replset.rs     replica-set initiation for local runs and tests
+//! ```
+//! Data flow: MongoDB cursor → `Worker` (encode once, ring, broadcast) → `Subscription` (per
+//! client: resume hand-over, lag check) → `Feed` (batches, keep-alive, shutdown) → transport.
+//!
+//! [`App::new`] builds everything without binding; [`App::serve`] takes an already-bound
+//! listener and a shutdown future, so tests run servers on `127.0.0.1:0`.
+
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod http;
+pub mod metrics;
+pub mod replset;
+pub mod streams;
+pub mod worker;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mongodb::options::ClientOptions;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::http::AppState;
+use crate::metrics::Metrics;
+use crate::streams::{Origin, Registry};
+use crate::worker::WorkerSettings;
+
+/// Startup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The MongoDB URI is invalid.
+    #[error("invalid MongoDB URI: {0}")]
+    MongoUri(mongodb::error::Error),
+    /// A static stream definition is invalid.
+    #[error("invalid stream definition: {0}")]
+    Definition(String),
+    /// Serving failed (accept loop I/O).
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A configured server, not yet serving.
+pub struct App {
+    state: AppState,
+    tracker: TaskTracker,
+}
+
+impl App {
+    /// Builds the registry (static streams loaded) and the MongoDB client (which connects
+    /// lazily: a MongoDB outage at startup is survived and shows in `/health/ready`).
+    pub async fn new(config: Config) -> Result<App, StartError> {
+        let mut options = ClientOptions::parse(&config.mongo_uri)
+            .await
+            .map_err(StartError::MongoUri)?;
+        options.app_name.get_or_insert_with(|| "streamgate".to_owned());
+        // Notice a restarted or re-elected primary quickly; the driver default is 10 s.
+        options.heartbeat_freq.get_or_insert(Duration::from_secs(1));
+        options
+            .server_selection_timeout
+            .get_or_insert(Duration::from_secs(5));
+        let client = mongodb::Client::with_options(options).map_err(StartError::MongoUri)?;
+
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let metrics = Arc::new(Metrics::new());
+        let settings = WorkerSettings {
+            client_queue: config.client_queue,
+            ring_size: config.ring_size,
+            linger: config.worker_linger(),
+            ..WorkerSettings::default()
+        };
+        let registry = Arc::new(Registry::new(
+            client,
+            settings,
+            shutdown.clone(),
+            tracker.clone(),
+            Arc::clone(&metrics),
+        ));
+        for stream in &config.streams {
+            let (key, definition) = stream
+                .split()
+                .map_err(|e| StartError::Definition(e.to_string()))?;
+            let compiled = definition
+                .compile()
+                .map_err(|e| StartError::Definition(format!("{key}: {e}")))?;
+            registry.upsert(key, compiled, Origin::Static);
+        }
+        Ok(App {
+            state: AppState {
+                registry,
+                metrics,
+                config: Arc::new(config),
+                shutdown,
+            },
+            tracker,
+        })
+    }
+
+    /// The registry (for tests and embedding).
+    pub fn registry(&self) -> Arc<Registry> {
+        Arc::clone(&self.state.registry)
+    }
+
+    /// The metrics (for tests and embedding).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.state.metrics)
+    }
+
+    /// Serves until `shutdown` completes, then closes every stream (SSE `retry` + end,
+    /// WebSocket 1001) and returns within the configured grace period.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        let token = self.state.shutdown.clone();
+        let grace = self.state.config.shutdown_grace();
+        let router = http::router(self.state.clone());
+        tokio::spawn({
+            let token = token.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutting down");
+                token.cancel();
+            }
+        });
+        let server = axum::serve(listener, router).with_graceful_shutdown(token.clone().cancelled_owned());
+        let served = tokio::select! {
+            result = server.into_future() => result.map_err(StartError::Serve),
+            // Graceful shutdown waits for connections; do not let a stuck one hold us hostage.
+            _ = async { token.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(?grace, "grace period over; closing remaining connections");
+                Ok(())
+            }
+        };
+        self.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(2), self.tracker.wait()).await.is_err() {
+            tracing::warn!("some workers did not stop in time");
+        }
+        served
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}

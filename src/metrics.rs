@@ -1,0 +1,90 @@
+//! Prometheus metrics, served as text at `GET /metrics`.
+//!
+//! Counters are plain atomics (prometheus-client) bumped on the paths that already do work:
+//! per event, per client connect/disconnect, per retry. Nothing here is per-event-per-client.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Label set for per-transport series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabel {
+    /// `sse`, `websocket` or `ndjson`.
+    pub transport: &'static str,
+}
+
+/// Every metric Streamgate exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Connected clients by transport.
+    pub clients: Family<TransportLabel, Gauge>,
+    /// Running workers (open or reopening cursors).
+    pub workers: Gauge,
+    /// Change-stream cursors opened, reconnects and catch-ups included.
+    pub cursors_opened: Counter,
+    /// Change events received from MongoDB.
+    pub events_received: Counter,
+    /// Events written to clients, summed over clients.
+    pub deliveries: Counter,
+    /// Clients closed with `slow_consumer`.
+    pub slow_consumers: Counter,
+    /// Cursor reconnect attempts after transient errors.
+    pub worker_retries: Counter,
+    /// Catch-up cursors opened for resumes older than a worker's ring.
+    pub catchups: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("streamgate");
+        let clients = Family::<TransportLabel, Gauge>::default();
+        registry.register("clients", "Connected clients by transport", clients.clone());
+        let workers = Gauge::default();
+        registry.register("workers", "Running change-stream workers", workers.clone());
+        let cursors_opened = Counter::default();
+        registry.register(
+            "cursors_opened",
+            "Change-stream cursors opened (reconnects and catch-ups included)",
+            cursors_opened.clone(),
+        );
+        let events_received = Counter::default();
+        registry.register("events_received", "Change events received from MongoDB", events_received.clone());
+        let deliveries = Counter::default();
+        registry.register("deliveries", "Events written to clients", deliveries.clone());
+        let slow_consumers = Counter::default();
+        registry.register("slow_consumers", "Clients closed as too slow", slow_consumers.clone());
+        let worker_retries = Counter::default();
+        registry.register("worker_retries", "Cursor reconnect attempts", worker_retries.clone());
+        let catchups = Counter::default();
+        registry.register("catchups", "Catch-up cursors opened for old resume ids", catchups.clone());
+        Metrics {
+            registry,
+            clients,
+            workers,
+            cursors_opened,
+            events_received,
+            deliveries,
+            slow_consumers,
+            worker_retries,
+            catchups,
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,549 @@
+//! Stream definitions: what a stream watches, validated before anything runs or is stored.
+//!
+//! A definition is the JSON document of PROTOCOL.md §1. [`StreamDefinition::compile`] checks it
+//! (stage allowlist, forbidden operators at any depth, enum values) and turns the pipeline into
+//! BSON once; [`CompiledDefinition::bind`] substitutes a client's `avars` for `{"$var": …}`
+//! placeholders and yields the [`WatchSpec`] a worker runs, plus the canonical key that decides
+//! which clients share a cursor.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use mongodb::bson::{Bson, Document};
+use mongodb::options::{ChangeStreamOptions, FullDocumentBeforeChangeType, FullDocumentType};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Stages MongoDB allows after `$changeStream`.
+pub const ALLOWED_STAGES: &[&str] = &[
+    "$match",
+    "$project",
+    "$addFields",
+    "$set",
+    "$unset",
+    "$replaceRoot",
+    "$replaceWith",
+    "$redact",
+];
+
+/// Operators that run arbitrary JavaScript or accumulate unbounded state: refused at any depth.
+pub const FORBIDDEN_OPERATORS: &[&str] = &["$where", "$function", "$accumulator"];
+
+/// Longest name accepted for a database, collection or stream.
+const MAX_NAME_LEN: usize = 64;
+
+/// `(db, coll, name)`: the identity of a stream and the path it is served on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct StreamKey {
+    /// Database watched.
+    pub db: String,
+    /// Collection watched.
+    pub coll: String,
+    /// Stream name, unique per collection.
+    pub name: String,
+}
+
+impl StreamKey {
+    /// Builds a key, checking that each part is a valid MongoDB name and URL-safe.
+    pub fn new(db: &str, coll: &str, name: &str) -> Result<StreamKey, DefinitionError> {
+        check_name("db", db, false)?;
+        check_name("coll", coll, true)?;
+        check_name("name", name, false)?;
+        if coll.starts_with("system.") {
+            return Err(DefinitionError::new("coll", "system collections cannot be streamed"));
+        }
+        Ok(StreamKey {
+            db: db.to_owned(),
+            coll: coll.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for StreamKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "/{}/{}/_streams/{}", self.db, self.coll, self.name)
+    }
+}
+
+fn check_name(field: &str, value: &str, allow_dot: bool) -> Result<(), DefinitionError> {
+    if value.is_empty() || value.len() > MAX_NAME_LEN {
+        return Err(DefinitionError::new(
+            field,
+            format!("must be 1 to {MAX_NAME_LEN} characters"),
+        ));
+    }
+    let ok = value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || (allow_dot && b == b'.'));
+    if !ok || value.starts_with('.') || value.ends_with('.') {
+        let allowed = if allow_dot { "letters, digits, '_', '-' and '.'" } else { "letters, digits, '_' and '-'" };
+        return Err(DefinitionError::new(
+            field,
+            format!("{value:?} may only contain {allowed}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A definition was refused; `field` names the offending part (`pipeline[1].$match…`).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {message}")]
+pub struct DefinitionError {
+    /// Path of the offending field or stage.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl DefinitionError {
+    /// A new error about `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        DefinitionError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// `fullDocument` option of a change stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum FullDocument {
+    /// Only deltas for updates.
+    Default,
+    /// Look up the current document on update (the default here, as in RESTHeart).
+    #[default]
+    UpdateLookup,
+    /// Post-image if the collection records them.
+    WhenAvailable,
+    /// Post-image, or an error.
+    Required,
+}
+
+/// `fullDocumentBeforeChange` option of a change stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum FullDocumentBeforeChange {
+    /// No pre-image.
+    #[default]
+    Off,
+    /// Pre-image if the collection records them.
+    WhenAvailable,
+    /// Pre-image, or an error.
+    Required,
+}
+
+/// A stream definition as written by an operator (JSON body or config file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StreamDefinition {
+    /// Change-stream stages, possibly with `{"$var": …}` placeholders.
+    #[serde(default, alias = "stages")]
+    pub pipeline: Value,
+    /// `fullDocument` option.
+    #[serde(default)]
+    pub full_document: FullDocument,
+    /// `fullDocumentBeforeChange` option.
+    #[serde(default)]
+    pub full_document_before_change: FullDocumentBeforeChange,
+    /// Free text for operators.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+impl Default for StreamDefinition {
+    fn default() -> Self {
+        StreamDefinition {
+            pipeline: Value::Array(Vec::new()),
+            full_document: FullDocument::default(),
+            full_document_before_change: FullDocumentBeforeChange::default(),
+            description: None,
+        }
+    }
+}
+
+/// A validated definition, ready to be bound to a client's variables.
+#[derive(Debug, Clone)]
+pub struct CompiledDefinition {
+    /// The definition as given (echoed by the admin API).
+    pub source: StreamDefinition,
+    stages: Vec<Document>,
+    /// Variables the pipeline uses, with their defaults.
+    variables: BTreeMap<String, Option<Bson>>,
+}
+
+impl StreamDefinition {
+    /// Validates the definition and converts its pipeline to BSON.
+    pub fn compile(self) -> Result<CompiledDefinition, DefinitionError> {
+        let items = match &self.pipeline {
+            Value::Null => Vec::new(),
+            Value::Array(items) => items.clone(),
+            _ => {
+                return Err(DefinitionError::new(
+                    "pipeline",
+                    "must be an array of stage documents",
+                ));
+            }
+        };
+        let mut stages = Vec::with_capacity(items.len());
+        let mut variables = BTreeMap::new();
+        for (index, item) in items.into_iter().enumerate() {
+            let path = format!("pipeline[{index}]");
+            let Value::Object(stage) = &item else {
+                return Err(DefinitionError::new(path, "a stage must be a document"));
+            };
+            if stage.len() != 1 {
+                return Err(DefinitionError::new(
+                    path,
+                    "a stage must have exactly one key (its operator)",
+                ));
+            }
+            let (operator, _) = stage.iter().next().ok_or_else(|| {
+                DefinitionError::new(path.clone(), "a stage must have exactly one key")
+            })?;
+            if !ALLOWED_STAGES.contains(&operator.as_str()) {
+                return Err(DefinitionError::new(
+                    format!("{path}.{operator}"),
+                    format!(
+                        "stage {operator} is not allowed in a change stream; allowed: {}",
+                        ALLOWED_STAGES.join(", ")
+                    ),
+                ));
+            }
+            scan(&item, &path, &mut variables)?;
+            let bson = Bson::try_from(item)
+                .map_err(|e| DefinitionError::new(path.clone(), format!("invalid Extended JSON: {e}")))?;
+            match bson {
+                Bson::Document(doc) => stages.push(doc),
+                _ => return Err(DefinitionError::new(path, "a stage must be a document")),
+            }
+        }
+        if let Some(description) = &self.description {
+            if description.len() > 1024 {
+                return Err(DefinitionError::new("description", "at most 1024 characters"));
+            }
+        }
+        Ok(CompiledDefinition {
+            source: self,
+            stages,
+            variables,
+        })
+    }
+}
+
+/// Walks a stage: refuses forbidden operators, collects and checks `$var` placeholders.
+fn scan(
+    value: &Value,
+    path: &str,
+    variables: &mut BTreeMap<String, Option<Bson>>,
+) -> Result<(), DefinitionError> {
+    match value {
+        Value::Object(map) => {
+            if let Some(spec) = map.get("$var") {
+                if map.len() != 1 {
+                    return Err(DefinitionError::new(
+                        path,
+                        "a {\"$var\": …} placeholder must be alone in its document",
+                    ));
+                }
+                let (name, default) = parse_var(spec).ok_or_else(|| {
+                    DefinitionError::new(
+                        format!("{path}.$var"),
+                        "must be \"name\" or [\"name\", default]; names are letters, digits and '_'",
+                    )
+                })?;
+                let default = default
+                    .map(|v| {
+                        Bson::try_from(v.clone()).map_err(|e| {
+                            DefinitionError::new(format!("{path}.$var"), format!("bad default: {e}"))
+                        })
+                    })
+                    .transpose()?;
+                variables.insert(name.to_owned(), default);
+                return Ok(());
+            }
+            for (key, child) in map {
+                if FORBIDDEN_OPERATORS.contains(&key.as_str()) {
+                    return Err(DefinitionError::new(
+                        format!("{path}.{key}"),
+                        format!("operator {key} is not allowed (it runs server-side JavaScript)"),
+                    ));
+                }
+                scan(child, &format!("{path}.{key}"), variables)?;
+            }
+            Ok(())
+        }
+        Value::Array(items) => {
+            for (index, child) in items.iter().enumerate() {
+                scan(child, &format!("{path}[{index}]"), variables)?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn parse_var(spec: &Value) -> Option<(&str, Option<&Value>)> {
+    let (name, default) = match spec {
+        Value::String(name) => (name.as_str(), None),
+        Value::Array(items) if items.len() == 2 => (items[0].as_str()?, Some(&items[1])),
+        _ => return None,
+    };
+    let valid = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    valid.then_some((name, default))
+}
+
+/// Why a client's `avars` were refused (400).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AvarsError {
+    /// Not a JSON object.
+    #[error("avars must be a URL-encoded JSON object: {0}")]
+    NotAnObject(String),
+    /// A key or string value starts with `$` (operator or field-path injection).
+    #[error("avars {0:?} starts with '$': operators and field paths are not allowed in variables")]
+    Dollar(String),
+    /// The pipeline needs a variable the client did not give and that has no default.
+    #[error("variable {0:?} is required by this stream and has no default; pass it in avars")]
+    Unbound(String),
+}
+
+/// Parses `?avars=` (already URL-decoded) and refuses `$`-prefixed keys or strings at any depth.
+pub fn parse_avars(raw: Option<&str>) -> Result<serde_json::Map<String, Value>, AvarsError> {
+    let Some(raw) = raw else {
+        return Ok(serde_json::Map::new());
+    };
+    let value: Value =
+        serde_json::from_str(raw).map_err(|e| AvarsError::NotAnObject(e.to_string()))?;
+    let Value::Object(map) = value else {
+        return Err(AvarsError::NotAnObject("got a non-object".into()));
+    };
+    fn check(value: &Value) -> Result<(), AvarsError> {
+        match value {
+            Value::String(s) if s.starts_with('$') => Err(AvarsError::Dollar(s.clone())),
+            Value::Array(items) => items.iter().try_for_each(check),
+            Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+                if k.starts_with('$') {
+                    Err(AvarsError::Dollar(k.clone()))
+                } else {
+                    check(v)
+                }
+            }),
+            _ => Ok(()),
+        }
+    }
+    for (key, value) in &map {
+        if key.starts_with('$') {
+            return Err(AvarsError::Dollar(key.clone()));
+        }
+        check(value)?;
+    }
+    Ok(map)
+}
+
+/// Everything a worker needs to open (and reopen) its cursor.
+#[derive(Debug, Clone)]
+pub struct WatchSpec {
+    /// Database watched.
+    pub db: String,
+    /// Collection watched.
+    pub coll: String,
+    /// The pipeline with variables substituted.
+    pub pipeline: Vec<Document>,
+    /// `fullDocument`.
+    pub full_document: FullDocument,
+    /// `fullDocumentBeforeChange`.
+    pub full_document_before_change: FullDocumentBeforeChange,
+}
+
+impl WatchSpec {
+    /// Driver options for this spec (the caller adds resume position and timing).
+    pub fn options(&self) -> ChangeStreamOptions {
+        let mut options = ChangeStreamOptions::default();
+        options.full_document = match self.full_document {
+            FullDocument::Default => None,
+            FullDocument::UpdateLookup => Some(FullDocumentType::UpdateLookup),
+            FullDocument::WhenAvailable => Some(FullDocumentType::WhenAvailable),
+            FullDocument::Required => Some(FullDocumentType::Required),
+        };
+        options.full_document_before_change = match self.full_document_before_change {
+            FullDocumentBeforeChange::Off => None,
+            FullDocumentBeforeChange::WhenAvailable => Some(FullDocumentBeforeChangeType::WhenAvailable),
+            FullDocumentBeforeChange::Required => Some(FullDocumentBeforeChangeType::Required),
+        };
+        options
+    }
+}
+
+impl CompiledDefinition {
+    /// Substitutes the client's variables. Returns the spec and the canonical JSON of the values
+    /// used: clients with equal values share one worker.
+    pub fn bind(
+        &self,
+        key: &StreamKey,
+        avars: &serde_json::Map<String, Value>,
+    ) -> Result<(WatchSpec, String), AvarsError> {
+        let mut bound: BTreeMap<&str, Bson> = BTreeMap::new();
+        for (name, default) in &self.variables {
+            let value = match avars.get(name) {
+                Some(value) => Bson::try_from(value.clone())
+                    .map_err(|e| AvarsError::NotAnObject(format!("{name}: {e}")))?,
+                None => default
+                    .clone()
+                    .ok_or_else(|| AvarsError::Unbound(name.clone()))?,
+            };
+            bound.insert(name, value);
+        }
+        let pipeline = self
+            .stages
+            .iter()
+            .map(|stage| substitute_doc(stage, &bound))
+            .collect();
+        let canonical = Bson::Document(
+            bound
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        )
+        .into_canonical_extjson()
+        .to_string();
+        Ok((
+            WatchSpec {
+                db: key.db.clone(),
+                coll: key.coll.clone(),
+                pipeline,
+                full_document: self.source.full_document,
+                full_document_before_change: self.source.full_document_before_change,
+            },
+            canonical,
+        ))
+    }
+
+    /// Names of the variables the pipeline uses.
+    pub fn variable_names(&self) -> impl Iterator<Item = &str> {
+        self.variables.keys().map(String::as_str)
+    }
+}
+
+fn substitute(value: &Bson, bound: &BTreeMap<&str, Bson>) -> Bson {
+    match value {
+        Bson::Document(doc) => {
+            if let (1, Some(spec)) = (doc.len(), doc.get("$var")) {
+                let name = match spec {
+                    Bson::String(name) => Some(name.as_str()),
+                    Bson::Array(items) => items.first().and_then(Bson::as_str),
+                    _ => None,
+                };
+                if let Some(value) = name.and_then(|n| bound.get(n)) {
+                    return value.clone();
+                }
+            }
+            Bson::Document(substitute_doc(doc, bound))
+        }
+        Bson::Array(items) => Bson::Array(items.iter().map(|v| substitute(v, bound)).collect()),
+        other => other.clone(),
+    }
+}
+
+fn substitute_doc(doc: &Document, bound: &BTreeMap<&str, Bson>) -> Document {
+    doc.iter()
+        .map(|(k, v)| (k.clone(), substitute(v, bound)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn def(pipeline: Value) -> StreamDefinition {
+        StreamDefinition {
+            pipeline,
+            ..StreamDefinition::default()
+        }
+    }
+
+    fn key() -> StreamKey {
+        StreamKey::new("db", "coll", "s").unwrap()
+    }
+
+    #[test]
+    fn accepts_change_stream_stages_and_stages_alias() {
+        let parsed: StreamDefinition =
+            serde_json::from_value(json!({"stages": [{"$match": {"operationType": "insert"}}]}))
+                .unwrap();
+        assert!(parsed.compile().is_ok());
+    }
+
+    #[test]
+    fn refuses_other_stages_naming_them() {
+        let err = def(json!([{"$match": {}}, {"$group": {"_id": 1}}])).compile().unwrap_err();
+        assert_eq!(err.field, "pipeline[1].$group");
+    }
+
+    #[test]
+    fn refuses_javascript_at_any_depth() {
+        let err = def(json!([{"$match": {"$expr": {"$and": [{"$function": {}}]}}}]))
+            .compile()
+            .unwrap_err();
+        assert_eq!(err.field, "pipeline[0].$match.$expr.$and[0].$function");
+        assert!(def(json!([{"$match": {"$where": "1"}}])).compile().is_err());
+        assert!(def(json!([{"$addFields": {"x": {"$accumulator": {}}}}])).compile().is_err());
+    }
+
+    #[test]
+    fn refuses_non_array_pipeline_and_multi_key_stage() {
+        assert_eq!(def(json!({"$match": {}})).compile().unwrap_err().field, "pipeline");
+        assert_eq!(
+            def(json!([{"$match": {}, "$project": {}}])).compile().unwrap_err().field,
+            "pipeline[0]"
+        );
+        assert_eq!(def(json!([1])).compile().unwrap_err().field, "pipeline[0]");
+    }
+
+    #[test]
+    fn refuses_unknown_enum_values() {
+        let r: Result<StreamDefinition, _> = serde_json::from_value(json!({"fullDocument": "yes"}));
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn binds_variables_and_defaults() {
+        let compiled = def(json!([{"$match": {
+            "fullDocument.owner": {"$var": "owner"},
+            "fullDocument.kind": {"$var": ["kind", "a"]}
+        }}]))
+        .compile()
+        .unwrap();
+        let avars = parse_avars(Some(r#"{"owner":"bob"}"#)).unwrap();
+        let (spec, canonical) = compiled.bind(&key(), &avars).unwrap();
+        let m = spec.pipeline[0].get_document("$match").unwrap();
+        assert_eq!(m.get_str("fullDocument.owner").unwrap(), "bob");
+        assert_eq!(m.get_str("fullDocument.kind").unwrap(), "a");
+        assert_eq!(canonical, r#"{"kind":"a","owner":"bob"}"#);
+        let missing = compiled.bind(&key(), &serde_json::Map::new()).unwrap_err();
+        assert_eq!(missing, AvarsError::Unbound("owner".into()));
+    }
+
+    #[test]
+    fn refuses_injection_in_avars() {
+        assert!(matches!(parse_avars(Some(r#"{"a":{"$gt":""}}"#)), Err(AvarsError::Dollar(_))));
+        assert!(matches!(
+            parse_avars(Some(r#"{"a":"$fullDocument.secret"}"#)),
+            Err(AvarsError::Dollar(_))
+        ));
+        assert!(matches!(parse_avars(Some(r#"{"$a":1}"#)), Err(AvarsError::Dollar(_))));
+        assert!(matches!(parse_avars(Some("[1]")), Err(AvarsError::NotAnObject(_))));
+    }
+
+    #[test]
+    fn checks_names() {
+        assert!(StreamKey::new("shop", "orders.v2", "all-1").is_ok());
+        assert_eq!(StreamKey::new("sh/op", "o", "a").unwrap_err().field, "db");
+        assert_eq!(StreamKey::new("shop", "system.users", "a").unwrap_err().field, "coll");
+        assert_eq!(StreamKey::new("shop", "o", "").unwrap_err().field, "name");
+        assert_eq!(StreamKey::new("shop", "o", "a b").unwrap_err().field, "name");
+    }
+}
