@@ -210,10 +210,14 @@ impl Config {
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.keepalive_secs == 0 {
-            return Err(ConfigError::Invalid("keepalive_secs must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "keepalive_secs must be at least 1".into(),
+            ));
         }
         if self.client_queue < 2 {
-            return Err(ConfigError::Invalid("client_queue must be at least 2".into()));
+            return Err(ConfigError::Invalid(
+                "client_queue must be at least 2".into(),
+            ));
         }
         if self.ring_size == 0 {
             return Err(ConfigError::Invalid("ring_size must be at least 1".into()));

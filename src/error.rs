@@ -53,7 +53,11 @@ impl ApiError {
 
     /// 503 with `Retry-After`.
     pub fn unavailable(detail: impl Into<String>) -> ApiError {
-        let mut error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable", detail);
+        let mut error = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Service Unavailable",
+            detail,
+        );
         error.retry_after = Some(2);
         error
     }
@@ -83,7 +87,9 @@ impl IntoResponse for ApiError {
             "status": self.status.as_u16(),
             "detail": self.detail,
         });
-        if let (Some(serde_json::Value::Object(extra)), Some(object)) = (self.extra, body.as_object_mut()) {
+        if let (Some(serde_json::Value::Object(extra)), Some(object)) =
+            (self.extra, body.as_object_mut())
+        {
             object.extend(extra);
         }
         let mut response = (self.status, body.to_string()).into_response();
@@ -96,7 +102,10 @@ impl IntoResponse for ApiError {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         if let Some(challenge) = self.www_authenticate {
-            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
         }
         response
     }
@@ -112,7 +121,9 @@ impl From<DefinitionError> for ApiError {
 impl From<SubscribeFailure> for ApiError {
     fn from(failure: SubscribeFailure) -> ApiError {
         match failure {
-            SubscribeFailure::NotFound(key) => ApiError::not_found(format!("no stream is defined at {key}")),
+            SubscribeFailure::NotFound(key) => {
+                ApiError::not_found(format!("no stream is defined at {key}"))
+            }
             SubscribeFailure::Avars(error) => ApiError::bad_request(error.to_string()),
             SubscribeFailure::Subscribe(SubscribeError::BadResumeToken(message)) => {
                 ApiError::bad_request(format!("the event id cannot be resumed from: {message}"))

@@ -256,7 +256,9 @@ impl Event {
         // serde_json never fails on a Value (map keys are strings).
         let data_json = data.to_string();
         let name = kind.name();
-        let mut sse = String::with_capacity(data_json.len() + 64 + id.as_ref().map_or(0, |t| t.as_str().len()));
+        let mut sse = String::with_capacity(
+            data_json.len() + 64 + id.as_ref().map_or(0, |t| t.as_str().len()),
+        );
         match (&id, reset_id) {
             (Some(token), _) => {
                 sse.push_str("id: ");
@@ -316,7 +318,10 @@ mod tests {
         assert_eq!(Token::parse("not-hex"), Err(TokenError::NotHex));
         assert_eq!(Token::parse("abc"), Err(TokenError::NotHex));
         assert_eq!(Token::parse(""), Err(TokenError::NotHex));
-        assert_eq!(Token::parse("00112233445566778899"), Err(TokenError::NotResumeToken));
+        assert_eq!(
+            Token::parse("00112233445566778899"),
+            Err(TokenError::NotResumeToken)
+        );
         assert_eq!(Token::parse("{\"x\":1}"), Err(TokenError::BadJson));
     }
 

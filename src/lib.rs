@@ -69,7 +69,9 @@ impl App {
         let mut options = ClientOptions::parse(&config.mongo_uri)
             .await
             .map_err(StartError::MongoUri)?;
-        options.app_name.get_or_insert_with(|| "streamgate".to_owned());
+        options
+            .app_name
+            .get_or_insert_with(|| "streamgate".to_owned());
         // Notice a restarted or re-elected primary quickly; the driver default is 10 s.
         options.heartbeat_freq.get_or_insert(Duration::from_secs(1));
         options
@@ -141,7 +143,8 @@ impl App {
                 token.cancel();
             }
         });
-        let server = axum::serve(listener, router).with_graceful_shutdown(token.clone().cancelled_owned());
+        let server =
+            axum::serve(listener, router).with_graceful_shutdown(token.clone().cancelled_owned());
         let served = tokio::select! {
             result = server.into_future() => result.map_err(StartError::Serve),
             // Graceful shutdown waits for connections; do not let a stuck one hold us hostage.
@@ -151,7 +154,10 @@ impl App {
             }
         };
         self.tracker.close();
-        if tokio::time::timeout(Duration::from_secs(2), self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(2), self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("some workers did not stop in time");
         }
         served

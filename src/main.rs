@@ -44,7 +44,10 @@ enum Command {
     /// Initiate a single-node replica set and wait until it is primary (local development).
     InitReplset {
         /// URI of the mongod (use directConnection=true).
-        #[arg(long, default_value = "mongodb://127.0.0.1:27017/?directConnection=true")]
+        #[arg(
+            long,
+            default_value = "mongodb://127.0.0.1:27017/?directConnection=true"
+        )]
         uri: String,
         /// Replica set name (must match mongod --replSet).
         #[arg(long, default_value = "rs0")]
@@ -60,7 +63,10 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     if cli.log_json {
-        tracing_subscriber::fmt().with_env_filter(filter).json().init();
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .json()
+            .init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
@@ -97,7 +103,9 @@ async fn run(cli: Cli) -> Result<(), String> {
     if !listen.ip().is_loopback() {
         tracing::warn!(%listen, "listening on a non-loopback address WITHOUT authentication: anyone who can reach this port can read every stream");
     }
-    let app = streamgate::App::new(config).await.map_err(|e| e.to_string())?;
+    let app = streamgate::App::new(config)
+        .await
+        .map_err(|e| e.to_string())?;
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;

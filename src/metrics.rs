@@ -58,15 +58,35 @@ impl Metrics {
             cursors_opened.clone(),
         );
         let events_received = Counter::default();
-        registry.register("events_received", "Change events received from MongoDB", events_received.clone());
+        registry.register(
+            "events_received",
+            "Change events received from MongoDB",
+            events_received.clone(),
+        );
         let deliveries = Counter::default();
-        registry.register("deliveries", "Events written to clients", deliveries.clone());
+        registry.register(
+            "deliveries",
+            "Events written to clients",
+            deliveries.clone(),
+        );
         let slow_consumers = Counter::default();
-        registry.register("slow_consumers", "Clients closed as too slow", slow_consumers.clone());
+        registry.register(
+            "slow_consumers",
+            "Clients closed as too slow",
+            slow_consumers.clone(),
+        );
         let worker_retries = Counter::default();
-        registry.register("worker_retries", "Cursor reconnect attempts", worker_retries.clone());
+        registry.register(
+            "worker_retries",
+            "Cursor reconnect attempts",
+            worker_retries.clone(),
+        );
         let catchups = Counter::default();
-        registry.register("catchups", "Catch-up cursors opened for old resume ids", catchups.clone());
+        registry.register(
+            "catchups",
+            "Catch-up cursors opened for old resume ids",
+            catchups.clone(),
+        );
         Metrics {
             registry,
             clients,

@@ -16,7 +16,12 @@ const ALREADY_INITIALIZED: i32 = 23;
 
 /// Initiates replica set `set_name` with the single member `host` (if not done yet) and waits
 /// until that member is primary. Idempotent.
-pub async fn initiate(uri: &str, set_name: &str, host: &str, timeout: Duration) -> Result<(), String> {
+pub async fn initiate(
+    uri: &str,
+    set_name: &str,
+    host: &str,
+    timeout: Duration,
+) -> Result<(), String> {
     let mut options = ClientOptions::parse(uri).await.map_err(|e| e.to_string())?;
     options.direct_connection = Some(true);
     options.server_selection_timeout = Some(Duration::from_secs(5));

@@ -48,11 +48,14 @@ impl Feed {
         metrics: Arc<Metrics>,
         transport: Transport,
     ) -> Feed {
-        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        let mut keepalive =
+            tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
         keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
         metrics
             .clients
-            .get_or_create(&TransportLabel { transport: transport.as_str() })
+            .get_or_create(&TransportLabel {
+                transport: transport.as_str(),
+            })
             .inc();
         Feed {
             subscription,
@@ -100,7 +103,9 @@ impl Feed {
     pub fn delivered(&self, events: usize, bytes: usize) {
         let stats = &self.subscription.worker().stats;
         stats.delivered.fetch_add(events as u64, Ordering::Relaxed);
-        stats.delivered_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        stats
+            .delivered_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
         self.metrics.deliveries.inc_by(events as u64);
     }
 }
@@ -109,7 +114,9 @@ impl Drop for Feed {
     fn drop(&mut self) {
         self.metrics
             .clients
-            .get_or_create(&TransportLabel { transport: self.transport.as_str() })
+            .get_or_create(&TransportLabel {
+                transport: self.transport.as_str(),
+            })
             .dec();
     }
 }

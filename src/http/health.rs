@@ -29,7 +29,9 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     match tokio::time::timeout(READY_TIMEOUT, hello).await {
         Ok(Ok(reply)) => match replica_set_name(&reply) {
             Some(set) => Json(json!({ "status": "ready", "replicaSet": set })).into_response(),
-            None => not_ready("MongoDB is not a replica set member: change streams need a replica set"),
+            None => {
+                not_ready("MongoDB is not a replica set member: change streams need a replica set")
+            }
         },
         Ok(Err(error)) => {
             tracing::warn!(%error, "readiness: MongoDB error");

@@ -20,7 +20,10 @@ pub fn response(feed: Feed) -> Response {
     );
     (
         [
-            (header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/x-ndjson"),
+            ),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
             (
                 header::HeaderName::from_static("x-accel-buffering"),

@@ -75,9 +75,16 @@ mod tests {
 
     #[test]
     fn picks_each_transport() {
-        assert_eq!(negotiate(&headers(&[(header::UPGRADE, "WebSocket")])).unwrap(), Transport::WebSocket);
         assert_eq!(
-            negotiate(&headers(&[(header::ACCEPT, "text/html, text/event-stream;q=0.9")])).unwrap(),
+            negotiate(&headers(&[(header::UPGRADE, "WebSocket")])).unwrap(),
+            Transport::WebSocket
+        );
+        assert_eq!(
+            negotiate(&headers(&[(
+                header::ACCEPT,
+                "text/html, text/event-stream;q=0.9"
+            )]))
+            .unwrap(),
             Transport::Sse
         );
         assert_eq!(

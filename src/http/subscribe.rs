@@ -42,10 +42,15 @@ pub async fn subscribe(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let key = StreamKey::new(&db, &coll, &name)
-        .map_err(|_| ApiError::not_found(format!("no stream is defined at /{db}/{coll}/_streams/{name}")))?;
+    let key = StreamKey::new(&db, &coll, &name).map_err(|_| {
+        ApiError::not_found(format!(
+            "no stream is defined at /{db}/{coll}/_streams/{name}"
+        ))
+    })?;
     if state.registry.get(&key).is_none() {
-        return Err(ApiError::not_found(format!("no stream is defined at {key}")));
+        return Err(ApiError::not_found(format!(
+            "no stream is defined at {key}"
+        )));
     }
     let Query(params) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let transport = negotiate(&headers)?;

@@ -64,7 +64,11 @@ async fn write_batch<W: Sink<Message> + Unpin>(
     Ok(true)
 }
 
-async fn close<W: Sink<Message> + Unpin>(sink: &mut W, code: u16, reason: &'static str) -> Result<bool, W::Error> {
+async fn close<W: Sink<Message> + Unpin>(
+    sink: &mut W,
+    code: u16,
+    reason: &'static str,
+) -> Result<bool, W::Error> {
     sink.send(Message::Close(Some(CloseFrame {
         code,
         reason: Utf8Bytes::from_static(reason),

@@ -50,7 +50,10 @@ impl StreamKey {
         check_name("coll", coll, true)?;
         check_name("name", name, false)?;
         if coll.starts_with("system.") {
-            return Err(DefinitionError::new("coll", "system collections cannot be streamed"));
+            return Err(DefinitionError::new(
+                "coll",
+                "system collections cannot be streamed",
+            ));
         }
         Ok(StreamKey {
             db: db.to_owned(),
@@ -77,7 +80,11 @@ fn check_name(field: &str, value: &str, allow_dot: bool) -> Result<(), Definitio
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || (allow_dot && b == b'.'));
     if !ok || value.starts_with('.') || value.ends_with('.') {
-        let allowed = if allow_dot { "letters, digits, '_', '-' and '.'" } else { "letters, digits, '_' and '-'" };
+        let allowed = if allow_dot {
+            "letters, digits, '_', '-' and '.'"
+        } else {
+            "letters, digits, '_' and '-'"
+        };
         return Err(DefinitionError::new(
             field,
             format!("{value:?} may only contain {allowed}"),
@@ -212,8 +219,9 @@ impl StreamDefinition {
                 ));
             }
             scan(&item, &path, &mut variables)?;
-            let bson = Bson::try_from(item)
-                .map_err(|e| DefinitionError::new(path.clone(), format!("invalid Extended JSON: {e}")))?;
+            let bson = Bson::try_from(item).map_err(|e| {
+                DefinitionError::new(path.clone(), format!("invalid Extended JSON: {e}"))
+            })?;
             match bson {
                 Bson::Document(doc) => stages.push(doc),
                 _ => return Err(DefinitionError::new(path, "a stage must be a document")),
@@ -221,7 +229,10 @@ impl StreamDefinition {
         }
         if let Some(description) = &self.description {
             if description.len() > 1024 {
-                return Err(DefinitionError::new("description", "at most 1024 characters"));
+                return Err(DefinitionError::new(
+                    "description",
+                    "at most 1024 characters",
+                ));
             }
         }
         Ok(CompiledDefinition {
@@ -256,7 +267,10 @@ fn scan(
                 let default = default
                     .map(|v| {
                         Bson::try_from(v.clone()).map_err(|e| {
-                            DefinitionError::new(format!("{path}.$var"), format!("bad default: {e}"))
+                            DefinitionError::new(
+                                format!("{path}.$var"),
+                                format!("bad default: {e}"),
+                            )
                         })
                     })
                     .transpose()?;
@@ -370,7 +384,9 @@ impl WatchSpec {
         };
         options.full_document_before_change = match self.full_document_before_change {
             FullDocumentBeforeChange::Off => None,
-            FullDocumentBeforeChange::WhenAvailable => Some(FullDocumentBeforeChangeType::WhenAvailable),
+            FullDocumentBeforeChange::WhenAvailable => {
+                Some(FullDocumentBeforeChangeType::WhenAvailable)
+            }
             FullDocumentBeforeChange::Required => Some(FullDocumentBeforeChangeType::Required),
         };
         options
@@ -479,7 +495,9 @@ mod tests {
 
     #[test]
     fn refuses_other_stages_naming_them() {
-        let err = def(json!([{"$match": {}}, {"$group": {"_id": 1}}])).compile().unwrap_err();
+        let err = def(json!([{"$match": {}}, {"$group": {"_id": 1}}]))
+            .compile()
+            .unwrap_err();
         assert_eq!(err.field, "pipeline[1].$group");
     }
 
@@ -490,14 +508,24 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.field, "pipeline[0].$match.$expr.$and[0].$function");
         assert!(def(json!([{"$match": {"$where": "1"}}])).compile().is_err());
-        assert!(def(json!([{"$addFields": {"x": {"$accumulator": {}}}}])).compile().is_err());
+        assert!(
+            def(json!([{"$addFields": {"x": {"$accumulator": {}}}}]))
+                .compile()
+                .is_err()
+        );
     }
 
     #[test]
     fn refuses_non_array_pipeline_and_multi_key_stage() {
-        assert_eq!(def(json!({"$match": {}})).compile().unwrap_err().field, "pipeline");
         assert_eq!(
-            def(json!([{"$match": {}, "$project": {}}])).compile().unwrap_err().field,
+            def(json!({"$match": {}})).compile().unwrap_err().field,
+            "pipeline"
+        );
+        assert_eq!(
+            def(json!([{"$match": {}, "$project": {}}]))
+                .compile()
+                .unwrap_err()
+                .field,
             "pipeline[0]"
         );
         assert_eq!(def(json!([1])).compile().unwrap_err().field, "pipeline[0]");
@@ -529,21 +557,38 @@ mod tests {
 
     #[test]
     fn refuses_injection_in_avars() {
-        assert!(matches!(parse_avars(Some(r#"{"a":{"$gt":""}}"#)), Err(AvarsError::Dollar(_))));
+        assert!(matches!(
+            parse_avars(Some(r#"{"a":{"$gt":""}}"#)),
+            Err(AvarsError::Dollar(_))
+        ));
         assert!(matches!(
             parse_avars(Some(r#"{"a":"$fullDocument.secret"}"#)),
             Err(AvarsError::Dollar(_))
         ));
-        assert!(matches!(parse_avars(Some(r#"{"$a":1}"#)), Err(AvarsError::Dollar(_))));
-        assert!(matches!(parse_avars(Some("[1]")), Err(AvarsError::NotAnObject(_))));
+        assert!(matches!(
+            parse_avars(Some(r#"{"$a":1}"#)),
+            Err(AvarsError::Dollar(_))
+        ));
+        assert!(matches!(
+            parse_avars(Some("[1]")),
+            Err(AvarsError::NotAnObject(_))
+        ));
     }
 
     #[test]
     fn checks_names() {
         assert!(StreamKey::new("shop", "orders.v2", "all-1").is_ok());
         assert_eq!(StreamKey::new("sh/op", "o", "a").unwrap_err().field, "db");
-        assert_eq!(StreamKey::new("shop", "system.users", "a").unwrap_err().field, "coll");
+        assert_eq!(
+            StreamKey::new("shop", "system.users", "a")
+                .unwrap_err()
+                .field,
+            "coll"
+        );
         assert_eq!(StreamKey::new("shop", "o", "").unwrap_err().field, "name");
-        assert_eq!(StreamKey::new("shop", "o", "a b").unwrap_err().field, "name");
+        assert_eq!(
+            StreamKey::new("shop", "o", "a b").unwrap_err().field,
+            "name"
+        );
     }
 }

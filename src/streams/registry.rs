@@ -137,7 +137,10 @@ impl Registry {
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.clone(), entry);
         if previous.is_some() {
-            self.cancel_workers(&key, "the stream definition was replaced; reconnect to get the new one");
+            self.cancel_workers(
+                &key,
+                "the stream definition was replaced; reconnect to get the new one",
+            );
         }
         previous.is_none()
     }

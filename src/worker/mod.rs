@@ -106,7 +106,9 @@ pub type WorkerMap = Arc<Mutex<HashMap<WorkerKey, Arc<Worker>>>>;
 
 /// Locks a std mutex, recovering from poisoning (a panic elsewhere must not take the server down).
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// State shared by the cursor loop and every client attaching.

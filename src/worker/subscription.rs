@@ -102,7 +102,9 @@ impl Subscription {
         // byte of the response is sent.
         let Some(after) = resume else {
             // attach(None) always succeeds; kept total for the type checker.
-            return Err(SubscribeError::Unavailable("worker has no live feed".into()));
+            return Err(SubscribeError::Unavailable(
+                "worker has no live feed".into(),
+            ));
         };
         match open_cursor(&worker, Some(&after)).await {
             Ok(cursor) => {

@@ -1,0 +1,285 @@
+//! Test clients for the three transports, all yielding the same [`Envelope`].
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// Transport under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Server-Sent Events.
+    Sse,
+    /// WebSocket.
+    Ws,
+    /// NDJSON.
+    Ndjson,
+}
+
+/// One received event, whatever the transport.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// `change`, `error`, `cancel`, …
+    pub event: String,
+    /// The id (`Some("")` for an SSE empty `id:` line).
+    pub id: Option<String>,
+    /// The payload.
+    pub data: Value,
+}
+
+/// What [`Client::next`] saw.
+#[derive(Debug)]
+pub enum Next {
+    /// An event.
+    Event(Envelope),
+    /// The server ended the stream (WebSocket: with this close code).
+    End(Option<u16>),
+    /// Nothing within the timeout.
+    Timeout,
+}
+
+enum Inner {
+    Text {
+        body: Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send + Unpin>,
+        buffer: String,
+        sse: bool,
+    },
+    Ws(
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+    ),
+}
+
+/// A connected client.
+pub struct Client {
+    inner: Inner,
+    /// Response headers (empty for WebSocket).
+    pub headers: reqwest::header::HeaderMap,
+    /// The SSE `retry:` value seen, if any.
+    pub retry: Option<u64>,
+    /// Last id seen (as a browser would track it).
+    pub last_id: Option<String>,
+    /// Comment / empty-line keep-alives seen.
+    pub keepalives: usize,
+}
+
+/// A refused connection.
+#[derive(Debug)]
+pub struct Refused {
+    /// HTTP status.
+    pub status: u16,
+    /// Response body.
+    pub body: String,
+    /// Content type.
+    pub content_type: String,
+}
+
+impl Client {
+    /// Connects `kind` to `base` (`http://addr`) + `path`, with an optional `Last-Event-ID`
+    /// header (WebSocket: must use the query parameter instead).
+    pub async fn connect(
+        kind: Kind,
+        base: &str,
+        path: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<Client, Refused> {
+        match kind {
+            Kind::Ws => {
+                let url = format!("{}{}", base.replacen("http://", "ws://", 1), path);
+                let request = url.into_client_request().unwrap();
+                match tokio_tungstenite::connect_async(request).await {
+                    Ok((socket, _)) => Ok(Client {
+                        inner: Inner::Ws(socket),
+                        headers: Default::default(),
+                        retry: None,
+                        last_id: None,
+                        keepalives: 0,
+                    }),
+                    Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err(Refused {
+                        status: response.status().as_u16(),
+                        content_type: response
+                            .headers()
+                            .get("content-type")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned(),
+                        body: String::from_utf8_lossy(response.body().as_deref().unwrap_or(&[]))
+                            .into_owned(),
+                    }),
+                    Err(other) => panic!("websocket connect failed: {other}"),
+                }
+            }
+            Kind::Sse | Kind::Ndjson => {
+                let accept = if kind == Kind::Sse {
+                    "text/event-stream"
+                } else {
+                    "application/x-ndjson"
+                };
+                let mut request = reqwest::Client::new()
+                    .get(format!("{base}{path}"))
+                    .header("accept", accept);
+                if let Some(id) = last_event_id {
+                    request = request.header("last-event-id", id);
+                }
+                let response = request.send().await.expect("request");
+                let status = response.status().as_u16();
+                let headers = response.headers().clone();
+                if status != 200 {
+                    return Err(Refused {
+                        status,
+                        content_type: headers
+                            .get("content-type")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned(),
+                        body: response.text().await.unwrap_or_default(),
+                    });
+                }
+                Ok(Client {
+                    inner: Inner::Text {
+                        body: Box::new(response.bytes_stream()),
+                        buffer: String::new(),
+                        sse: kind == Kind::Sse,
+                    },
+                    headers,
+                    retry: None,
+                    last_id: None,
+                    keepalives: 0,
+                })
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the next event.
+    pub async fn next(&mut self, timeout: Duration) -> Next {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // A complete frame already buffered?
+            if let Inner::Text { buffer, sse, .. } = &mut self.inner {
+                let separator = if *sse { "\n\n" } else { "\n" };
+                if let Some(end) = buffer.find(separator) {
+                    let frame: String = buffer.drain(..end + separator.len()).collect();
+                    let frame = &frame[..end];
+                    let sse = *sse;
+                    if let Some(envelope) = self.parse_frame(frame, sse) {
+                        if let Some(id) = &envelope.id {
+                            self.last_id = Some(id.clone());
+                        }
+                        return Next::Event(envelope);
+                    }
+                    continue;
+                }
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Next::Timeout;
+            }
+            match &mut self.inner {
+                Inner::Text { body, buffer, .. } => {
+                    match tokio::time::timeout(remaining, body.next()).await {
+                        Err(_) => return Next::Timeout,
+                        Ok(None) | Ok(Some(Err(_))) => return Next::End(None),
+                        Ok(Some(Ok(chunk))) => {
+                            buffer.push_str(std::str::from_utf8(&chunk).expect("utf-8 body"))
+                        }
+                    }
+                }
+                Inner::Ws(socket) => match tokio::time::timeout(remaining, socket.next()).await {
+                    Err(_) => return Next::Timeout,
+                    Ok(None) | Ok(Some(Err(_))) => return Next::End(None),
+                    Ok(Some(Ok(Message::Close(frame)))) => {
+                        return Next::End(frame.map(|f| u16::from(f.code)));
+                    }
+                    Ok(Some(Ok(Message::Text(text)))) => {
+                        let envelope = parse_envelope(&text);
+                        if let Some(id) = &envelope.id {
+                            self.last_id = Some(id.clone());
+                        }
+                        return Next::Event(envelope);
+                    }
+                    Ok(Some(Ok(Message::Ping(_)))) => self.keepalives += 1,
+                    Ok(Some(Ok(_))) => {}
+                },
+            }
+        }
+    }
+
+    fn parse_frame(&mut self, frame: &str, sse: bool) -> Option<Envelope> {
+        if !sse {
+            if frame.trim().is_empty() {
+                self.keepalives += 1;
+                return None;
+            }
+            return Some(parse_envelope(frame));
+        }
+        let mut id = None;
+        let mut event = None;
+        let mut data = String::new();
+        for line in frame.lines() {
+            if line.starts_with(':') {
+                self.keepalives += 1;
+                continue;
+            }
+            let (field, value) = match line.split_once(':') {
+                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                None => (line, ""),
+            };
+            match field {
+                "id" => id = Some(value.to_owned()),
+                "event" => event = Some(value.to_owned()),
+                "data" => data.push_str(value),
+                "retry" => self.retry = value.parse().ok(),
+                other => panic!("unexpected SSE field {other:?}"),
+            }
+        }
+        let event = event?;
+        Some(Envelope {
+            event,
+            id,
+            data: serde_json::from_str(&data).expect("SSE data is JSON on one line"),
+        })
+    }
+
+    /// Next event or panic.
+    pub async fn expect_event(&mut self, timeout: Duration) -> Envelope {
+        match self.next(timeout).await {
+            Next::Event(envelope) => envelope,
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+
+    /// Collects `n` change events (panics on anything else or on timeout).
+    pub async fn changes(&mut self, n: usize, timeout: Duration) -> Vec<Envelope> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match self.next(remaining).await {
+                Next::Event(e) if e.event == "change" => out.push(e),
+                other => panic!("after {} of {n} changes: {other:?}", out.len()),
+            }
+        }
+        out
+    }
+
+    /// Sends a WebSocket close (no-op for other transports).
+    pub async fn close(&mut self) {
+        if let Inner::Ws(socket) = &mut self.inner {
+            let _ = socket.send(Message::Close(None)).await;
+        }
+    }
+}
+
+/// Parses a `{"event","id","data"}` envelope.
+pub fn parse_envelope(text: &str) -> Envelope {
+    let value: Value = serde_json::from_str(text).expect("envelope is JSON");
+    Envelope {
+        event: value["event"].as_str().expect("event name").to_owned(),
+        id: value.get("id").and_then(Value::as_str).map(str::to_owned),
+        data: value["data"].clone(),
+    }
+}

@@ -1,0 +1,194 @@
+//! Real `mongod` replica sets for tests: one shared per test binary, or dedicated ones for
+//! tests that kill and restart the server.
+//!
+//! Every mongod is spawned by one long-lived "spawner" thread with `PR_SET_PDEATHSIG`, so the
+//! kernel kills it when the test process exits, however it exits: no stray servers.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+/// A running single-node replica set.
+pub struct MongoD {
+    port: u16,
+    dir: PathBuf,
+    child: Mutex<Option<Child>>,
+    _tempdir: Option<tempfile::TempDir>,
+}
+
+type SpawnRequest = (Vec<String>, mpsc::Sender<std::io::Result<Child>>);
+
+fn spawner() -> &'static Mutex<mpsc::Sender<SpawnRequest>> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        std::thread::spawn(move || {
+            // Lives as long as the process: children die with it (PDEATHSIG fires when the
+            // spawning *thread* ends).
+            for (args, reply) in rx {
+                let mut command = Command::new(&args[0]);
+                command
+                    .args(&args[1..])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                use std::os::unix::process::CommandExt;
+                // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+                unsafe {
+                    command.pre_exec(|| {
+                        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                let _ = reply.send(command.spawn());
+            }
+        });
+        Mutex::new(tx)
+    })
+}
+
+/// Path of the mongod binary: `$MONGOD`, or whatever `scripts/fetch-mongod` finds/downloads.
+pub fn mongod_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            if let Ok(path) = std::env::var("MONGOD")
+                && !path.is_empty()
+            {
+                return PathBuf::from(path);
+            }
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-mongod");
+            let output = Command::new(&script)
+                .stderr(Stdio::inherit())
+                .output()
+                .expect("run scripts/fetch-mongod");
+            assert!(output.status.success(), "scripts/fetch-mongod failed");
+            PathBuf::from(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        })
+        .clone()
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The replica set shared by every test of this binary (each test uses its own database).
+pub fn shared() -> &'static MongoD {
+    static SHARED: OnceLock<MongoD> = OnceLock::new();
+    SHARED.get_or_init(MongoD::start)
+}
+
+impl MongoD {
+    /// Starts a dedicated single-node replica set in a temp dir and waits until it is primary.
+    pub fn start() -> MongoD {
+        let tempdir = tempfile::Builder::new()
+            .prefix("streamgate-mongod-")
+            .tempdir()
+            .expect("tempdir");
+        let mongod = MongoD {
+            port: free_port(),
+            dir: tempdir.path().to_owned(),
+            child: Mutex::new(None),
+            _tempdir: Some(tempdir),
+        };
+        mongod.spawn();
+        mongod.initiate();
+        mongod
+    }
+
+    fn spawn(&self) {
+        let args = vec![
+            mongod_binary().display().to_string(),
+            "--replSet".into(),
+            "rs0".into(),
+            "--bind_ip".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            self.port.to_string(),
+            "--dbpath".into(),
+            self.dir.display().to_string(),
+            "--logpath".into(),
+            self.dir.join("mongod.log").display().to_string(),
+            "--oplogSize".into(),
+            "128".into(),
+            "--wiredTigerCacheSizeGB".into(),
+            "0.25".into(),
+            "--setParameter".into(),
+            "diagnosticDataCollectionEnabled=false".into(),
+        ];
+        let (tx, rx) = mpsc::channel();
+        spawner().lock().unwrap().send((args, tx)).unwrap();
+        let child = rx.recv().unwrap().expect("spawn mongod");
+        *self.child.lock().unwrap() = Some(child);
+    }
+
+    fn initiate(&self) {
+        let uri = format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port);
+        let host = format!("127.0.0.1:{}", self.port);
+        // Run on a private runtime: callers may be inside another runtime.
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(streamgate::replset::initiate(
+                    &uri,
+                    "rs0",
+                    &host,
+                    Duration::from_secs(60),
+                ))
+        })
+        .join()
+        .unwrap()
+        .expect("initiate replica set");
+    }
+
+    /// `mongodb://127.0.0.1:<port>/?replicaSet=rs0`.
+    pub fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?replicaSet=rs0", self.port)
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A driver client for test setup and inserts (call inside the test's runtime).
+    pub async fn client(&self) -> mongodb::Client {
+        let mut options = mongodb::options::ClientOptions::parse(self.uri())
+            .await
+            .unwrap();
+        options.heartbeat_freq = Some(Duration::from_millis(500));
+        options.server_selection_timeout = Some(Duration::from_secs(30));
+        mongodb::Client::with_options(options).unwrap()
+    }
+
+    /// SIGKILLs the server (no clean shutdown).
+    pub fn kill(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and data, and waits until it is primary.
+    pub fn restart(&self) {
+        self.kill();
+        self.spawn();
+        self.initiate();
+    }
+}
+
+impl Drop for MongoD {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,109 @@
+//! Streamgate servers on `127.0.0.1:0`, in-process, with a handle to their registry.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use streamgate::config::{Config, StreamConfig};
+use streamgate::metrics::Metrics;
+use streamgate::streams::Registry;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::mongod::MongoD;
+
+/// A config for tests: the given replica set, fast linger, short keep-alive.
+pub fn config(mongo: &MongoD) -> Config {
+    let mut config = Config::default();
+    config.mongo_uri = mongo.uri();
+    config.worker_linger_ms = 300;
+    config.keepalive_secs = 15;
+    config.shutdown_grace_secs = 5;
+    config
+}
+
+/// A static stream definition on `db.coll` named `name` with a JSON pipeline.
+pub fn stream(db: &str, coll: &str, name: &str, pipeline: serde_json::Value) -> StreamConfig {
+    let text = format!("db = {db:?}\ncoll = {coll:?}\nname = {name:?}\n",);
+    let mut stream: StreamConfig = toml::from_str(&text).unwrap();
+    stream.pipeline = Some(pipeline);
+    stream
+}
+
+/// A running server.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its registry.
+    pub registry: Arc<Registry>,
+    /// Its metrics.
+    pub metrics: Arc<Metrics>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts a server with `config` on an ephemeral port.
+    pub async fn start(config: Config) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(config, listener).await
+    }
+
+    /// Starts a server on a given listener (to restart on the same address).
+    pub async fn start_on(config: Config, listener: tokio::net::TcpListener) -> TestServer {
+        let addr = listener.local_addr().unwrap();
+        let app = streamgate::App::new(config).await.unwrap();
+        let registry = app.registry();
+        let metrics = app.metrics();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            app.serve(listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        TestServer {
+            addr,
+            registry,
+            metrics,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// `http://addr{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// `ws://addr{path}`.
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// Graceful shutdown; waits until the server has returned.
+    pub async fn stop(mut self) {
+        self.shutdown().await;
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .expect("server stops within its grace period")
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

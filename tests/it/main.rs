@@ -1,0 +1,8 @@
+//! The integration-test binary: every test runs against a real mongod replica set.
+//!
+//! One binary (not one per file) so the shared mongod starts once. Each capability has its own
+//! module; the harness is in `harness/`.
+
+mod harness;
+
+mod core_transports;
