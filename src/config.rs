@@ -33,7 +33,9 @@ pub struct Config {
     /// Seconds between keep-alives (SSE comment, NDJSON empty line, WebSocket ping).
     #[serde(default = "default_keepalive_secs")]
     pub keepalive_secs: u64,
-    /// Events a client may fall behind its worker before it is cut with `slow_consumer`.
+    /// Events a client may fall behind its worker before it is cut with `slow_consumer`
+    /// (lagging clients are served from the shared ring, so this costs no per-client memory;
+    /// must not exceed `ring_size`).
     #[serde(default = "default_client_queue")]
     pub client_queue: usize,
     /// Recent events each worker keeps in memory to serve resumes without a new cursor.
@@ -219,8 +221,11 @@ impl Config {
                 "client_queue must be at least 2".into(),
             ));
         }
-        if self.ring_size == 0 {
-            return Err(ConfigError::Invalid("ring_size must be at least 1".into()));
+        if self.ring_size < self.client_queue {
+            return Err(ConfigError::Invalid(format!(
+                "ring_size ({}) must be at least client_queue ({}): lagging clients are served from the ring",
+                self.ring_size, self.client_queue
+            )));
         }
         for (index, stream) in self.streams.iter().enumerate() {
             let (_, definition) = stream
@@ -259,7 +264,7 @@ fn default_keepalive_secs() -> u64 {
     15
 }
 fn default_client_queue() -> usize {
-    1024
+    4096
 }
 fn default_ring_size() -> usize {
     10_000

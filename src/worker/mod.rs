@@ -11,9 +11,12 @@
 //!   its lock, so a client attaches *between* two events: the ring gives it everything after its
 //!   resume point up to now, the broadcast receiver everything after now. That is the whole
 //!   exactly-once argument for resumes inside the ring.
-//! * The broadcast channel is the per-client queue: one shared buffer of `client_queue` slots; a
-//!   receiver that falls further behind gets `Lagged` and is closed with `slow_consumer`. The
-//!   worker never waits for a client.
+//! * Per-client queues are shared, not copied: the broadcast channel (a small ring of
+//!   [`LIVE_SLOTS`] `Arc<Event>`s) is the hot path, and the worker's ring is the overflow. A
+//!   receiver that falls more than `LIVE_SLOTS` behind (a burst, a slow write) gets `Lagged` and
+//!   transparently re-attaches from the ring at its last delivered id; only a client more than
+//!   `client_queue` events behind (or out of the ring) is closed with `slow_consumer`. The
+//!   worker never waits for a client, and a lagging client costs no extra memory.
 //! * On a resumable MongoDB error the worker reopens its cursor from its last resume position
 //!   (last event or post-batch token) with exponential backoff; clients see nothing.
 //! * The worker stops itself `linger` after its last client leaves (see [`WorkerMap`]).
@@ -47,10 +50,13 @@ pub struct WorkerKey {
     pub vars: String,
 }
 
+/// Slots of the live broadcast channel. Small on purpose: lagging clients recover from the ring.
+pub const LIVE_SLOTS: usize = 256;
+
 /// Tuning shared by every worker.
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
-    /// Broadcast capacity: how far a client may lag before `slow_consumer`.
+    /// How many events a client may lag behind the worker before `slow_consumer`.
     pub client_queue: usize,
     /// Recent events kept for resumes.
     pub ring_size: usize,
@@ -65,7 +71,7 @@ pub struct WorkerSettings {
 impl Default for WorkerSettings {
     fn default() -> Self {
         WorkerSettings {
-            client_queue: 1024,
+            client_queue: 4096,
             ring_size: 10_000,
             linger: Duration::from_secs(5),
             max_await: Duration::from_millis(500),
@@ -134,6 +140,9 @@ pub struct Attachment {
     pub live: broadcast::Receiver<Arc<Event>>,
     /// Live events at or before this token were already delivered (catch-up ran ahead).
     pub skip_through: Option<Token>,
+    /// The worker's position at attach time: everything up to here is in `backlog` or was
+    /// before the client's start. A client that lags before its first event recovers from here.
+    pub position: Option<Token>,
 }
 
 /// Counters for the admin API and metrics.
@@ -186,7 +195,7 @@ impl Worker {
         metrics: Arc<Metrics>,
         map: WorkerMap,
     ) -> Arc<Worker> {
-        let (live, _) = broadcast::channel(settings.client_queue.max(2));
+        let (live, _) = broadcast::channel(LIVE_SLOTS.min(settings.client_queue).max(2));
         let (state, _) = watch::channel(WorkerState::Starting);
         Arc::new(Worker {
             key,
@@ -263,6 +272,12 @@ impl Worker {
     /// Returns `None` when `after` is older than the ring covers: the caller must catch up from
     /// MongoDB first and try again with a later token.
     pub fn attach(&self, after: Option<&Token>) -> Option<Attachment> {
+        self.attach_within(after, usize::MAX)
+    }
+
+    /// Like [`Worker::attach`], but refuses when more than `max_lag` ring events follow `after`
+    /// (a lagging client recovering from the ring must still be within its queue bound).
+    pub fn attach_within(&self, after: Option<&Token>, max_lag: usize) -> Option<Attachment> {
         let hub = lock(&self.hub);
         let mut backlog = Vec::new();
         let mut skip_through = None;
@@ -274,6 +289,9 @@ impl Worker {
             let first = hub
                 .ring
                 .partition_point(|e| e.id.as_ref().is_some_and(|id| id <= after));
+            if hub.ring.len() - first > max_lag {
+                return None;
+            }
             backlog.extend(hub.ring.range(first..).cloned());
             skip_through = Some(after.clone());
         }
@@ -281,6 +299,11 @@ impl Worker {
             backlog.push(Arc::clone(terminal));
         }
         Some(Attachment {
+            position: hub
+                .ring
+                .back()
+                .and_then(|e| e.id.clone())
+                .or_else(|| hub.position.clone()),
             backlog,
             live: self.live.subscribe(),
             skip_through,

@@ -72,6 +72,9 @@ pub struct Subscription {
     source: Source,
     skip_through: Option<Token>,
     last_id: Option<Token>,
+    /// Where this client is in the worker's sequence: the last event handed out, or the
+    /// worker's position when the client attached. Lag recovery re-attaches from here.
+    cursor_pos: Option<Token>,
 }
 
 impl Subscription {
@@ -93,6 +96,7 @@ impl Subscription {
             source: Source::Done,
             skip_through: None,
             last_id: resume.clone(),
+            cursor_pos: resume.clone(),
         };
         if let Some(attachment) = worker.attach(resume.as_ref()) {
             subscription.switch_to(attachment);
@@ -131,6 +135,9 @@ impl Subscription {
     }
 
     fn switch_to(&mut self, attachment: Attachment) {
+        if self.cursor_pos.is_none() {
+            self.cursor_pos = attachment.position;
+        }
         self.backlog.extend(attachment.backlog);
         self.skip_through = attachment.skip_through;
         self.source = Source::Live(attachment.live);
@@ -173,7 +180,11 @@ impl Subscription {
                             return Some(self.deliver(event));
                         }
                     }
-                    Err(broadcast::error::RecvError::Lagged(_)) => return Some(self.slow()),
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if !self.recover() {
+                            return Some(self.slow());
+                        }
+                    }
                     Err(broadcast::error::RecvError::Closed) => {
                         self.source = Source::Done;
                         return None;
@@ -198,7 +209,11 @@ impl Subscription {
                         return Some(self.deliver(event));
                     }
                 }
-                Err(broadcast::error::TryRecvError::Lagged(_)) => return Some(self.slow()),
+                Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                    if !self.recover() {
+                        return Some(self.slow());
+                    }
+                }
                 Err(_) => return None,
             }
         }
@@ -213,6 +228,20 @@ impl Subscription {
             self.skip_through = None;
         }
         Some(event)
+    }
+
+    /// After the live channel lapped this client: re-attach from the ring at the client's
+    /// position, if it is still there and within `client_queue` of the head.
+    fn recover(&mut self) -> bool {
+        let worker = Arc::clone(&self.guard.worker);
+        let max_lag = worker.settings().client_queue;
+        match worker.attach_within(self.cursor_pos.as_ref(), max_lag) {
+            Some(attachment) if self.cursor_pos.is_some() => {
+                self.switch_to(attachment);
+                true
+            }
+            _ => false,
+        }
     }
 
     fn slow(&mut self) -> Arc<Event> {
@@ -231,6 +260,7 @@ impl Subscription {
             self.source = Source::Done;
         } else if let Some(id) = &event.id {
             self.last_id = Some(id.clone());
+            self.cursor_pos = Some(id.clone());
         }
         event
     }

@@ -5,4 +5,6 @@
 
 mod harness;
 
+mod core_faults;
+mod core_resume;
 mod core_transports;
