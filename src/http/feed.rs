@@ -12,7 +12,7 @@ use tokio::time::{Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::negotiate::Transport;
-use crate::event::Event;
+use crate::event::{Event, EventKind};
 use crate::metrics::{Metrics, TransportLabel};
 use crate::worker::Subscription;
 
@@ -36,6 +36,8 @@ pub struct Feed {
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
     transport: Transport,
+    /// When the client's credential expires: the feed then ends with `auth_revoked`.
+    expires_at: Option<tokio::time::Instant>,
     done: bool,
 }
 
@@ -47,6 +49,7 @@ impl Feed {
         shutdown: CancellationToken,
         metrics: Arc<Metrics>,
         transport: Transport,
+        expires_at: Option<tokio::time::Instant>,
     ) -> Feed {
         let mut keepalive =
             tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
@@ -63,6 +66,7 @@ impl Feed {
             shutdown,
             metrics,
             transport,
+            expires_at,
             done: false,
         }
     }
@@ -96,6 +100,12 @@ impl Feed {
                 Some(Frame::Events(batch))
             }
             _ = self.keepalive.tick() => Some(Frame::KeepAlive),
+            // A timer, not a check on the next event: an idle stream is cut on time too.
+            _ = sleep_until_or_never(self.expires_at) => {
+                self.done = true;
+                let revoked = Event::control(EventKind::AuthRevoked, "the access token expired", false);
+                Some(Frame::Events(vec![Arc::new(revoked)]))
+            }
         }
     }
 
@@ -107,6 +117,13 @@ impl Feed {
             .delivered_bytes
             .fetch_add(bytes as u64, Ordering::Relaxed);
         self.metrics.deliveries.inc_by(events as u64);
+    }
+}
+
+async fn sleep_until_or_never(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

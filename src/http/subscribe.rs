@@ -73,6 +73,7 @@ pub async fn subscribe(
         state.shutdown.clone(),
         state.metrics.clone(),
         transport,
+        None,
     );
     Ok(match transport {
         Transport::Sse => sse::response(feed, state.config.sse_retry_ms),
