@@ -14,6 +14,8 @@ use mongodb::options::{ChangeStreamOptions, FullDocumentBeforeChangeType, FullDo
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::worker::routing::MatchRule;
+
 /// Stages MongoDB allows after `$changeStream`.
 pub const ALLOWED_STAGES: &[&str] = &[
     "$match",
@@ -157,6 +159,10 @@ pub struct StreamDefinition {
     /// Free text for operators.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Per-user filtering: `{"<field path>": {"$claim": "<claim>"}}`, evaluated inside
+    /// Streamgate for each client from its verified token (see `worker::routing`).
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub match_rules: Option<Value>,
 }
 
 impl Default for StreamDefinition {
@@ -166,6 +172,7 @@ impl Default for StreamDefinition {
             full_document: FullDocument::default(),
             full_document_before_change: FullDocumentBeforeChange::default(),
             description: None,
+            match_rules: None,
         }
     }
 }
@@ -178,6 +185,8 @@ pub struct CompiledDefinition {
     stages: Vec<Document>,
     /// Variables the pipeline uses, with their defaults.
     variables: BTreeMap<String, Option<Bson>>,
+    /// Compiled `match` rules (empty: every client gets every event).
+    routing: Vec<MatchRule>,
 }
 
 impl StreamDefinition {
@@ -235,12 +244,51 @@ impl StreamDefinition {
                 ));
             }
         }
+        let routing = compile_match(self.match_rules.as_ref())?;
         Ok(CompiledDefinition {
             source: self,
             stages,
             variables,
+            routing,
         })
     }
+}
+
+/// Compiles `match`: an object of `field path → {"$claim": name}`.
+fn compile_match(rules: Option<&Value>) -> Result<Vec<MatchRule>, DefinitionError> {
+    let Some(rules) = rules else {
+        return Ok(Vec::new());
+    };
+    let Value::Object(map) = rules else {
+        return Err(DefinitionError::new(
+            "match",
+            "must be an object like {\"fullDocument.tenantId\": {\"$claim\": \"tenant\"}}",
+        ));
+    };
+    map.iter()
+        .map(|(field, spec)| {
+            let path = format!("match.{field}");
+            let segments: Vec<String> = field.split('.').map(str::to_owned).collect();
+            if segments.iter().any(|s| s.is_empty() || s.starts_with('$')) {
+                return Err(DefinitionError::new(
+                    path,
+                    "must be a dotted field path without empty or '$' segments",
+                ));
+            }
+            let claim = match spec {
+                Value::Object(o) if o.len() == 1 => o.get("$claim").and_then(Value::as_str),
+                _ => None,
+            }
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| {
+                DefinitionError::new(path.clone(), "must be {\"$claim\": \"<claim name>\"}")
+            })?;
+            Ok(MatchRule {
+                field: segments,
+                claim: claim.to_owned(),
+            })
+        })
+        .collect()
 }
 
 /// Walks a stage: refuses forbidden operators, collects and checks `$var` placeholders.
@@ -370,6 +418,8 @@ pub struct WatchSpec {
     pub full_document: FullDocument,
     /// `fullDocumentBeforeChange`.
     pub full_document_before_change: FullDocumentBeforeChange,
+    /// Per-user `match` rules (empty: no filtering).
+    pub routing: Vec<MatchRule>,
 }
 
 impl WatchSpec {
@@ -432,6 +482,7 @@ impl CompiledDefinition {
                 pipeline,
                 full_document: self.source.full_document,
                 full_document_before_change: self.source.full_document_before_change,
+                routing: self.routing.clone(),
             },
             canonical,
         ))
@@ -573,6 +624,36 @@ mod tests {
             parse_avars(Some("[1]")),
             Err(AvarsError::NotAnObject(_))
         ));
+    }
+
+    #[test]
+    fn compiles_and_checks_match_rules() {
+        let ok = StreamDefinition {
+            match_rules: Some(json!({"fullDocument.tenantId": {"$claim": "tenant"}})),
+            ..StreamDefinition::default()
+        };
+        let (spec, _) = ok
+            .compile()
+            .unwrap()
+            .bind(&key(), &serde_json::Map::new())
+            .unwrap();
+        assert_eq!(spec.routing[0].field, ["fullDocument", "tenantId"]);
+        assert_eq!(spec.routing[0].claim, "tenant");
+        for bad in [
+            json!([1]),
+            json!({"a": "tenant"}),
+            json!({"$where": {"$claim": "x"}}),
+            json!({"a": {"$claim": ""}}),
+        ] {
+            let def = StreamDefinition {
+                match_rules: Some(bad.clone()),
+                ..StreamDefinition::default()
+            };
+            assert!(
+                def.compile().unwrap_err().field.starts_with("match"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

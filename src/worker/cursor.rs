@@ -9,8 +9,9 @@ use mongodb::change_stream::ChangeStream;
 use tokio::time::Instant;
 
 use super::errors::{Disposition, classify};
+use super::routing::{RouteValues, route_values};
 use super::{Worker, WorkerState, lock};
-use crate::event::{ErrorCode, Event, EventKind, Token};
+use crate::event::{EncodeError, ErrorCode, Event, EventKind, Token};
 
 /// Backoff before the first reconnect attempt; doubles up to `max_backoff`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -101,10 +102,10 @@ impl Worker {
                 next = stream.next_if_any() => next,
             };
             match next {
-                Ok(Some(change)) => match Event::from_change(change) {
-                    Ok(event) => {
+                Ok(Some(change)) => match self.encode(change) {
+                    Ok((event, values)) => {
                         let terminal = event.kind.is_terminal();
-                        self.publish(Arc::new(event));
+                        self.publish(Arc::new(event), values);
                         if terminal {
                             tracing::info!(stream = %self.key.stream, "collection invalidated");
                             break;
@@ -119,11 +120,14 @@ impl Worker {
                     if !stream.is_alive() {
                         // The server closed the cursor after an invalidate our pipeline
                         // filtered out: the stream is over all the same.
-                        self.publish(Arc::new(Event::control(
-                            EventKind::Invalidate,
-                            "the collection was dropped or renamed",
-                            false,
-                        )));
+                        self.publish(
+                            Arc::new(Event::control(
+                                EventKind::Invalidate,
+                                "the collection was dropped or renamed",
+                                false,
+                            )),
+                            no_values(),
+                        );
                         break;
                     }
                     if let Some(token) = stream.resume_token().as_ref().and_then(Token::from_driver)
@@ -173,10 +177,19 @@ impl Worker {
 
     fn fail(&self, code: ErrorCode, message: &str) {
         tracing::error!(stream = %self.key.stream, code = code.as_str(), message, "worker failed");
-        self.publish(Arc::new(Event::control(
-            EventKind::Error(code),
-            message,
-            false,
-        )));
+        self.publish(
+            Arc::new(Event::control(EventKind::Error(code), message, false)),
+            no_values(),
+        );
     }
+
+    /// Routing values (for `match` rules) and the encoded event of a change document.
+    pub(crate) fn encode(&self, change: Document) -> Result<(Event, RouteValues), EncodeError> {
+        let values = route_values(&self.spec().routing, &change);
+        Ok((Event::from_change(change)?, values))
+    }
+}
+
+fn no_values() -> RouteValues {
+    Arc::from(Vec::new())
 }

@@ -23,6 +23,7 @@
 
 mod cursor;
 pub mod errors;
+pub mod routing;
 pub mod subscription;
 
 use std::collections::{HashMap, VecDeque};
@@ -36,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use crate::event::{Event, EventKind, Token};
 use crate::metrics::Metrics;
 use crate::streams::definition::{StreamKey, WatchSpec};
+use routing::{ClientFilter, RouteValues};
 
 pub use subscription::Subscription;
 
@@ -52,6 +54,9 @@ pub struct WorkerKey {
 
 /// Slots of the live broadcast channel. Small on purpose: lagging clients recover from the ring.
 pub const LIVE_SLOTS: usize = 256;
+
+/// Slots of a filtered partition's channel: there may be one per tenant, so keep them small.
+const PARTITION_SLOTS: usize = 64;
 
 /// Tuning shared by every worker.
 #[derive(Debug, Clone)]
@@ -120,8 +125,8 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// State shared by the cursor loop and every client attaching.
 #[derive(Debug, Default)]
 struct Hub {
-    /// The latest `ring_size` change events, in oplog order.
-    ring: VecDeque<Arc<Event>>,
+    /// The latest `ring_size` change events, in oplog order, with their routing values.
+    ring: VecDeque<Routed>,
     /// Every change after this token is in `ring` or still to come on the broadcast.
     /// `None` until the first cursor is open.
     coverage_start: Option<Token>,
@@ -130,6 +135,90 @@ struct Hub {
     /// Set once the worker ended with an event (`invalidate`, `error`, `cancel`); late
     /// attachers get it instead of waiting forever.
     terminal: Option<Arc<Event>>,
+    /// Filtered streams only: one live channel per distinct client filter.
+    partitions: HashMap<Arc<str>, Partition>,
+    /// Filtered streams only: first-rule value → partitions whose claims contain it.
+    index: HashMap<String, Vec<Arc<str>>>,
+}
+
+/// A ring entry.
+#[derive(Debug)]
+struct Routed {
+    event: Arc<Event>,
+    /// Per `match` rule, the event's values (empty slice for unfiltered streams).
+    values: RouteValues,
+}
+
+/// Clients that share a filter share this channel.
+#[derive(Debug)]
+struct Partition {
+    live: broadcast::Sender<Arc<Event>>,
+    filter: Arc<ClientFilter>,
+}
+
+impl Hub {
+    /// Sends a filtered event to the partitions it matches: O(matching partitions).
+    fn route(&mut self, event: &Arc<Event>, values: &[Vec<String>]) {
+        let Some(first) = values.first() else {
+            return;
+        };
+        let mut sent: Vec<&Arc<str>> = Vec::new();
+        let mut abandoned: Vec<Arc<str>> = Vec::new();
+        for value in first {
+            for key in self.index.get(value).into_iter().flatten() {
+                if sent.contains(&key) {
+                    continue;
+                }
+                sent.push(key);
+                if let Some(partition) = self.partitions.get(key)
+                    && partition.filter.matches(values)
+                    && partition.live.send(Arc::clone(event)).is_err()
+                {
+                    abandoned.push(Arc::clone(key));
+                }
+            }
+        }
+        for key in abandoned {
+            self.drop_partition(&key);
+        }
+    }
+
+    /// The live channel for `filter`, created (and indexed) on first use.
+    fn partition(&mut self, filter: &Arc<ClientFilter>) -> broadcast::Receiver<Arc<Event>> {
+        if let Some(partition) = self.partitions.get(&filter.key) {
+            return partition.live.subscribe();
+        }
+        let (live, receiver) = broadcast::channel(PARTITION_SLOTS);
+        for value in filter.sets.first().into_iter().flatten() {
+            self.index
+                .entry(value.clone())
+                .or_default()
+                .push(Arc::clone(&filter.key));
+        }
+        self.partitions.insert(
+            Arc::clone(&filter.key),
+            Partition {
+                live,
+                filter: Arc::clone(filter),
+            },
+        );
+        receiver
+    }
+
+    /// Forgets a partition nobody listens to any more.
+    fn drop_partition(&mut self, key: &Arc<str>) {
+        let Some(partition) = self.partitions.remove(key) else {
+            return;
+        };
+        for value in partition.filter.sets.first().into_iter().flatten() {
+            if let Some(keys) = self.index.get_mut(value) {
+                keys.retain(|k| k != key);
+                if keys.is_empty() {
+                    self.index.remove(value);
+                }
+            }
+        }
+    }
 }
 
 /// What a client gets when it attaches: events it missed from the ring, then the live feed.
@@ -241,6 +330,11 @@ impl Worker {
         lock(&self.hub).position.clone()
     }
 
+    /// Live partitions (distinct client filters) of a filtered stream.
+    pub fn partition_count(&self) -> usize {
+        lock(&self.hub).partitions.len()
+    }
+
     /// Whether the worker has ended and must not take new clients.
     pub fn is_finished(&self) -> bool {
         lock(&self.hub).terminal.is_some() || self.cancel.is_cancelled()
@@ -271,14 +365,23 @@ impl Worker {
     ///
     /// Returns `None` when `after` is older than the ring covers: the caller must catch up from
     /// MongoDB first and try again with a later token.
-    pub fn attach(&self, after: Option<&Token>) -> Option<Attachment> {
-        self.attach_within(after, usize::MAX)
+    pub fn attach(
+        &self,
+        after: Option<&Token>,
+        filter: Option<&Arc<ClientFilter>>,
+    ) -> Option<Attachment> {
+        self.attach_within(after, usize::MAX, filter)
     }
 
     /// Like [`Worker::attach`], but refuses when more than `max_lag` ring events follow `after`
     /// (a lagging client recovering from the ring must still be within its queue bound).
-    pub fn attach_within(&self, after: Option<&Token>, max_lag: usize) -> Option<Attachment> {
-        let hub = lock(&self.hub);
+    pub fn attach_within(
+        &self,
+        after: Option<&Token>,
+        max_lag: usize,
+        filter: Option<&Arc<ClientFilter>>,
+    ) -> Option<Attachment> {
+        let mut hub = lock(&self.hub);
         let mut backlog = Vec::new();
         let mut skip_through = None;
         if let Some(after) = after {
@@ -288,30 +391,40 @@ impl Worker {
             }
             let first = hub
                 .ring
-                .partition_point(|e| e.id.as_ref().is_some_and(|id| id <= after));
-            if hub.ring.len() - first > max_lag {
+                .partition_point(|r| r.event.id.as_ref().is_some_and(|id| id <= after));
+            backlog.extend(
+                hub.ring
+                    .range(first..)
+                    .filter(|r| filter.is_none_or(|f| f.matches(&r.values)))
+                    .map(|r| Arc::clone(&r.event)),
+            );
+            if backlog.len() > max_lag {
                 return None;
             }
-            backlog.extend(hub.ring.range(first..).cloned());
             skip_through = Some(after.clone());
         }
         if let Some(terminal) = &hub.terminal {
             backlog.push(Arc::clone(terminal));
         }
+        let position = hub
+            .ring
+            .back()
+            .and_then(|r| r.event.id.clone())
+            .or_else(|| hub.position.clone());
+        let live = match filter {
+            Some(filter) => hub.partition(filter),
+            None => self.live.subscribe(),
+        };
         Some(Attachment {
-            position: hub
-                .ring
-                .back()
-                .and_then(|e| e.id.clone())
-                .or_else(|| hub.position.clone()),
+            position,
             backlog,
-            live: self.live.subscribe(),
+            live,
             skip_through,
         })
     }
 
-    /// Records a change and sends it to every attached client.
-    fn publish(&self, event: Arc<Event>) {
+    /// Records a change and sends it to every attached client it is for.
+    fn publish(&self, event: Arc<Event>, values: RouteValues) {
         let mut hub = lock(&self.hub);
         if let Some(id) = &event.id {
             hub.position = Some(id.clone());
@@ -320,22 +433,34 @@ impl Worker {
             if hub.ring.len() >= self.settings.ring_size
                 && let Some(evicted) = hub.ring.pop_front()
             {
-                hub.coverage_start = evicted.id.clone();
+                hub.coverage_start = evicted.event.id.clone();
             }
-            hub.ring.push_back(Arc::clone(&event));
+            hub.ring.push_back(Routed {
+                event: Arc::clone(&event),
+                values: Arc::clone(&values),
+            });
             self.metrics.events_received.inc();
             self.stats.events.fetch_add(1, Ordering::Relaxed);
             self.stats.last_event_ms.store(now_ms(), Ordering::Relaxed);
+            if self.spec.routing.is_empty() {
+                // No receivers is fine: the event stays in the ring for resumes.
+                let _ = self.live.send(event);
+            } else {
+                hub.route(&event, &values);
+            }
         } else {
+            // Terminal events reach everybody, filtered or not.
             hub.terminal = Some(Arc::clone(&event));
+            for partition in hub.partitions.values() {
+                let _ = partition.live.send(Arc::clone(&event));
+            }
+            let _ = self.live.send(event);
         }
-        // No receivers is fine: the event stays in the ring for resumes.
-        let _ = self.live.send(event);
     }
 
     /// Ends the worker with a final event for every client (`cancel` on delete, …).
     pub fn terminate(&self, event: Event) {
-        self.publish(Arc::new(event));
+        self.publish(Arc::new(event), Arc::from(Vec::new()));
         self.cancel.cancel();
     }
 

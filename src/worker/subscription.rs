@@ -22,6 +22,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::cursor::open_cursor;
 use super::errors::{Disposition, classify};
+use super::routing::ClientFilter;
 use super::{Attachment, Worker};
 use crate::event::{ErrorCode, Event, EventKind, Token};
 
@@ -75,6 +76,8 @@ pub struct Subscription {
     /// Where this client is in the worker's sequence: the last event handed out, or the
     /// worker's position when the client attached. Lag recovery re-attaches from here.
     cursor_pos: Option<Token>,
+    /// This client's claim filter, for streams with `match` rules.
+    filter: Option<Arc<ClientFilter>>,
 }
 
 impl Subscription {
@@ -84,6 +87,7 @@ impl Subscription {
         worker: Arc<Worker>,
         transport: usize,
         resume: Option<Token>,
+        filter: Option<Arc<ClientFilter>>,
     ) -> Result<Subscription, SubscribeError> {
         worker.clients_by_transport[transport].fetch_add(1, Ordering::Relaxed);
         let guard = ClientGuard {
@@ -97,8 +101,9 @@ impl Subscription {
             skip_through: None,
             last_id: resume.clone(),
             cursor_pos: resume.clone(),
+            filter: filter.clone(),
         };
-        if let Some(attachment) = worker.attach(resume.as_ref()) {
+        if let Some(attachment) = worker.attach(resume.as_ref(), filter.as_ref()) {
             subscription.switch_to(attachment);
             return Ok(subscription);
         }
@@ -115,7 +120,7 @@ impl Subscription {
                 worker.metrics().catchups.inc();
                 let (tx, rx) = mpsc::channel(CATCH_UP_BUFFER);
                 let task_worker = Arc::clone(&worker);
-                tokio::spawn(catch_up(task_worker, cursor, after, tx));
+                tokio::spawn(catch_up(task_worker, cursor, after, filter, tx));
                 subscription.source = Source::CatchUp(rx);
                 Ok(subscription)
             }
@@ -235,7 +240,7 @@ impl Subscription {
     fn recover(&mut self) -> bool {
         let worker = Arc::clone(&self.guard.worker);
         let max_lag = worker.settings().client_queue;
-        match worker.attach_within(self.cursor_pos.as_ref(), max_lag) {
+        match worker.attach_within(self.cursor_pos.as_ref(), max_lag, self.filter.as_ref()) {
             Some(attachment) if self.cursor_pos.is_some() => {
                 self.switch_to(attachment);
                 true
@@ -273,6 +278,7 @@ async fn catch_up(
     worker: Arc<Worker>,
     mut cursor: ChangeStream<Document>,
     mut sent: Token,
+    filter: Option<Arc<ClientFilter>>,
     tx: mpsc::Sender<CatchUp>,
 ) {
     let mut backoff = std::time::Duration::from_millis(100);
@@ -282,8 +288,24 @@ async fn catch_up(
         }
         let position = match cursor.next_if_any().await {
             Ok(Some(change)) => {
-                let event = match Event::from_change(change) {
-                    Ok(event) => Arc::new(event),
+                let event = match worker.encode(change) {
+                    Ok((event, values)) => {
+                        if filter.as_ref().is_some_and(|f| !f.matches(&values)) {
+                            // Not this client's document: skip it, but it still moves the
+                            // hand-over position forward.
+                            if let Some(id) = &event.id {
+                                sent = id.clone();
+                            }
+                            if let Some(attachment) =
+                                worker.attach(event.id.as_ref(), filter.as_ref())
+                            {
+                                let _ = tx.send(CatchUp::Handover(attachment)).await;
+                                return;
+                            }
+                            continue;
+                        }
+                        Arc::new(event)
+                    }
                     Err(error) => {
                         let event = Event::control(
                             EventKind::Error(ErrorCode::Upstream),
@@ -326,7 +348,7 @@ async fn catch_up(
             }
         };
         if let Some(position) = position
-            && let Some(attachment) = worker.attach(Some(&position))
+            && let Some(attachment) = worker.attach(Some(&position), filter.as_ref())
         {
             let _ = tx.send(CatchUp::Handover(attachment)).await;
             return;

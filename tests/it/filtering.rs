@@ -1,0 +1,217 @@
+//! Per-user document filtering on one shared cursor (`match` rules with `$claim`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use mongodb::bson::{Document, doc};
+use serde_json::{Value, json};
+
+use crate::harness::clients::{Client, Kind};
+use crate::harness::server::{self, TestServer};
+use crate::harness::{mongod, unique_db};
+use streamgate::streams::{StreamKey, SubscribeFailure};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn claims(value: Value) -> serde_json::Map<String, Value> {
+    json!({ "sub": "someone", "tenant": value })
+        .as_object()
+        .cloned()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn tenants_on_one_cursor_only_see_their_documents() {
+    let mongo = mongod::shared();
+    let db = unique_db("tenants");
+    let mut config = server::config(mongo);
+    let mut stream = server::stream(&db, "orders", "mine", json!([]));
+    stream.match_rules = Some(json!({ "fullDocument.tenantId": { "$claim": "tenant" } }));
+    config.streams.push(stream);
+    let server = TestServer::start(config).await;
+    let key = StreamKey::new(&db, "orders", "mine").unwrap();
+
+    let subscribe = |tenant: Value| {
+        let registry = server.registry.clone();
+        let key = key.clone();
+        async move {
+            registry
+                .subscribe(&key, None, None, 0, Some(&claims(tenant)))
+                .await
+                .unwrap()
+        }
+    };
+    let mut a1 = subscribe(json!("A")).await;
+    let mut a2 = subscribe(json!("A")).await;
+    let mut b = subscribe(json!("B")).await;
+    let mut both = subscribe(json!(["A", "B"])).await;
+    let mut c = subscribe(json!("C")).await;
+
+    // Mixed load: A, B, documents for both (array field), and for nobody.
+    let coll = mongo
+        .client()
+        .await
+        .database(&db)
+        .collection::<Document>("orders");
+    let mut expected: HashMap<&str, Vec<i64>> = HashMap::new();
+    let mut docs = Vec::new();
+    for seq in 0..300_i64 {
+        let tenant = match seq % 4 {
+            0 | 3 => mongodb::bson::Bson::from("A"),
+            1 => mongodb::bson::Bson::from("B"),
+            _ if seq % 8 == 2 => mongodb::bson::Bson::Array(vec!["A".into(), "B".into()]),
+            _ => mongodb::bson::Bson::from("Z"),
+        };
+        let for_a = matches!(seq % 4, 0 | 3) || seq % 8 == 2;
+        let for_b = seq % 4 == 1 || seq % 8 == 2;
+        if for_a {
+            expected.entry("A").or_default().push(seq);
+        }
+        if for_b {
+            expected.entry("B").or_default().push(seq);
+        }
+        if for_a || for_b {
+            expected.entry("AB").or_default().push(seq);
+        }
+        docs.push(doc! { "seq": seq, "tenantId": tenant });
+    }
+    for chunk in docs.chunks(25) {
+        coll.insert_many(chunk.to_vec()).await.unwrap();
+    }
+
+    async fn collect(sub: &mut streamgate::worker::Subscription, n: usize) -> Vec<i64> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let event = tokio::time::timeout(WAIT, sub.next())
+                .await
+                .expect("event in time")
+                .expect("open");
+            let text = std::str::from_utf8(&event.ndjson).unwrap();
+            let envelope: Value = serde_json::from_str(text).unwrap();
+            out.push(envelope["data"]["fullDocument"]["seq"].as_i64().unwrap());
+        }
+        out
+    }
+    assert_eq!(collect(&mut a1, expected["A"].len()).await, expected["A"]);
+    assert_eq!(collect(&mut a2, expected["A"].len()).await, expected["A"]);
+    assert_eq!(collect(&mut b, expected["B"].len()).await, expected["B"]);
+    assert_eq!(
+        collect(&mut both, expected["AB"].len()).await,
+        expected["AB"]
+    );
+    // Nothing else arrives for anyone; C got nothing at all.
+    coll.insert_one(doc! { "seq": 1000, "tenantId": "C" })
+        .await
+        .unwrap();
+    assert_eq!(collect(&mut c, 1).await, vec![1000]);
+    for sub in [&mut a1, &mut a2, &mut b, &mut both] {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), sub.next())
+                .await
+                .is_err()
+        );
+    }
+
+    let workers = server.registry.workers_of(&key);
+    assert_eq!(workers.len(), 1, "one worker for every tenant");
+    assert_eq!(
+        workers[0]
+            .stats
+            .cursors_opened
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        workers[0].partition_count(),
+        4,
+        "A, B, [A,B] and C partitions; A's two clients share one"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn filtered_resume_from_catch_up_skips_other_tenants() {
+    let mongo = mongod::shared();
+    let db = unique_db("tenantresume");
+    let mut config = server::config(mongo);
+    config.ring_size = 8;
+    config.client_queue = 8;
+    let mut stream = server::stream(&db, "orders", "mine", json!([]));
+    stream.match_rules = Some(json!({ "fullDocument.tenantId": { "$claim": "tenant" } }));
+    config.streams.push(stream);
+    let server = TestServer::start(config).await;
+    let key = StreamKey::new(&db, "orders", "mine").unwrap();
+    let coll = mongo
+        .client()
+        .await
+        .database(&db)
+        .collection::<Document>("orders");
+
+    let mut a = server
+        .registry
+        .subscribe(&key, None, None, 0, Some(&claims(json!("A"))))
+        .await
+        .unwrap();
+    coll.insert_one(doc! { "seq": 0, "tenantId": "A" })
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(WAIT, a.next()).await.unwrap().unwrap();
+    let resume_from = first.id.clone().unwrap();
+    // 60 more documents, alternating tenants: far more than the ring holds.
+    for seq in 1..61_i64 {
+        let tenant = if seq % 2 == 0 { "A" } else { "B" };
+        coll.insert_one(doc! { "seq": seq, "tenantId": tenant })
+            .await
+            .unwrap();
+    }
+    let mut resumed = server
+        .registry
+        .subscribe(&key, None, Some(resume_from), 0, Some(&claims(json!("A"))))
+        .await
+        .unwrap();
+    let mut seqs = Vec::new();
+    while seqs.len() < 30 {
+        let event = tokio::time::timeout(WAIT, resumed.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let envelope: Value = serde_json::from_slice(&event.ndjson).unwrap();
+        assert_eq!(envelope["data"]["fullDocument"]["tenantId"], "A");
+        seqs.push(envelope["data"]["fullDocument"]["seq"].as_i64().unwrap());
+    }
+    assert_eq!(seqs, (1..61).filter(|s| s % 2 == 0).collect::<Vec<_>>());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn filtered_stream_needs_claims() {
+    let mongo = mongod::shared();
+    let db = unique_db("noclaims");
+    let mut config = server::config(mongo);
+    let mut stream = server::stream(&db, "orders", "mine", json!([]));
+    stream.match_rules = Some(json!({ "fullDocument.tenantId": { "$claim": "tenant" } }));
+    config.streams.push(stream);
+    let server = TestServer::start(config).await;
+    let key = StreamKey::new(&db, "orders", "mine").unwrap();
+    let no_tenant = json!({ "sub": "x" }).as_object().cloned().unwrap();
+    assert!(matches!(
+        server
+            .registry
+            .subscribe(&key, None, None, 0, Some(&no_tenant))
+            .await,
+        Err(SubscribeFailure::Filter(_))
+    ));
+    // Over HTTP without authentication: 403, and no worker started.
+    let refused = Client::connect(
+        Kind::Sse,
+        &server.url(""),
+        &format!("/{db}/orders/_streams/mine"),
+        None,
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(refused.status, 403);
+    assert!(server.registry.workers_of(&key).is_empty());
+    server.stop().await;
+}
