@@ -1,0 +1,82 @@
+//! Health, readiness and metrics endpoints.
+
+use serde_json::{Value, json};
+
+use crate::harness::clients::{Client, Kind};
+use crate::harness::mongod::{self, free_port};
+use crate::harness::server::{self, TestServer};
+use crate::harness::unique_db;
+
+#[tokio::test]
+async fn live_ready_and_metrics() {
+    let mongo = mongod::shared();
+    let db = unique_db("ops");
+    let mut config = server::config(mongo);
+    config
+        .streams
+        .push(server::stream(&db, "c", "s", json!([])));
+    let server = TestServer::start(config).await;
+
+    let live = reqwest::get(server.url("/health/live")).await.unwrap();
+    assert_eq!(live.status(), 200);
+    let ready = reqwest::get(server.url("/health/ready")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["replicaSet"], "rs0");
+
+    let _client = Client::connect(
+        Kind::Sse,
+        &server.url(""),
+        &format!("/{db}/c/_streams/s"),
+        None,
+    )
+    .await
+    .unwrap();
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("streamgate_clients{transport=\"sse\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("streamgate_workers 1"), "{metrics}");
+    assert!(
+        metrics.contains("streamgate_cursors_opened_total 1"),
+        "{metrics}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn not_ready_without_mongodb_and_subscribe_is_503_not_a_hang() {
+    let mut config = server::config(mongod::shared());
+    // Nothing listens there.
+    config.mongo_uri = format!(
+        "mongodb://127.0.0.1:{}/?replicaSet=rs0&serverSelectionTimeoutMS=500",
+        free_port()
+    );
+    config
+        .streams
+        .push(server::stream("db", "c", "s", json!([])));
+    let server = TestServer::start(config).await;
+    assert_eq!(
+        reqwest::get(server.url("/health/live"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let ready = reqwest::get(server.url("/health/ready")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let started = std::time::Instant::now();
+    let refused = Client::connect(Kind::Ndjson, &server.url(""), "/db/c/_streams/s", None)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(refused.status, 503);
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+    server.stop().await;
+}
