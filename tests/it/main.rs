@@ -6,5 +6,7 @@
 mod harness;
 
 mod core_faults;
+mod core_ops;
 mod core_resume;
 mod core_transports;
+mod filtering;
