@@ -1,0 +1,31 @@
+// Opens a real EventSource in headless Debian Chromium and reports what the page receives.
+//
+// Usage: node eventsource.mjs <origin> <stream path>
+// Prints one JSON line per event on stdout: {"type":"open"} | {"type":"change","id":…,"seq":…}
+// | {"type":"error-event","data":…}. Runs until killed (the Rust test owns its lifetime), or
+// 120 s at most so it can never outlive a broken test.
+import { chromium } from "playwright-core";
+
+const [origin, path] = process.argv.slice(2);
+const say = (value) => process.stdout.write(JSON.stringify(value) + "\n");
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+const page = await browser.newPage();
+await page.exposeFunction("report", say);
+await page.goto(`${origin}/health/live`);
+await page.evaluate((path) => {
+  const source = new EventSource(path);
+  source.onopen = () => window.report({ type: "open" });
+  source.addEventListener("change", (e) => {
+    const data = JSON.parse(e.data);
+    window.report({ type: "change", id: e.lastEventId, seq: data.fullDocument.seq });
+  });
+  source.addEventListener("error", (e) => {
+    if (e.data) window.report({ type: "error-event", data: JSON.parse(e.data) });
+  });
+}, path);
+setTimeout(async () => { await browser.close(); process.exit(0); }, 120_000);

@@ -1,0 +1,100 @@
+//! A real browser: Chromium's `EventSource` receives changes and, when Streamgate restarts,
+//! reconnects by itself with `Last-Event-ID` and misses nothing.
+//!
+//! Needs Debian's `chromium` and `tests/browser/node_modules` (playwright-core), which
+//! `scripts/test` installs and then sets `STREAMGATE_BROWSER_TESTS=1`. Without that variable the
+//! test reports that it did not run; with it, a missing browser is a failure.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use mongodb::bson::{Document, doc};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::harness::server::{self, TestServer};
+use crate::harness::{mongod, unique_db};
+
+#[tokio::test]
+async fn browser_eventsource_resumes_across_streamgate_restart() {
+    if std::env::var("STREAMGATE_BROWSER_TESTS").as_deref() != Ok("1") {
+        eprintln!(
+            "browser test not run: use scripts/test (it installs Chromium and sets STREAMGATE_BROWSER_TESTS=1)"
+        );
+        return;
+    }
+    let mongo = mongod::shared();
+    let db = unique_db("browser");
+    let mut config = server::config(mongo);
+    config.sse_retry_ms = 500;
+    config
+        .streams
+        .push(server::stream(&db, "c", "s", json!([])));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let first = TestServer::start_on(config.clone(), listener).await;
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/eventsource.mjs");
+    let mut node = tokio::process::Command::new("node")
+        .arg(script)
+        .arg(format!("http://{addr}"))
+        .arg(format!("/{db}/c/_streams/s"))
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node is installed");
+    let mut lines = BufReader::new(node.stdout.take().unwrap()).lines();
+    let mut next = async || -> Value {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("browser reported in time")
+            .unwrap()
+            .expect("browser still running");
+        serde_json::from_str(&line).unwrap()
+    };
+    assert_eq!(next().await["type"], "open");
+
+    let coll = mongo
+        .client()
+        .await
+        .database(&db)
+        .collection::<Document>("c");
+    for seq in 0..5 {
+        coll.insert_one(doc! { "seq": seq }).await.unwrap();
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < 5 {
+        let event = next().await;
+        assert_eq!(event["type"], "change", "{event}");
+        seqs.push(event["seq"].as_i64().unwrap());
+    }
+
+    first.stop().await;
+    for seq in 5..10 {
+        coll.insert_one(doc! { "seq": seq }).await.unwrap();
+    }
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let second = TestServer::start_on(config, listener).await;
+    // The browser reconnects on its own (retry: 500) with Last-Event-ID.
+    let mut reopened = false;
+    while seqs.len() < 10 {
+        let event = next().await;
+        match event["type"].as_str() {
+            Some("open") => reopened = true,
+            Some("change") => seqs.push(event["seq"].as_i64().unwrap()),
+            _ => panic!("unexpected {event}"),
+        }
+    }
+    assert!(reopened);
+    for seq in 10..12 {
+        coll.insert_one(doc! { "seq": seq }).await.unwrap();
+    }
+    while seqs.len() < 12 {
+        let event = next().await;
+        assert_eq!(event["type"], "change", "{event}");
+        seqs.push(event["seq"].as_i64().unwrap());
+    }
+    assert_eq!(seqs, (0..12).collect::<Vec<_>>());
+    let _ = node.kill().await;
+    second.stop().await;
+}
