@@ -236,13 +236,13 @@ impl StreamDefinition {
                 _ => return Err(DefinitionError::new(path, "a stage must be a document")),
             }
         }
-        if let Some(description) = &self.description {
-            if description.len() > 1024 {
-                return Err(DefinitionError::new(
-                    "description",
-                    "at most 1024 characters",
-                ));
-            }
+        if let Some(description) = &self.description
+            && description.len() > 1024
+        {
+            return Err(DefinitionError::new(
+                "description",
+                "at most 1024 characters",
+            ));
         }
         let routing = compile_match(self.match_rules.as_ref())?;
         Ok(CompiledDefinition {

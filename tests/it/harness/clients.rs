@@ -93,7 +93,7 @@ impl Client {
                 let request = url.into_client_request().unwrap();
                 match tokio_tungstenite::connect_async(request).await {
                     Ok((socket, _)) => Ok(Client {
-                        inner: Inner::Ws(socket),
+                        inner: Inner::Ws(Box::new(socket)),
                         headers: Default::default(),
                         retry: None,
                         last_id: None,

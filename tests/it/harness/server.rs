@@ -14,12 +14,13 @@ use super::mongod::MongoD;
 
 /// A config for tests: the given replica set, fast linger, short keep-alive.
 pub fn config(mongo: &MongoD) -> Config {
-    let mut config = Config::default();
-    config.mongo_uri = mongo.uri();
-    config.worker_linger_ms = 300;
-    config.keepalive_secs = 15;
-    config.shutdown_grace_secs = 5;
-    config
+    Config {
+        mongo_uri: mongo.uri(),
+        worker_linger_ms: 300,
+        keepalive_secs: 15,
+        shutdown_grace_secs: 5,
+        ..Config::default()
+    }
 }
 
 /// A static stream definition on `db.coll` named `name` with a JSON pipeline.
