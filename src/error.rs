@@ -7,8 +7,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::streams::SubscribeFailure;
 use crate::streams::definition::DefinitionError;
+use crate::streams::{StoreError, SubscribeFailure};
 use crate::worker::subscription::SubscribeError;
 
 /// An HTTP error response.
@@ -20,8 +20,9 @@ pub struct ApiError {
     pub title: &'static str,
     /// What went wrong in this request, for a human.
     pub detail: String,
-    /// Extra members merged into the body (e.g. the offending `field`).
-    pub extra: Option<serde_json::Value>,
+    /// Extra members merged into the body (e.g. the offending `field`). Boxed: errors travel
+    /// in every handler's `Result`, so the common case stays small.
+    pub extra: Option<Box<serde_json::Value>>,
     /// `Retry-After` seconds, for 429/503.
     pub retry_after: Option<u64>,
     /// `WWW-Authenticate` challenge, for 401.
@@ -51,6 +52,25 @@ impl ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "Not Found", detail)
     }
 
+    /// 409.
+    pub fn conflict(detail: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, "Conflict", detail)
+    }
+
+    /// 413.
+    pub fn payload_too_large(detail: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "Content Too Large", detail)
+    }
+
+    /// 415.
+    pub fn unsupported_media_type(detail: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Unsupported Media Type",
+            detail,
+        )
+    }
+
     /// 503 with `Retry-After`.
     pub fn unavailable(detail: impl Into<String>) -> ApiError {
         let mut error = ApiError::new(
@@ -74,7 +94,7 @@ impl ApiError {
 
     /// Adds members to the problem body.
     pub fn with_extra(mut self, extra: serde_json::Value) -> ApiError {
-        self.extra = Some(extra);
+        self.extra = Some(Box::new(extra));
         self
     }
 }
@@ -88,7 +108,7 @@ impl IntoResponse for ApiError {
             "detail": self.detail,
         });
         if let (Some(serde_json::Value::Object(extra)), Some(object)) =
-            (self.extra, body.as_object_mut())
+            (self.extra.map(|extra| *extra), body.as_object_mut())
         {
             object.extend(extra);
         }
@@ -133,6 +153,20 @@ impl From<SubscribeFailure> for ApiError {
                 ApiError::unavailable("MongoDB is not reachable right now; retry shortly")
             }
             SubscribeFailure::NotReady => ApiError::unavailable(failure.to_string()),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> ApiError {
+        match error {
+            StoreError::Mongo(error) => {
+                tracing::warn!(%error, "stream definition store unavailable");
+                ApiError::unavailable(
+                    "the definition could not be stored: MongoDB is not reachable; retry shortly",
+                )
+            }
+            StoreError::Encode(error) => ApiError::internal(error),
         }
     }
 }

@@ -9,6 +9,8 @@
 //! worker/        mod.rs (ring + broadcast hub) · cursor.rs (one cursor, retry from last token)
 //!                subscription.rs (per-client backlog → catch-up → live, exactly once)
 //! http/          router, transport negotiation, sse.rs / ws.rs / ndjson.rs, health + metrics
+//! admin/         the admin REST API (/_admin/streams, OpenAPI document) · view.rs (stats JSON)
+//! streams/store  admin definitions in MongoDB + the change-stream watcher applying them here
 //! metrics.rs     Prometheus registry
 //! replset.rs     replica-set initiation for local runs and tests
 //! ```
@@ -18,6 +20,7 @@
 //! [`App::new`] builds everything without binding; [`App::serve`] takes an already-bound
 //! listener and a shutdown future, so tests run servers on `127.0.0.1:0`.
 
+pub mod admin;
 pub mod config;
 pub mod error;
 pub mod event;
@@ -39,7 +42,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::http::AppState;
 use crate::metrics::Metrics;
-use crate::streams::{Origin, Registry};
+use crate::streams::{Origin, Registry, Store};
 use crate::worker::WorkerSettings;
 
 /// Startup failed.
@@ -56,15 +59,20 @@ pub enum StartError {
     Serve(std::io::Error),
 }
 
-/// A configured server, not yet serving.
+/// How long [`App::new`] waits for the stored definitions before serving without them (the
+/// watcher keeps trying and applies them as soon as MongoDB answers).
+const STORE_SYNC_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A configured server, not yet serving. Dropping it stops its background tasks.
 pub struct App {
     state: AppState,
     tracker: TaskTracker,
 }
 
 impl App {
-    /// Builds the registry (static streams loaded) and the MongoDB client (which connects
-    /// lazily: a MongoDB outage at startup is survived and shows in `/health/ready`).
+    /// Builds the registry (static streams loaded), the MongoDB client (which connects
+    /// lazily: a MongoDB outage at startup is survived and shows in `/health/ready`), and
+    /// starts the watcher of stored definitions, waiting a bounded time for their first load.
     pub async fn new(config: Config) -> Result<App, StartError> {
         let mut options = ClientOptions::parse(&config.mongo_uri)
             .await
@@ -104,9 +112,22 @@ impl App {
                 .map_err(|e| StartError::Definition(format!("{key}: {e}")))?;
             registry.upsert(key, compiled, Origin::Static);
         }
+        let store = Store::new(
+            Arc::clone(&registry),
+            &config.admin.database,
+            &config.admin.collection,
+        );
+        store.spawn_watcher(&tracker, shutdown.clone());
+        if !store.wait_synced(STORE_SYNC_TIMEOUT).await {
+            tracing::warn!(
+                "stored stream definitions not loaded yet (MongoDB unreachable?); \
+                 serving static ones, the rest follow when MongoDB answers"
+            );
+        }
         Ok(App {
             state: AppState {
                 registry,
+                store,
                 metrics,
                 config: Arc::new(config),
                 shutdown,
@@ -161,6 +182,13 @@ impl App {
             tracing::warn!("some workers did not stop in time");
         }
         served
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        // After `serve` this is a no-op; an App dropped unserved stops its watcher and workers.
+        self.state.shutdown.cancel();
     }
 }
 

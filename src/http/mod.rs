@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `GET /{db}/{coll}/_streams/{name}` (SSE, WebSocket, NDJSON) | [`subscribe`] |
 //! | `GET /health/live`, `GET /health/ready`, `GET /metrics` | [`health`] |
+//! | `/_admin/streams…`, `GET /_admin/openapi.json` | [`crate::admin`] |
 
 pub mod body;
 pub mod feed;
@@ -23,13 +24,15 @@ use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::streams::Registry;
+use crate::streams::{Registry, Store};
 
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
     /// Definitions and workers.
     pub registry: Arc<Registry>,
+    /// Stored (admin API) definitions, shared through MongoDB.
+    pub store: Arc<Store>,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
     /// The configuration in force.
@@ -45,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health/ready", get(health::ready))
         .route("/metrics", get(health::metrics))
         .route("/{db}/{coll}/_streams/{name}", get(subscribe::subscribe))
+        .merge(crate::admin::routes(state.config.admin.body_limit))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -43,6 +43,30 @@ pub struct StreamEntry {
     pub revision: u64,
 }
 
+/// What [`Registry::put_stored`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The stream did not exist; it does now.
+    Created,
+    /// The definition changed: new revision, old workers ended with `cancel`.
+    Replaced,
+    /// The same definition was already in force: nothing changed, no client was disturbed.
+    Unchanged,
+    /// A static (config file) definition holds this key; the stored one was ignored.
+    Static,
+}
+
+/// What [`Registry::remove_stored`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removed {
+    /// The stored definition was removed; its clients got `cancel`.
+    Removed,
+    /// No definition had this key.
+    Absent,
+    /// A static definition holds this key; it was left alone.
+    Static,
+}
+
 /// A subscribe request failed before streaming started.
 #[derive(Debug, thiserror::Error)]
 pub enum SubscribeFailure {
@@ -117,14 +141,16 @@ impl Registry {
             .collect()
     }
 
+    fn next_revision(&self) -> u64 {
+        let mut next = lock(&self.next_revision);
+        *next += 1;
+        *next
+    }
+
     /// Adds or replaces a definition. Returns `true` when it was new. Workers of a replaced
     /// definition end with `cancel` (clients reconnect onto the new revision).
     pub fn upsert(&self, key: StreamKey, definition: CompiledDefinition, origin: Origin) -> bool {
-        let revision = {
-            let mut next = lock(&self.next_revision);
-            *next += 1;
-            *next
-        };
+        let revision = self.next_revision();
         let entry = Arc::new(StreamEntry {
             key: key.clone(),
             definition,
@@ -139,10 +165,44 @@ impl Registry {
         if previous.is_some() {
             self.cancel_workers(
                 &key,
+                Some(revision),
                 "the stream definition was replaced; reconnect to get the new one",
             );
         }
         previous.is_none()
+    }
+
+    /// Applies a definition from the admin store, idempotently: an identical definition changes
+    /// nothing (no new revision, no `cancel`), and a static definition is never overridden.
+    pub fn put_stored(&self, key: StreamKey, definition: CompiledDefinition) -> Applied {
+        let (applied, revision) = {
+            let mut definitions = self.definitions.write().unwrap_or_else(|p| p.into_inner());
+            let applied = match definitions.get(&key) {
+                None => Applied::Created,
+                Some(current) if current.origin == Origin::Static => return Applied::Static,
+                Some(current) if current.definition.source == definition.source => {
+                    return Applied::Unchanged;
+                }
+                Some(_) => Applied::Replaced,
+            };
+            let revision = self.next_revision();
+            let entry = Arc::new(StreamEntry {
+                key: key.clone(),
+                definition,
+                origin: Origin::Stored,
+                revision,
+            });
+            definitions.insert(key.clone(), entry);
+            (applied, revision)
+        };
+        if applied == Applied::Replaced {
+            self.cancel_workers(
+                &key,
+                Some(revision),
+                "the stream definition was replaced; reconnect to get the new one",
+            );
+        }
+        applied
     }
 
     /// Removes a definition; its clients get `cancel`. Returns whether it existed.
@@ -154,14 +214,34 @@ impl Registry {
             .remove(key)
             .is_some();
         if removed {
-            self.cancel_workers(key, "the stream was deleted");
+            self.cancel_workers(key, None, "the stream was deleted");
         }
         removed
     }
 
-    fn cancel_workers(&self, key: &StreamKey, message: &str) {
+    /// Removes a stored definition (never a static one); its clients get `cancel`.
+    pub fn remove_stored(&self, key: &StreamKey) -> Removed {
+        {
+            let mut definitions = self.definitions.write().unwrap_or_else(|p| p.into_inner());
+            match definitions.get(key) {
+                None => return Removed::Absent,
+                Some(current) if current.origin == Origin::Static => return Removed::Static,
+                Some(_) => {
+                    definitions.remove(key);
+                }
+            }
+        }
+        self.cancel_workers(key, None, "the stream was deleted");
+        Removed::Removed
+    }
+
+    /// Ends the stream's workers with `cancel`, except those of revision `keep` (the current
+    /// one: a client may already have reconnected onto it).
+    fn cancel_workers(&self, key: &StreamKey, keep: Option<u64>, message: &str) {
         for worker in self.workers_of(key) {
-            worker.terminate(Event::control(EventKind::Cancel, message, false));
+            if Some(worker.key.revision) != keep {
+                worker.terminate(Event::control(EventKind::Cancel, message, false));
+            }
         }
     }
 
@@ -187,18 +267,26 @@ impl Registry {
         resume: Option<Token>,
         transport: usize,
     ) -> Result<Subscription, SubscribeFailure> {
-        let entry = self
-            .get(key)
-            .ok_or_else(|| SubscribeFailure::NotFound(key.clone()))?;
         let avars = parse_avars(avars)?;
-        let (spec, vars) = entry.definition.bind(key, &avars)?;
-        let worker_key = WorkerKey {
-            stream: key.clone(),
-            revision: entry.revision,
-            vars,
-        };
-        let worker = {
+        let worker = loop {
+            let entry = self
+                .get(key)
+                .ok_or_else(|| SubscribeFailure::NotFound(key.clone()))?;
+            let (spec, vars) = entry.definition.bind(key, &avars)?;
+            let worker_key = WorkerKey {
+                stream: key.clone(),
+                revision: entry.revision,
+                vars,
+            };
             let mut map = lock(&self.workers);
+            // A replace or delete between the lookup above and here would have missed a worker
+            // started now for the old revision: check again under the map lock, which
+            // `cancel_workers` also takes.
+            match self.get(key) {
+                Some(current) if current.revision == entry.revision => {}
+                Some(_) => continue,
+                None => return Err(SubscribeFailure::NotFound(key.clone())),
+            }
             let existing = map.get(&worker_key).filter(|w| !w.is_finished()).cloned();
             let worker = match existing {
                 Some(worker) => worker,
@@ -219,7 +307,7 @@ impl Registry {
             };
             // Counted under the map lock: an idle worker cannot retire between lookup and count.
             worker.add_client();
-            worker
+            break worker;
         };
         if !worker.ready(READY_TIMEOUT).await {
             worker.remove_client();

@@ -1,0 +1,172 @@
+//! JSON views of streams: the definition as given, where it came from, and live stats.
+//!
+//! Stats are read from the stream's running workers (one per distinct set of variable values)
+//! without stopping them: every counter is an atomic, so a GET never slows a cursor.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use mongodb::bson::DateTime;
+use serde_json::{Value, json};
+
+use crate::http::negotiate::Transport;
+use crate::streams::{Origin, StreamEntry};
+use crate::worker::{Worker, WorkerState};
+
+/// The full view of a stream: `db`, `coll`, `name`, the definition members, and `stats`.
+pub fn stream(entry: &StreamEntry, workers: &[Arc<Worker>]) -> Value {
+    let source = &entry.definition.source;
+    let pipeline = match &source.pipeline {
+        Value::Null => Value::Array(Vec::new()),
+        other => other.clone(),
+    };
+    let mut view = json!({
+        "db": entry.key.db,
+        "coll": entry.key.coll,
+        "name": entry.key.name,
+        "path": entry.key.to_string(),
+        "pipeline": pipeline,
+        "fullDocument": source.full_document,
+        "fullDocumentBeforeChange": source.full_document_before_change,
+        "origin": match entry.origin {
+            Origin::Static => "static",
+            Origin::Stored => "stored",
+        },
+        "readOnly": entry.origin == Origin::Static,
+        "revision": entry.revision,
+        "variables": entry.definition.variable_names().collect::<Vec<_>>(),
+        "stats": stats(workers),
+    });
+    if let (Some(description), Some(object)) = (&source.description, view.as_object_mut()) {
+        object.insert("description".into(), Value::String(description.clone()));
+    }
+    view
+}
+
+/// Aggregate stats over `workers`, plus one entry per worker.
+fn stats(workers: &[Arc<Worker>]) -> Value {
+    let mut clients = [0usize; 3];
+    let (mut received, mut delivered, mut bytes, mut last_ms) = (0u64, 0u64, 0u64, 0u64);
+    // The freshest position among running workers (positions are per cursor; with several
+    // workers "current position" means the latest one seen).
+    let mut position: Option<String> = None;
+    let mut per_worker = Vec::with_capacity(workers.len());
+    for worker in workers {
+        let worker_clients: [usize; 3] =
+            std::array::from_fn(|i| worker.clients_by_transport[i].load(Ordering::Relaxed));
+        for (total, n) in clients.iter_mut().zip(worker_clients) {
+            *total += n;
+        }
+        let stats = &worker.stats;
+        let w_received = stats.events.load(Ordering::Relaxed);
+        let w_delivered = stats.delivered.load(Ordering::Relaxed);
+        let w_bytes = stats.delivered_bytes.load(Ordering::Relaxed);
+        let w_last = stats.last_event_ms.load(Ordering::Relaxed);
+        received += w_received;
+        delivered += w_delivered;
+        bytes += w_bytes;
+        last_ms = last_ms.max(w_last);
+        let w_position = worker.position().map(|t| t.to_string());
+        if let Some(p) = &w_position
+            && position.as_ref().is_none_or(|current| p > current)
+        {
+            position = Some(p.clone());
+        }
+        per_worker.push(json!({
+            "vars": serde_json::from_str::<Value>(&worker.key.vars).unwrap_or(Value::Null),
+            "revision": worker.key.revision,
+            "state": worker.state().as_str(),
+            "clients": clients_json(worker_clients),
+            "eventsReceived": w_received,
+            "eventsDelivered": w_delivered,
+            "bytesDelivered": w_bytes,
+            "lastEventAt": timestamp(w_last),
+            "position": w_position,
+            "cursorsOpened": stats.cursors_opened.load(Ordering::Relaxed),
+        }));
+    }
+    json!({
+        "state": aggregate_state(workers.iter().map(|w| w.state())),
+        "clients": clients_json(clients),
+        "eventsReceived": received,
+        "eventsDelivered": delivered,
+        "bytesDelivered": bytes,
+        "lastEventAt": timestamp(last_ms),
+        "position": position,
+        "workers": per_worker,
+    })
+}
+
+/// `running` if any worker runs, else `retrying`, else `starting`; `idle` without workers.
+fn aggregate_state(states: impl Iterator<Item = WorkerState>) -> &'static str {
+    let mut best = "idle";
+    for state in states {
+        let rank = |s: &str| match s {
+            "running" => 3,
+            "retrying" => 2,
+            "starting" => 1,
+            _ => 0,
+        };
+        let name = state.as_str();
+        if rank(name) > rank(best) {
+            best = name;
+        }
+    }
+    best
+}
+
+fn clients_json(counts: [usize; 3]) -> Value {
+    let mut object = serde_json::Map::new();
+    for transport in Transport::ALL {
+        object.insert(
+            transport.as_str().to_owned(),
+            Value::from(counts[transport as usize]),
+        );
+    }
+    object.insert("total".into(), Value::from(counts.iter().sum::<usize>()));
+    Value::Object(object)
+}
+
+/// Unix milliseconds as RFC 3339, `null` for 0 (never).
+fn timestamp(ms: u64) -> Value {
+    if ms == 0 {
+        return Value::Null;
+    }
+    i64::try_from(ms)
+        .ok()
+        .and_then(|ms| DateTime::from_millis(ms).try_to_rfc3339_string().ok())
+        .map_or(Value::Null, Value::String)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_prefers_running_and_is_idle_without_workers() {
+        assert_eq!(aggregate_state(std::iter::empty()), "idle");
+        assert_eq!(
+            aggregate_state([WorkerState::Retrying, WorkerState::Running].into_iter()),
+            "running"
+        );
+        assert_eq!(
+            aggregate_state([WorkerState::Stopped, WorkerState::Retrying].into_iter()),
+            "retrying"
+        );
+        assert_eq!(aggregate_state([WorkerState::Stopped].into_iter()), "idle");
+    }
+
+    #[test]
+    fn clients_by_transport_and_total() {
+        assert_eq!(
+            clients_json([1, 2, 3]),
+            json!({"sse": 1, "websocket": 2, "ndjson": 3, "total": 6})
+        );
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_or_null() {
+        assert_eq!(timestamp(0), Value::Null);
+        assert_eq!(timestamp(1_000), json!("1970-01-01T00:00:01Z"));
+    }
+}
