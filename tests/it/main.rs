@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod admin;
 mod browser;
 mod core_faults;
 mod core_ops;
