@@ -3,50 +3,21 @@
 use std::time::Duration;
 
 use mongodb::bson::{Document, doc};
-use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::clients::{Client, Envelope, Kind, Next};
+use crate::harness::clients::{Kind, Next};
+use crate::harness::fixture::{Fixture, seqs};
 use crate::harness::mongod::MongoD;
-use crate::harness::server::{self, TestServer};
-use crate::harness::{mongod, unique_db};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn seqs(events: &[Envelope]) -> Vec<i64> {
-    events
-        .iter()
-        .map(|e| e.data["fullDocument"]["seq"].as_i64().expect("seq"))
-        .collect()
-}
 
 #[tokio::test]
 async fn mongod_killed_and_restarted_is_invisible_to_clients() {
     let mongo = tokio::task::spawn_blocking(MongoD::start).await.unwrap();
-    let db = unique_db("kill");
-    let mut config = server::config(&mongo);
-    config
-        .streams
-        .push(server::stream(&db, "c", "s", json!([])));
-    let server = TestServer::start(config).await;
-    let path = format!("/{db}/c/_streams/s");
-    let mut sse = Client::connect(Kind::Sse, &server.url(""), &path, None)
-        .await
-        .unwrap();
-    let mut ws = Client::connect(Kind::Ws, &server.url(""), &path, None)
-        .await
-        .unwrap();
-
-    {
-        let coll = mongo
-            .client()
-            .await
-            .database(&db)
-            .collection::<Document>("c");
-        for seq in 0..5 {
-            coll.insert_one(doc! { "seq": seq }).await.unwrap();
-        }
-    }
+    let f = Fixture::start_on(&mongo, "kill", |_| {}).await;
+    let mut sse = f.connect(Kind::Sse).await;
+    let mut ws = f.connect(Kind::Ws).await;
+    f.insert_seqs(0..5).await;
     assert_eq!(
         seqs(&sse.changes(5, WAIT).await),
         (0..5).collect::<Vec<_>>()
@@ -64,14 +35,7 @@ async fn mongod_killed_and_restarted_is_invisible_to_clients() {
     .await
     .unwrap();
 
-    let coll = mongo
-        .client()
-        .await
-        .database(&db)
-        .collection::<Document>("c");
-    for seq in 5..10 {
-        coll.insert_one(doc! { "seq": seq }).await.unwrap();
-    }
+    f.insert_seqs(5..10).await;
     assert_eq!(
         seqs(&sse.changes(5, WAIT).await),
         (5..10).collect::<Vec<_>>()
@@ -86,10 +50,11 @@ async fn mongod_killed_and_restarted_is_invisible_to_clients() {
         Next::Timeout
     ));
     assert!(
-        server.metrics.worker_retries.get() >= 1,
+        f.server.metrics.worker_retries.get() >= 1,
         "the worker did reconnect"
     );
-    server.stop().await;
+    f.server.stop().await;
+    drop(mongo);
 }
 
 /// An SSE client that connects and then does not read: its socket buffers fill up.
@@ -126,28 +91,13 @@ fn parse_sse(raw: &str) -> Vec<(Option<String>, String, serde_json::Value)> {
 
 #[tokio::test]
 async fn stalled_client_is_cut_while_fast_client_gets_everything() {
-    let mongo = mongod::shared();
-    let db = unique_db("slow");
-    let mut config = server::config(mongo);
-    config.client_queue = 64;
-    config
-        .streams
-        .push(server::stream(&db, "c", "s", json!([])));
-    let server = TestServer::start(config).await;
-    let path = format!("/{db}/c/_streams/s");
-    let mut fast = Client::connect(Kind::Sse, &server.url(""), &path, None)
-        .await
-        .unwrap();
-    let mut stalled = stalled_sse(server.addr, &path).await;
+    let f = Fixture::start("slow", |config| config.client_queue = 64).await;
+    let mut fast = f.connect(Kind::Sse).await;
+    let mut stalled = stalled_sse(f.server.addr, &f.path).await;
     // Let the stalled client attach before inserting.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     const N: i64 = 1000;
-    let coll = mongo
-        .client()
-        .await
-        .database(&db)
-        .collection::<Document>("c");
     let padding = "x".repeat(16 * 1024);
     let docs: Vec<Document> = (0..N)
         .map(|seq| doc! { "seq": seq, "pad": &padding })
@@ -158,7 +108,7 @@ async fn stalled_client_is_cut_while_fast_client_gets_everything() {
     });
     // Paced so a reading client never lags 64 events; the stalled one lags without bound.
     for chunk in docs.chunks(8) {
-        coll.insert_many(chunk.to_vec()).await.unwrap();
+        f.coll.insert_many(chunk.to_vec()).await.unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let (_fast, events) = reader.await.unwrap();
@@ -187,48 +137,31 @@ async fn stalled_client_is_cut_while_fast_client_gets_everything() {
         "the stalled client was cut before the end"
     );
     assert_eq!(got, (0..got.len() as i64).collect::<Vec<_>>());
-    assert!(server.metrics.slow_consumers.get() >= 1);
+    assert!(f.server.metrics.slow_consumers.get() >= 1);
 
     // It resumes from its last id and gets the rest.
     let last_id = changes
         .last()
         .and_then(|f| f.0.clone())
         .expect("stalled client got some events first");
-    let mut resumed = Client::connect(Kind::Sse, &server.url(""), &path, Some(&last_id))
-        .await
-        .unwrap();
+    let mut resumed = f.resume(Kind::Sse, &last_id).await;
     let rest = resumed.changes((N as usize) - got.len(), WAIT).await;
     assert_eq!(seqs(&rest), (got.len() as i64..N).collect::<Vec<_>>());
-    server.stop().await;
+    f.server.stop().await;
 }
 
 #[tokio::test]
 async fn burst_larger_than_live_buffer_reaches_every_client() {
-    let mongo = mongod::shared();
-    let db = unique_db("burst");
-    let mut config = server::config(mongo);
-    config
-        .streams
-        .push(server::stream(&db, "c", "s", json!([])));
-    let server = TestServer::start(config).await;
-    let path = format!("/{db}/c/_streams/s");
+    let f = Fixture::start("burst", |_| {}).await;
     let mut clients = Vec::new();
     for kind in [Kind::Sse, Kind::Ws, Kind::Ndjson] {
-        clients.push(
-            Client::connect(kind, &server.url(""), &path, None)
-                .await
-                .unwrap(),
-        );
+        clients.push(f.connect(kind).await);
     }
     // One insert_many: the worker publishes 3,000 events as fast as MongoDB returns them,
     // far more than the 256 live slots; clients catch up from the ring instead of being cut.
     const N: i64 = 3000;
-    let coll = mongo
-        .client()
-        .await
-        .database(&db)
-        .collection::<Document>("c");
-    coll.insert_many((0..N).map(|seq| doc! { "seq": seq }))
+    f.coll
+        .insert_many((0..N).map(|seq| doc! { "seq": seq }))
         .await
         .unwrap();
     for client in &mut clients {
@@ -237,33 +170,17 @@ async fn burst_larger_than_live_buffer_reaches_every_client() {
             (0..N).collect::<Vec<_>>()
         );
     }
-    assert_eq!(server.metrics.slow_consumers.get(), 0);
-    server.stop().await;
+    assert_eq!(f.server.metrics.slow_consumers.get(), 0);
+    f.server.stop().await;
 }
 
 #[tokio::test]
 async fn dropped_collection_invalidates_and_closes() {
-    let mongo = mongod::shared();
-    let db = unique_db("drop");
-    let mut config = server::config(mongo);
-    config
-        .streams
-        .push(server::stream(&db, "c", "s", json!([])));
-    let server = TestServer::start(config).await;
-    let path = format!("/{db}/c/_streams/s");
-    let coll = mongo
-        .client()
-        .await
-        .database(&db)
-        .collection::<Document>("c");
-    coll.insert_one(doc! { "seq": 0 }).await.unwrap();
-    let mut sse = Client::connect(Kind::Sse, &server.url(""), &path, None)
-        .await
-        .unwrap();
-    let mut ws = Client::connect(Kind::Ws, &server.url(""), &path, None)
-        .await
-        .unwrap();
-    coll.drop().await.unwrap();
+    let f = Fixture::start("drop", |_| {}).await;
+    f.insert_seqs(0..1).await;
+    let mut sse = f.connect(Kind::Sse).await;
+    let mut ws = f.connect(Kind::Ws).await;
+    f.coll.drop().await.unwrap();
     for client in [&mut sse, &mut ws] {
         let drop_event = client.expect_event(WAIT).await;
         assert_eq!(drop_event.event, "change");
@@ -274,40 +191,20 @@ async fn dropped_collection_invalidates_and_closes() {
     }
     assert!(matches!(sse.next(WAIT).await, Next::End(None)));
     assert!(matches!(ws.next(WAIT).await, Next::End(Some(1000))));
-    server.stop().await;
+    f.server.stop().await;
 }
 
 #[tokio::test]
 async fn history_lost_sends_error_then_empty_id_and_closes() {
-    let mongo = mongod::shared();
-    let db = unique_db("lost");
-    let mut config = server::config(mongo);
-    config
-        .streams
-        .push(server::stream(&db, "c", "s", json!([])));
-    let server = TestServer::start(config).await;
-    let path = format!("/{db}/c/_streams/s");
-    let coll = mongo
-        .client()
-        .await
-        .database(&db)
-        .collection::<Document>("c");
-    let mut client = Client::connect(Kind::Sse, &server.url(""), &path, None)
-        .await
-        .unwrap();
-    coll.insert_one(doc! { "seq": 0 }).await.unwrap();
+    let f = Fixture::start("lost", |_| {}).await;
+    let mut client = f.connect(Kind::Sse).await;
+    f.insert_seqs(0..1).await;
     let real = client.changes(1, WAIT).await[0].id.clone().unwrap();
     // Same token, cluster time moved back to 1970: long gone from the oplog.
     let ancient = format!("82{}{}", "0000000100000001", &real[18..]);
 
     for kind in [Kind::Sse, Kind::Ws] {
-        let (header, query) = match kind {
-            Kind::Sse => (Some(ancient.as_str()), String::new()),
-            _ => (None, format!("?lastEventId={ancient}")),
-        };
-        let mut lost = Client::connect(kind, &server.url(""), &format!("{path}{query}"), header)
-            .await
-            .unwrap();
+        let mut lost = f.resume(kind, &ancient).await;
         let error = lost.expect_event(WAIT).await;
         assert_eq!(error.event, "error");
         assert_eq!(error.data["code"], "history_lost");
@@ -324,5 +221,5 @@ async fn history_lost_sends_error_then_empty_id_and_closes() {
             _ => assert!(matches!(end, Next::End(None)), "{end:?}"),
         }
     }
-    server.stop().await;
+    f.server.stop().await;
 }

@@ -3,19 +3,14 @@
 use serde_json::{Value, json};
 
 use crate::harness::clients::{Client, Kind};
+use crate::harness::fixture::Fixture;
 use crate::harness::mongod::{self, free_port};
 use crate::harness::server::{self, TestServer};
-use crate::harness::unique_db;
 
 #[tokio::test]
 async fn live_ready_and_metrics() {
-    let mongo = mongod::shared();
-    let db = unique_db("ops");
-    let mut config = server::config(mongo);
-    config
-        .streams
-        .push(server::stream(&db, "c", "s", json!([])));
-    let server = TestServer::start(config).await;
+    let f = Fixture::start("ops", |_| {}).await;
+    let server = &f.server;
 
     let live = reqwest::get(server.url("/health/live")).await.unwrap();
     assert_eq!(live.status(), 200);
@@ -24,14 +19,7 @@ async fn live_ready_and_metrics() {
     let body: Value = ready.json().await.unwrap();
     assert_eq!(body["replicaSet"], "rs0");
 
-    let _client = Client::connect(
-        Kind::Sse,
-        &server.url(""),
-        &format!("/{db}/c/_streams/s"),
-        None,
-    )
-    .await
-    .unwrap();
+    let _client = f.connect(Kind::Sse).await;
     let metrics = reqwest::get(server.url("/metrics"))
         .await
         .unwrap()
@@ -47,7 +35,7 @@ async fn live_ready_and_metrics() {
         metrics.contains("streamgate_cursors_opened_total 1"),
         "{metrics}"
     );
-    server.stop().await;
+    f.server.stop().await;
 }
 
 #[tokio::test]

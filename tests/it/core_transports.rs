@@ -3,33 +3,18 @@
 
 use std::time::Duration;
 
-use mongodb::bson::{Document, doc};
+use mongodb::bson::doc;
 use serde_json::json;
 
 use crate::harness::clients::{Client, Kind, Next};
-use crate::harness::server::{self, TestServer};
-use crate::harness::{mongod, unique_db};
+use crate::harness::fixture::Fixture;
 
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn four_changes(kind: Kind) {
-    let mongo = mongod::shared();
-    let db = unique_db("transports");
-    let mut config = server::config(mongo);
-    config
-        .streams
-        .push(server::stream(&db, "items", "all", json!([])));
-    let server = TestServer::start(config).await;
-    let path = format!("/{db}/items/_streams/all");
-    let mut client = Client::connect(kind, &server.url(""), &path, None)
-        .await
-        .unwrap();
-
-    let coll = mongo
-        .client()
-        .await
-        .database(&db)
-        .collection::<Document>("items");
+    let f = Fixture::start("transports", |_| {}).await;
+    let mut client = f.connect(kind).await;
+    let coll = &f.coll;
     coll.insert_one(
         doc! { "_id": 1, "n": 1_i64, "price": 2.5, "at": mongodb::bson::DateTime::from_millis(0) },
     )
@@ -68,7 +53,7 @@ async fn four_changes(kind: Kind) {
         json!({"$date": "1970-01-01T00:00:00Z"})
     );
     assert_eq!(insert["documentKey"], json!({"_id": 1}));
-    assert_eq!(insert["ns"], json!({"db": db, "coll": "items"}));
+    assert_eq!(insert["ns"], json!({"db": f.db, "coll": "c"}));
     let update = &events[1].data;
     assert_eq!(
         update["updateDescription"]["updatedFields"],
@@ -90,7 +75,7 @@ async fn four_changes(kind: Kind) {
     if kind == Kind::Ndjson {
         assert_eq!(client.headers["content-type"], "application/x-ndjson");
     }
-    server.stop().await;
+    f.server.stop().await;
 }
 
 #[tokio::test]
@@ -110,15 +95,9 @@ async fn ndjson_delivers_every_operation() {
 
 #[tokio::test]
 async fn request_errors_have_status_and_json_body() {
-    let mongo = mongod::shared();
-    let db = unique_db("errors");
-    let mut config = server::config(mongo);
-    config
-        .streams
-        .push(server::stream(&db, "c", "s", json!([])));
-    let server = TestServer::start(config).await;
+    let f = Fixture::start("errors", |_| {}).await;
+    let (server, db, path) = (&f.server, &f.db, &f.path);
     let base = server.url("");
-    let path = format!("/{db}/c/_streams/s");
 
     let unknown = Client::connect(Kind::Sse, &base, &format!("/{db}/c/_streams/nope"), None)
         .await
@@ -133,7 +112,7 @@ async fn request_errors_have_status_and_json_body() {
         .unwrap();
     assert_eq!(ws_unknown.status, 404);
 
-    let plain = reqwest::get(server.url(&path)).await.unwrap();
+    let plain = reqwest::get(server.url(path)).await.unwrap();
     assert_eq!(plain.status(), 406);
     let body: serde_json::Value = plain.json().await.unwrap();
     assert_eq!(body["status"], 406);
@@ -145,7 +124,7 @@ async fn request_errors_have_status_and_json_body() {
     );
 
     for bad in ["zz", "abc", "00112233445566778899", "{\"x\":1}"] {
-        let refused = Client::connect(Kind::Sse, &base, &path, Some(bad))
+        let refused = Client::connect(Kind::Sse, &base, path, Some(bad))
             .await
             .err()
             .unwrap();
@@ -160,29 +139,15 @@ async fn request_errors_have_status_and_json_body() {
 
     // No worker was started by any refused request.
     assert!(server.registry.all_workers().is_empty());
-    server.stop().await;
+    f.server.stop().await;
 }
 
 #[tokio::test]
 async fn keepalive_and_shutdown_goodbye() {
-    let mongo = mongod::shared();
-    let db = unique_db("keepalive");
-    let mut config = server::config(mongo);
-    config.keepalive_secs = 1;
-    config
-        .streams
-        .push(server::stream(&db, "c", "s", json!([])));
-    let server = TestServer::start(config).await;
-    let path = format!("/{db}/c/_streams/s");
-    let mut sse = Client::connect(Kind::Sse, &server.url(""), &path, None)
-        .await
-        .unwrap();
-    let mut ndjson = Client::connect(Kind::Ndjson, &server.url(""), &path, None)
-        .await
-        .unwrap();
-    let mut ws = Client::connect(Kind::Ws, &server.url(""), &path, None)
-        .await
-        .unwrap();
+    let f = Fixture::start("keepalive", |config| config.keepalive_secs = 1).await;
+    let mut sse = f.connect(Kind::Sse).await;
+    let mut ndjson = f.connect(Kind::Ndjson).await;
+    let mut ws = f.connect(Kind::Ws).await;
     for client in [&mut sse, &mut ndjson, &mut ws] {
         assert!(matches!(
             client.next(Duration::from_millis(2500)).await,
@@ -193,7 +158,7 @@ async fn keepalive_and_shutdown_goodbye() {
             "keep-alive within 2.5 s at 1 s period"
         );
     }
-    let stopping = tokio::spawn(server.stop());
+    let stopping = tokio::spawn(f.server.stop());
     assert!(matches!(ws.next(WAIT).await, Next::End(Some(1001))));
     assert!(matches!(sse.next(WAIT).await, Next::End(None)));
     assert_eq!(sse.retry, Some(2000));

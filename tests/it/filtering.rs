@@ -3,13 +3,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use mongodb::bson::{Document, doc};
+use mongodb::bson::doc;
 use serde_json::{Value, json};
 
 use crate::harness::clients::{Client, Kind};
-use crate::harness::server::{self, TestServer};
-use crate::harness::{mongod, unique_db};
-use streamgate::streams::{StreamKey, SubscribeFailure};
+use crate::harness::fixture::Fixture;
+use streamgate::streams::SubscribeFailure;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -22,14 +21,12 @@ fn claims(value: Value) -> serde_json::Map<String, Value> {
 
 #[tokio::test]
 async fn tenants_on_one_cursor_only_see_their_documents() {
-    let mongo = mongod::shared();
-    let db = unique_db("tenants");
-    let mut config = server::config(mongo);
-    let mut stream = server::stream(&db, "orders", "mine", json!([]));
-    stream.match_rules = Some(json!({ "fullDocument.tenantId": { "$claim": "tenant" } }));
-    config.streams.push(stream);
-    let server = TestServer::start(config).await;
-    let key = StreamKey::new(&db, "orders", "mine").unwrap();
+    let f = Fixture::start("tenants", |config| {
+        config.streams[0].match_rules =
+            Some(json!({ "fullDocument.tenantId": { "$claim": "tenant" } }));
+    })
+    .await;
+    let (server, key) = (&f.server, f.key());
 
     let subscribe = |tenant: Value| {
         let registry = server.registry.clone();
@@ -48,11 +45,7 @@ async fn tenants_on_one_cursor_only_see_their_documents() {
     let mut c = subscribe(json!("C")).await;
 
     // Mixed load: A, B, documents for both (array field), and for nobody.
-    let coll = mongo
-        .client()
-        .await
-        .database(&db)
-        .collection::<Document>("orders");
+    let coll = &f.coll;
     let mut expected: HashMap<&str, Vec<i64>> = HashMap::new();
     let mut docs = Vec::new();
     for seq in 0..300_i64 {
@@ -126,26 +119,20 @@ async fn tenants_on_one_cursor_only_see_their_documents() {
         4,
         "A, B, [A,B] and C partitions; A's two clients share one"
     );
-    server.stop().await;
+    f.server.stop().await;
 }
 
 #[tokio::test]
 async fn filtered_resume_from_catch_up_skips_other_tenants() {
-    let mongo = mongod::shared();
-    let db = unique_db("tenantresume");
-    let mut config = server::config(mongo);
-    config.ring_size = 8;
-    config.client_queue = 8;
-    let mut stream = server::stream(&db, "orders", "mine", json!([]));
-    stream.match_rules = Some(json!({ "fullDocument.tenantId": { "$claim": "tenant" } }));
-    config.streams.push(stream);
-    let server = TestServer::start(config).await;
-    let key = StreamKey::new(&db, "orders", "mine").unwrap();
-    let coll = mongo
-        .client()
-        .await
-        .database(&db)
-        .collection::<Document>("orders");
+    let f = Fixture::start("tenantresume", |config| {
+        config.ring_size = 8;
+        config.client_queue = 8;
+        config.streams[0].match_rules =
+            Some(json!({ "fullDocument.tenantId": { "$claim": "tenant" } }));
+    })
+    .await;
+    let (server, key) = (&f.server, f.key());
+    let coll = &f.coll;
 
     let mut a = server
         .registry
@@ -180,19 +167,17 @@ async fn filtered_resume_from_catch_up_skips_other_tenants() {
         seqs.push(envelope["data"]["fullDocument"]["seq"].as_i64().unwrap());
     }
     assert_eq!(seqs, (1..61).filter(|s| s % 2 == 0).collect::<Vec<_>>());
-    server.stop().await;
+    f.server.stop().await;
 }
 
 #[tokio::test]
 async fn filtered_stream_needs_claims() {
-    let mongo = mongod::shared();
-    let db = unique_db("noclaims");
-    let mut config = server::config(mongo);
-    let mut stream = server::stream(&db, "orders", "mine", json!([]));
-    stream.match_rules = Some(json!({ "fullDocument.tenantId": { "$claim": "tenant" } }));
-    config.streams.push(stream);
-    let server = TestServer::start(config).await;
-    let key = StreamKey::new(&db, "orders", "mine").unwrap();
+    let f = Fixture::start("noclaims", |config| {
+        config.streams[0].match_rules =
+            Some(json!({ "fullDocument.tenantId": { "$claim": "tenant" } }));
+    })
+    .await;
+    let (server, key) = (&f.server, f.key());
     let no_tenant = json!({ "sub": "x" }).as_object().cloned().unwrap();
     assert!(matches!(
         server
@@ -202,16 +187,11 @@ async fn filtered_stream_needs_claims() {
         Err(SubscribeFailure::Filter(_))
     ));
     // Over HTTP without authentication: 403, and no worker started.
-    let refused = Client::connect(
-        Kind::Sse,
-        &server.url(""),
-        &format!("/{db}/orders/_streams/mine"),
-        None,
-    )
-    .await
-    .err()
-    .unwrap();
+    let refused = Client::connect(Kind::Sse, &server.url(""), &f.path, None)
+        .await
+        .err()
+        .unwrap();
     assert_eq!(refused.status, 403);
     assert!(server.registry.workers_of(&key).is_empty());
-    server.stop().await;
+    f.server.stop().await;
 }

@@ -41,17 +41,16 @@ pub enum Next {
     Timeout,
 }
 
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
 enum Inner {
     Text {
         body: Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send + Unpin>,
         buffer: String,
         sse: bool,
     },
-    Ws(
-        tokio_tungstenite::WebSocketStream<
-            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-        >,
-    ),
+    Ws(Box<WsStream>),
 }
 
 /// A connected client.

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // harness items are used by some test modules, not all
 
 pub mod clients;
+pub mod fixture;
 pub mod mongod;
 pub mod server;
 
