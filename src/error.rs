@@ -153,6 +153,9 @@ impl From<SubscribeFailure> for ApiError {
                 ApiError::unavailable("MongoDB is not reachable right now; retry shortly")
             }
             SubscribeFailure::NotReady => ApiError::unavailable(failure.to_string()),
+            SubscribeFailure::Filter(error) => {
+                ApiError::new(StatusCode::FORBIDDEN, "Forbidden", error.to_string())
+            }
         }
     }
 }

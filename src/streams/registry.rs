@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use super::definition::{AvarsError, CompiledDefinition, StreamKey, parse_avars};
 use crate::event::{Event, EventKind, Token};
 use crate::metrics::Metrics;
+use crate::worker::routing::{ClientFilter, FilterError};
 use crate::worker::subscription::SubscribeError;
 use crate::worker::{Subscription, Worker, WorkerKey, WorkerMap, WorkerSettings, lock};
 
@@ -82,6 +83,9 @@ pub enum SubscribeFailure {
     /// The worker's cursor did not open in time.
     #[error("the change stream could not be opened in time; MongoDB may be unavailable")]
     NotReady,
+    /// The stream filters by token claims and this client's claims do not allow routing.
+    #[error(transparent)]
+    Filter(#[from] FilterError),
 }
 
 /// Definitions and workers.
@@ -260,19 +264,22 @@ impl Registry {
     }
 
     /// Subscribes a client: finds or starts the worker, then attaches (resuming after `resume`).
+    /// `claims` are the client's verified token claims, used by `match` rules.
     pub async fn subscribe(
         &self,
         key: &StreamKey,
         avars: Option<&str>,
         resume: Option<Token>,
         transport: usize,
+        claims: Option<&serde_json::Map<String, serde_json::Value>>,
     ) -> Result<Subscription, SubscribeFailure> {
         let avars = parse_avars(avars)?;
-        let worker = loop {
+        let (worker, filter) = loop {
             let entry = self
                 .get(key)
                 .ok_or_else(|| SubscribeFailure::NotFound(key.clone()))?;
             let (spec, vars) = entry.definition.bind(key, &avars)?;
+            let filter = ClientFilter::for_claims(&spec.routing, claims)?;
             let worker_key = WorkerKey {
                 stream: key.clone(),
                 revision: entry.revision,
@@ -307,13 +314,13 @@ impl Registry {
             };
             // Counted under the map lock: an idle worker cannot retire between lookup and count.
             worker.add_client();
-            break worker;
+            break (worker, filter);
         };
         if !worker.ready(READY_TIMEOUT).await {
             worker.remove_client();
             return Err(SubscribeFailure::NotReady);
         }
         // From here the subscription's guard owns the client count.
-        Ok(Subscription::start(worker, transport, resume).await?)
+        Ok(Subscription::start(worker, transport, resume, filter).await?)
     }
 }
