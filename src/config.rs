@@ -105,6 +105,9 @@ pub struct StreamConfig {
     /// Free text.
     #[serde(default)]
     pub description: Option<String>,
+    /// Per-user filtering rules: `match = { "fullDocument.tenantId" = { "$claim" = "tenant" } }`.
+    #[serde(default, rename = "match")]
+    pub match_rules: Option<Value>,
 }
 
 impl StreamConfig {
@@ -118,6 +121,7 @@ impl StreamConfig {
                 full_document: self.full_document,
                 full_document_before_change: self.full_document_before_change,
                 description: self.description.clone(),
+                match_rules: self.match_rules.clone(),
             },
         ))
     }

@@ -65,7 +65,7 @@ pub async fn subscribe(
 
     let subscription = state
         .registry
-        .subscribe(&key, params.avars.as_deref(), resume, transport as usize)
+        .subscribe(&key, params.avars.as_deref(), resume, transport as usize, None)
         .await?;
     let feed = Feed::new(
         subscription,
