@@ -1,0 +1,712 @@
+//! `streamgate-bench`: end-to-end load tool for Streamgate (issue 5).
+//!
+//! By default it starts everything itself: a fresh single-node replica set
+//! (`scripts/mongo-local` on a free port, in a temporary directory, stopped at the end) and the
+//! `streamgate` binary next to this one (or `--server-bin`) with a generated config. With
+//! `--target http://127.0.0.1:PORT --mongo-uri …` it uses running ones instead.
+//!
+//! A run opens N clients (SSE, WebSocket, NDJSON or mixed), inserts M documents
+//! `{seq, sentAt}` at R/s (or as fast as possible), and reports end-to-end latency, deliveries
+//! per second, loss / duplicates / order violations, connect times, server RSS per client and
+//! CPU use. `--mode catchup` measures a client resuming M events behind. `--suite` runs the
+//! matrix of docs/benchmarks.md in one go.
+//!
+//! ```text
+//! cargo build --release
+//! target/release/streamgate-bench --clients 1000 --transport sse --rate 100 --docs 2000
+//! target/release/streamgate-bench --suite            # the whole table, ~5 minutes
+//! ```
+
+#[path = "bench/client.rs"]
+mod client;
+#[path = "bench/env.rs"]
+mod env;
+#[path = "bench/parse.rs"]
+mod parse;
+#[path = "bench/report.rs"]
+mod report;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use mongodb::bson::{Document, doc};
+use tokio::sync::Semaphore;
+
+use client::{Expect, Shared, Target, Transport, now_us};
+use env::{Mongo, Server, ServerSpec};
+use report::{Percentiles, Report};
+
+/// End-to-end load tool for Streamgate: N clients, M inserts at rate R, latency and loss.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Concurrent clients.
+    #[arg(long, short = 'n', default_value_t = 100)]
+    clients: usize,
+    /// Client transport.
+    #[arg(long, short = 't', value_enum, default_value_t = Transport::Sse)]
+    transport: Transport,
+    /// Documents to insert (0: connect, measure RSS, hold `--idle-secs`, disconnect).
+    #[arg(long, short = 'm', default_value_t = 1000)]
+    docs: u64,
+    /// Inserts per second; 0 inserts as fast as possible (saturation).
+    #[arg(long, short = 'r', default_value_t = 100.0)]
+    rate: f64,
+    /// Largest `insert_many` batch (saturation and rates above 1000/s).
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// `live` (fan-out) or `catchup` (one client resumes `--docs` events behind).
+    #[arg(long, value_enum, default_value_t = Mode::Live)]
+    mode: Mode,
+    /// Seconds to hold every client connected and idle before inserting.
+    #[arg(long, default_value_t = 0.0)]
+    idle_secs: f64,
+    /// Handshakes in flight at once.
+    #[arg(long, default_value_t = 200)]
+    connect_concurrency: usize,
+    /// Worker threads of the clients' runtime.
+    #[arg(long, default_value_t = 2)]
+    client_threads: usize,
+    /// Give up when no event arrived for this long after the last insert.
+    #[arg(long, default_value_t = 15.0)]
+    drain_secs: f64,
+    /// Hard limit on one scenario's event phase, seconds.
+    #[arg(long, default_value_t = 240.0)]
+    max_secs: f64,
+    /// Use a running Streamgate at this URL instead of starting one (loopback only).
+    #[arg(long, requires = "mongo_uri")]
+    target: Option<String>,
+    /// MongoDB URI for inserts (with `--target`; otherwise a mongod is started).
+    #[arg(long)]
+    mongo_uri: Option<String>,
+    /// With `--target`: pid of the server, for RSS and CPU readings.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Database the stream watches.
+    #[arg(long, default_value = "bench")]
+    db: String,
+    /// Collection the stream watches (with `--target`; otherwise one per scenario).
+    #[arg(long, default_value = "events")]
+    coll: String,
+    /// Stream name (with `--target`).
+    #[arg(long, default_value = "all")]
+    stream: String,
+    /// The `streamgate` binary to start (default: next to this executable).
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Repository root (for `scripts/mongo-local`).
+    #[arg(long, default_value = env!("CARGO_MANIFEST_DIR"))]
+    repo: PathBuf,
+    /// Server `client_queue` (default: docs + 1024, at least 4096, so saturation loses nothing;
+    /// 1024 in catch-up mode). `ring_size` is this or 10,000, whichever is larger.
+    #[arg(long)]
+    client_queue: Option<usize>,
+    /// Run the server under this command, e.g. "valgrind --tool=callgrind".
+    #[arg(long)]
+    server_wrapper: Option<String>,
+    /// Run the benchmark matrix of docs/benchmarks.md (ignores the scenario options).
+    #[arg(long)]
+    suite: bool,
+    /// With `--suite`: run only scenarios whose label contains this.
+    #[arg(long)]
+    only: Option<String>,
+    /// Print JSON (one report, or an array with `--suite`) instead of the human summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Live,
+    Catchup,
+}
+
+/// One scenario of a run.
+#[derive(Debug, Clone)]
+struct Scenario {
+    label: String,
+    mode: Mode,
+    transport: Transport,
+    clients: usize,
+    docs: u64,
+    rate: f64,
+    idle_secs: f64,
+}
+
+impl Scenario {
+    fn from_cli(cli: &Cli) -> Scenario {
+        let mode = match cli.mode {
+            Mode::Live => "live",
+            Mode::Catchup => "catchup",
+        };
+        Scenario {
+            label: format!(
+                "{mode} {} x{} {}docs @{}",
+                cli.transport.as_str(),
+                if cli.mode == Mode::Catchup {
+                    1
+                } else {
+                    cli.clients
+                },
+                cli.docs,
+                rate_label(cli.rate)
+            ),
+            mode: cli.mode,
+            transport: cli.transport,
+            clients: if cli.mode == Mode::Catchup {
+                1
+            } else {
+                cli.clients
+            },
+            docs: cli.docs,
+            rate: cli.rate,
+            idle_secs: cli.idle_secs,
+        }
+    }
+}
+
+fn rate_label(rate: f64) -> String {
+    if rate > 0.0 {
+        format!("{rate}/s")
+    } else {
+        "max".into()
+    }
+}
+
+/// The matrix of docs/benchmarks.md.
+fn suite() -> Vec<Scenario> {
+    let mut out = Vec::new();
+    let mut add = |mode, transport: Transport, clients, docs, rate: f64, idle_secs| {
+        let label = match mode {
+            Mode::Catchup => format!("catch-up {} {docs} behind", transport.as_str()),
+            Mode::Live => format!("{} x{clients} @{}", transport.as_str(), rate_label(rate)),
+        };
+        out.push(Scenario {
+            label,
+            mode,
+            transport,
+            clients,
+            docs,
+            rate,
+            idle_secs,
+        });
+    };
+    for transport in [Transport::Sse, Transport::Ws] {
+        // Moderate rate: 100 inserts/s for 10 s (3 s at 10,000 clients, which is past
+        // saturation: 1,000,000 deliveries/s asked).
+        for (clients, docs) in [(1, 1000), (100, 1000), (1000, 1000), (10_000, 300)] {
+            add(Mode::Live, transport, clients, docs, 100.0, 0.0);
+        }
+        // Saturation: inserts as fast as possible, ~2-5 M deliveries each.
+        for (clients, docs) in [(1, 20_000), (100, 20_000), (1000, 5000), (10_000, 400)] {
+            add(Mode::Live, transport, clients, docs, 0.0, 0.0);
+        }
+    }
+    add(Mode::Live, Transport::Ndjson, 1000, 1000, 100.0, 0.0);
+    add(Mode::Live, Transport::Mixed, 1000, 1000, 100.0, 0.0);
+    add(Mode::Live, Transport::Sse, 10_000, 0, 0.0, 5.0);
+    add(Mode::Live, Transport::Ws, 10_000, 0, 0.0, 5.0);
+    add(Mode::Catchup, Transport::Sse, 1, 100_000, 0.0, 0.0);
+    add(Mode::Catchup, Transport::Ws, 1, 100_000, 0.0, 0.0);
+    out
+}
+
+/// What every scenario of a run shares.
+struct Ctx {
+    cli: Cli,
+    mongo: mongodb::Client,
+    mongo_uri: String,
+    mongod_pid: Option<u32>,
+    server_bin: PathBuf,
+    dir: PathBuf,
+    clients_rt: tokio::runtime::Runtime,
+}
+
+/// Where one scenario sends its clients and inserts.
+struct Place {
+    target: Arc<Target>,
+    coll: mongodb::Collection<Document>,
+    server_pid: Option<u32>,
+    _server: Option<Server>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(main_async(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("streamgate-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn main_async(cli: Cli) -> Result<(), String> {
+    let nofile = env::raise_nofile();
+    let scenarios = if cli.suite {
+        suite()
+            .into_iter()
+            .filter(|s| {
+                cli.only
+                    .as_ref()
+                    .is_none_or(|o| s.label.contains(o.as_str()))
+            })
+            .collect()
+    } else {
+        vec![Scenario::from_cli(&cli)]
+    };
+    let most = scenarios.iter().map(|s| s.clients).max().unwrap_or(0);
+    if (most as u64) + 64 > nofile {
+        return Err(format!(
+            "{most} clients need about {} open files but the limit is {nofile}; raise it \
+             (ulimit -Hn / limits.conf) or use fewer clients",
+            most + 64
+        ));
+    }
+    let server_bin = match &cli.server_bin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("streamgate"),
+    };
+    let dir = std::env::temp_dir().join(format!("streamgate-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+
+    // Started mongod lives until the end of main_async (dropped last, after the servers).
+    let mut _mongod: Option<Mongo> = None;
+    let (mongo_uri, mongod_pid) = match (&cli.target, &cli.mongo_uri) {
+        (Some(_), Some(uri)) => (uri.clone(), None),
+        _ => {
+            if !server_bin.is_file() {
+                return Err(format!(
+                    "{} not found: build it (cargo build --release) or pass --server-bin",
+                    server_bin.display()
+                ));
+            }
+            let started = Mongo::start(&cli.repo, &dir, &server_bin)?;
+            let out = (started.uri.clone(), started.pid);
+            _mongod = Some(started);
+            out
+        }
+    };
+    let mongo = mongodb::Client::with_uri_str(&mongo_uri)
+        .await
+        .map_err(|e| format!("MongoDB URI: {e}"))?;
+    let clients_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.client_threads.max(1))
+        .thread_name("bench-client")
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let ctx = Ctx {
+        cli: cli.clone(),
+        mongo,
+        mongo_uri,
+        mongod_pid,
+        server_bin,
+        dir: dir.clone(),
+        clients_rt,
+    };
+
+    let mut reports = Vec::new();
+    let outcome = tokio::select! {
+        r = async {
+            for (i, scenario) in scenarios.iter().enumerate() {
+                eprintln!("bench: scenario {}/{}: {}", i + 1, scenarios.len(), scenario.label);
+                let report = run_scenario(&ctx, i, scenario).await?;
+                if !cli.json {
+                    report.print_human();
+                }
+                reports.push(report);
+            }
+            Ok::<(), String>(())
+        } => r,
+        _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
+    };
+    if cli.json {
+        let json = if cli.suite {
+            serde_json::to_string_pretty(&reports)
+        } else {
+            serde_json::to_string_pretty(&reports.first())
+        };
+        println!("{}", json.map_err(|e| e.to_string())?);
+    } else if reports.len() > 1 {
+        report::print_table(&reports);
+    }
+    let Ctx { clients_rt, .. } = ctx;
+    clients_rt.shutdown_background();
+    drop(_mongod);
+    let _ = std::fs::remove_dir_all(&dir);
+    outcome
+}
+
+/// Starts a server for the scenario (or uses `--target`).
+async fn place(ctx: &Ctx, index: usize, scenario: &Scenario) -> Result<Place, String> {
+    let cli = &ctx.cli;
+    if let Some(url) = &cli.target {
+        let host = url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
+        let addr: SocketAddr = host
+            .parse()
+            .map_err(|_| format!("--target must be http://IP:PORT, got {url}"))?;
+        if !addr.ip().is_loopback() {
+            return Err("--target must be a loopback address".into());
+        }
+        return Ok(Place {
+            target: Arc::new(Target {
+                addr,
+                path: format!("/{}/{}/_streams/{}", cli.db, cli.coll, cli.stream),
+            }),
+            coll: ctx.mongo.database(&cli.db).collection(&cli.coll),
+            server_pid: cli.server_pid,
+            _server: None,
+        });
+    }
+    let coll = format!(
+        "s{index}_{}_{}",
+        scenario.transport.as_str(),
+        scenario.clients
+    );
+    // Saturation must not cut clients with slow_consumer: let them lag by a whole run. A
+    // resuming client must go through MongoDB, not the ring: keep the defaults there.
+    let client_queue = cli.client_queue.unwrap_or(match scenario.mode {
+        Mode::Live => (scenario.docs as usize + 1024).max(4096),
+        Mode::Catchup => 1024,
+    });
+    let wrapper: Vec<String> = cli
+        .server_wrapper
+        .as_deref()
+        .map(|w| w.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    let ready_timeout = Duration::from_secs(if wrapper.is_empty() { 30 } else { 120 });
+    let server = Server::start(
+        &ServerSpec {
+            bin: &ctx.server_bin,
+            mongo_uri: &ctx.mongo_uri,
+            db: &cli.db,
+            coll: &coll,
+            client_queue,
+            dir: &ctx.dir,
+            env: &[],
+            wrapper: &wrapper,
+        },
+        ready_timeout,
+    )
+    .await?;
+    Ok(Place {
+        target: Arc::new(Target {
+            addr: server.addr,
+            path: format!("/{}/{coll}/_streams/all", cli.db),
+        }),
+        coll: ctx.mongo.database(&cli.db).collection(&coll),
+        server_pid: Some(server.pid()),
+        _server: Some(server),
+    })
+}
+
+async fn run_scenario(ctx: &Ctx, index: usize, scenario: &Scenario) -> Result<Report, String> {
+    let load_before = env::loadavg();
+    let place = place(ctx, index, scenario).await?;
+    // Start the stream's worker (it lingers) so the first client does not pay for it and the
+    // RSS baseline includes it.
+    drop(client::Conn::connect(&place.target, Transport::Sse, None).await?);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut report = match scenario.mode {
+        Mode::Live => live(ctx, &place, scenario).await?,
+        Mode::Catchup => catch_up(ctx, &place, scenario).await?,
+    };
+    report.loadavg = [load_before, env::loadavg()];
+    Ok(report)
+}
+
+/// CPU readings of the three processes.
+struct Cpu {
+    at: Instant,
+    server: Option<f64>,
+    mongod: Option<f64>,
+    bench: Option<f64>,
+}
+
+impl Cpu {
+    fn read(ctx: &Ctx, place: &Place) -> Cpu {
+        Cpu {
+            at: Instant::now(),
+            server: place.server_pid.and_then(env::cpu_secs),
+            mongod: ctx.mongod_pid.and_then(env::cpu_secs),
+            bench: env::cpu_secs(std::process::id()),
+        }
+    }
+
+    fn fill(&self, later: &Cpu, report: &mut Report) {
+        let wall = later.at.duration_since(self.at).as_secs_f64().max(1e-9);
+        let pct = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / wall * 100.0);
+        report.server_cpu_pct = pct(self.server, later.server);
+        report.mongod_cpu_pct = pct(self.mongod, later.mongod);
+        report.bench_cpu_pct = pct(self.bench, later.bench);
+    }
+}
+
+async fn live(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Report, String> {
+    let cli = &ctx.cli;
+    let mut report = Report {
+        scenario: scenario.label.clone(),
+        mode: "live".into(),
+        transport: scenario.transport.as_str().into(),
+        clients: scenario.clients,
+        docs: scenario.docs,
+        rate: scenario.rate,
+        ..Report::default()
+    };
+    report.server_rss_base_kib = place.server_pid.and_then(env::rss_kib);
+
+    let shared = Shared::new(64);
+    let gate = Arc::new(Semaphore::new(cli.connect_concurrency.max(1)));
+    let expect = Expect {
+        first: 0,
+        count: scenario.docs,
+    };
+    let overflows_before = env::listen_overflows();
+    let connect_started = Instant::now();
+    let handles: Vec<_> = (0..scenario.clients)
+        .map(|i| {
+            ctx.clients_rt.spawn(client::run_client(
+                i,
+                scenario.transport.for_client(i),
+                Arc::clone(&place.target),
+                expect,
+                None,
+                Arc::clone(&gate),
+                Arc::clone(&shared),
+            ))
+        })
+        .collect();
+    let connect_deadline = Instant::now() + Duration::from_secs(120);
+    let mut last_print = Instant::now();
+    loop {
+        let connected = shared.connected.load(Ordering::Acquire);
+        let failed = shared.connect_failed.load(Ordering::Acquire);
+        if connected + failed >= scenario.clients {
+            break;
+        }
+        if Instant::now() > connect_deadline {
+            eprintln!("bench: connect phase timed out ({connected} connected, {failed} failed)");
+            break;
+        }
+        if last_print.elapsed() > Duration::from_secs(5) {
+            eprintln!("bench:   {connected} connected, {failed} failed");
+            last_print = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    report.connect_all_secs = connect_started.elapsed().as_secs_f64();
+    report.connected = shared.connected.load(Ordering::Acquire);
+    report.listen_overflows = env::listen_overflows()
+        .zip(overflows_before)
+        .map(|(after, before)| after - before);
+    // Let the server settle (allocator, kernel buffers) before reading its RSS.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    if scenario.idle_secs > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(scenario.idle_secs)).await;
+    }
+    report.server_rss_connected_kib = place.server_pid.and_then(env::rss_kib);
+    if let (Some(base), Some(conn)) = (report.server_rss_base_kib, report.server_rss_connected_kib)
+        && report.connected > 0
+    {
+        report.server_rss_per_client_kib =
+            Some((conn as f64 - base as f64) / report.connected as f64);
+    }
+
+    let cpu0 = Cpu::read(ctx, place);
+    let first_insert_us = now_us();
+    let inserted = insert_docs(&place.coll, 0, scenario.docs, scenario.rate, cli.batch).await?;
+    let insert_secs = (now_us() - first_insert_us) as f64 / 1e6;
+    report.insert_rate = inserted as f64 / insert_secs.max(1e-9);
+
+    // Drain: until every connected client has everything, or nothing arrives for a while.
+    let hard_deadline = Instant::now() + Duration::from_secs_f64(cli.max_secs);
+    let mut last_count = shared.delivered.load(Ordering::Relaxed);
+    let mut last_progress = Instant::now();
+    let mut last_print = Instant::now();
+    loop {
+        let done = shared.complete.load(Ordering::Acquire);
+        let ended = shared.ended.load(Ordering::Acquire);
+        if done >= report.connected || ended >= report.connected || scenario.docs == 0 {
+            break;
+        }
+        let count = shared.delivered.load(Ordering::Relaxed);
+        if count != last_count {
+            last_count = count;
+            last_progress = Instant::now();
+        }
+        if last_progress.elapsed() > Duration::from_secs_f64(cli.drain_secs) {
+            eprintln!("bench: no event for {} s; stopping", cli.drain_secs);
+            break;
+        }
+        if Instant::now() > hard_deadline {
+            eprintln!("bench: --max-secs reached; stopping");
+            break;
+        }
+        if last_print.elapsed() > Duration::from_secs(5) {
+            eprintln!(
+                "bench:   {count} deliveries, {done}/{} clients complete",
+                report.connected
+            );
+            last_print = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let cpu1 = Cpu::read(ctx, place);
+    cpu0.fill(&cpu1, &mut report);
+    report.server_rss_peak_kib = place.server_pid.and_then(env::hwm_kib);
+    shared.stop.cancel();
+    let mut results = Vec::with_capacity(handles.len());
+    for handle in handles {
+        match tokio::time::timeout(Duration::from_secs(30), handle).await {
+            Ok(Ok(r)) => results.push(r),
+            Ok(Err(e)) => return Err(format!("client task failed: {e}")),
+            Err(_) => return Err("a client did not stop within 30 s".into()),
+        }
+    }
+    report.deliveries = shared.delivered.load(Ordering::Relaxed);
+    let last = shared.last_delivery_us.load(Ordering::Relaxed);
+    report.delivery_secs = ((last - first_insert_us) as f64 / 1e6).max(0.0);
+    if report.delivery_secs > 0.0 {
+        report.deliveries_per_sec = report.deliveries as f64 / report.delivery_secs;
+    }
+    report.latency_ms = Percentiles::from_us(&shared.merged());
+    report.add_clients(&results, scenario.docs);
+    Ok(report)
+}
+
+/// One client reads a marker event and disconnects; `docs` documents are inserted; the
+/// client reconnects with `Last-Event-ID` = the marker and is timed until it has them all.
+async fn catch_up(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Report, String> {
+    let cli = &ctx.cli;
+    let mut report = Report {
+        scenario: scenario.label.clone(),
+        mode: "catchup".into(),
+        transport: scenario.transport.as_str().into(),
+        clients: 1,
+        docs: scenario.docs,
+        ..Report::default()
+    };
+    let coll = place.coll.clone();
+    let marker = client::first_id_of(
+        &place.target,
+        scenario.transport,
+        -1,
+        Duration::from_secs(10),
+        async move { insert_docs(&coll, -1, 1, 0.0, 1).await.map(drop) },
+    )
+    .await?;
+    let started = now_us();
+    insert_docs(&place.coll, 0, scenario.docs, 0.0, cli.batch.max(1000)).await?;
+    report.insert_rate = scenario.docs as f64 / ((now_us() - started) as f64 / 1e6);
+    // Let the worker publish everything (it is ahead of the client, as in real resumes).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let shared = Shared::new(1);
+    let cpu0 = Cpu::read(ctx, place);
+    let t0 = now_us();
+    let handle = ctx.clients_rt.spawn(client::run_client(
+        0,
+        scenario.transport,
+        Arc::clone(&place.target),
+        Expect {
+            first: 0,
+            count: scenario.docs,
+        },
+        Some(marker),
+        Arc::new(Semaphore::new(1)),
+        Arc::clone(&shared),
+    ));
+    let deadline = Instant::now() + Duration::from_secs_f64(cli.max_secs);
+    let mut first_event_us = None;
+    let mut last_count = 0;
+    let mut last_progress = Instant::now();
+    while shared.complete.load(Ordering::Acquire) == 0 && shared.ended.load(Ordering::Acquire) == 0
+    {
+        let count = shared.delivered.load(Ordering::Relaxed);
+        if count > 0 && first_event_us.is_none() {
+            first_event_us = Some(now_us());
+        }
+        if count != last_count {
+            last_count = count;
+            last_progress = Instant::now();
+        }
+        if Instant::now() > deadline
+            || last_progress.elapsed() > Duration::from_secs_f64(cli.drain_secs)
+        {
+            eprintln!("bench: catch-up stalled at {count} events; stopping");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let cpu1 = Cpu::read(ctx, place);
+    cpu0.fill(&cpu1, &mut report);
+    shared.stop.cancel();
+    let result = handle.await.map_err(|e| e.to_string())?;
+    report.connected = usize::from(result.connect_us.is_some());
+    report.deliveries = shared.delivered.load(Ordering::Relaxed);
+    let last = shared.last_delivery_us.load(Ordering::Relaxed);
+    report.delivery_secs = ((last - t0) as f64 / 1e6).max(0.0);
+    if report.delivery_secs > 0.0 {
+        report.deliveries_per_sec = report.deliveries as f64 / report.delivery_secs;
+        report.catch_up_events_per_sec = Some(result.unique as f64 / report.delivery_secs);
+    }
+    report.catch_up_first_event_ms = first_event_us.map(|t| (t - t0) as f64 / 1000.0);
+    report.latency_ms = Percentiles::from_us(&shared.merged());
+    report.add_clients(std::slice::from_ref(&result), scenario.docs);
+    Ok(report)
+}
+
+/// Inserts `{seq, sentAt}` for `seq` in `first .. first + count`, paced to `rate` per second
+/// (0: back-to-back batches of `batch`). Returns how many were inserted.
+async fn insert_docs(
+    coll: &mongodb::Collection<Document>,
+    first: i64,
+    count: u64,
+    rate: f64,
+    batch: usize,
+) -> Result<u64, String> {
+    let batch = batch.max(1) as u64;
+    let started = tokio::time::Instant::now();
+    let mut sent = 0u64;
+    while sent < count {
+        let n = if rate > 0.0 {
+            // Documents due by now (the first one at t = 0).
+            let due = ((started.elapsed().as_secs_f64() * rate) as u64 + 1).min(count);
+            if due <= sent {
+                let next = started + Duration::from_secs_f64(sent as f64 / rate);
+                tokio::time::sleep_until(next).await;
+                continue;
+            }
+            (due - sent).min(batch)
+        } else {
+            (count - sent).min(batch)
+        };
+        let stamp = now_us();
+        let result = if n == 1 {
+            coll.insert_one(doc! { "seq": first + sent as i64, "sentAt": stamp })
+                .await
+                .map(drop)
+        } else {
+            let docs = (0..n).map(|k| doc! { "seq": first + (sent + k) as i64, "sentAt": stamp });
+            coll.insert_many(docs).await.map(drop)
+        };
+        result.map_err(|e| format!("insert failed: {e}"))?;
+        sent += n;
+    }
+    Ok(sent)
+}
