@@ -19,7 +19,8 @@ pub async fn live() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// `GET /health/ready`: MongoDB answers and is a replica set member (change streams need one).
+/// `GET /health/ready`: MongoDB answers, is a replica set member (change streams need one), and
+/// the stored stream definitions are loaded and watched (otherwise stored streams would 404).
 pub async fn ready(State(state): State<AppState>) -> Response {
     if state.shutdown.is_cancelled() {
         return not_ready("shutting down");
@@ -28,6 +29,9 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     let hello = admin.run_command(doc! { "hello": 1 });
     match tokio::time::timeout(READY_TIMEOUT, hello).await {
         Ok(Ok(reply)) => match replica_set_name(&reply) {
+            Some(_) if !state.store.is_synced() => {
+                not_ready("stored stream definitions are not loaded yet")
+            }
             Some(set) => Json(json!({ "status": "ready", "replicaSet": set })).into_response(),
             None => {
                 not_ready("MongoDB is not a replica set member: change streams need a replica set")
