@@ -76,3 +76,137 @@ async fn close<W: Sink<Message> + Unpin>(
     .await?;
     Ok(false)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use futures::channel::mpsc;
+    use mongodb::bson::doc;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::event::{Event, EventKind};
+    use crate::http::negotiate::Transport;
+    use crate::metrics::Metrics;
+    use crate::streams::definition::{
+        FullDocument, FullDocumentBeforeChange, StreamKey, WatchSpec,
+    };
+    use crate::worker::{Subscription, Worker, WorkerKey, WorkerSettings};
+
+    /// A worker that is never spawned: the test publishes into it directly.
+    async fn idle_worker() -> Arc<Worker> {
+        let client = mongodb::Client::with_uri_str("mongodb://127.0.0.1:1/")
+            .await
+            .unwrap();
+        let key = StreamKey::new("db", "c", "s").unwrap();
+        Worker::new(
+            WorkerKey {
+                stream: key,
+                revision: 1,
+                vars: "{}".into(),
+            },
+            WatchSpec {
+                db: "db".into(),
+                coll: "c".into(),
+                pipeline: Vec::new(),
+                full_document: FullDocument::Default,
+                full_document_before_change: FullDocumentBeforeChange::Off,
+                routing: Vec::new(),
+            },
+            client,
+            WorkerSettings::default(),
+            &CancellationToken::new(),
+            Arc::new(Metrics::new()),
+            Arc::new(Mutex::new(HashMap::new())),
+        )
+    }
+
+    async fn feed(worker: &Arc<Worker>, shutdown: &CancellationToken) -> Feed {
+        worker.add_client();
+        let subscription = Subscription::start(
+            Arc::clone(worker),
+            Transport::WebSocket as usize,
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+        Feed::new(
+            subscription,
+            Duration::from_secs(60),
+            shutdown.clone(),
+            Arc::new(Metrics::new()),
+            Transport::WebSocket,
+            None,
+        )
+    }
+
+    fn change(n: i32) -> mongodb::bson::Document {
+        doc! { "_id": { "_data": format!("8200000001000000{n:02}") }, "operationType": "insert", "fullDocument": { "n": n } }
+    }
+
+    #[tokio::test]
+    async fn envelopes_then_close_code_of_the_terminal_event() {
+        let worker = idle_worker().await;
+        let shutdown = CancellationToken::new();
+        let feed = feed(&worker, &shutdown).await;
+        let (sink, mut written) = mpsc::unbounded::<Message>();
+        let (_client_tx, incoming) = mpsc::unbounded::<Result<Message, std::convert::Infallible>>();
+        let task = tokio::spawn(serve(sink, incoming, feed));
+
+        worker.publish_change_for_test(change(1));
+        worker.publish_change_for_test(change(2));
+        worker.terminate(Event::control(EventKind::Cancel, "deleted", false));
+        task.await.unwrap();
+
+        let mut texts = Vec::new();
+        let mut close = None;
+        while let Ok(Some(message)) = written.try_next() {
+            match message {
+                Message::Text(text) => {
+                    texts.push(serde_json::from_str::<serde_json::Value>(text.as_str()).unwrap())
+                }
+                Message::Close(frame) => close = frame.map(|f| f.code),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(texts.len(), 3);
+        assert_eq!(texts[0]["event"], "change");
+        assert_eq!(texts[0]["id"], "820000000100000001");
+        assert_eq!(texts[1]["data"]["fullDocument"]["n"], 2);
+        assert_eq!(texts[2]["event"], "cancel");
+        assert_eq!(close, Some(4001));
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_with_going_away_and_client_close_ends_the_loop() {
+        let worker = idle_worker().await;
+        let shutdown = CancellationToken::new();
+        let (sink, mut written) = mpsc::unbounded::<Message>();
+        let (_client_tx, incoming) = mpsc::unbounded::<Result<Message, std::convert::Infallible>>();
+        let task = tokio::spawn(serve(sink, incoming, feed(&worker, &shutdown).await));
+        shutdown.cancel();
+        task.await.unwrap();
+        match written.try_next() {
+            Ok(Some(Message::Close(Some(frame)))) => assert_eq!(frame.code, 1001),
+            other => panic!("expected a 1001 close, got {other:?}"),
+        }
+
+        let (sink, _written) = mpsc::unbounded::<Message>();
+        let (client_tx, incoming) = mpsc::unbounded::<Result<Message, std::convert::Infallible>>();
+        let task = tokio::spawn(serve(
+            sink,
+            incoming,
+            feed(&worker, &CancellationToken::new()).await,
+        ));
+        client_tx.unbounded_send(Ok(Message::Close(None))).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(worker.client_count(), 0, "both clients released the worker");
+    }
+}

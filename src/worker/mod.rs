@@ -458,6 +458,14 @@ impl Worker {
         }
     }
 
+    /// Publishes a change as if MongoDB had sent it (unit tests of the layers above).
+    #[cfg(test)]
+    pub(crate) fn publish_change_for_test(&self, change: mongodb::bson::Document) {
+        if let Ok(event) = Event::from_change(change) {
+            self.publish(Arc::new(event), Arc::from(Vec::new()));
+        }
+    }
+
     /// Ends the worker with a final event for every client (`cancel` on delete, …).
     pub fn terminate(&self, event: Event) {
         self.publish(Arc::new(event), Arc::from(Vec::new()));
