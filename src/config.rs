@@ -5,7 +5,7 @@
 //! the process environment.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -56,6 +56,158 @@ pub struct Config {
     /// Static stream definitions (read-only in the admin API).
     #[serde(default)]
     pub streams: Vec<StreamConfig>,
+    /// Authentication and permissions (off by default; see `docs/security.md`).
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Connection limits (unlimited by default).
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Cross-origin access for browsers (same-origin only by default).
+    #[serde(default)]
+    pub cors: CorsConfig,
+}
+
+/// `[auth]`: who may subscribe to which stream and who may use `/_admin`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Require a valid credential on subscribe and admin requests. Off by default so a local
+    /// run needs no setup; Streamgate warns loudly when it listens beyond loopback without it.
+    #[serde(default)]
+    pub enabled: bool,
+    /// JWT bearer tokens (`[auth.jwt]`); absent: JWTs are not accepted.
+    #[serde(default)]
+    pub jwt: Option<JwtConfig>,
+    /// Static API keys for services, stored as SHA-256 hashes (`[[auth.api_keys]]`).
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// Cookie that may carry the token (after `Authorization: Bearer` and `?access_token=`).
+    #[serde(default = "default_cookie_name")]
+    pub cookie_name: String,
+    /// Role required for every `/_admin` request.
+    #[serde(default = "default_admin_role")]
+    pub admin_role: String,
+    /// Subscribe permissions; a stream no rule grants is refused with 403.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            enabled: false,
+            jwt: None,
+            api_keys: Vec::new(),
+            cookie_name: default_cookie_name(),
+            admin_role: default_admin_role(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// `[auth.jwt]`: how bearer JWTs are verified. Exactly one key source must be given.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Shared secret for HS256/384/512 tokens.
+    #[serde(default)]
+    pub hs256_secret: Option<String>,
+    /// PEM file holding an RSA or EC public key (RS*/PS*/ES* tokens).
+    #[serde(default)]
+    pub public_key_pem_file: Option<PathBuf>,
+    /// JWKS file (`{"keys":[…]}`); the token's `kid` picks the key.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Accepted `alg` values (e.g. `["RS256"]`); empty: every algorithm of the key's family.
+    /// Algorithms of another family than the key are refused at startup.
+    #[serde(default)]
+    pub algorithms: Vec<String>,
+    /// Required `iss`, if set.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Required `aud` (the token's `aud` must contain it), if set.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// Claim holding the roles: an array of strings or a space-separated string; dots walk
+    /// into objects (`realm_access.roles`).
+    #[serde(default = "default_roles_claim")]
+    pub roles_claim: String,
+    /// Clock-skew allowance in seconds for `exp` and `nbf`; a live stream is then cut at
+    /// `exp + leeway_secs`.
+    #[serde(default)]
+    pub leeway_secs: u64,
+}
+
+/// `[[auth.api_keys]]`: a static key for a service. The key itself never appears in the
+/// config: `sha256` is the hex SHA-256 of the key (`printf %s "$KEY" | sha256sum`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Who holds the key; the principal's subject (limits, logs).
+    pub name: String,
+    /// Lower- or upper-case hex SHA-256 of the key (64 digits).
+    pub sha256: String,
+    /// Roles granted to the key.
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+/// `[[auth.rules]]`: holders of any of `roles` may subscribe to the `streams` patterns.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Roles the rule applies to; `*` means any authenticated principal.
+    pub roles: Vec<String>,
+    /// Patterns `/{db}/{coll}/_streams/{name}`; each name is a literal or `*`.
+    pub streams: Vec<String>,
+}
+
+/// `[limits]`: open streams allowed; over a limit a request gets 429 with `Retry-After`.
+/// Absent values are unlimited. A slot is held for the whole life of a stream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Open streams in total.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Open streams per stream definition (all variable values together).
+    #[serde(default)]
+    pub per_stream: Option<usize>,
+    /// Open streams per authenticated subject (not applied when auth is off).
+    #[serde(default)]
+    pub per_user: Option<usize>,
+    /// Open streams per client IP address (the TCP peer).
+    #[serde(default)]
+    pub per_ip: Option<usize>,
+    /// The `Retry-After` value sent with 429, in seconds.
+    #[serde(default = "default_retry_after_secs")]
+    pub retry_after_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: None,
+            per_stream: None,
+            per_user: None,
+            per_ip: None,
+            retry_after_secs: default_retry_after_secs(),
+        }
+    }
+}
+
+/// `[cors]`: which other origins browsers may use Streamgate from (HTTP via CORS headers,
+/// WebSocket via an `Origin` check).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Exact origins (`https://app.example.com`); `*` allows any origin, but only without
+    /// credentials. Empty: same-origin only.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Let browsers send cookies (`Access-Control-Allow-Credentials: true`).
+    #[serde(default)]
+    pub allow_credentials: bool,
 }
 
 /// Storage of dynamic stream definitions.
@@ -231,6 +383,7 @@ impl Config {
                 self.ring_size, self.client_queue
             )));
         }
+        crate::auth::check_config(&self.auth, &self.cors).map_err(ConfigError::Invalid)?;
         for (index, stream) in self.streams.iter().enumerate() {
             let (_, definition) = stream
                 .split()
@@ -290,6 +443,18 @@ fn default_admin_coll() -> String {
 }
 fn default_admin_body_limit() -> usize {
     64 * 1024
+}
+fn default_cookie_name() -> String {
+    "streamgate_token".to_owned()
+}
+fn default_admin_role() -> String {
+    "admin".to_owned()
+}
+fn default_roles_claim() -> String {
+    "roles".to_owned()
+}
+fn default_retry_after_secs() -> u64 {
+    5
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@
 //! http/          router, transport negotiation, sse.rs / ws.rs / ndjson.rs, health + metrics
 //! admin/         the admin REST API (/_admin/streams, OpenAPI document) · view.rs (stats JSON)
 //! streams/store  admin definitions in MongoDB + the change-stream watcher applying them here
+//! auth/          credentials → Principal (JWT, API keys), stream rules, CORS/Origin policy
+//! limits.rs      connection limits (total, per stream/user/IP) with RAII permits
 //! metrics.rs     Prometheus registry
 //! replset.rs     replica-set initiation for local runs and tests
 //! ```
@@ -21,10 +23,12 @@
 //! listener and a shutdown future, so tests run servers on `127.0.0.1:0`.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod event;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod replset;
 pub mod streams;
@@ -54,6 +58,9 @@ pub enum StartError {
     /// A static stream definition is invalid.
     #[error("invalid stream definition: {0}")]
     Definition(String),
+    /// The `[auth]` section cannot be used (e.g. an unreadable key file).
+    #[error("invalid auth configuration: {0}")]
+    Auth(String),
     /// Serving failed (accept loop I/O).
     #[error("server error: {0}")]
     Serve(std::io::Error),
@@ -74,6 +81,9 @@ impl App {
     /// lazily: a MongoDB outage at startup is survived and shows in `/health/ready`), and
     /// starts the watcher of stored definitions, waiting a bounded time for their first load.
     pub async fn new(config: Config) -> Result<App, StartError> {
+        let auth =
+            Arc::new(auth::Authenticator::from_config(&config.auth).map_err(StartError::Auth)?);
+        let limits = limits::Limits::new(config.limits.clone());
         let mut options = ClientOptions::parse(&config.mongo_uri)
             .await
             .map_err(StartError::MongoUri)?;
@@ -129,6 +139,8 @@ impl App {
                 registry,
                 store,
                 metrics,
+                auth,
+                limits,
                 config: Arc::new(config),
                 shutdown,
             },
@@ -164,8 +176,12 @@ impl App {
                 token.cancel();
             }
         });
-        let server =
-            axum::serve(listener, router).with_graceful_shutdown(token.clone().cancelled_owned());
+        // Connect info: the peer address is what `limits.per_ip` counts.
+        let server = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(token.clone().cancelled_owned());
         let served = tokio::select! {
             result = server.into_future() => result.map_err(StartError::Serve),
             // Graceful shutdown waits for connections; do not let a stuck one hold us hostage.

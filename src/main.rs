@@ -100,8 +100,13 @@ async fn run(cli: Cli) -> Result<(), String> {
         })
         .map_err(|e| e.to_string())?;
     let listen = config.listen;
-    if !listen.ip().is_loopback() {
-        tracing::warn!(%listen, "listening on a non-loopback address WITHOUT authentication: anyone who can reach this port can read every stream");
+    if !listen.ip().is_loopback() && !config.auth.enabled {
+        tracing::warn!(%listen, "listening on a non-loopback address WITHOUT authentication: anyone who can reach this port can read every stream and change every definition; set [auth] enabled = true (docs/security.md)");
+    }
+    if config.auth.enabled && config.auth.rules.is_empty() {
+        tracing::warn!(
+            "auth is on but [[auth.rules]] is empty: no one may subscribe to any stream"
+        );
     }
     let app = streamgate::App::new(config)
         .await

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::negotiate::Transport;
 use crate::event::{Event, EventKind};
+use crate::limits::Permit;
 use crate::metrics::{Metrics, TransportLabel};
 use crate::worker::Subscription;
 
@@ -38,6 +39,8 @@ pub struct Feed {
     transport: Transport,
     /// When the client's credential expires: the feed then ends with `auth_revoked`.
     expires_at: Option<tokio::time::Instant>,
+    /// The client's connection-limit slot: held for as long as the feed lives, freed on drop.
+    permit: Option<Permit>,
     done: bool,
 }
 
@@ -67,8 +70,15 @@ impl Feed {
             metrics,
             transport,
             expires_at,
+            permit: None,
             done: false,
         }
+    }
+
+    /// Holds `permit` (a connection-limit slot) until the feed is dropped.
+    pub fn with_permit(mut self, permit: Permit) -> Feed {
+        self.permit = Some(permit);
+        self
     }
 
     /// The next frame; `None` after the feed ended (terminal event written, or shutdown).

@@ -18,11 +18,15 @@ pub mod ws;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::middleware;
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
+use tower::util::option_layer;
 use tower_http::trace::TraceLayer;
 
+use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::streams::{Registry, Store};
 
@@ -35,6 +39,10 @@ pub struct AppState {
     pub store: Arc<Store>,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// Credentials, roles and stream permissions.
+    pub auth: Arc<Authenticator>,
+    /// Connection limits.
+    pub limits: Arc<Limits>,
     /// The configuration in force.
     pub config: Arc<Config>,
     /// Fires on shutdown; every open stream watches it.
@@ -49,6 +57,15 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(health::metrics))
         .route("/{db}/{coll}/_streams/{name}", get(subscribe::subscribe))
         .merge(crate::admin::routes(state.config.admin.body_limit))
+        // Authenticates every route but the probes, and requires the admin role on
+        // `/_admin…` whatever the method or sub-path (see `auth::guard`).
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state.auth),
+            crate::auth::guard,
+        ))
+        // Outside the guard: preflights are answered without a credential, and 401/403
+        // carry CORS headers so the browser lets the page read them.
+        .layer(option_layer(crate::auth::cors::layer(&state.config.cors)))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

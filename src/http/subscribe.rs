@@ -1,12 +1,16 @@
 //! `GET /{db}/{coll}/_streams/{name}`: validate, subscribe, then hand over to a transport.
 //!
-//! Everything that can fail with a status code (unknown stream, bad `avars`, malformed or
-//! unusable resume id, no transport) fails here, before the response starts.
+//! Everything that can fail with a status code (not allowed, unknown stream, bad `avars`,
+//! malformed or unusable resume id, no transport, foreign WebSocket origin, connection limit)
+//! fails here, before the response starts and before any worker starts.
 
-use axum::extract::rejection::QueryRejection;
+use std::net::SocketAddr;
+
+use axum::Extension;
+use axum::extract::rejection::{ExtensionRejection, QueryRejection};
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
-use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::Deserialize;
@@ -15,6 +19,7 @@ use super::AppState;
 use super::feed::Feed;
 use super::negotiate::{Transport, negotiate};
 use super::{ndjson, sse, ws};
+use crate::auth::{Principal, cors};
 use crate::error::ApiError;
 use crate::event::Token;
 use crate::streams::StreamKey;
@@ -40,13 +45,19 @@ pub async fn subscribe(
     Path((db, coll, name)): Path<(String, String, String)>,
     query: Result<Query<SubscribeParams>, QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    principal: Option<Extension<Principal>>,
+    peer: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    // Set by `auth::guard` when auth is on; `None` when it is off.
+    let principal = principal.map(|Extension(p)| p);
     let key = StreamKey::new(&db, &coll, &name).map_err(|_| {
         ApiError::not_found(format!(
             "no stream is defined at /{db}/{coll}/_streams/{name}"
         ))
     })?;
+    // Before the existence check, so a refused client cannot probe which streams exist.
+    state.auth.authorize_stream(principal.as_ref(), &key)?;
     if state.registry.get(&key).is_none() {
         return Err(ApiError::not_found(format!(
             "no stream is defined at {key}"
@@ -57,15 +68,42 @@ pub async fn subscribe(
     let resume = resume_id(&headers, &params)?;
     // Check the upgrade before any worker starts for a request that cannot be served.
     let upgrade = match transport {
-        Transport::WebSocket => Some(upgrade.map_err(|e| {
-            ApiError::bad_request(format!("bad WebSocket upgrade: {}", e.body_text()))
-        })?),
+        Transport::WebSocket => {
+            // Browsers do not apply CORS to WebSocket: the origin check is ours.
+            if !cors::websocket_origin_allowed(&state.config.cors, &headers) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "Forbidden",
+                    "WebSocket connections from this origin are not allowed",
+                ));
+            }
+            Some(upgrade.map_err(|e| {
+                ApiError::bad_request(format!("bad WebSocket upgrade: {}", e.body_text()))
+            })?)
+        }
         _ => None,
     };
+    // The slot is held by the feed for the life of the stream (freed on drop).
+    let permit = state
+        .limits
+        .try_acquire(
+            &key,
+            principal.as_ref().map(|p| p.subject.as_str()),
+            peer.ok().map(|ConnectInfo(addr)| addr.ip()),
+        )
+        .map_err(|exceeded| state.limits.refusal(exceeded))?;
 
+    // Per-user document filtering: the authenticated claims (`None` with auth off).
+    let claims = principal.as_ref().map(|p| &p.claims);
     let subscription = state
         .registry
-        .subscribe(&key, params.avars.as_deref(), resume, transport as usize, None)
+        .subscribe(
+            &key,
+            params.avars.as_deref(),
+            resume,
+            transport as usize,
+            claims,
+        )
         .await?;
     let feed = Feed::new(
         subscription,
@@ -73,8 +111,9 @@ pub async fn subscribe(
         state.shutdown.clone(),
         state.metrics.clone(),
         transport,
-        None,
-    );
+        principal.as_ref().and_then(Principal::deadline),
+    )
+    .with_permit(permit);
     Ok(match transport {
         Transport::Sse => sse::response(feed, state.config.sse_retry_ms),
         Transport::Ndjson => ndjson::response(feed),

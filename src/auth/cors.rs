@@ -1,0 +1,145 @@
+//! Browser origin policy: CORS headers for HTTP, an `Origin` check for WebSocket.
+//!
+//! Browsers enforce CORS on `fetch` and `EventSource`, but not on WebSocket: any page can open
+//! a WebSocket to any host, with the user's cookies. So the subscribe handler refuses (403) a
+//! WebSocket whose `Origin` is neither this server's own nor in `cors.allowed_origins`.
+//! Requests without `Origin` (non-browser clients) are not affected by either check.
+
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::config::CorsConfig;
+
+/// How long browsers may cache a preflight answer.
+const PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(600);
+
+/// Checks `[cors]` (no I/O).
+pub fn check(config: &CorsConfig) -> Result<(), String> {
+    for origin in &config.allowed_origins {
+        if origin == "*" {
+            if config.allow_credentials {
+                return Err(
+                    "cors: `*` cannot be combined with allow_credentials; list the origins".into(),
+                );
+            }
+            continue;
+        }
+        let rest = origin
+            .strip_prefix("https://")
+            .or_else(|| origin.strip_prefix("http://"));
+        let valid = rest.is_some_and(|host| {
+            !host.is_empty() && !host.contains('/') && HeaderValue::from_str(origin).is_ok()
+        });
+        if !valid {
+            return Err(format!(
+                "cors.allowed_origins: {origin:?} is not an origin like https://app.example.com \
+                 (scheme and host, optional port, no path)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The CORS layer for HTTP routes; `None` when no other origin is allowed.
+pub fn layer(config: &CorsConfig) -> Option<CorsLayer> {
+    if config.allowed_origins.is_empty() {
+        return None;
+    }
+    let origins = if config.allowed_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            config
+                .allowed_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::GET, Method::PUT, Method::DELETE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::ACCEPT,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("last-event-id"),
+            ])
+            .allow_credentials(config.allow_credentials)
+            .max_age(PREFLIGHT_MAX_AGE),
+    )
+}
+
+/// Whether a WebSocket handshake with these headers may proceed: no `Origin`, the server's
+/// own origin (same host), or an allowed one.
+pub fn websocket_origin_allowed(config: &CorsConfig, headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    if config
+        .allowed_origins
+        .iter()
+        .any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
+    {
+        return true;
+    }
+    let origin_host = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"));
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(origins: &[&str], credentials: bool) -> CorsConfig {
+        CorsConfig {
+            allowed_origins: origins.iter().map(|s| s.to_string()).collect(),
+            allow_credentials: credentials,
+        }
+    }
+
+    #[test]
+    fn wildcard_with_credentials_is_refused() {
+        assert!(check(&config(&["*"], true)).is_err());
+        assert!(check(&config(&["*"], false)).is_ok());
+        assert!(check(&config(&["https://a.example"], true)).is_ok());
+        assert!(check(&config(&["https://a.example/"], false)).is_err());
+        assert!(check(&config(&["a.example"], false)).is_err());
+    }
+
+    #[test]
+    fn websocket_origins() {
+        let allowed = config(&["https://app.example"], true);
+        let headers = |origin: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static("gate:8080"));
+            h.insert(header::ORIGIN, HeaderValue::from_str(origin).unwrap());
+            h
+        };
+        assert!(websocket_origin_allowed(&allowed, &HeaderMap::new()));
+        assert!(websocket_origin_allowed(
+            &allowed,
+            &headers("https://app.example")
+        ));
+        assert!(websocket_origin_allowed(
+            &allowed,
+            &headers("http://gate:8080")
+        ));
+        assert!(!websocket_origin_allowed(
+            &allowed,
+            &headers("https://evil.example")
+        ));
+        assert!(!websocket_origin_allowed(
+            &config(&[], false),
+            &headers("https://app.example")
+        ));
+    }
+}

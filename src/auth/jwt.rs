@@ -1,0 +1,276 @@
+//! Bearer JWT verification with the `jsonwebtoken` crate.
+//!
+//! Keys come from one of: an HMAC shared secret, a PEM public key (RSA or EC), or a JWKS file
+//! whose keys are picked by the token's `kid`. The accepted algorithms are always restricted to
+//! the key's family, so a token can never choose how it is checked (no `none`, no HS256 signed
+//! with a public key). `exp` is required; `nbf`, `iss` and `aud` are checked when configured
+//! or present.
+
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
+use serde_json::{Map, Value};
+
+use super::{AuthError, Principal};
+use crate::config::JwtConfig;
+
+/// One verification key, with what it may verify.
+struct Key {
+    /// `kid` of a JWKS key.
+    kid: Option<String>,
+    /// The JWKS key's own `alg`, when it names one.
+    alg: Option<Algorithm>,
+    family: AlgorithmFamily,
+    key: DecodingKey,
+}
+
+/// Verifies bearer JWTs and turns their claims into a [`Principal`].
+pub struct JwtVerifier {
+    keys: Vec<Key>,
+    /// Keys come from a JWKS: a token must name its key with `kid` unless there is only one.
+    by_kid: bool,
+    validation: Validation,
+    roles_claim: Vec<String>,
+    leeway: Duration,
+}
+
+impl JwtVerifier {
+    /// Loads the key (reading the PEM or JWKS file) and prepares the validation.
+    pub fn from_config(config: &JwtConfig) -> Result<JwtVerifier, String> {
+        let (keys, by_kid) = load_keys(config)?;
+        let families: Vec<AlgorithmFamily> = keys.iter().map(|k| k.family).collect();
+        let algorithms = if config.algorithms.is_empty() {
+            let mut all: Vec<Algorithm> = Vec::new();
+            for family in &families {
+                for alg in family.algorithms() {
+                    if !all.contains(alg) {
+                        all.push(*alg);
+                    }
+                }
+            }
+            all
+        } else {
+            let mut parsed = Vec::new();
+            for name in &config.algorithms {
+                let alg = Algorithm::from_str(name)
+                    .map_err(|_| format!("auth.jwt.algorithms: unknown algorithm {name:?}"))?;
+                if !families.contains(&alg.family()) {
+                    return Err(format!(
+                        "auth.jwt.algorithms: {name} does not fit the configured key \
+                         ({:?} family)",
+                        families.first().copied().unwrap_or(AlgorithmFamily::Hmac)
+                    ));
+                }
+                parsed.push(alg);
+            }
+            parsed
+        };
+        if algorithms.is_empty() {
+            return Err("auth.jwt: no usable algorithm for the configured key".into());
+        }
+
+        let mut validation = Validation::new(algorithms[0]);
+        validation.algorithms = algorithms;
+        validation.leeway = config.leeway_secs;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        let mut required = vec!["exp"];
+        match &config.audience {
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
+            // No audience configured: a token's `aud` is not ours to judge.
+            None => validation.validate_aud = false,
+        }
+        if let Some(issuer) = &config.issuer {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
+
+        Ok(JwtVerifier {
+            keys,
+            by_kid,
+            validation,
+            roles_claim: config.roles_claim.split('.').map(str::to_owned).collect(),
+            leeway: Duration::from_secs(config.leeway_secs),
+        })
+    }
+
+    /// Checks signature and claims; the principal's roles come from the configured claim.
+    pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| AuthError::Invalid(format!("malformed JWT: {e}")))?;
+        let key = self.pick_key(header.kid.as_deref(), header.alg)?;
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &self.validation)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                _ => AuthError::Invalid(format!("JWT refused: {e}")),
+            })?;
+        let claims = data.claims;
+        let subject = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let roles = roles_from(&claims, &self.roles_claim);
+        let expires_at = claims
+            .get("exp")
+            .and_then(Value::as_f64)
+            .filter(|exp| exp.is_finite() && *exp >= 0.0)
+            .map(|exp| UNIX_EPOCH + Duration::from_secs_f64(exp) + self.leeway);
+        // `exp` is required and was checked, so a missing one here means a malformed value.
+        let Some(expires_at) = expires_at else {
+            return Err(AuthError::Invalid("JWT exp is not a number".into()));
+        };
+        if expires_at <= SystemTime::now() {
+            return Err(AuthError::Expired);
+        }
+        Ok(Principal {
+            subject,
+            roles,
+            claims,
+            expires_at: Some(expires_at),
+        })
+    }
+
+    fn pick_key(&self, kid: Option<&str>, alg: Algorithm) -> Result<&Key, AuthError> {
+        let key = match (self.by_kid, kid) {
+            (true, Some(kid)) => self
+                .keys
+                .iter()
+                .find(|k| k.kid.as_deref() == Some(kid))
+                .ok_or_else(|| AuthError::Invalid(format!("unknown JWT kid {kid:?}")))?,
+            _ if self.keys.len() == 1 => &self.keys[0],
+            _ => {
+                return Err(AuthError::Invalid(
+                    "JWT has no kid and the key set holds several keys".into(),
+                ));
+            }
+        };
+        if key.family != alg.family() || key.alg.is_some_and(|a| a != alg) {
+            return Err(AuthError::Invalid(format!(
+                "JWT alg {alg:?} does not fit its key"
+            )));
+        }
+        Ok(key)
+    }
+}
+
+fn load_keys(config: &JwtConfig) -> Result<(Vec<Key>, bool), String> {
+    match (
+        &config.hs256_secret,
+        &config.public_key_pem_file,
+        &config.jwks_file,
+    ) {
+        (Some(secret), None, None) => {
+            let key = DecodingKey::from_secret(secret.as_bytes());
+            Ok((vec![single(key)], false))
+        }
+        (None, Some(path), None) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("auth.jwt.public_key_pem_file {}: {e}", path.display()))?;
+            let key = DecodingKey::from_rsa_pem(&pem)
+                .or_else(|_| DecodingKey::from_ec_pem(&pem))
+                .or_else(|_| DecodingKey::from_ed_pem(&pem))
+                .map_err(|e| {
+                    format!(
+                        "auth.jwt.public_key_pem_file {}: not an RSA, EC or Ed25519 public key: {e}",
+                        path.display()
+                    )
+                })?;
+            Ok((vec![single(key)], false))
+        }
+        (None, None, Some(path)) => Ok((load_jwks(path)?, true)),
+        _ => {
+            Err("auth.jwt: set exactly one of hs256_secret, public_key_pem_file, jwks_file".into())
+        }
+    }
+}
+
+fn load_jwks(path: &std::path::Path) -> Result<Vec<Key>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("auth.jwt.jwks_file {}: {e}", path.display()))?;
+    let set: JwkSet = serde_json::from_str(&text)
+        .map_err(|e| format!("auth.jwt.jwks_file {}: {e}", path.display()))?;
+    let mut keys = Vec::new();
+    for (index, jwk) in set.keys.iter().enumerate() {
+        let key = DecodingKey::from_jwk(jwk)
+            .map_err(|e| format!("auth.jwt.jwks_file {} key {index}: {e}", path.display()))?;
+        let alg = match jwk.common.key_algorithm {
+            Some(alg) => Some(Algorithm::from_str(&alg.to_string()).map_err(|_| {
+                format!(
+                    "auth.jwt.jwks_file {} key {index}: unsupported alg {alg}",
+                    path.display()
+                )
+            })?),
+            None => None,
+        };
+        keys.push(Key {
+            kid: jwk.common.key_id.clone(),
+            alg,
+            family: key.family(),
+            key,
+        });
+    }
+    if keys.is_empty() {
+        return Err(format!(
+            "auth.jwt.jwks_file {}: no keys in the set",
+            path.display()
+        ));
+    }
+    Ok(keys)
+}
+
+fn single(key: DecodingKey) -> Key {
+    Key {
+        kid: None,
+        alg: None,
+        family: key.family(),
+        key,
+    }
+}
+
+/// Roles at `path` in `claims`: an array of strings, or one space-separated string.
+fn roles_from(claims: &Map<String, Value>, path: &[String]) -> Vec<String> {
+    let mut value = None;
+    let mut object = Some(claims);
+    for part in path {
+        value = object.and_then(|o| o.get(part));
+        object = value.and_then(Value::as_object);
+    }
+    match value {
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        Some(Value::String(text)) => text.split_whitespace().map(str::to_owned).collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn roles_from_array_string_and_nested() {
+        let claims = json!({
+            "roles": ["a", "b", 3],
+            "scope": "x y",
+            "realm_access": { "roles": ["r"] }
+        });
+        let claims = claims.as_object().unwrap();
+        let path = |p: &str| p.split('.').map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(roles_from(claims, &path("roles")), ["a", "b"]);
+        assert_eq!(roles_from(claims, &path("scope")), ["x", "y"]);
+        assert_eq!(roles_from(claims, &path("realm_access.roles")), ["r"]);
+        assert!(roles_from(claims, &path("missing.roles")).is_empty());
+    }
+}

@@ -1,0 +1,461 @@
+//! Authentication and authorization.
+//!
+//! ```text
+//! request ─► guard (middleware, whole router)
+//!              auth off, or /health/*, /metrics ─► through, no Principal
+//!              credential: Authorization: Bearer > ?access_token= > cookie
+//!                none / invalid / expired ─► 401 + WWW-Authenticate
+//!              /_admin… without the admin role ─► 403
+//!              else: Principal into the request extensions
+//!          ─► subscribe handler: Authenticator::authorize_stream (rules) ─► 403 before any
+//!             worker starts; Principal::deadline() ends the feed with `auth_revoked`
+//! ```
+//!
+//! A credential is a JWT (see [`jwt`]) when JWTs are configured and it looks like one, else a
+//! static API key, compared by SHA-256 in constant time. Stream permissions are in [`rules`];
+//! the browser origin policy is in [`cors`].
+
+pub mod cors;
+pub mod jwt;
+pub mod rules;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use self::jwt::JwtVerifier;
+use self::rules::{Rule, Rules};
+use crate::config::{AuthConfig, CorsConfig};
+use crate::error::ApiError;
+use crate::streams::StreamKey;
+
+/// Challenge sent with a 401 when no credential was given.
+const CHALLENGE: &str = r#"Bearer realm="streamgate""#;
+/// Challenge sent with a 401 for a credential that was refused (RFC 6750 §3.1).
+const CHALLENGE_INVALID: &str = r#"Bearer realm="streamgate", error="invalid_token""#;
+/// Challenge sent with a 401 for an expired token.
+const CHALLENGE_EXPIRED: &str =
+    r#"Bearer realm="streamgate", error="invalid_token", error_description="token expired""#;
+
+/// Paths served without a credential: probes and Prometheus scrapes (no stream data).
+const PUBLIC_PATHS: &[&str] = &["/health/live", "/health/ready", "/metrics"];
+
+/// Who is making a request, once authenticated.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// JWT `sub`, or the API key's `name`; empty when a JWT has no `sub`.
+    pub subject: String,
+    /// Roles from the configured claim, or the API key's roles.
+    pub roles: Vec<String>,
+    /// Every claim of the JWT (`sub`, `name`, `roles` for an API key): the input of per-user
+    /// document filtering.
+    pub claims: Map<String, Value>,
+    /// When the credential stops being valid (JWT `exp` + leeway); `None` for API keys.
+    pub expires_at: Option<SystemTime>,
+}
+
+impl Principal {
+    /// Whether the principal holds `role`.
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
+
+    /// `expires_at` on tokio's clock, for the feed's revocation timer.
+    pub fn deadline(&self) -> Option<tokio::time::Instant> {
+        let expires_at = self.expires_at?;
+        let left = expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        Some(tokio::time::Instant::now() + left)
+    }
+}
+
+/// Why a request has no principal.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No credential in the header, the query or the cookie.
+    #[error("a credential is required")]
+    Missing,
+    /// The token's `exp` has passed.
+    #[error("the access token expired")]
+    Expired,
+    /// Bad signature, wrong audience or issuer, unknown key…; the reason is logged only.
+    #[error("invalid credential: {0}")]
+    Invalid(String),
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> ApiError {
+        let (detail, challenge) = match &error {
+            AuthError::Missing => (
+                "a credential is required: send `Authorization: Bearer <token>`, \
+                 `?access_token=<token>` or the auth cookie",
+                CHALLENGE,
+            ),
+            AuthError::Expired => ("the access token expired", CHALLENGE_EXPIRED),
+            AuthError::Invalid(reason) => {
+                tracing::debug!(%reason, "credential refused");
+                ("the credential is not valid", CHALLENGE_INVALID)
+            }
+        };
+        let mut api = ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", detail);
+        api.www_authenticate = Some(challenge);
+        api
+    }
+}
+
+fn forbidden(detail: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "Forbidden", detail)
+}
+
+/// A configured API key: only its hash is kept.
+struct ApiKey {
+    name: String,
+    sha256: [u8; 32],
+    roles: Vec<String>,
+}
+
+/// Turns credentials into principals and decides what they may do.
+pub struct Authenticator {
+    enabled: bool,
+    jwt: Option<JwtVerifier>,
+    api_keys: Vec<ApiKey>,
+    cookie_name: String,
+    admin_role: String,
+    rules: Rules,
+}
+
+impl Authenticator {
+    /// Builds from the `[auth]` section, reading key files. Called once at startup.
+    pub fn from_config(config: &AuthConfig) -> Result<Authenticator, String> {
+        check_auth(config)?;
+        let jwt = match &config.jwt {
+            Some(jwt) if config.enabled => Some(JwtVerifier::from_config(jwt)?),
+            _ => None,
+        };
+        let mut api_keys = Vec::with_capacity(config.api_keys.len());
+        for key in &config.api_keys {
+            api_keys.push(ApiKey {
+                name: key.name.clone(),
+                sha256: parse_sha256(&key.sha256)
+                    .ok_or_else(|| format!("auth.api_keys {:?}: bad sha256", key.name))?,
+                roles: key.roles.clone(),
+            });
+        }
+        let rules = config
+            .rules
+            .iter()
+            .map(|r| Rule::new(&r.roles, &r.streams))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Authenticator {
+            enabled: config.enabled,
+            jwt,
+            api_keys,
+            cookie_name: config.cookie_name.clone(),
+            admin_role: config.admin_role.clone(),
+            rules: Rules::new(rules),
+        })
+    }
+
+    /// Whether credentials are required at all.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Finds and checks the request's credential.
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        access_token: Option<&str>,
+    ) -> Result<Principal, AuthError> {
+        let token = bearer(headers)
+            .or(access_token.filter(|t| !t.is_empty()))
+            .or_else(|| cookie(headers, &self.cookie_name))
+            .ok_or(AuthError::Missing)?;
+        match &self.jwt {
+            Some(jwt) if looks_like_jwt(token) => jwt.verify(token),
+            _ => self.api_key(token),
+        }
+    }
+
+    fn api_key(&self, token: &str) -> Result<Principal, AuthError> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        // Look at every key, whatever matches, so timing does not tell which one did.
+        let mut found = None;
+        for key in &self.api_keys {
+            if bool::from(key.sha256.ct_eq(&digest)) {
+                found = Some(key);
+            }
+        }
+        let key = found.ok_or_else(|| AuthError::Invalid("unknown API key".into()))?;
+        let mut claims = Map::new();
+        claims.insert("sub".into(), Value::String(key.name.clone()));
+        claims.insert("name".into(), Value::String(key.name.clone()));
+        claims.insert(
+            "roles".into(),
+            Value::Array(key.roles.iter().cloned().map(Value::String).collect()),
+        );
+        Ok(Principal {
+            subject: key.name.clone(),
+            roles: key.roles.clone(),
+            claims,
+            expires_at: None,
+        })
+    }
+
+    /// May this request subscribe to `key`? Always yes when auth is off; with auth on, a
+    /// request the guard did not authenticate is refused (fail closed).
+    pub fn authorize_stream(
+        &self,
+        principal: Option<&Principal>,
+        key: &StreamKey,
+    ) -> Result<(), ApiError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let principal = principal.ok_or(AuthError::Missing)?;
+        if self.rules.allows(&principal.roles, key) {
+            Ok(())
+        } else {
+            Err(forbidden(format!("you may not subscribe to {key}")))
+        }
+    }
+
+    /// May this principal use `/_admin`?
+    pub fn authorize_admin(&self, principal: &Principal) -> Result<(), ApiError> {
+        if principal.has_role(&self.admin_role) {
+            Ok(())
+        } else {
+            Err(forbidden(format!(
+                "the admin API needs the {:?} role",
+                self.admin_role
+            )))
+        }
+    }
+}
+
+/// `?access_token=` of any request.
+#[derive(Deserialize)]
+struct TokenParam {
+    access_token: Option<String>,
+}
+
+/// The middleware in front of every route: authenticates, requires the admin role on
+/// `/_admin`, and stores the [`Principal`] in the request extensions. Stream permissions are
+/// checked by the subscribe handler, which knows the stream.
+///
+/// It goes by path rather than being attached to particular routes, so a route added later
+/// (any admin method or sub-path) is covered without anyone remembering to.
+pub async fn guard(
+    State(auth): State<Arc<Authenticator>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let path = request.uri().path();
+    if !auth.enabled || PUBLIC_PATHS.contains(&path) {
+        return next.run(request).await;
+    }
+    let admin = path == "/_admin" || path.starts_with("/_admin/");
+    let access_token = Query::<TokenParam>::try_from_uri(request.uri())
+        .ok()
+        .and_then(|Query(p)| p.access_token);
+    let principal = match auth.authenticate(request.headers(), access_token.as_deref()) {
+        Ok(principal) => principal,
+        Err(error) => return ApiError::from(error).into_response(),
+    };
+    if admin && let Err(error) = auth.authorize_admin(&principal) {
+        return error.into_response();
+    }
+    request.extensions_mut().insert(principal);
+    next.run(request).await
+}
+
+/// Checks `[auth]` and `[cors]` without I/O (key files are read at startup).
+pub fn check_config(auth: &AuthConfig, cors: &CorsConfig) -> Result<(), String> {
+    check_auth(auth)?;
+    cors::check(cors)
+}
+
+fn check_auth(config: &AuthConfig) -> Result<(), String> {
+    if config.enabled && config.jwt.is_none() && config.api_keys.is_empty() {
+        return Err("auth.enabled needs [auth.jwt] or at least one [[auth.api_keys]]".into());
+    }
+    if config.admin_role.is_empty() {
+        return Err("auth.admin_role must not be empty".into());
+    }
+    let cookie_ok = !config.cookie_name.is_empty()
+        && config
+            .cookie_name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !cookie_ok {
+        return Err(format!(
+            "auth.cookie_name {:?} is not a valid cookie name",
+            config.cookie_name
+        ));
+    }
+    if let Some(jwt) = &config.jwt {
+        let sources = [
+            jwt.hs256_secret.is_some(),
+            jwt.public_key_pem_file.is_some(),
+            jwt.jwks_file.is_some(),
+        ];
+        if sources.iter().filter(|s| **s).count() != 1 {
+            return Err(
+                "auth.jwt: set exactly one of hs256_secret, public_key_pem_file, jwks_file".into(),
+            );
+        }
+        if jwt.hs256_secret.as_ref().is_some_and(|s| s.len() < 32) {
+            return Err("auth.jwt.hs256_secret must be at least 32 bytes".into());
+        }
+        for name in &jwt.algorithms {
+            name.parse::<jsonwebtoken::Algorithm>()
+                .map_err(|_| format!("auth.jwt.algorithms: unknown algorithm {name:?}"))?;
+        }
+    }
+    for (index, key) in config.api_keys.iter().enumerate() {
+        if key.name.is_empty() {
+            return Err(format!("auth.api_keys[{index}].name must not be empty"));
+        }
+        if parse_sha256(&key.sha256).is_none() {
+            return Err(format!(
+                "auth.api_keys[{index}].sha256 must be 64 hex digits (the SHA-256 of the key)"
+            ));
+        }
+    }
+    for (index, rule) in config.rules.iter().enumerate() {
+        if rule.roles.is_empty() {
+            return Err(format!("auth.rules[{index}].roles must not be empty"));
+        }
+        Rule::new(&rule.roles, &rule.streams).map_err(|e| format!("auth.rules[{index}]: {e}"))?;
+    }
+    Ok(())
+}
+
+fn parse_sha256(hex_digest: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_digest.trim(), &mut out).ok()?;
+    Some(out)
+}
+
+fn looks_like_jwt(token: &str) -> bool {
+    token.bytes().filter(|b| *b == b'.').count() == 2
+}
+
+/// The token of `Authorization: Bearer <token>` (scheme case-insensitive).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The value of cookie `name`, from any `Cookie` header.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.trim_matches('"'))
+        .filter(|v| !v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn credential_sources() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; tok=\"c\"; b=2"),
+        );
+        assert_eq!(cookie(&headers, "tok"), Some("c"));
+        assert_eq!(cookie(&headers, "zz"), None);
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bEaReR  x.y.z "),
+        );
+        assert_eq!(bearer(&headers), Some("x.y.z"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&headers), None);
+    }
+
+    #[test]
+    fn api_keys_match_by_hash() {
+        let config: AuthConfig = toml::from_str(
+            r#"
+            enabled = true
+            [[api_keys]]
+            name = "svc"
+            sha256 = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"
+            roles = ["reader"]
+            "#,
+        )
+        .unwrap();
+        let auth = Authenticator::from_config(&config).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer secret"),
+        );
+        let principal = auth.authenticate(&headers, None).unwrap();
+        assert_eq!(principal.subject, "svc");
+        assert!(principal.has_role("reader"));
+        assert!(principal.expires_at.is_none());
+        assert!(matches!(
+            auth.authenticate(&HeaderMap::new(), Some("nope")),
+            Err(AuthError::Invalid(_))
+        ));
+        assert!(matches!(
+            auth.authenticate(&HeaderMap::new(), None),
+            Err(AuthError::Missing)
+        ));
+    }
+
+    #[test]
+    fn example_security_block_parses_when_uncommented() {
+        let text = include_str!("../../examples/streamgate.toml");
+        let start = text.find("# [auth]").unwrap();
+        let mut uncommented = text[..start].to_owned();
+        for line in text[start..].lines() {
+            uncommented.push_str(line.strip_prefix("# ").unwrap_or(line));
+            uncommented.push('\n');
+        }
+        let uncommented =
+            uncommented.replace(r#"<printf %s \"$KEY\" | sha256sum>"#, &"ab".repeat(32));
+        let config = crate::config::Config::from_toml_str(&uncommented, "example").unwrap();
+        config.validate().unwrap();
+        assert!(config.auth.enabled);
+        assert_eq!(config.auth.rules.len(), 2);
+        assert_eq!(config.limits.per_user, Some(20));
+        assert!(config.cors.allow_credentials);
+        Authenticator::from_config(&config.auth).unwrap();
+    }
+
+    #[test]
+    fn config_mistakes_are_named() {
+        let check = |text: &str| {
+            let config: AuthConfig = toml::from_str(text).unwrap();
+            check_auth(&config).unwrap_err()
+        };
+        assert!(check("enabled = true").contains("auth.jwt"));
+        assert!(check("[[api_keys]]\nname='a'\nsha256='zz'").contains("sha256"));
+        assert!(check("[[rules]]\nroles=['r']\nstreams=['/a/b']").contains("rules[0]"));
+        assert!(check("[jwt]\nhs256_secret='short'").contains("32 bytes"));
+        assert!(check("[jwt]").contains("exactly one"));
+    }
+}
