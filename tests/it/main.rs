@@ -6,9 +6,11 @@
 mod harness;
 
 mod admin;
+mod auth;
 mod browser;
 mod core_faults;
 mod core_ops;
 mod core_resume;
 mod core_transports;
 mod filtering;
+mod limits;

@@ -1,0 +1,260 @@
+//! Connection limits: total, per stream, per user, per IP. Over a limit the answer is an
+//! immediate 429 with `Retry-After` and a problem+json body, for SSE and WebSocket alike; a
+//! slot is held for the life of the stream and freed when it ends; the server stays healthy.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use mongodb::bson::{Document, doc};
+use serde_json::json;
+use streamgate::config::{Config, LimitsConfig};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::harness::clients::{Client, Kind};
+use crate::harness::server::{self, TestServer};
+use crate::harness::{mongod, unique_db};
+
+const ANSWER: Duration = Duration::from_secs(10);
+const SECRET: &str = "limits-secret-0123456789-0123456789-ab";
+
+/// A server on `db` with streams `c/a` and `c/b`, keep-alive 1 s (so a vanished client is
+/// noticed quickly), and the given limits.
+fn config(db: &str, limits: LimitsConfig) -> Config {
+    let mut config = server::config(mongod::shared());
+    config.keepalive_secs = 1;
+    config.limits = limits;
+    config.streams.push(server::stream(db, "c", "a", json!([])));
+    config.streams.push(server::stream(db, "c", "b", json!([])));
+    config
+}
+
+fn limits() -> LimitsConfig {
+    LimitsConfig {
+        retry_after_secs: 7,
+        ..LimitsConfig::default()
+    }
+}
+
+/// An open SSE stream (kept open while the value lives), or the refusal.
+async fn open(
+    url: &str,
+    from: Option<IpAddr>,
+    token: Option<&str>,
+) -> Result<reqwest::Response, reqwest::Response> {
+    let client = reqwest::Client::builder()
+        .local_address(from)
+        .build()
+        .unwrap();
+    let mut request = client.get(url).header("accept", "text/event-stream");
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = tokio::time::timeout(ANSWER, request.send())
+        .await
+        .expect("answered in time, never a hang")
+        .expect("request");
+    if response.status() == 200 {
+        Ok(response)
+    } else {
+        Err(response)
+    }
+}
+
+/// Checks a refusal: 429, `Retry-After`, problem+json naming the limit.
+async fn assert_429(refusal: reqwest::Response, limit: &str) {
+    assert_eq!(refusal.status(), 429);
+    assert_eq!(refusal.headers()["retry-after"], "7");
+    assert_eq!(
+        refusal.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: serde_json::Value = refusal.json().await.unwrap();
+    assert_eq!(body["status"], 429);
+    assert_eq!(body["limit"], limit, "{body}");
+}
+
+/// Retries `url` until a slot is free again; returns how long that took.
+async fn until_free(url: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        if let Ok(stream) = open(url, None, None).await {
+            drop(stream);
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "slot not released"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The server still serves: health, and a fresh stream delivers an insert.
+async fn assert_healthy(server: &TestServer, db: &str) {
+    let live = reqwest::get(server.url("/health/live")).await.unwrap();
+    assert_eq!(live.status(), 200);
+    // Slots of clients that just left are freed as soon as the server notices they are gone.
+    let start = Instant::now();
+    let mut client = loop {
+        match Client::connect(
+            Kind::Sse,
+            &server.url(""),
+            &format!("/{db}/c/_streams/b"),
+            None,
+        )
+        .await
+        {
+            Ok(client) => break client,
+            Err(refused) if start.elapsed() < Duration::from_secs(10) => {
+                assert_eq!(refused.status, 429, "{refused:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(refused) => panic!("still refused: {refused:?}"),
+        }
+    };
+    mongod::shared()
+        .client()
+        .await
+        .database(db)
+        .collection::<Document>("c")
+        .insert_one(doc! { "n": 1 })
+        .await
+        .unwrap();
+    client.changes(1, Duration::from_secs(10)).await;
+}
+
+#[tokio::test]
+async fn total_limit_refuses_with_429_and_frees_slots() {
+    let db = unique_db("limits_total");
+    let server = TestServer::start(config(
+        &db,
+        LimitsConfig {
+            max_connections: Some(2),
+            ..limits()
+        },
+    ))
+    .await;
+    let a = server.url(&format!("/{db}/c/_streams/a"));
+    let first = open(&a, None, None).await.unwrap();
+    let second = open(&a, None, None).await.unwrap();
+    assert_429(open(&a, None, None).await.unwrap_err(), "max_connections").await;
+
+    // WebSocket over the limit: the same 429, before the upgrade.
+    let request = a
+        .replacen("http://", "ws://", 1)
+        .into_client_request()
+        .unwrap();
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 429);
+            assert_eq!(response.headers()["retry-after"], "7");
+        }
+        Ok(_) => panic!("WebSocket accepted over the limit"),
+        Err(other) => panic!("unexpected: {other}"),
+    }
+
+    drop(first);
+    let freed = until_free(&a).await;
+    eprintln!("slot freed {freed:?} after the client left");
+    drop(second);
+    assert_healthy(&server, &db).await;
+}
+
+#[tokio::test]
+async fn per_stream_limit_counts_each_stream() {
+    let db = unique_db("limits_stream");
+    let server = TestServer::start(config(
+        &db,
+        LimitsConfig {
+            per_stream: Some(1),
+            ..limits()
+        },
+    ))
+    .await;
+    let a = server.url(&format!("/{db}/c/_streams/a"));
+    let held = open(&a, None, None).await.unwrap();
+    assert_429(open(&a, None, None).await.unwrap_err(), "per_stream").await;
+    drop(held);
+    until_free(&a).await;
+    assert_healthy(&server, &db).await;
+}
+
+#[tokio::test]
+async fn per_ip_limit_counts_each_peer_address() {
+    let db = unique_db("limits_ip");
+    let server = TestServer::start(config(
+        &db,
+        LimitsConfig {
+            per_ip: Some(2),
+            ..limits()
+        },
+    ))
+    .await;
+    let a = server.url(&format!("/{db}/c/_streams/a"));
+    let one: IpAddr = "127.0.0.1".parse().unwrap();
+    let two: IpAddr = "127.0.0.2".parse().unwrap();
+    let _held = (
+        open(&a, Some(one), None).await.unwrap(),
+        open(&a, Some(one), None).await.unwrap(),
+    );
+    assert_429(open(&a, Some(one), None).await.unwrap_err(), "per_ip").await;
+    // Another address (still loopback) has its own count.
+    let _other = open(&a, Some(two), None).await.unwrap();
+}
+
+#[tokio::test]
+async fn per_user_limit_counts_each_subject() {
+    let db = unique_db("limits_user");
+    let mut config = config(
+        &db,
+        LimitsConfig {
+            per_user: Some(1),
+            ..limits()
+        },
+    );
+    config.auth = toml::from_str(&format!(
+        r#"
+        enabled = true
+        [jwt]
+        hs256_secret = "{SECRET}"
+        [[rules]]
+        roles = ["*"]
+        streams = ["/{db}/c/_streams/*"]
+        "#
+    ))
+    .unwrap();
+    let server = TestServer::start(config).await;
+    let token = |sub: &str| {
+        let exp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &json!({ "sub": sub, "exp": exp }),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let (alice, bob) = (token("alice"), token("bob"));
+    let a = server.url(&format!("/{db}/c/_streams/a"));
+    let b = server.url(&format!("/{db}/c/_streams/b"));
+    let held = open(&a, None, Some(&alice)).await.unwrap();
+    // Any stream counts for the same user.
+    assert_429(open(&b, None, Some(&alice)).await.unwrap_err(), "per_user").await;
+    let _bob = open(&a, None, Some(&bob)).await.unwrap();
+    drop(held);
+    let start = Instant::now();
+    loop {
+        if open(&b, None, Some(&alice)).await.is_ok() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "slot not released"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
