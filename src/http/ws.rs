@@ -164,7 +164,7 @@ mod tests {
 
         let mut texts = Vec::new();
         let mut close = None;
-        while let Ok(Some(message)) = written.try_next() {
+        while let Ok(message) = written.try_recv() {
             match message {
                 Message::Text(text) => {
                     texts.push(serde_json::from_str::<serde_json::Value>(text.as_str()).unwrap())
@@ -190,8 +190,8 @@ mod tests {
         let task = tokio::spawn(serve(sink, incoming, feed(&worker, &shutdown).await));
         shutdown.cancel();
         task.await.unwrap();
-        match written.try_next() {
-            Ok(Some(Message::Close(Some(frame)))) => assert_eq!(frame.code, 1001),
+        match written.try_recv() {
+            Ok(Message::Close(Some(frame))) => assert_eq!(frame.code, 1001),
             other => panic!("expected a 1001 close, got {other:?}"),
         }
 
