@@ -38,6 +38,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use mongodb::options::ClientOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -177,6 +178,12 @@ impl App {
             }
         });
         // Connect info: the peer address is what `limits.per_ip` counts.
+        // Events are small and latency matters: no Nagle delay on client sockets.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+        });
         let server = axum::serve(
             listener,
             router.into_make_service_with_connect_info::<std::net::SocketAddr>(),

@@ -1,13 +1,14 @@
 //! Streaming HTTP bodies for the two text transports (SSE and NDJSON).
 //!
 //! Both turn [`Frame`]s into bytes the same way and differ only in the constants of
-//! [`Encoding`]. A single event is sent as its shared pre-encoded `Bytes` (no copy); a batch is
-//! concatenated into one chunk so hyper makes one write.
+//! [`Encoding`]. Every event goes out as its shared pre-encoded `Bytes`, never copied: a batch
+//! is yielded as consecutive chunks, which hyper queues and writes with one `writev`.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 
 use axum::body::Body;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use super::feed::{Feed, Frame};
 use crate::event::Event;
@@ -26,33 +27,29 @@ pub struct Encoding {
 
 /// A response body that streams the feed until it ends.
 pub fn streaming_body(feed: Feed, encoding: Encoding) -> Body {
-    let state = (feed, encoding, true);
-    let stream = futures::stream::unfold(state, |(mut feed, encoding, first)| async move {
-        if first && let Some(preamble) = encoding.preamble.clone() {
-            return Some((Ok::<Bytes, Infallible>(preamble), (feed, encoding, false)));
-        }
-        let bytes = match feed.next().await? {
-            Frame::Events(batch) => {
-                let bytes = concat(&batch, encoding.pick);
-                feed.delivered(batch.len(), bytes.len());
-                bytes
+    let pending: VecDeque<Bytes> = encoding.preamble.clone().into_iter().collect();
+    let stream = futures::stream::unfold(
+        (feed, encoding, pending),
+        |(mut feed, encoding, mut pending)| async move {
+            if let Some(bytes) = pending.pop_front() {
+                return Some((Ok::<Bytes, Infallible>(bytes), (feed, encoding, pending)));
             }
-            Frame::KeepAlive => encoding.keepalive.clone(),
-            Frame::Shutdown => encoding.goodbye.clone()?,
-        };
-        Some((Ok(bytes), (feed, encoding, false)))
-    });
+            let bytes = match feed.next().await? {
+                Frame::Events(batch) => {
+                    let mut total = 0;
+                    for event in &batch {
+                        let bytes = (encoding.pick)(event);
+                        total += bytes.len();
+                        pending.push_back(bytes.clone());
+                    }
+                    feed.delivered(batch.len(), total);
+                    pending.pop_front()?
+                }
+                Frame::KeepAlive => encoding.keepalive.clone(),
+                Frame::Shutdown => encoding.goodbye.clone()?,
+            };
+            Some((Ok(bytes), (feed, encoding, pending)))
+        },
+    );
     Body::from_stream(stream)
-}
-
-fn concat(batch: &[std::sync::Arc<Event>], pick: fn(&Event) -> &Bytes) -> Bytes {
-    if let [single] = batch {
-        return pick(single).clone();
-    }
-    let len = batch.iter().map(|e| pick(e).len()).sum();
-    let mut out = BytesMut::with_capacity(len);
-    for event in batch {
-        out.extend_from_slice(pick(event));
-    }
-    out.freeze()
 }

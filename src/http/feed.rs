@@ -4,12 +4,13 @@
 //! happens here: after one event arrives, everything already queued (up to a bound) is taken
 //! too, so a client that lags a little gets one large write instead of many small ones.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::time::{Interval, MissedTickBehavior};
-use tokio_util::sync::CancellationToken;
+use tokio::time::{Interval, MissedTickBehavior, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::negotiate::Transport;
 use crate::event::{Event, EventKind};
@@ -33,12 +34,18 @@ pub enum Frame {
 /// A subscription plus the timers and signals every transport needs.
 pub struct Feed {
     subscription: Subscription,
+    /// Ticks every keep-alive period; a tick after a period with writes sends nothing (cheaper
+    /// than resetting a timer on every write, which takes the timer driver's lock).
     keepalive: Interval,
-    shutdown: CancellationToken,
+    /// Whether anything was written since the last keep-alive tick.
+    wrote: bool,
+    /// Created once: a fresh `cancelled()` per `next()` would lock the token's waiter list on
+    /// every event for every client.
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     metrics: Arc<Metrics>,
     transport: Transport,
-    /// When the client's credential expires: the feed then ends with `auth_revoked`.
-    expires_at: Option<tokio::time::Instant>,
+    /// Fires when the client's credential expires: the feed then ends with `auth_revoked`.
+    expiry: Option<Pin<Box<Sleep>>>,
     /// The client's connection-limit slot: held for as long as the feed lives, freed on drop.
     permit: Option<Permit>,
     done: bool,
@@ -66,10 +73,11 @@ impl Feed {
         Feed {
             subscription,
             keepalive,
-            shutdown,
+            wrote: false,
+            shutdown: Box::pin(shutdown.cancelled_owned()),
             metrics,
             transport,
-            expires_at,
+            expiry: expires_at.map(|at| Box::pin(tokio::time::sleep_until(at))),
             permit: None,
             done: false,
         }
@@ -86,9 +94,10 @@ impl Feed {
         if self.done {
             return None;
         }
-        tokio::select! {
+        loop {
+            let frame = tokio::select! {
             biased;
-            _ = self.shutdown.cancelled() => {
+            _ = self.shutdown.as_mut() => {
                 self.done = true;
                 Some(Frame::Shutdown)
             }
@@ -106,21 +115,29 @@ impl Feed {
                         None => break,
                     }
                 }
-                self.keepalive.reset();
+                self.wrote = true;
                 Some(Frame::Events(batch))
             }
-            _ = self.keepalive.tick() => Some(Frame::KeepAlive),
+            _ = self.keepalive.tick() => {
+                if std::mem::take(&mut self.wrote) {
+                    continue;
+                }
+                Some(Frame::KeepAlive)
+            }
             // A timer, not a check on the next event: an idle stream is cut on time too.
-            _ = sleep_until_or_never(self.expires_at) => {
+            _ = expired(&mut self.expiry) => {
                 self.done = true;
                 let revoked = Event::control(EventKind::AuthRevoked, "the access token expired", false);
                 Some(Frame::Events(vec![Arc::new(revoked)]))
             }
+            };
+            return frame;
         }
     }
 
-    /// Records a written batch in stats and metrics.
-    pub fn delivered(&self, events: usize, bytes: usize) {
+    /// Records a written batch in stats and metrics (per batch, not per event: a lagging
+    /// client's large batches cost one update).
+    pub fn delivered(&mut self, events: usize, bytes: usize) {
         let stats = &self.subscription.worker().stats;
         stats.delivered.fetch_add(events as u64, Ordering::Relaxed);
         stats
@@ -130,9 +147,9 @@ impl Feed {
     }
 }
 
-async fn sleep_until_or_never(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
+async fn expired(expiry: &mut Option<Pin<Box<Sleep>>>) {
+    match expiry {
+        Some(sleep) => sleep.as_mut().await,
         None => std::future::pending().await,
     }
 }

@@ -24,7 +24,7 @@ where
             frame = feed.next() => {
                 let outcome = match frame {
                     None => close(&mut sink, 1000, "stream ended").await,
-                    Some(Frame::Events(batch)) => write_batch(&mut sink, &feed, &batch).await,
+                    Some(Frame::Events(batch)) => write_batch(&mut sink, &mut feed, &batch).await,
                     Some(Frame::KeepAlive) => sink.send(Message::Ping(Bytes::new())).await.map(|_| true),
                     Some(Frame::Shutdown) => close(&mut sink, GOING_AWAY, "server shutting down").await,
                 };
@@ -45,7 +45,7 @@ where
 /// Writes a batch; returns `Ok(false)` after a terminal event (then the socket is closed).
 async fn write_batch<W: Sink<Message> + Unpin>(
     sink: &mut W,
-    feed: &Feed,
+    feed: &mut Feed,
     batch: &[std::sync::Arc<crate::event::Event>],
 ) -> Result<bool, W::Error> {
     let mut bytes = 0;

@@ -53,7 +53,7 @@ pub struct WorkerKey {
 }
 
 /// Slots of the live broadcast channel. Small on purpose: lagging clients recover from the ring.
-pub const LIVE_SLOTS: usize = 256;
+pub const LIVE_SLOTS: usize = 1024;
 
 /// Slots of a filtered partition's channel: there may be one per tenant, so keep them small.
 const PARTITION_SLOTS: usize = 64;

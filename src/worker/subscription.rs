@@ -72,9 +72,9 @@ pub struct Subscription {
     backlog: VecDeque<Arc<Event>>,
     source: Source,
     skip_through: Option<Token>,
-    last_id: Option<Token>,
-    /// Where this client is in the worker's sequence: the last event handed out, or the
-    /// worker's position when the client attached. Lag recovery re-attaches from here.
+    /// Where this client is in the worker's sequence: the id of the last change handed out,
+    /// else the resume id it came with, else the worker's position when it attached. Lag
+    /// recovery re-attaches from here. (One field, one refcount per delivered event.)
     cursor_pos: Option<Token>,
     /// This client's claim filter, for streams with `match` rules.
     filter: Option<Arc<ClientFilter>>,
@@ -99,7 +99,6 @@ impl Subscription {
             backlog: VecDeque::new(),
             source: Source::Done,
             skip_through: None,
-            last_id: resume.clone(),
             cursor_pos: resume.clone(),
             filter: filter.clone(),
         };
@@ -153,9 +152,10 @@ impl Subscription {
         &self.guard.worker
     }
 
-    /// The id of the last change delivered (or the resume id given).
-    pub fn last_id(&self) -> Option<&Token> {
-        self.last_id.as_ref()
+    /// The id of the last change delivered, else the resume id given, else the worker position
+    /// at attach time.
+    pub fn position(&self) -> Option<&Token> {
+        self.cursor_pos.as_ref()
     }
 
     /// Next event, waiting if needed. `None` once the feed has ended (after a terminal event).
@@ -251,7 +251,7 @@ impl Subscription {
 
     fn slow(&mut self) -> Arc<Event> {
         self.guard.worker.metrics().slow_consumers.inc();
-        tracing::info!(stream = %self.guard.worker.key.stream, last_id = ?self.last_id, "client too slow, closing");
+        tracing::info!(stream = %self.guard.worker.key.stream, position = ?self.cursor_pos, "client too slow, closing");
         self.deliver(Arc::new(Event::control(
             EventKind::Error(ErrorCode::SlowConsumer),
             "client fell too far behind; reconnect with the last event id to resume",
@@ -264,7 +264,6 @@ impl Subscription {
             self.backlog.clear();
             self.source = Source::Done;
         } else if let Some(id) = &event.id {
-            self.last_id = Some(id.clone());
             self.cursor_pos = Some(id.clone());
         }
         event

@@ -158,7 +158,7 @@ async fn burst_larger_than_live_buffer_reaches_every_client() {
         clients.push(f.connect(kind).await);
     }
     // One insert_many: the worker publishes 3,000 events as fast as MongoDB returns them,
-    // far more than the 256 live slots; clients catch up from the ring instead of being cut.
+    // far more than the 1,024 live slots; clients catch up from the ring instead of being cut.
     const N: i64 = 3000;
     f.coll
         .insert_many((0..N).map(|seq| doc! { "seq": seq }))
