@@ -7,10 +7,14 @@ WORKDIR /build
 # Dependencies first, compiled against a placeholder main: this layer is reused until
 # Cargo.toml or Cargo.lock changes.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+# Every target Cargo.toml declares needs a file, or cargo refuses the manifest.
+RUN mkdir -p src/bin tests/it \
  && echo 'fn main() {}' > src/main.rs \
- && cargo build --release --locked \
- && rm -rf src
+ && echo 'fn main() {}' > src/bin/streamgate-bench.rs \
+ && echo '' > src/lib.rs \
+ && echo '' > tests/it/main.rs \
+ && cargo build --release --locked --bin streamgate \
+ && rm -rf src tests
 
 # Then the real sources. COPY keeps their (older) mtimes and the placeholder's artifacts would
 # look fresh to cargo, so drop them before building the real crate.
