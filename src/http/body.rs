@@ -8,6 +8,8 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 
 use axum::body::Body;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use super::feed::{Feed, Frame};
@@ -25,8 +27,25 @@ pub struct Encoding {
     pub pick: fn(&Event) -> &Bytes,
 }
 
+/// A streaming response with `content_type` and the no-buffering headers every proxy needs
+/// (`Cache-Control: no-cache`, `X-Accel-Buffering: no`).
+pub fn streaming_response(feed: Feed, encoding: Encoding, content_type: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            (
+                header::HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+        ],
+        streaming_body(feed, encoding),
+    )
+        .into_response()
+}
+
 /// A response body that streams the feed until it ends.
-pub fn streaming_body(feed: Feed, encoding: Encoding) -> Body {
+fn streaming_body(feed: Feed, encoding: Encoding) -> Body {
     let pending: VecDeque<Bytes> = encoding.preamble.clone().into_iter().collect();
     let stream = futures::stream::unfold(
         (feed, encoding, pending),
