@@ -38,7 +38,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use mongodb::options::ClientOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -62,9 +61,6 @@ pub enum StartError {
     /// The `[auth]` section cannot be used (e.g. an unreadable key file).
     #[error("invalid auth configuration: {0}")]
     Auth(String),
-    /// Serving failed (accept loop I/O).
-    #[error("server error: {0}")]
-    Serve(std::io::Error),
 }
 
 /// How long [`App::new`] waits for the stored definitions before serving without them (the
@@ -177,26 +173,19 @@ impl App {
                 token.cancel();
             }
         });
-        // Connect info: the peer address is what `limits.per_ip` counts.
-        // Events are small and latency matters: no Nagle delay on client sockets.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%error, "cannot set TCP_NODELAY");
-            }
-        });
-        let server = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(token.clone().cancelled_owned());
-        let served = tokio::select! {
-            result = server.into_future() => result.map_err(StartError::Serve),
-            // Graceful shutdown waits for connections; do not let a stuck one hold us hostage.
-            _ = async { token.cancelled().await; tokio::time::sleep(grace).await } => {
-                tracing::warn!(?grace, "grace period over; closing remaining connections");
-                Ok(())
-            }
-        };
+        // Hyper for ordinary requests, direct writes for SSE/NDJSON (see `http::server`);
+        // both put the peer address in `ConnectInfo`, which `limits.per_ip` counts.
+        let connections = TaskTracker::new();
+        http::server::serve(listener, router, token.clone(), connections.clone()).await;
+        connections.close();
+        // Open streams end on the token (SSE `retry`, WebSocket 1001); do not let a stuck
+        // connection hold shutdown hostage.
+        if tokio::time::timeout(grace, connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(?grace, "grace period over; closing remaining connections");
+        }
         self.tracker.close();
         if tokio::time::timeout(Duration::from_secs(2), self.tracker.wait())
             .await
@@ -204,7 +193,7 @@ impl App {
         {
             tracing::warn!("some workers did not stop in time");
         }
-        served
+        Ok(())
     }
 }
 

@@ -11,6 +11,7 @@ pub mod feed;
 pub mod health;
 pub mod ndjson;
 pub mod negotiate;
+pub mod server;
 pub mod sse;
 pub mod subscribe;
 pub mod ws;

@@ -71,6 +71,8 @@ async fn four_changes(kind: Kind) {
         assert_eq!(client.headers["content-type"], "text/event-stream");
         assert_eq!(client.headers["cache-control"], "no-cache");
         assert_eq!(client.headers["x-accel-buffering"], "no");
+        // Written directly, not through hyper (see `http::server`): close-delimited.
+        assert_eq!(client.headers["connection"], "close");
     }
     if kind == Kind::Ndjson {
         assert_eq!(client.headers["content-type"], "application/x-ndjson");
