@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use crate::harness::clients::{Client, Envelope, Kind, Next};
 use crate::harness::mongod::{self, MongoD};
 use crate::harness::server::{self, TestServer};
-use crate::harness::unique_db;
+use crate::harness::{eventually, unique_db};
 
 const WAIT: Duration = Duration::from_secs(10);
 /// How long "nothing more arrives" is watched for.
@@ -132,16 +132,6 @@ async fn connect(kind: Kind, server: &TestServer, path: &str) -> Client {
         Ok(client) => client,
         Err(refused) => panic!("{kind:?} {path} refused: {refused:?}"),
     }
-}
-
-/// Polls `check` every few ms until it holds; returns how long that took.
-async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    start.elapsed()
 }
 
 /// Expects `cancel`, then the end of the stream (WebSocket: close code 4001).
@@ -292,7 +282,7 @@ async fn create_subscribe_receive_with_stats() {
     // Stats: one SSE client, two events received and delivered, a position, running.
     let key = StreamKey::new(&db, "orders", "inserts").unwrap();
     let worker = &server.registry.workers_of(&key)[0];
-    eventually("deliveries counted", WAIT, || {
+    eventually("deliveries counted", WAIT, async || {
         worker
             .stats
             .delivered
@@ -427,7 +417,7 @@ async fn delete_cancels_and_closes_clients_and_stops_workers() {
     expect_cancel_and_close(&mut sse, Kind::Sse).await;
     expect_cancel_and_close(&mut ws, Kind::Ws).await;
     expect_cancel_and_close(&mut ndjson, Kind::Ndjson).await;
-    eventually("workers stopped", WAIT, || {
+    eventually("workers stopped", WAIT, async || {
         server.registry.workers_of(&key).is_empty()
     })
     .await;
@@ -507,7 +497,7 @@ async fn static_streams_are_listed_read_only_and_never_overridden() {
         .await
         .unwrap();
     let other = StreamKey::new(&db, "c", "other").unwrap();
-    eventually("direct write applied", WAIT, || {
+    eventually("direct write applied", WAIT, async || {
         server.registry.get(&other).is_some()
     })
     .await;
@@ -736,9 +726,11 @@ async fn two_instances_share_definitions_within_a_second() {
         let sent = Instant::now();
         let reply = put(&a, &admin_path(&db, "c", &name), &json!({})).await;
         assert_eq!(reply.status, 201);
-        eventually("created on A, visible on B", Duration::from_secs(1), || {
-            b.registry.get(&key).is_some()
-        })
+        eventually(
+            "created on A, visible on B",
+            Duration::from_secs(1),
+            async || b.registry.get(&key).is_some(),
+        )
         .await;
         // From the PUT being sent to B having applied it.
         latencies.push(sent.elapsed());
@@ -792,9 +784,11 @@ async fn two_instances_share_definitions_within_a_second() {
             .get(&key)
             .and_then(|e| e.definition.source.description.clone())
     };
-    eventually("B has the last replace", Duration::from_secs(1), || {
-        description(&b).as_deref() == Some("v7")
-    })
+    eventually(
+        "B has the last replace",
+        Duration::from_secs(1),
+        async || description(&b).as_deref() == Some("v7"),
+    )
     .await;
     let revision_a = a.registry.get(&key).unwrap().revision;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1051,9 +1045,11 @@ async fn watcher_survives_a_mongod_restart() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let key = StreamKey::new(&db, "c", "after").unwrap();
-    eventually("B's watcher recovered", Duration::from_secs(15), || {
-        b.registry.get(&key).is_some()
-    })
+    eventually(
+        "B's watcher recovered",
+        Duration::from_secs(15),
+        async || b.registry.get(&key).is_some(),
+    )
     .await;
     eprintln!(
         "admin propagation after a mongod outage (first PUT sent → on B): {:?}",

@@ -8,8 +8,8 @@ use mongodb::bson::{Document, doc};
 
 use crate::harness::clients::Kind;
 use crate::harness::fixture::{Fixture, insert_seqs, resume, seqs};
-use crate::harness::mongod;
 use crate::harness::server::TestServer;
+use crate::harness::{eventually, mongod};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -37,15 +37,6 @@ async fn change_stream_cursors(mongo: &mongodb::Client, db: &str, coll: &str) ->
     ids.sort_unstable();
     ids.dedup();
     ids.len()
-}
-
-/// Polls `condition` every 50 ms for up to 5 s.
-async fn eventually(what: &str, mut condition: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !condition().await {
-        assert!(tokio::time::Instant::now() < deadline, "{what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]
@@ -78,13 +69,17 @@ async fn mixed_clients_share_one_cursor_and_worker_lingers_then_stops() {
     }
     drop(clients);
     // Linger is 300 ms; reads return at least every 500 ms.
-    eventually("worker stops after linger", async || {
-        f.server.registry.workers_of(&f.key()).is_empty()
-    })
+    eventually(
+        "worker stops after linger",
+        Duration::from_secs(5),
+        async || f.server.registry.workers_of(&f.key()).is_empty(),
+    )
     .await;
-    eventually("cursor closed on the server", async || {
-        change_stream_cursors(&mongo, &f.db, "c").await == 0
-    })
+    eventually(
+        "cursor closed on the server",
+        Duration::from_secs(5),
+        async || change_stream_cursors(&mongo, &f.db, "c").await == 0,
+    )
     .await;
     f.server.stop().await;
 }

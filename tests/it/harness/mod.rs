@@ -17,3 +17,18 @@ pub fn unique_db(prefix: &str) -> String {
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// Polls `check` every 2 ms until it holds, panicking with `what` after `timeout`; returns how
+/// long it took (the admin tests report propagation times with it).
+pub async fn eventually(
+    what: &str,
+    timeout: std::time::Duration,
+    mut check: impl AsyncFnMut() -> bool,
+) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    start.elapsed()
+}
