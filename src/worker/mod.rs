@@ -472,11 +472,6 @@ impl Worker {
         self.cancel.cancel();
     }
 
-    /// Stops the worker without an event (shutdown paths).
-    pub fn stop(&self) {
-        self.cancel.cancel();
-    }
-
     /// Removes the worker from the map if it still has no clients. Returns whether it did.
     fn retire_if_idle(self: &Arc<Self>) -> bool {
         let mut map = lock(&self.map);

@@ -152,12 +152,6 @@ impl Subscription {
         &self.guard.worker
     }
 
-    /// The id of the last change delivered, else the resume id given, else the worker position
-    /// at attach time.
-    pub fn position(&self) -> Option<&Token> {
-        self.cursor_pos.as_ref()
-    }
-
     /// Next event, waiting if needed. `None` once the feed has ended (after a terminal event).
     /// Cancel-safe: the only awaits are on channel receivers.
     pub async fn next(&mut self) -> Option<Arc<Event>> {
@@ -287,38 +281,20 @@ async fn catch_up(
         }
         let position = match cursor.next_if_any().await {
             Ok(Some(change)) => {
-                let event = match worker.encode(change) {
-                    Ok((event, values)) => {
-                        if filter.as_ref().is_some_and(|f| !f.matches(&values)) {
-                            // Not this client's document: skip it, but it still moves the
-                            // hand-over position forward.
-                            if let Some(id) = &event.id {
-                                sent = id.clone();
-                            }
-                            if let Some(attachment) =
-                                worker.attach(event.id.as_ref(), filter.as_ref())
-                            {
-                                let _ = tx.send(CatchUp::Handover(attachment)).await;
-                                return;
-                            }
-                            continue;
-                        }
-                        Arc::new(event)
-                    }
+                let (event, values) = match worker.encode(change) {
+                    Ok(encoded) => encoded,
                     Err(error) => {
-                        let event = Event::control(
-                            EventKind::Error(ErrorCode::Upstream),
-                            &error.to_string(),
-                            false,
-                        );
-                        let _ = tx.send(CatchUp::Event(Arc::new(event))).await;
-                        return;
+                        return fail(&tx, ErrorCode::Upstream, &error.to_string(), false).await;
                     }
                 };
                 let terminal = event.kind.is_terminal();
                 let id = event.id.clone();
-                if tx.send(CatchUp::Event(event)).await.is_err() || terminal {
-                    return;
+                // Another tenant's document is not sent, but still moves the position forward.
+                if terminal || filter.as_ref().is_none_or(|f| f.matches(&values)) {
+                    let sent_ok = tx.send(CatchUp::Event(Arc::new(event))).await.is_ok();
+                    if !sent_ok || terminal {
+                        return;
+                    }
                 }
                 if let Some(id) = &id {
                     sent = id.clone();
@@ -341,9 +317,7 @@ async fn catch_up(
                     Disposition::HistoryLost(_) => (ErrorCode::HistoryLost, true),
                     Disposition::Fatal(_) => (ErrorCode::Upstream, false),
                 };
-                let event = Event::control(EventKind::Error(code), &error.to_string(), reset);
-                let _ = tx.send(CatchUp::Event(Arc::new(event))).await;
-                return;
+                return fail(&tx, code, &error.to_string(), reset).await;
             }
         };
         if let Some(position) = position
@@ -353,4 +327,10 @@ async fn catch_up(
             return;
         }
     }
+}
+
+/// Ends a catch-up with an `error` event for its client.
+async fn fail(tx: &mpsc::Sender<CatchUp>, code: ErrorCode, message: &str, reset_id: bool) {
+    let event = Event::control(EventKind::Error(code), message, reset_id);
+    let _ = tx.send(CatchUp::Event(Arc::new(event))).await;
 }
