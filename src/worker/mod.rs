@@ -356,9 +356,10 @@ impl Worker {
     pub async fn ready(&self, timeout: Duration) -> bool {
         let mut state = self.state.subscribe();
         let wait = state.wait_for(|s| *s != WorkerState::Starting);
-        matches!(tokio::time::timeout(timeout, wait).await, Ok(Ok(_)))
-            && lock(&self.hub).coverage_start.is_some()
-            || lock(&self.hub).terminal.is_some()
+        let left_starting = matches!(tokio::time::timeout(timeout, wait).await, Ok(Ok(_)));
+        let hub = lock(&self.hub);
+        // Ended before opening (e.g. a pipeline MongoDB refuses): ready, with that error.
+        hub.terminal.is_some() || (left_starting && hub.coverage_start.is_some())
     }
 
     /// Attaches a client that has seen everything up to `after` (or nothing, for a new client).
