@@ -33,9 +33,9 @@ pub struct Config {
     /// Seconds between keep-alives (SSE comment, NDJSON empty line, WebSocket ping).
     #[serde(default = "default_keepalive_secs")]
     pub keepalive_secs: u64,
-    /// Events a client may fall behind its worker before it is cut with `slow_consumer`
-    /// (lagging clients are served from the shared ring, so this costs no per-client memory;
-    /// must not exceed `ring_size`).
+    /// Deprecated and ignored: clients are no longer cut by how many events they are behind
+    /// (a client that keeps reading is served from the ring and shared catch-ups; one whose
+    /// socket stalls is closed after `stall_timeout_secs`). Still accepted so old configs load.
     #[serde(default = "default_client_queue")]
     pub client_queue: usize,
     /// Recent events each worker keeps in memory to serve resumes without a new cursor.

@@ -148,10 +148,6 @@ impl From<SubscribeFailure> for ApiError {
             SubscribeFailure::Subscribe(SubscribeError::BadResumeToken(message)) => {
                 ApiError::bad_request(format!("the event id cannot be resumed from: {message}"))
             }
-            SubscribeFailure::Subscribe(SubscribeError::Unavailable(message)) => {
-                tracing::warn!(%message, "subscribe failed: MongoDB unavailable");
-                ApiError::unavailable("MongoDB is not reachable right now; retry shortly")
-            }
             SubscribeFailure::NotReady => ApiError::unavailable(failure.to_string()),
             SubscribeFailure::Filter(error) => {
                 ApiError::new(StatusCode::FORBIDDEN, "Forbidden", error.to_string())

@@ -126,6 +126,9 @@ impl fmt::Display for Token {
 pub enum EventKind {
     /// A change document; carries an id.
     Change,
+    /// A change that cannot be delivered (over MongoDB's 16 MB limit on a server that cannot
+    /// split it); carries that change's id, so resuming after it goes on. Not terminal.
+    Skipped,
     /// The collection was dropped or renamed; the stream ends.
     Invalidate,
     /// The stream was deleted or the client's access withdrawn; the stream ends.
@@ -166,6 +169,7 @@ impl EventKind {
     pub fn name(self) -> &'static str {
         match self {
             EventKind::Change => "change",
+            EventKind::Skipped => "skipped",
             EventKind::Invalidate => "invalidate",
             EventKind::Cancel => "cancel",
             EventKind::AuthRevoked => "auth_revoked",
@@ -175,13 +179,13 @@ impl EventKind {
 
     /// Whether the stream ends after this event.
     pub fn is_terminal(self) -> bool {
-        !matches!(self, EventKind::Change)
+        !matches!(self, EventKind::Change | EventKind::Skipped)
     }
 
     /// WebSocket close code sent after a terminal event (see README "WebSocket close codes").
     pub fn ws_close_code(self) -> u16 {
         match self {
-            EventKind::Change | EventKind::Invalidate => 1000,
+            EventKind::Change | EventKind::Skipped | EventKind::Invalidate => 1000,
             EventKind::Cancel => 4001,
             EventKind::AuthRevoked => 4003,
             EventKind::Error(ErrorCode::SlowConsumer) => 4008,
@@ -233,6 +237,25 @@ impl Event {
         };
         let data = Bson::Document(change).into_relaxed_extjson();
         Ok(Event::encode(kind, Some(id), &data, false))
+    }
+
+    /// `event: skipped` for a change over 16 MB: `{"code":"event_too_large",…}` with the
+    /// change's id and what identifies it (`operationType`, `documentKey`, `ns`).
+    pub fn skipped(id: &Token, found: &Document) -> Event {
+        let pick = |key: &str| {
+            found
+                .get(key)
+                .cloned()
+                .map_or(serde_json::Value::Null, Bson::into_relaxed_extjson)
+        };
+        let data = json!({
+            "code": "event_too_large",
+            "message": "this change is larger than MongoDB's 16 MB document limit and this MongoDB server cannot split it; it was skipped",
+            "operationType": pick("operationType"),
+            "documentKey": pick("documentKey"),
+            "ns": pick("ns"),
+        });
+        Event::encode(EventKind::Skipped, Some(id.clone()), &data, false)
     }
 
     /// A control event (`error`, `cancel`, `auth_revoked`, …) with a `{code,message}` body.

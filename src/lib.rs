@@ -98,7 +98,6 @@ impl App {
         let tracker = TaskTracker::new();
         let metrics = Arc::new(Metrics::new());
         let settings = WorkerSettings {
-            client_queue: config.client_queue,
             ring_size: config.ring_size,
             linger: config.worker_linger(),
             ..WorkerSettings::default()

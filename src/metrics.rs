@@ -35,6 +35,12 @@ pub struct Metrics {
     pub worker_retries: Counter,
     /// Catch-up cursors opened for resumes older than a worker's ring.
     pub catchups: Counter,
+    /// Clients that joined a catch-up cursor another client had opened.
+    pub catchups_joined: Counter,
+    /// Times a client was lapped by the live channel and read on from the ring.
+    pub lag_recoveries: Counter,
+    /// Changes over 16 MB replaced by `event: skipped`.
+    pub oversize_skipped: Counter,
 }
 
 impl Default for Metrics {
@@ -87,8 +93,29 @@ impl Metrics {
             "Catch-up cursors opened for old resume ids",
             catchups.clone(),
         );
+        let catchups_joined = Counter::default();
+        registry.register(
+            "catchups_joined",
+            "Clients served by a catch-up cursor another client opened",
+            catchups_joined.clone(),
+        );
+        let lag_recoveries = Counter::default();
+        registry.register(
+            "lag_recoveries",
+            "Clients lapped by the live channel that read on from the ring",
+            lag_recoveries.clone(),
+        );
+        let oversize_skipped = Counter::default();
+        registry.register(
+            "oversize_skipped",
+            "Changes over 16 MB delivered as event: skipped",
+            oversize_skipped.clone(),
+        );
         Metrics {
             registry,
+            catchups_joined,
+            lag_recoveries,
+            oversize_skipped,
             clients,
             workers,
             cursors_opened,

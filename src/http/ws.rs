@@ -79,8 +79,7 @@ async fn close<W: Sink<Message> + Unpin>(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
     use std::time::Duration;
 
     use futures::channel::mpsc;
@@ -91,49 +90,15 @@ mod tests {
     use crate::event::{Event, EventKind};
     use crate::http::negotiate::Transport;
     use crate::metrics::Metrics;
-    use crate::streams::definition::{
-        FullDocument, FullDocumentBeforeChange, StreamKey, WatchSpec,
-    };
-    use crate::worker::{Subscription, Worker, WorkerKey, WorkerSettings};
+    use crate::worker::{ClientGuard, Subscription, Worker, WorkerSettings};
 
-    /// A worker that is never spawned: the test publishes into it directly.
     async fn idle_worker() -> Arc<Worker> {
-        let client = mongodb::Client::with_uri_str("mongodb://127.0.0.1:1/")
-            .await
-            .unwrap();
-        let key = StreamKey::new("db", "c", "s").unwrap();
-        Worker::new(
-            WorkerKey {
-                stream: key,
-                revision: 1,
-                vars: "{}".into(),
-            },
-            WatchSpec {
-                db: "db".into(),
-                coll: "c".into(),
-                pipeline: Vec::new(),
-                full_document: FullDocument::Default,
-                full_document_before_change: FullDocumentBeforeChange::Off,
-                routing: Vec::new(),
-            },
-            client,
-            WorkerSettings::default(),
-            &CancellationToken::new(),
-            Arc::new(Metrics::new()),
-            Arc::new(Mutex::new(HashMap::new())),
-        )
+        crate::worker::test_worker(WorkerSettings::default().ring_size).await
     }
 
     async fn feed(worker: &Arc<Worker>, shutdown: &CancellationToken) -> Feed {
-        worker.add_client();
-        let subscription = Subscription::start(
-            Arc::clone(worker),
-            Transport::WebSocket as usize,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+        let guard = ClientGuard::new(Arc::clone(worker), Transport::WebSocket as usize);
+        let subscription = Subscription::start(guard, None, None).await.unwrap();
         Feed::new(
             subscription,
             Duration::from_secs(60),

@@ -14,7 +14,7 @@ use mongodb::options::{ChangeStreamOptions, FullDocumentBeforeChangeType, FullDo
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::worker::routing::MatchRule;
+use crate::worker::routing::{MatchRule, RuleSource};
 
 /// Stages MongoDB allows after `$changeStream`.
 pub const ALLOWED_STAGES: &[&str] = &[
@@ -187,6 +187,33 @@ pub struct CompiledDefinition {
     variables: BTreeMap<String, Option<Bson>>,
     /// Compiled `match` rules (empty: every client gets every event).
     routing: Vec<MatchRule>,
+    /// Variables used only as routable conditions, with where (see [`routable_uses`]).
+    routable: BTreeMap<String, Vec<RoutableUse>>,
+}
+
+/// A `$var` that is only the value of an equality or `$in` on a field of a top-level `$match`
+/// followed by nothing but `$match` stages: the condition can be taken out of the pipeline and
+/// evaluated per client in-process on the event as MongoDB returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RoutableUse {
+    /// Index of the `$match` stage.
+    stage: usize,
+    /// The field (dotted path) the condition is on.
+    field: String,
+    /// `$in` (the variable is a list of values) rather than equality.
+    membership: bool,
+}
+
+/// A definition bound to one client's variables.
+#[derive(Debug, Clone)]
+pub struct Binding {
+    /// What the worker runs.
+    pub spec: WatchSpec,
+    /// Canonical JSON of the variables kept in the pipeline: clients with equal values share
+    /// one worker (the routed ones share it whatever their values).
+    pub vars: String,
+    /// Variables routed in-process, with this client's values (for its filter).
+    pub routed: BTreeMap<String, Bson>,
 }
 
 impl StreamDefinition {
@@ -245,11 +272,13 @@ impl StreamDefinition {
             ));
         }
         let routing = compile_match(self.match_rules.as_ref())?;
+        let routable = routable_uses(&stages);
         Ok(CompiledDefinition {
             source: self,
             stages,
             variables,
             routing,
+            routable,
         })
     }
 }
@@ -285,7 +314,8 @@ fn compile_match(rules: Option<&Value>) -> Result<Vec<MatchRule>, DefinitionErro
             })?;
             Ok(MatchRule {
                 field: segments,
-                claim: claim.to_owned(),
+                source: RuleSource::Claim(claim.to_owned()),
+                pre_image: false,
             })
         })
         .collect()
@@ -343,6 +373,96 @@ fn scan(
             Ok(())
         }
         _ => Ok(()),
+    }
+}
+
+/// Name of the variable a `{"$var": …}` document stands for.
+fn var_name(value: &Bson) -> Option<&str> {
+    let Bson::Document(doc) = value else {
+        return None;
+    };
+    match (doc.len(), doc.get("$var")?) {
+        (1, Bson::String(name)) => Some(name),
+        (1, Bson::Array(items)) => items.first()?.as_str(),
+        _ => None,
+    }
+}
+
+/// Counts every `{"$var": …}` placeholder in a value, by variable.
+fn count_vars(value: &Bson, counts: &mut BTreeMap<String, usize>) {
+    if let Some(name) = var_name(value) {
+        *counts.entry(name.to_owned()).or_default() += 1;
+        return;
+    }
+    match value {
+        Bson::Document(doc) => doc.values().for_each(|v| count_vars(v, counts)),
+        Bson::Array(items) => items.iter().for_each(|v| count_vars(v, counts)),
+        _ => {}
+    }
+}
+
+/// The variables whose every use is a routable condition (see [`RoutableUse`]).
+fn routable_uses(stages: &[Document]) -> BTreeMap<String, Vec<RoutableUse>> {
+    let mut counts = BTreeMap::new();
+    for stage in stages {
+        count_vars(&Bson::Document(stage.clone()), &mut counts);
+    }
+    let mut uses: BTreeMap<String, Vec<RoutableUse>> = BTreeMap::new();
+    for (index, stage) in stages.iter().enumerate() {
+        let only_matches_follow = stages[index..].iter().all(|s| s.contains_key("$match"));
+        let Ok(conditions) = stage.get_document("$match") else {
+            continue;
+        };
+        if !only_matches_follow {
+            continue;
+        }
+        for (field, condition) in conditions {
+            if field.starts_with('$') {
+                continue;
+            }
+            let operator = match condition {
+                Bson::Document(doc) if doc.len() == 1 => doc.iter().next(),
+                _ => None,
+            };
+            let (name, membership) = match operator {
+                Some((op, _)) if op == "$var" => (var_name(condition), false),
+                Some((op, inner)) if op == "$eq" => (var_name(inner), false),
+                Some((op, inner)) if op == "$in" => (var_name(inner), true),
+                _ => (None, false),
+            };
+            if let Some(name) = name {
+                uses.entry(name.to_owned()).or_default().push(RoutableUse {
+                    stage: index,
+                    field: field.clone(),
+                    membership,
+                });
+            }
+        }
+    }
+    uses.retain(|name, found| counts.get(name) == Some(&found.len()));
+    uses
+}
+
+/// Whether a bound value can be compared in-process exactly as MongoDB would: a plain scalar
+/// for equality, an array of them for `$in`. (`null` also matches missing fields, a document or
+/// array compares as a whole, decimals and regexes compare by rules of their own: those keep a
+/// cursor per binding.)
+fn routable_value(value: &Bson, membership: bool) -> bool {
+    fn scalar(value: &Bson) -> bool {
+        match value {
+            Bson::Double(f) => f.is_finite(),
+            Bson::String(_)
+            | Bson::Int32(_)
+            | Bson::Int64(_)
+            | Bson::Boolean(_)
+            | Bson::ObjectId(_)
+            | Bson::DateTime(_) => true,
+            _ => false,
+        }
+    }
+    match value {
+        Bson::Array(items) if membership => items.iter().all(scalar),
+        other => !membership && scalar(other),
     }
 }
 
@@ -444,13 +564,13 @@ impl WatchSpec {
 }
 
 impl CompiledDefinition {
-    /// Substitutes the client's variables. Returns the spec and the canonical JSON of the values
-    /// used: clients with equal values share one worker.
+    /// Binds the client's variables: routable ones become routing rules (their conditions
+    /// leave the pipeline, so every binding shares one cursor), the others are substituted.
     pub fn bind(
         &self,
         key: &StreamKey,
         avars: &serde_json::Map<String, Value>,
-    ) -> Result<(WatchSpec, String), AvarsError> {
+    ) -> Result<Binding, AvarsError> {
         let mut bound: BTreeMap<&str, Bson> = BTreeMap::new();
         for (name, default) in &self.variables {
             let value = match avars.get(name) {
@@ -462,30 +582,68 @@ impl CompiledDefinition {
             };
             bound.insert(name, value);
         }
+        let mut routed = BTreeMap::new();
+        let mut routing = Vec::new();
+        let mut removed: Vec<(usize, &str)> = Vec::new();
+        for (name, uses) in &self.routable {
+            let Some(value) = bound.get(name.as_str()) else {
+                continue;
+            };
+            if !uses.iter().all(|u| routable_value(value, u.membership)) {
+                continue;
+            }
+            routed.insert(name.clone(), value.clone());
+            for u in uses {
+                removed.push((u.stage, &u.field));
+                routing.push(MatchRule {
+                    field: u.field.split('.').map(str::to_owned).collect(),
+                    source: RuleSource::Var(name.clone()),
+                    pre_image: false,
+                });
+            }
+        }
         let pipeline = self
             .stages
             .iter()
-            .map(|stage| substitute_doc(stage, &bound))
+            .enumerate()
+            .filter_map(|(index, stage)| {
+                let mut stage = substitute_doc(stage, &bound);
+                let mut emptied = false;
+                for (_, field) in removed.iter().filter(|(i, _)| *i == index) {
+                    if let Ok(conditions) = stage.get_document_mut("$match") {
+                        conditions.remove(*field);
+                        emptied = conditions.is_empty();
+                    }
+                }
+                (!emptied).then_some(stage)
+            })
             .collect();
-        let canonical = Bson::Document(
+        let pre_image = self.source.full_document_before_change != FullDocumentBeforeChange::Off;
+        routing.extend(self.routing.iter().map(|rule| MatchRule {
+            pre_image,
+            ..rule.clone()
+        }));
+        let vars = Bson::Document(
             bound
                 .iter()
+                .filter(|(k, _)| !routed.contains_key(**k))
                 .map(|(k, v)| ((*k).to_owned(), v.clone()))
                 .collect(),
         )
         .into_canonical_extjson()
         .to_string();
-        Ok((
-            WatchSpec {
+        Ok(Binding {
+            spec: WatchSpec {
                 db: key.db.clone(),
                 coll: key.coll.clone(),
                 pipeline,
                 full_document: self.source.full_document,
                 full_document_before_change: self.source.full_document_before_change,
-                routing: self.routing.clone(),
+                routing,
             },
-            canonical,
-        ))
+            vars,
+            routed,
+        })
     }
 
     /// Names of the variables the pipeline uses.
@@ -596,14 +754,69 @@ mod tests {
         }}]))
         .compile()
         .unwrap();
-        let avars = parse_avars(Some(r#"{"owner":"bob"}"#)).unwrap();
-        let (spec, canonical) = compiled.bind(&key(), &avars).unwrap();
-        let m = spec.pipeline[0].get_document("$match").unwrap();
-        assert_eq!(m.get_str("fullDocument.owner").unwrap(), "bob");
-        assert_eq!(m.get_str("fullDocument.kind").unwrap(), "a");
-        assert_eq!(canonical, r#"{"kind":"a","owner":"bob"}"#);
+        // `owner` is routable for a string, `kind` too; a document value keeps its cursor.
+        let avars = parse_avars(Some(r#"{"owner":"bob","kind":{"k":1}}"#)).unwrap();
+        let binding = compiled.bind(&key(), &avars).unwrap();
+        let m = binding.spec.pipeline[0].get_document("$match").unwrap();
+        assert!(!m.contains_key("fullDocument.owner"));
+        assert_eq!(
+            m.get_document("fullDocument.kind").unwrap(),
+            &mongodb::bson::doc! {"k": 1}
+        );
+        assert_eq!(binding.vars, r#"{"kind":{"k":{"$numberInt":"1"}}}"#);
+        assert_eq!(binding.routed.get("owner"), Some(&Bson::from("bob")));
+        assert_eq!(binding.spec.routing.len(), 1);
+        assert_eq!(
+            binding.spec.routing[0].source,
+            RuleSource::Var("owner".into())
+        );
         let missing = compiled.bind(&key(), &serde_json::Map::new()).unwrap_err();
         assert_eq!(missing, AvarsError::Unbound("owner".into()));
+    }
+
+    #[test]
+    fn routes_only_variables_whose_every_use_is_a_plain_condition() {
+        let bind = |pipeline: Value, avars: &str| {
+            def(pipeline)
+                .compile()
+                .unwrap()
+                .bind(&key(), &parse_avars(Some(avars)).unwrap())
+                .unwrap()
+        };
+        // Equality, `$eq` and `$in`: one cursor for every binding, the stage gone when emptied.
+        let eq = bind(
+            json!([{"$match": {"fullDocument.owner": {"$eq": {"$var": "who"}}}}]),
+            r#"{"who":"a"}"#,
+        );
+        assert!(eq.spec.pipeline.is_empty());
+        assert_eq!(eq.vars, "{}");
+        let within = bind(
+            json!([{"$match": {"operationType": "insert", "fullDocument.owner": {"$in": {"$var": "who"}}}}]),
+            r#"{"who":["a","b"]}"#,
+        );
+        assert_eq!(within.spec.pipeline.len(), 1);
+        assert_eq!(within.vars, "{}");
+        assert_eq!(within.spec.routing.len(), 1);
+        // A shaping stage after the condition, or a second use elsewhere: a cursor per binding.
+        let shaped = bind(
+            json!([{"$match": {"fullDocument.owner": {"$var": "who"}}}, {"$project": {"x": 1}}]),
+            r#"{"who":"a"}"#,
+        );
+        assert_eq!(shaped.vars, r#"{"who":"a"}"#);
+        assert!(shaped.spec.routing.is_empty());
+        let twice = bind(
+            json!([{"$match": {"fullDocument.owner": {"$var": "who"}}},
+                   {"$match": {"$expr": {"$eq": ["$fullDocument.x", {"$var": "who"}]}}}]),
+            r#"{"who":"a"}"#,
+        );
+        assert_eq!(twice.vars, r#"{"who":"a"}"#);
+        // null matches missing fields: not routable, keeps its own cursor.
+        let null = bind(
+            json!([{"$match": {"fullDocument.owner": {"$var": "who"}}}]),
+            r#"{"who":null}"#,
+        );
+        assert_eq!(null.vars, r#"{"who":null}"#);
+        assert!(null.spec.routing.is_empty());
     }
 
     #[test]
@@ -632,13 +845,14 @@ mod tests {
             match_rules: Some(json!({"fullDocument.tenantId": {"$claim": "tenant"}})),
             ..StreamDefinition::default()
         };
-        let (spec, _) = ok
+        let spec = ok
             .compile()
             .unwrap()
             .bind(&key(), &serde_json::Map::new())
-            .unwrap();
+            .unwrap()
+            .spec;
         assert_eq!(spec.routing[0].field, ["fullDocument", "tenantId"]);
-        assert_eq!(spec.routing[0].claim, "tenant");
+        assert_eq!(spec.routing[0].source, RuleSource::Claim("tenant".into()));
         for bad in [
             json!([1]),
             json!({"a": "tenant"}),

@@ -5,7 +5,7 @@
 //! for that (stream, revision, variables). Replacing or deleting a definition ends its workers
 //! with a `cancel` event; clients reconnect and land on the new revision.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -17,7 +17,9 @@ use crate::event::{Event, EventKind, Token};
 use crate::metrics::Metrics;
 use crate::worker::routing::{ClientFilter, FilterError};
 use crate::worker::subscription::SubscribeError;
-use crate::worker::{Subscription, Worker, WorkerKey, WorkerMap, WorkerSettings, lock};
+use crate::worker::{
+    ClientGuard, Subscription, Worker, WorkerContext, WorkerKey, WorkerSettings, lock,
+};
 
 /// How long a first client waits for a new worker's cursor before getting 503.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -90,14 +92,10 @@ pub enum SubscribeFailure {
 
 /// Definitions and workers.
 pub struct Registry {
-    client: mongodb::Client,
-    settings: WorkerSettings,
+    context: Arc<WorkerContext>,
     definitions: RwLock<BTreeMap<StreamKey, Arc<StreamEntry>>>,
-    workers: WorkerMap,
     next_revision: Mutex<u64>,
     cancel: CancellationToken,
-    tracker: TaskTracker,
-    metrics: Arc<Metrics>,
 }
 
 impl Registry {
@@ -110,20 +108,16 @@ impl Registry {
         metrics: Arc<Metrics>,
     ) -> Registry {
         Registry {
-            client,
-            settings,
+            context: WorkerContext::new(client, settings, metrics, tracker),
             definitions: RwLock::new(BTreeMap::new()),
-            workers: Arc::new(Mutex::new(HashMap::new())),
             next_revision: Mutex::new(1),
             cancel,
-            tracker,
-            metrics,
         }
     }
 
     /// The MongoDB client shared by all workers.
     pub fn mongo(&self) -> &mongodb::Client {
-        &self.client
+        &self.context.client
     }
 
     /// Looks up a definition.
@@ -251,7 +245,7 @@ impl Registry {
 
     /// Running workers of a stream (any revision, any variables).
     pub fn workers_of(&self, key: &StreamKey) -> Vec<Arc<Worker>> {
-        lock(&self.workers)
+        lock(&self.context.map)
             .values()
             .filter(|w| &w.key.stream == key)
             .cloned()
@@ -260,7 +254,7 @@ impl Registry {
 
     /// Every running worker.
     pub fn all_workers(&self) -> Vec<Arc<Worker>> {
-        lock(&self.workers).values().cloned().collect()
+        lock(&self.context.map).values().cloned().collect()
     }
 
     /// Subscribes a client: finds or starts the worker, then attaches (resuming after `resume`).
@@ -274,18 +268,19 @@ impl Registry {
         claims: Option<&serde_json::Map<String, serde_json::Value>>,
     ) -> Result<Subscription, SubscribeFailure> {
         let avars = parse_avars(avars)?;
-        let (worker, filter) = loop {
+        let (guard, filter) = loop {
             let entry = self
                 .get(key)
                 .ok_or_else(|| SubscribeFailure::NotFound(key.clone()))?;
-            let (spec, vars) = entry.definition.bind(key, &avars)?;
-            let filter = ClientFilter::for_claims(&spec.routing, claims)?;
+            let binding = entry.definition.bind(key, &avars)?;
+            let filter = ClientFilter::build(&binding.spec.routing, claims, &binding.routed)?;
+            let spec = binding.spec;
             let worker_key = WorkerKey {
                 stream: key.clone(),
                 revision: entry.revision,
-                vars,
+                vars: binding.vars,
             };
-            let mut map = lock(&self.workers);
+            let mut map = lock(&self.context.map);
             // A replace or delete between the lookup above and here would have missed a worker
             // started now for the old revision: check again under the map lock, which
             // `cancel_workers` also takes.
@@ -298,29 +293,19 @@ impl Registry {
             let worker = match existing {
                 Some(worker) => worker,
                 None => {
-                    let worker = Worker::new(
-                        worker_key.clone(),
-                        spec,
-                        self.client.clone(),
-                        self.settings.clone(),
-                        &self.cancel,
-                        Arc::clone(&self.metrics),
-                        Arc::clone(&self.workers),
-                    );
+                    let worker = Worker::new(worker_key.clone(), spec, &self.context, &self.cancel);
                     map.insert(worker_key, Arc::clone(&worker));
-                    worker.spawn(&self.tracker);
+                    worker.spawn();
                     worker
                 }
             };
-            // Counted under the map lock: an idle worker cannot retire between lookup and count.
-            worker.add_client();
-            break (worker, filter);
+            // Counted under the map lock: an idle worker cannot retire between lookup and
+            // count. The guard uncounts however this future ends, even dropped mid-`ready`.
+            break (ClientGuard::new(worker, transport), filter);
         };
-        if !worker.ready(READY_TIMEOUT).await {
-            worker.remove_client();
+        if !guard.worker().ready(READY_TIMEOUT).await {
             return Err(SubscribeFailure::NotReady);
         }
-        // From here the subscription's guard owns the client count.
-        Ok(Subscription::start(worker, transport, resume, filter).await?)
+        Ok(Subscription::start(guard, resume, filter).await?)
     }
 }

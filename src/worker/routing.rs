@@ -1,8 +1,14 @@
-//! Per-user document filtering on a shared cursor.
+//! Per-client document routing on a shared cursor: claims and variable bindings, one mechanism.
 //!
-//! A definition's `match` rules (`{"fullDocument.tenantId": {"$claim": "tenant"}}`) are
-//! evaluated inside Streamgate, per client, from its verified token claims. Routing an event
-//! costs O(matching clients), not O(all clients):
+//! Two kinds of rule route an event to some clients only, evaluated inside Streamgate:
+//!
+//! * a definition's `match` rules (`{"fullDocument.tenantId": {"$claim": "tenant"}}`), valued
+//!   from the client's verified token claims;
+//! * a `$var` that is only the value of an equality or `$in` in a top-level `$match`
+//!   (`{"fullDocument.owner": {"$var": "who"}}`): the stream runs ONE cursor without that
+//!   condition and each client's binding becomes a rule (see `definition::CompiledDefinition::bind`).
+//!
+//! Routing an event costs O(matching clients), not O(all clients):
 //!
 //! * Clients with the same claim values share a **partition** (one broadcast channel).
 //! * The worker indexes partitions by their values for the first rule. For an event it looks
@@ -13,30 +19,47 @@
 //! `{"$oid": …}` in a claim match the same values in a document. A rule matches when the field's
 //! values and the claim's values intersect: equality for scalars, membership for arrays.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use mongodb::bson::{Bson, Document};
 use serde_json::Value;
 
-/// One `field: {"$claim": name}` rule.
+/// Where a rule's values come from, per client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleSource {
+    /// A claim of the client's verified token (`match` rules).
+    Claim(String),
+    /// A variable bound by the client's `avars` (routable `$var` conditions).
+    Var(String),
+}
+
+/// One routing rule: the event's values at `field` must meet the client's values.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MatchRule {
     /// Dotted path into the change event (`fullDocument.tenantId`), split on dots.
     pub field: Vec<String>,
-    /// Claim whose value(s) the field must match.
-    pub claim: String,
+    /// Where the client's values come from.
+    pub source: RuleSource,
+    /// For a `fullDocument.…` field: read the pre-image (`fullDocumentBeforeChange`) when the
+    /// event has no `fullDocument` (a delete), so a tenant learns its document went away.
+    pub pre_image: bool,
 }
 
 /// The values an event has for each rule's field (canonical text), in rule order.
 pub type RouteValues = Arc<[Vec<String>]>;
 
-/// Canonical text of a BSON value (the comparison key).
+/// Canonical text of a BSON value (the comparison key). Integral doubles read as integers, as
+/// MongoDB's equality compares numbers across types (`5 == 5.0`).
 fn canonical(value: &Bson) -> String {
-    value.clone().into_relaxed_extjson().to_string()
+    match value {
+        Bson::Double(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => (*f as i64).to_string(),
+        other => other.clone().into_relaxed_extjson().to_string(),
+    }
 }
 
-fn values_of(value: &Bson) -> Vec<String> {
+/// The comparison keys of a value: its own, or each element's for an array.
+pub(crate) fn values_of(value: &Bson) -> Vec<String> {
     match value {
         Bson::Array(items) => items.iter().map(canonical).collect(),
         other => vec![canonical(other)],
@@ -48,19 +71,32 @@ pub fn route_values(rules: &[MatchRule], change: &Document) -> RouteValues {
     rules
         .iter()
         .map(|rule| {
-            let mut current = None::<&Bson>;
-            let mut doc = Some(change);
-            for segment in &rule.field {
-                current = doc.and_then(|d| d.get(segment));
-                doc = match current {
-                    Some(Bson::Document(inner)) => Some(inner),
-                    _ => None,
-                };
-            }
-            current.map(values_of).unwrap_or_default()
+            let has_post_image = matches!(change.get("fullDocument"), Some(Bson::Document(_)));
+            let value = match rule.field.split_first() {
+                Some((first, rest))
+                    if rule.pre_image && first == "fullDocument" && !has_post_image =>
+                {
+                    change
+                        .get_document("fullDocumentBeforeChange")
+                        .ok()
+                        .and_then(|image| lookup(image, rest))
+                }
+                _ => lookup(change, &rule.field),
+            };
+            value.map(values_of).unwrap_or_default()
         })
         .collect::<Vec<_>>()
         .into()
+}
+
+/// The value at a dotted path (already split), if every step is a document.
+fn lookup<'a>(doc: &'a Document, path: &[String]) -> Option<&'a Bson> {
+    let (last, parents) = path.split_last()?;
+    let mut current = doc;
+    for segment in parents {
+        current = current.get_document(segment).ok()?;
+    }
+    current.get(last)
 }
 
 /// Why a client cannot be routed.
@@ -88,22 +124,30 @@ pub struct ClientFilter {
 }
 
 impl ClientFilter {
-    /// Builds the filter from verified claims. `None` rules → `None` filter (no filtering).
-    pub fn for_claims(
+    /// Builds a client's filter from its verified claims and its routed variable values.
+    /// No rules → `None` (no filtering).
+    pub fn build(
         rules: &[MatchRule],
         claims: Option<&serde_json::Map<String, Value>>,
+        routed: &BTreeMap<String, Bson>,
     ) -> Result<Option<Arc<ClientFilter>>, FilterError> {
         if rules.is_empty() {
             return Ok(None);
         }
-        let claims = claims.ok_or(FilterError::NoClaims)?;
         let mut sets = Vec::with_capacity(rules.len());
         for rule in rules {
-            let claim = claims
-                .get(&rule.claim)
-                .ok_or_else(|| FilterError::MissingClaim(rule.claim.clone()))?;
-            let bson = Bson::try_from(claim.clone())
-                .map_err(|_| FilterError::BadClaim(rule.claim.clone()))?;
+            let bson = match &rule.source {
+                RuleSource::Claim(name) => {
+                    let claims = claims.ok_or(FilterError::NoClaims)?;
+                    let claim = claims
+                        .get(name)
+                        .ok_or_else(|| FilterError::MissingClaim(name.clone()))?;
+                    Bson::try_from(claim.clone())
+                        .map_err(|_| FilterError::BadClaim(name.clone()))?
+                }
+                // `bind` routes a variable only when it bound a value for it.
+                RuleSource::Var(name) => routed.get(name).cloned().unwrap_or(Bson::Null),
+            };
             sets.push(values_of(&bson).into_iter().collect::<BTreeSet<_>>());
         }
         let key = serde_json::to_string(&sets).unwrap_or_default();
@@ -133,8 +177,16 @@ mod tests {
     fn rules() -> Vec<MatchRule> {
         vec![MatchRule {
             field: vec!["fullDocument".into(), "tenantId".into()],
-            claim: "tenant".into(),
+            source: RuleSource::Claim("tenant".into()),
+            pre_image: true,
         }]
+    }
+
+    fn for_claims(
+        rules: &[MatchRule],
+        claims: Option<&serde_json::Map<String, Value>>,
+    ) -> Result<Option<Arc<ClientFilter>>, FilterError> {
+        ClientFilter::build(rules, claims, &BTreeMap::new())
     }
 
     fn claims(value: Value) -> serde_json::Map<String, Value> {
@@ -144,13 +196,13 @@ mod tests {
     #[test]
     fn equality_and_membership() {
         let event = route_values(&rules(), &doc! { "fullDocument": { "tenantId": "A" } });
-        let a = ClientFilter::for_claims(&rules(), Some(&claims(json!("A"))))
+        let a = for_claims(&rules(), Some(&claims(json!("A"))))
             .unwrap()
             .unwrap();
-        let b = ClientFilter::for_claims(&rules(), Some(&claims(json!("B"))))
+        let b = for_claims(&rules(), Some(&claims(json!("B"))))
             .unwrap()
             .unwrap();
-        let ab = ClientFilter::for_claims(&rules(), Some(&claims(json!(["B", "A"]))))
+        let ab = for_claims(&rules(), Some(&claims(json!(["B", "A"]))))
             .unwrap()
             .unwrap();
         assert!(a.matches(&event));
@@ -167,7 +219,7 @@ mod tests {
     #[test]
     fn numbers_compare_across_int_widths_and_missing_fields_match_nobody() {
         let event = route_values(&rules(), &doc! { "fullDocument": { "tenantId": 7_i32 } });
-        let seven = ClientFilter::for_claims(&rules(), Some(&claims(json!(7))))
+        let seven = for_claims(&rules(), Some(&claims(json!(7))))
             .unwrap()
             .unwrap();
         assert!(seven.matches(&event));
@@ -177,24 +229,73 @@ mod tests {
 
     #[test]
     fn claims_are_required() {
-        assert_eq!(
-            ClientFilter::for_claims(&rules(), None),
-            Err(FilterError::NoClaims)
-        );
+        assert_eq!(for_claims(&rules(), None), Err(FilterError::NoClaims));
         let empty = serde_json::Map::new();
         assert_eq!(
-            ClientFilter::for_claims(&rules(), Some(&empty)),
+            for_claims(&rules(), Some(&empty)),
             Err(FilterError::MissingClaim("tenant".into()))
         );
-        assert_eq!(ClientFilter::for_claims(&[], None), Ok(None));
+        assert_eq!(for_claims(&[], None), Ok(None));
+    }
+
+    #[test]
+    fn deletes_route_by_pre_image_only_when_asked() {
+        let delete = doc! {
+            "operationType": "delete",
+            "fullDocumentBeforeChange": { "tenantId": "A" },
+        };
+        assert_eq!(
+            &*route_values(&rules(), &delete),
+            &[vec!["\"A\"".to_owned()]]
+        );
+        let mut no_pre_image = rules();
+        no_pre_image[0].pre_image = false;
+        assert_eq!(
+            &*route_values(&no_pre_image, &delete),
+            &[Vec::<String>::new()]
+        );
+        // An update with a post-image routes by the post-image, not the pre-image.
+        let update = doc! {
+            "fullDocument": { "tenantId": "B" },
+            "fullDocumentBeforeChange": { "tenantId": "A" },
+        };
+        assert_eq!(
+            &*route_values(&rules(), &update),
+            &[vec!["\"B\"".to_owned()]]
+        );
+    }
+
+    #[test]
+    fn variables_route_like_claims_and_numbers_compare_across_types() {
+        let rules = vec![MatchRule {
+            field: vec!["fullDocument".into(), "owner".into()],
+            source: RuleSource::Var("who".into()),
+            pre_image: false,
+        }];
+        let mut routed = BTreeMap::new();
+        routed.insert("who".to_owned(), Bson::Int32(5));
+        let five = ClientFilter::build(&rules, None, &routed).unwrap().unwrap();
+        let event = route_values(&rules, &doc! { "fullDocument": { "owner": 5.0 } });
+        assert!(five.matches(&event));
+        let other = route_values(&rules, &doc! { "fullDocument": { "owner": 6_i64 } });
+        assert!(!five.matches(&other));
+        routed.insert(
+            "who".to_owned(),
+            Bson::Array(vec![Bson::from("a"), Bson::from("b")]),
+        );
+        let in_ab = ClientFilter::build(&rules, None, &routed).unwrap().unwrap();
+        assert!(in_ab.matches(&route_values(
+            &rules,
+            &doc! { "fullDocument": { "owner": "b" } }
+        )));
     }
 
     #[test]
     fn equal_claims_share_a_partition_key() {
-        let x = ClientFilter::for_claims(&rules(), Some(&claims(json!(["A", "B"]))))
+        let x = for_claims(&rules(), Some(&claims(json!(["A", "B"]))))
             .unwrap()
             .unwrap();
-        let y = ClientFilter::for_claims(&rules(), Some(&claims(json!(["B", "A"]))))
+        let y = for_claims(&rules(), Some(&claims(json!(["B", "A"]))))
             .unwrap()
             .unwrap();
         assert_eq!(x.key, y.key);

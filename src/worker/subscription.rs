@@ -1,34 +1,39 @@
-//! One client's view of a worker: backlog, catch-up and live events, exactly once and in order.
+//! One client's view of a worker: exactly once and in order, by position.
 //!
-//! A client resuming from id X goes through up to three phases:
+//! A subscription remembers one thing, the id it has seen through (`cursor_pos`), and reads on
+//! from wherever that id is covered:
 //!
-//! 1. **Catch-up** (only when X is older than the worker's ring): a private cursor
-//!    `resumeAfter: X` runs in its own task and feeds a small bounded channel. After each event
-//!    (and after each empty batch, using the post-batch token) the task asks the worker to
-//!    [`attach`](super::Worker::attach) at that position; once it can, it hands the attachment
-//!    over and stops.
-//! 2. **Backlog**: ring events after the hand-over point, cloned (`Arc`) under the worker lock.
-//! 3. **Live**: the broadcast receiver, subscribed under the same lock, so nothing falls between
-//!    2 and 3. Live events at or before `skip_through` are dropped: they are the ones the
-//!    catch-up cursor already delivered when it ran ahead of the worker.
+//! 1. **Live**: the worker's broadcast (or the client's partition), when it is at the head.
+//! 2. **Ring**: the worker's ring, a chunk at a time, when it is behind the live channel (a burst
+//!    lapped it) or resumed from an id the ring still holds. A read that reaches the head
+//!    subscribes to live under the hub lock, so nothing falls between the two.
+//! 3. **Catch-up**: a shared catch-up cursor (`catchup.rs`), when the id is older than the ring.
+//!    When the catch-up hands over, the client goes back to (2).
+//!
+//! Live events at or before `skip_through` are dropped: the catch-up already delivered them when
+//! it ran ahead of the worker. Nothing here cuts a client for being behind: a client that keeps
+//! reading always gets there, and one that stops is closed by its transport's stall timeout.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use mongodb::bson::Document;
-use mongodb::change_stream::ChangeStream;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, watch};
 
-use super::cursor::open_cursor;
-use super::errors::{Disposition, classify};
+use super::Worker;
+use super::catchup::{CatchUpReader, Pull};
+use super::hub::Attachment;
 use super::routing::ClientFilter;
-use super::{Attachment, Worker};
 use crate::event::{ErrorCode, Event, EventKind, Token};
 
-/// Catch-up events buffered ahead of the client: enough to keep the cursor busy while the
-/// client writes, small enough that a slow client holds little memory.
-const CATCH_UP_BUFFER: usize = 256;
+/// Ring entries read per chunk: bounds both the lock hold time and a lagging client's memory
+/// (`CHUNK` `Arc`s, not a copy of the ring).
+const CHUNK: usize = 256;
+
+/// How long a subscribe waits for a new catch-up cursor to open (to answer 400 for an id MongoDB
+/// refuses); past that the stream starts and the client waits inside it.
+const CATCH_UP_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a subscription could not start.
 #[derive(Debug, thiserror::Error)]
@@ -36,27 +41,43 @@ pub enum SubscribeError {
     /// MongoDB refused the resume token (not history loss: a token it cannot use at all).
     #[error("MongoDB rejected the resume token: {0}")]
     BadResumeToken(String),
-    /// MongoDB was unreachable long enough that we gave up for this request.
-    #[error("MongoDB is not reachable: {0}")]
-    Unavailable(String),
 }
 
-/// Messages from the catch-up task.
-enum CatchUp {
-    Event(Arc<Event>),
-    Handover(Attachment),
-}
-
+/// Where the next events come from.
 enum Source {
-    CatchUp(mpsc::Receiver<CatchUp>),
+    /// The worker's ring, read from `cursor_pos`.
+    Ring,
+    /// The worker's live channel.
     Live(broadcast::Receiver<Arc<Event>>),
+    /// A shared catch-up.
+    CatchUp(CatchUpReader),
+    /// Every catch-up slot is busy: wait for one to end, then look again.
+    Waiting(watch::Receiver<u64>),
+    /// The feed ended (terminal event delivered).
     Done,
 }
 
-/// Decrements the worker's client count when the subscription goes away, however it ends.
-struct ClientGuard {
+/// A counted client of a worker. Created by the registry under the worker-map lock (so an idle
+/// worker cannot retire between lookup and count), and uncounted on drop however the subscribe
+/// or the stream ends, including a subscribe future dropped while the cursor opens.
+pub struct ClientGuard {
     worker: Arc<Worker>,
     transport: usize,
+}
+
+impl ClientGuard {
+    /// Counts a client of `worker` on `transport` (an index of `clients_by_transport`). Call
+    /// only while holding the worker-map lock.
+    pub(crate) fn new(worker: Arc<Worker>, transport: usize) -> ClientGuard {
+        worker.add_client();
+        worker.clients_by_transport[transport].fetch_add(1, Ordering::Relaxed);
+        ClientGuard { worker, transport }
+    }
+
+    /// The worker counted.
+    pub fn worker(&self) -> &Arc<Worker> {
+        &self.worker
+    }
 }
 
 impl Drop for ClientGuard {
@@ -72,79 +93,38 @@ pub struct Subscription {
     backlog: VecDeque<Arc<Event>>,
     source: Source,
     skip_through: Option<Token>,
-    /// Where this client is in the worker's sequence: the id of the last change handed out,
-    /// else the resume id it came with, else the worker's position when it attached. Lag
-    /// recovery re-attaches from here. (One field, one refcount per delivered event.)
+    /// The id this client has seen through: the last change handed out, a position the hub
+    /// vouched for (everything before it delivered or not for this client), or the resume id.
     cursor_pos: Option<Token>,
-    /// This client's claim filter, for streams with `match` rules.
+    /// This client's filter, for streams with routing rules.
     filter: Option<Arc<ClientFilter>>,
 }
 
 impl Subscription {
-    /// Starts a subscription on `worker`, which already counts this client (see registry).
-    /// `transport` indexes `Worker::clients_by_transport`.
+    /// Starts a subscription for the client counted by `guard`, resuming after `resume`.
     pub async fn start(
-        worker: Arc<Worker>,
-        transport: usize,
+        guard: ClientGuard,
         resume: Option<Token>,
         filter: Option<Arc<ClientFilter>>,
     ) -> Result<Subscription, SubscribeError> {
-        worker.clients_by_transport[transport].fetch_add(1, Ordering::Relaxed);
-        let guard = ClientGuard {
-            worker: Arc::clone(&worker),
-            transport,
-        };
         let mut subscription = Subscription {
             guard,
             backlog: VecDeque::new(),
-            source: Source::Done,
+            source: Source::Ring,
             skip_through: None,
-            cursor_pos: resume.clone(),
-            filter: filter.clone(),
+            cursor_pos: resume,
+            filter,
         };
-        if let Some(attachment) = worker.attach(resume.as_ref(), filter.as_ref()) {
-            subscription.switch_to(attachment);
-            return Ok(subscription);
+        subscription.read_worker();
+        // A new catch-up for this client's own id: wait for MongoDB to accept it, so a token
+        // it refuses is a 400 before any byte of the response.
+        if let Source::CatchUp(reader) = &mut subscription.source
+            && let Ok(Err(message)) =
+                tokio::time::timeout(CATCH_UP_OPEN_TIMEOUT, reader.opened()).await
+        {
+            return Err(SubscribeError::BadResumeToken(message));
         }
-        // Older than the ring: open a private cursor now, so a bad token is a 400 before any
-        // byte of the response is sent.
-        let Some(after) = resume else {
-            // attach(None) always succeeds; kept total for the type checker.
-            return Err(SubscribeError::Unavailable(
-                "worker has no live feed".into(),
-            ));
-        };
-        match open_cursor(&worker, Some(&after)).await {
-            Ok(cursor) => {
-                worker.metrics().catchups.inc();
-                let (tx, rx) = mpsc::channel(CATCH_UP_BUFFER);
-                let task_worker = Arc::clone(&worker);
-                tokio::spawn(catch_up(task_worker, cursor, after, filter, tx));
-                subscription.source = Source::CatchUp(rx);
-                Ok(subscription)
-            }
-            Err(error) => match classify(&error) {
-                Disposition::HistoryLost(message) => {
-                    subscription.backlog.push_back(Arc::new(Event::control(
-                        EventKind::Error(ErrorCode::HistoryLost),
-                        &format!("the event id is older than the oplog holds: {message}"),
-                        true,
-                    )));
-                    Ok(subscription)
-                }
-                Disposition::Fatal(message) => Err(SubscribeError::BadResumeToken(message)),
-                Disposition::Retry => Err(SubscribeError::Unavailable(error.to_string())),
-            },
-        }
-    }
-
-    fn switch_to(&mut self, attachment: Attachment) {
-        if self.cursor_pos.is_none() {
-            self.cursor_pos = attachment.position;
-        }
-        self.backlog.extend(attachment.backlog);
-        self.skip_through = attachment.skip_through;
-        self.source = Source::Live(attachment.live);
+        Ok(subscription)
     }
 
     /// The worker this subscription reads from.
@@ -159,36 +139,29 @@ impl Subscription {
             if let Some(event) = self.backlog.pop_front() {
                 return Some(self.deliver(event));
             }
-            match &mut self.source {
-                Source::Done => return None,
-                Source::CatchUp(rx) => match rx.recv().await {
-                    Some(CatchUp::Event(event)) => return Some(self.deliver(event)),
-                    Some(CatchUp::Handover(attachment)) => self.switch_to(attachment),
-                    None => {
-                        // The task ended without a hand-over: only on shutdown or cancel.
-                        return Some(self.deliver(Arc::new(Event::control(
-                            EventKind::Error(ErrorCode::Shutdown),
-                            "catch-up ended",
-                            false,
-                        ))));
-                    }
-                },
-                Source::Live(rx) => match rx.recv().await {
+            if let Source::Live(rx) = &mut self.source {
+                match rx.recv().await {
                     Ok(event) => {
                         if let Some(event) = self.filter_live(event) {
                             return Some(self.deliver(event));
                         }
                     }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        if !self.recover() {
-                            return Some(self.slow());
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.lagged(),
+                    Err(broadcast::error::RecvError::Closed) => self.source = Source::Done,
+                }
+                continue;
+            }
+            if !self.advance() {
+                match &mut self.source {
+                    Source::Done => return None,
+                    Source::CatchUp(reader) => reader.changed().await,
+                    Source::Waiting(ended) => {
+                        if ended.changed().await.is_err() {
+                            std::future::pending::<()>().await;
                         }
                     }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        self.source = Source::Done;
-                        return None;
-                    }
-                },
+                    Source::Ring | Source::Live(_) => {}
+                }
             }
         }
     }
@@ -199,23 +172,112 @@ impl Subscription {
             if let Some(event) = self.backlog.pop_front() {
                 return Some(self.deliver(event));
             }
-            let Source::Live(rx) = &mut self.source else {
+            if let Source::Live(rx) = &mut self.source {
+                match rx.try_recv() {
+                    Ok(event) => {
+                        if let Some(event) = self.filter_live(event) {
+                            return Some(self.deliver(event));
+                        }
+                    }
+                    Err(broadcast::error::TryRecvError::Lagged(_)) => self.lagged(),
+                    Err(broadcast::error::TryRecvError::Closed) => self.source = Source::Done,
+                    Err(broadcast::error::TryRecvError::Empty) => return None,
+                }
+                continue;
+            }
+            if !self.advance() {
                 return None;
-            };
-            match rx.try_recv() {
-                Ok(event) => {
-                    if let Some(event) = self.filter_live(event) {
-                        return Some(self.deliver(event));
-                    }
-                }
-                Err(broadcast::error::TryRecvError::Lagged(_)) => {
-                    if !self.recover() {
-                        return Some(self.slow());
-                    }
-                }
-                Err(_) => return None,
             }
         }
+    }
+
+    /// Moves forward without waiting (not for `Live`, which `next`/`try_next` receive from
+    /// directly): fills the backlog or switches source. `false` when only waiting can help.
+    fn advance(&mut self) -> bool {
+        match &mut self.source {
+            Source::Done | Source::Live(_) => false,
+            Source::Ring => {
+                self.read_worker();
+                true
+            }
+            Source::Waiting(ended) => {
+                if ended.has_changed().unwrap_or(true) {
+                    self.source = Source::Ring;
+                    return true;
+                }
+                false
+            }
+            Source::CatchUp(reader) => {
+                let Some(after) = self.cursor_pos.clone() else {
+                    self.source = Source::Ring;
+                    return true;
+                };
+                match reader.pull(&after, self.filter.as_deref(), CHUNK) {
+                    Pull::Events(events, through) => {
+                        self.backlog.extend(events);
+                        if let Some(through) = through {
+                            self.advance_to(&through);
+                        }
+                    }
+                    Pull::Wait => return false,
+                    Pull::Finished(through) => {
+                        self.advance_to(&through);
+                        self.source = Source::Ring;
+                    }
+                    Pull::Terminal(event) => self.backlog.push_back(event),
+                    Pull::Lost => self.source = Source::Ring,
+                    Pull::Refused(message) => self.backlog.push_back(Arc::new(Event::control(
+                        EventKind::Error(ErrorCode::Upstream),
+                        &format!("MongoDB rejected the resume token: {message}"),
+                        false,
+                    ))),
+                }
+                true
+            }
+        }
+    }
+
+    /// Reads the worker's ring from `cursor_pos`; attaches live at the head; goes to a
+    /// catch-up when the ring no longer covers the position.
+    fn read_worker(&mut self) {
+        let worker = Arc::clone(&self.guard.worker);
+        match worker.read(self.cursor_pos.as_ref(), self.filter.as_ref(), CHUNK) {
+            Some(Ok(attachment)) => self.switch_to(attachment),
+            Some(Err(scan)) => {
+                self.backlog.extend(scan.events);
+                if let Some(through) = scan.through {
+                    self.advance_to(&through);
+                }
+            }
+            None => {
+                if let Some(terminal) = worker.terminal() {
+                    self.backlog.push_back(terminal);
+                    return;
+                }
+                let Some(after) = self.cursor_pos.clone() else {
+                    return;
+                };
+                self.source = match worker.join_catch_up(&after) {
+                    Some(reader) => Source::CatchUp(reader),
+                    None => Source::Waiting(worker.catch_ups.subscribe_ended()),
+                };
+            }
+        }
+    }
+
+    fn switch_to(&mut self, attachment: Attachment) {
+        if let Some(position) = &attachment.position {
+            self.advance_to(position);
+        }
+        self.backlog.extend(attachment.backlog);
+        self.skip_through = attachment.skip_through;
+        self.source = Source::Live(attachment.live);
+    }
+
+    /// The live channel lapped this client: read on from the ring at its position.
+    fn lagged(&mut self) {
+        self.guard.worker.metrics().lag_recoveries.inc();
+        self.source = Source::Ring;
     }
 
     fn filter_live(&mut self, event: Arc<Event>) -> Option<Arc<Event>> {
@@ -229,28 +291,11 @@ impl Subscription {
         Some(event)
     }
 
-    /// After the live channel lapped this client: re-attach from the ring at the client's
-    /// position, if it is still there and within `client_queue` of the head.
-    fn recover(&mut self) -> bool {
-        let worker = Arc::clone(&self.guard.worker);
-        let max_lag = worker.settings().client_queue;
-        match worker.attach_within(self.cursor_pos.as_ref(), max_lag, self.filter.as_ref()) {
-            Some(attachment) if self.cursor_pos.is_some() => {
-                self.switch_to(attachment);
-                true
-            }
-            _ => false,
+    /// Moves `cursor_pos` forward (never back).
+    fn advance_to(&mut self, id: &Token) {
+        if self.cursor_pos.as_ref().is_none_or(|pos| id > pos) {
+            self.cursor_pos = Some(id.clone());
         }
-    }
-
-    fn slow(&mut self) -> Arc<Event> {
-        self.guard.worker.metrics().slow_consumers.inc();
-        tracing::info!(stream = %self.guard.worker.key.stream, position = ?self.cursor_pos, "client too slow, closing");
-        self.deliver(Arc::new(Event::control(
-            EventKind::Error(ErrorCode::SlowConsumer),
-            "client fell too far behind; reconnect with the last event id to resume",
-            false,
-        )))
     }
 
     fn deliver(&mut self, event: Arc<Event>) -> Arc<Event> {
@@ -258,79 +303,90 @@ impl Subscription {
             self.backlog.clear();
             self.source = Source::Done;
         } else if let Some(id) = &event.id {
-            self.cursor_pos = Some(id.clone());
+            self.advance_to(id);
         }
         event
     }
 }
 
-/// Reads the private catch-up cursor until the worker's ring covers its position.
-///
-/// A transient MongoDB error reopens the cursor from the last event sent, like the worker does.
-async fn catch_up(
-    worker: Arc<Worker>,
-    mut cursor: ChangeStream<Document>,
-    mut sent: Token,
-    filter: Option<Arc<ClientFilter>>,
-    tx: mpsc::Sender<CatchUp>,
-) {
-    let mut backoff = std::time::Duration::from_millis(100);
-    loop {
-        if tx.is_closed() || worker.cancel_token().is_cancelled() {
-            return;
-        }
-        let position = match cursor.next_if_any().await {
-            Ok(Some(change)) => {
-                let (event, values) = match worker.encode(change) {
-                    Ok(encoded) => encoded,
-                    Err(error) => {
-                        return fail(&tx, ErrorCode::Upstream, &error.to_string(), false).await;
-                    }
-                };
-                let terminal = event.kind.is_terminal();
-                let id = event.id.clone();
-                // Another tenant's document is not sent, but still moves the position forward.
-                if terminal || filter.as_ref().is_none_or(|f| f.matches(&values)) {
-                    let sent_ok = tx.send(CatchUp::Event(Arc::new(event))).await.is_ok();
-                    if !sent_ok || terminal {
-                        return;
-                    }
-                }
-                if let Some(id) = &id {
-                    sent = id.clone();
-                }
-                id
-            }
-            Ok(None) => cursor.resume_token().as_ref().and_then(Token::from_driver),
-            Err(error) => {
-                let (code, reset) = match classify(&error) {
-                    Disposition::Retry => {
-                        tracing::warn!(%error, "catch-up cursor lost, reopening");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(worker.settings().max_backoff);
-                        match open_cursor(&worker, Some(&sent)).await {
-                            Ok(reopened) => cursor = reopened,
-                            Err(error) => tracing::warn!(%error, "catch-up reopen failed"),
-                        }
-                        continue;
-                    }
-                    Disposition::HistoryLost(_) => (ErrorCode::HistoryLost, true),
-                    Disposition::Fatal(_) => (ErrorCode::Upstream, false),
-                };
-                return fail(&tx, code, &error.to_string(), reset).await;
-            }
-        };
-        if let Some(position) = position
-            && let Some(attachment) = worker.attach(Some(&position), filter.as_ref())
-        {
-            let _ = tx.send(CatchUp::Handover(attachment)).await;
-            return;
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        // Drop the receiver first, so the partition sees no listener left.
+        self.source = Source::Done;
+        if let Some(filter) = &self.filter {
+            self.guard.worker.release_partition(filter);
         }
     }
 }
 
-/// Ends a catch-up with an `error` event for its client.
-async fn fail(tx: &mpsc::Sender<CatchUp>, code: ErrorCode, message: &str, reset_id: bool) {
-    let event = Event::control(EventKind::Error(code), message, reset_id);
-    let _ = tx.send(CatchUp::Event(Arc::new(event))).await;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::LIVE_SLOTS;
+    use mongodb::bson::doc;
+
+    fn token(n: u32) -> Token {
+        Token::parse(&format!("8200000001{n:08}")).unwrap()
+    }
+
+    fn change(n: u32) -> mongodb::bson::Document {
+        doc! { "_id": { "_data": token(n).as_str() }, "operationType": "insert", "fullDocument": { "n": n } }
+    }
+
+    #[tokio::test]
+    async fn a_lapped_reader_reads_on_from_the_ring_and_is_never_cut() {
+        let burst = (LIVE_SLOTS * 4) as u32;
+        let worker = crate::worker::test_worker(burst as usize + 10).await;
+        worker.open_for_test(token(0));
+        let guard = ClientGuard::new(Arc::clone(&worker), 0);
+        let mut subscription = Subscription::start(guard, None, None).await.unwrap();
+        // A burst four times the live channel, published before the client reads anything.
+        for n in 1..=burst {
+            worker.publish_change_for_test(change(n));
+        }
+        let mut seen = Vec::new();
+        while let Some(event) = subscription.try_next() {
+            assert_eq!(event.kind, EventKind::Change, "never cut: {event:?}");
+            seen.push(event.id.clone().unwrap());
+        }
+        assert_eq!(seen, (1..=burst).map(token).collect::<Vec<_>>());
+        assert!(
+            worker.metrics().lag_recoveries.get() >= 1,
+            "the ring path ran"
+        );
+        // Rejoined live: the next event comes through the live channel.
+        worker.publish_change_for_test(change(burst + 1));
+        assert_eq!(
+            subscription.next().await.unwrap().id,
+            Some(token(burst + 1))
+        );
+    }
+
+    #[tokio::test]
+    async fn resume_inside_the_ring_gets_exactly_the_rest() {
+        let worker = crate::worker::test_worker(100).await;
+        worker.open_for_test(token(0));
+        for n in 1..=50 {
+            worker.publish_change_for_test(change(n));
+        }
+        let guard = ClientGuard::new(Arc::clone(&worker), 0);
+        let mut subscription = Subscription::start(guard, Some(token(20)), None)
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        while let Some(event) = subscription.try_next() {
+            seen.push(event.id.clone().unwrap());
+        }
+        assert_eq!(seen, (21..=50).map(token).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn dropping_a_subscription_uncounts_the_client() {
+        let worker = crate::worker::test_worker(10).await;
+        worker.open_for_test(token(0));
+        let guard = ClientGuard::new(Arc::clone(&worker), 0);
+        assert_eq!(worker.client_count(), 1);
+        drop(guard);
+        assert_eq!(worker.client_count(), 0);
+    }
 }

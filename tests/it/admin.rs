@@ -392,7 +392,8 @@ async fn delete_cancels_and_closes_clients_and_stops_workers() {
     let openapi = OpenApi::fetch(&server).await;
     let path = admin_path(&db, "c", "s");
     let definition = json!({
-        "pipeline": [{ "$match": { "fullDocument.k": { "$var": ["k", "a"] } } }]
+        // Inside `$expr` a variable cannot be routed in-process: one worker per binding.
+        "pipeline": [{ "$match": { "$expr": { "$eq": ["$fullDocument.k", { "$var": ["k", "a"] }] } } }]
     });
     assert_eq!(put(&server, &path, &definition).await.status, 201);
     let mut sse = connect(Kind::Sse, &server, &stream_path(&db, "c", "s", None)).await;
@@ -810,10 +811,12 @@ async fn avars_one_worker_per_distinct_values() {
     let server = TestServer::start(config(mongo, &unique_db("admin_store"))).await;
     let openapi = OpenApi::fetch(&server).await;
     let path = admin_path(&db, "c", "mine");
-    let definition = json!({ "pipeline": [{ "$match": {
-        "fullDocument.owner": { "$var": "owner" },
-        "fullDocument.kind": { "$var": ["kind", "a"] },
-    } }] });
+    // Inside `$expr` variables cannot be routed in-process: one worker per distinct values.
+    // (Routable bindings sharing one cursor are covered in fanin.rs.)
+    let definition = json!({ "pipeline": [{ "$match": { "$expr": { "$and": [
+        { "$eq": ["$fullDocument.owner", { "$var": "owner" }] },
+        { "$eq": ["$fullDocument.kind", { "$var": ["kind", "a"] }] },
+    ] } } }] });
     let created = put(&server, &path, &definition).await;
     assert_eq!(created.status, 201);
     assert_eq!(created.body["variables"], json!(["kind", "owner"]));

@@ -1,0 +1,414 @@
+//! Shared catch-up cursors: clients resuming from before the worker's ring share them.
+//!
+//! A client whose position is older than the worker's ring covers reads from a [`CatchUp`]: a
+//! cursor opened `resumeAfter` an old position, filling a ring of its own that its readers pull
+//! from by position (like the worker's ring, but with back-pressure). One catch-up serves every
+//! client whose position it covers, whatever their exact ids, so a restart storm of N clients
+//! opens a handful of cursors, not N:
+//!
+//! * **Join.** A client at X joins the running catch-up with the newest start at or before X
+//!   (its ring still holds everything after X); only when none covers X does it start one, up to
+//!   [`MAX_CATCH_UPS_PER_WORKER`]; past that it waits for one to end (no extra cursor).
+//! * **Back-pressure.** The cursor reads ahead of its slowest reader by at most the ring size: it
+//!   pauses while the ring is full of entries some reader still needs. A reader that stops
+//!   reading holds it up until the transport's stall timeout closes that client.
+//! * **Hand-over.** After every change and every empty batch the catch-up checks whether the
+//!   worker's ring covers its position. When it does, it gives the worker the part of its ring
+//!   that is older than the worker's (so later clients with ids in that range are served from
+//!   memory), ends, and its readers drain what they have not read and go on from the worker.
+//! * **Failure.** A failure to open (bad token, history lost) goes to the client whose id it was;
+//!   the other readers look for another way. Later failures, `invalidate`, and the worker's own
+//!   end (`cancel` on replace/delete) reach every reader.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{Notify, watch};
+
+use super::hub::Hub;
+use super::routing::ClientFilter;
+use super::source::{ChangeSource, Step};
+use super::{Worker, lock};
+use crate::event::{ErrorCode, Event, EventKind, Token};
+
+/// Catch-up cursors one worker runs at once.
+pub const MAX_CATCH_UPS_PER_WORKER: usize = 4;
+
+/// Events a catch-up reads ahead of its slowest reader.
+const CATCH_UP_RING: usize = 4096;
+
+/// Where a catch-up is.
+#[derive(Debug, Clone)]
+enum Status {
+    /// The cursor is being opened.
+    Opening,
+    /// Reading.
+    Running,
+    /// The worker covers everything after `through`: readers continue from the worker.
+    HandedOver { through: Token },
+    /// The first open failed: only the client whose id it was gets `event`; others look again.
+    Refused { event: Arc<Event>, fatal: bool },
+    /// Ended with `event` for every reader (invalidate, error, cancel).
+    Ended(Arc<Event>),
+}
+
+struct State {
+    hub: Hub,
+    /// Reader id → the id it has read through.
+    readers: HashMap<u64, Token>,
+    status: Status,
+}
+
+/// One shared catch-up cursor and its ring.
+pub struct CatchUp {
+    /// The position the cursor resumed after.
+    start: Token,
+    state: Mutex<State>,
+    /// Bumped after every change of `state` readers care about.
+    progress: watch::Sender<u64>,
+    /// Readers moved or left: the cursor may be able to read on.
+    space: Notify,
+    next_reader: AtomicU64,
+}
+
+/// What a reader's pull found.
+pub enum Pull {
+    /// Events for the reader, and the id it has now read through.
+    Events(Vec<Arc<Event>>, Option<Token>),
+    /// Nothing new yet: wait for [`CatchUpReader::changed`].
+    Wait,
+    /// The catch-up handed over: continue from the worker after this position.
+    Finished(Token),
+    /// The catch-up ended with this terminal event.
+    Terminal(Arc<Event>),
+    /// This catch-up cannot serve the reader (it failed for another client's id): look again.
+    Lost,
+    /// The reader's own id was refused by MongoDB as unusable (not history loss).
+    Refused(String),
+}
+
+impl CatchUp {
+    fn new(start: Token) -> Arc<CatchUp> {
+        let mut hub = Hub::new(CATCH_UP_RING);
+        hub.coverage_start = Some(start.clone());
+        hub.position = Some(start.clone());
+        Arc::new(CatchUp {
+            start,
+            state: Mutex::new(State {
+                hub,
+                readers: HashMap::new(),
+                status: Status::Opening,
+            }),
+            progress: watch::channel(0).0,
+            space: Notify::new(),
+            next_reader: AtomicU64::new(1),
+        })
+    }
+
+    /// Whether the catch-up still reads (not handed over, failed or ended).
+    fn is_active(&self) -> bool {
+        matches!(lock(&self.state).status, Status::Opening | Status::Running)
+    }
+
+    /// The start of what this catch-up can still serve, if it can serve `after`.
+    fn coverage_for(&self, after: &Token) -> Option<Token> {
+        let state = lock(&self.state);
+        let active = matches!(state.status, Status::Opening | Status::Running);
+        (active && state.hub.covers(after))
+            .then(|| state.hub.coverage_start.clone())
+            .flatten()
+    }
+
+    fn reader(self: &Arc<Self>, after: &Token) -> CatchUpReader {
+        let reader = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        lock(&self.state).readers.insert(reader, after.clone());
+        CatchUpReader {
+            catch_up: Arc::clone(self),
+            reader,
+            own_start: &self.start == after,
+            progress: self.progress.subscribe(),
+        }
+    }
+
+    fn bump(&self) {
+        self.progress.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn set_status(&self, status: Status) {
+        lock(&self.state).status = status;
+        self.bump();
+    }
+
+    /// Whether the cursor must wait for readers before reading on: the ring is full and its
+    /// oldest entry is still needed by somebody.
+    fn blocked(&self) -> bool {
+        let state = lock(&self.state);
+        state.hub.is_full()
+            && state
+                .hub
+                .front_id()
+                .is_some_and(|front| state.readers.values().any(|pos| pos < front))
+    }
+
+    fn has_readers(&self) -> bool {
+        !lock(&self.state).readers.is_empty()
+    }
+}
+
+/// A client's place in a catch-up. Dropping it lets the cursor read on without it.
+pub struct CatchUpReader {
+    catch_up: Arc<CatchUp>,
+    reader: u64,
+    /// Whether the catch-up was started for this reader's id (its open errors are ours).
+    own_start: bool,
+    progress: watch::Receiver<u64>,
+}
+
+impl CatchUpReader {
+    /// Reads up to `max_scan` entries after `after` (the reader's position).
+    pub fn pull(&mut self, after: &Token, filter: Option<&ClientFilter>, max_scan: usize) -> Pull {
+        self.progress.mark_unchanged();
+        let mut state = lock(&self.catch_up.state);
+        if let Status::Refused { event, fatal } = &state.status {
+            return match (self.own_start, fatal) {
+                (true, true) => Pull::Refused(event_message(event)),
+                (true, false) => Pull::Terminal(Arc::clone(event)),
+                (false, _) => Pull::Lost,
+            };
+        }
+        let Some(scan) = state.hub.scan(after, filter, max_scan) else {
+            return Pull::Lost;
+        };
+        if let Some(through) = &scan.through {
+            let was_full = state.hub.is_full();
+            state.readers.insert(self.reader, through.clone());
+            if was_full {
+                self.catch_up.space.notify_one();
+            }
+        }
+        if !scan.events.is_empty() || !scan.at_head {
+            return Pull::Events(scan.events, scan.through);
+        }
+        match &state.status {
+            Status::Opening | Status::Running => Pull::Wait,
+            Status::HandedOver { through } => Pull::Finished(through.clone()),
+            Status::Ended(event) => Pull::Terminal(Arc::clone(event)),
+            Status::Refused { .. } => Pull::Lost,
+        }
+    }
+
+    /// Waits until the catch-up moved (an append, an end, a status change).
+    pub async fn changed(&mut self) {
+        if self.progress.changed().await.is_err() {
+            // The sender lives as long as the catch-up we hold: never reached.
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Waits until the cursor is open (or failed). `Err` carries MongoDB's message when it
+    /// refused this reader's own id as unusable (a 400 for the subscribe request).
+    pub async fn opened(&mut self) -> Result<(), String> {
+        loop {
+            self.progress.mark_unchanged();
+            {
+                let state = lock(&self.catch_up.state);
+                match &state.status {
+                    Status::Opening => {}
+                    Status::Refused { event, fatal: true } if self.own_start => {
+                        return Err(event_message(event));
+                    }
+                    _ => return Ok(()),
+                }
+            }
+            self.changed().await;
+        }
+    }
+}
+
+impl Drop for CatchUpReader {
+    fn drop(&mut self) {
+        lock(&self.catch_up.state).readers.remove(&self.reader);
+        self.catch_up.space.notify_one();
+    }
+}
+
+fn event_message(event: &Event) -> String {
+    serde_json::from_slice::<serde_json::Value>(event.ndjson.as_ref())
+        .ok()
+        .and_then(|v| v["data"]["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "MongoDB refused the resume token".into())
+}
+
+/// The worker's catch-ups.
+#[derive(Default)]
+pub(crate) struct CatchUps {
+    running: Mutex<Vec<Arc<CatchUp>>>,
+    /// Bumped whenever a catch-up ends: clients waiting for a slot look again.
+    ended: watch::Sender<u64>,
+}
+
+impl CatchUps {
+    /// Catch-ups currently reading.
+    pub fn count(&self) -> usize {
+        lock(&self.running).iter().filter(|c| c.is_active()).count()
+    }
+
+    /// A receiver that changes when a catch-up ends (for clients waiting for a slot).
+    pub fn subscribe_ended(&self) -> watch::Receiver<u64> {
+        self.ended.subscribe()
+    }
+
+    /// Wakes every client waiting for a slot (a catch-up ended, or the worker did).
+    pub fn notify_ended(&self) {
+        self.ended.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+impl Worker {
+    /// A reader for a client at `after` (older than the ring): joins a running catch-up that
+    /// covers it, or starts one. `None` when every slot is busy (wait for
+    /// `CatchUps::subscribe_ended`) or the cursor budget is spent.
+    pub(crate) fn join_catch_up(self: &Arc<Self>, after: &Token) -> Option<CatchUpReader> {
+        let mut running = lock(&self.catch_ups.running);
+        running.retain(|c| c.is_active());
+        let best = running
+            .iter()
+            .filter_map(|c| c.coverage_for(after).map(|start| (start, c)))
+            .max_by(|a, b| a.0.cmp(&b.0))
+            .map(|(_, c)| Arc::clone(c));
+        if let Some(catch_up) = best {
+            self.metrics().catchups_joined.inc();
+            return Some(catch_up.reader(after));
+        }
+        if running.len() >= MAX_CATCH_UPS_PER_WORKER {
+            return None;
+        }
+        let catch_up = CatchUp::new(after.clone());
+        let reader = catch_up.reader(after);
+        running.push(Arc::clone(&catch_up));
+        drop(running);
+        self.metrics().catchups.inc();
+        let worker = Arc::clone(self);
+        self.tracker().spawn(async move {
+            run(&worker, &catch_up).await;
+            worker.catch_ups.notify_ended();
+        });
+        Some(reader)
+    }
+
+    /// Running catch-up cursors (for stats).
+    pub fn catch_up_count(&self) -> usize {
+        self.catch_ups.count()
+    }
+}
+
+/// The catch-up's cursor loop.
+async fn run(worker: &Arc<Worker>, catch_up: &Arc<CatchUp>) {
+    let mut source = ChangeSource::new(Arc::clone(worker), Some(catch_up.start.clone()));
+    let cancel = worker.cancel_token().clone();
+    loop {
+        // Back-pressure: wait for the slowest reader; stop when nobody reads any more.
+        loop {
+            let space = catch_up.space.notified();
+            if !catch_up.has_readers() {
+                catch_up.set_status(Status::Ended(Arc::new(Event::control(
+                    EventKind::Error(ErrorCode::Shutdown),
+                    "catch-up abandoned",
+                    false,
+                ))));
+                return;
+            }
+            if !catch_up.blocked() {
+                break;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = space => {}
+            }
+        }
+        let step = tokio::select! {
+            _ = cancel.cancelled() => {
+                // The worker ended (replace, delete, shutdown): its terminal event, if it has
+                // one, is what every reader gets.
+                let event = worker.terminal().unwrap_or_else(|| Arc::new(Event::control(
+                    EventKind::Error(ErrorCode::Shutdown),
+                    "the server is shutting down",
+                    false,
+                )));
+                catch_up.set_status(Status::Ended(event));
+                return;
+            }
+            step = source.next() => step,
+        };
+        let position = match step {
+            Step::Opened(_) => {
+                let mut state = lock(&catch_up.state);
+                if matches!(state.status, Status::Opening) {
+                    state.status = Status::Running;
+                }
+                drop(state);
+                catch_up.bump();
+                continue;
+            }
+            Step::Change(routed) => {
+                let id = routed.id.clone();
+                lock(&catch_up.state).hub.push(routed);
+                catch_up.bump();
+                id
+            }
+            Step::Quiet(Some(token)) => {
+                lock(&catch_up.state).hub.position = Some(token.clone());
+                token
+            }
+            Step::Quiet(None) | Step::Retrying(_) => continue,
+            Step::Invalidated(event) => {
+                catch_up.set_status(Status::Ended(Arc::new(event)));
+                return;
+            }
+            Step::Failed(code, message) => {
+                let history_lost = code == ErrorCode::HistoryLost;
+                let event = Arc::new(Event::control(
+                    EventKind::Error(code),
+                    &if history_lost {
+                        format!("the event id is older than the oplog holds: {message}")
+                    } else {
+                        message
+                    },
+                    history_lost,
+                ));
+                let mut state = lock(&catch_up.state);
+                state.status = if matches!(state.status, Status::Opening) {
+                    Status::Refused {
+                        event,
+                        fatal: !history_lost,
+                    }
+                } else {
+                    Status::Ended(event)
+                };
+                drop(state);
+                catch_up.bump();
+                return;
+            }
+        };
+        if worker.covers(&position) {
+            hand_over(worker, catch_up, position);
+            return;
+        }
+    }
+}
+
+/// Gives the worker what it lacks of the catch-up's ring, then lets the readers go on from it.
+fn hand_over(worker: &Worker, catch_up: &CatchUp, through: Token) {
+    let (older_start, entries) = {
+        let state = lock(&catch_up.state);
+        (
+            state.hub.coverage_start.clone(),
+            state.hub.entries_through(&through),
+        )
+    };
+    if let Some(older_start) = older_start {
+        worker.extend_history(&older_start, entries);
+    }
+    catch_up.set_status(Status::HandedOver { through });
+}

@@ -1,0 +1,464 @@
+//! A change-stream cursor that reopens itself from its last position and never wedges.
+//!
+//! Both the worker's cursor and the shared catch-ups read through a [`ChangeSource`]:
+//!
+//! * A transient MongoDB error (network, election, restart) drops the cursor; the next call backs
+//!   off ([`Backoff`]) and reopens it from the last event's token or the latest post-batch token.
+//! * A change over MongoDB's 16 MB document limit must not end the stream (every client that
+//!   resumes would hit it again). On servers with `$changeStreamSplitLargeEvent` (6.0.9+, 7.0+) the
+//!   stage is appended and the fragments are reassembled into one change. On older servers the
+//!   `getMore` fails with `BSONObjectTooLarge`; the source then opens a short *probe* cursor from
+//!   the same position with the same pipeline plus a `$project` to a few small fields, reads the
+//!   offending change's id, emits `event: skipped` (`event_too_large`) with that id, and goes on
+//!   after it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mongodb::bson::{Document, doc};
+use mongodb::change_stream::ChangeStream;
+
+use super::Worker;
+use super::errors::{Disposition, classify, server_code};
+use super::hub::Routed;
+use super::routing::route_values;
+use crate::event::{ErrorCode, Event, Token};
+
+/// `BSONObjectTooLarge`: a change event over 16 MB on a server that cannot split it.
+const BSON_OBJECT_TOO_LARGE: i32 = 10334;
+
+/// Exponential backoff shared by every retry loop (worker cursor, catch-ups, definitions watcher).
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    first: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    /// Starts at `first`, doubles up to `max`.
+    pub fn new(first: Duration, max: Duration) -> Backoff {
+        Backoff {
+            first,
+            max: max.max(first),
+            next: first,
+        }
+    }
+
+    /// The delay to wait now; the following one doubles.
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+
+    /// Back to the first delay (after a success).
+    pub fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
+/// What the MongoDB server can do, from its reported version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ServerFeatures {
+    /// `$changeStreamSplitLargeEvent` is available (6.0.9+ and 7.0+).
+    pub split_large_events: bool,
+}
+
+impl ServerFeatures {
+    /// Features of a server reporting `version` (`buildInfo.version`, e.g. `"6.0.5"`).
+    pub fn from_version(version: &str) -> ServerFeatures {
+        let mut parts = version
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|p| !p.is_empty())
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor, patch) = (
+            parts.next().unwrap_or(0),
+            parts.next().unwrap_or(0),
+            parts.next().unwrap_or(0),
+        );
+        ServerFeatures {
+            split_large_events: major >= 7 || (major == 6 && minor == 0 && patch >= 9),
+        }
+    }
+
+    /// Asks the server (`buildInfo`); an unreachable server gets the conservative defaults.
+    pub async fn detect(client: &mongodb::Client) -> ServerFeatures {
+        match client
+            .database("admin")
+            .run_command(doc! { "buildInfo": 1 })
+            .await
+        {
+            Ok(info) => ServerFeatures::from_version(info.get_str("version").unwrap_or("")),
+            Err(error) => {
+                tracing::warn!(%error, "buildInfo failed; assuming no $changeStreamSplitLargeEvent");
+                ServerFeatures::default()
+            }
+        }
+    }
+}
+
+/// One step of a source.
+#[derive(Debug)]
+pub enum Step {
+    /// A cursor was (re)opened; its start position (for a first open: "now").
+    Opened(Option<Token>),
+    /// A change (or a `skipped` placeholder), encoded once, with its routing values.
+    Change(Routed),
+    /// An empty batch; the post-batch token, if it moved.
+    Quiet(Option<Token>),
+    /// An `invalidate` (or a cursor the server closed): the stream is over.
+    Invalidated(Event),
+    /// A transient error; the source backed off and will reopen on the next call.
+    Retrying(String),
+    /// An error retrying cannot fix (history lost, bad pipeline, bad token).
+    Failed(ErrorCode, String),
+}
+
+/// Fragments of a split change being reassembled.
+#[derive(Debug, Default)]
+struct Fragments {
+    merged: Document,
+    received: i32,
+}
+
+/// A self-reopening change-stream cursor over a worker's collection and pipeline.
+pub struct ChangeSource {
+    worker: Arc<Worker>,
+    cursor: Option<ChangeStream<Document>>,
+    /// Resume after this when (re)opening; `None` = from now (first open of a fresh worker).
+    position: Option<Token>,
+    backoff: Backoff,
+    fragments: Option<Fragments>,
+    /// Whether the last open failed (the next call waits out the backoff first).
+    failed: bool,
+}
+
+impl ChangeSource {
+    /// A source that will open `after` (or at "now").
+    pub fn new(worker: Arc<Worker>, after: Option<Token>) -> ChangeSource {
+        let settings = worker.settings();
+        let backoff = Backoff::new(Duration::from_millis(100), settings.max_backoff);
+        ChangeSource {
+            worker,
+            cursor: None,
+            position: after,
+            backoff,
+            fragments: None,
+            failed: false,
+        }
+    }
+
+    /// The next step. Cancel-safe: dropping the future loses nothing (the driver keeps an
+    /// in-flight `getMore` inside the cursor; an open or a backoff sleep is simply redone).
+    pub async fn next(&mut self) -> Step {
+        if self.failed {
+            tokio::time::sleep(self.backoff.next_delay()).await;
+            self.failed = false;
+        }
+        let Some(cursor) = self.cursor.as_mut() else {
+            return match self.open().await {
+                Ok(start) => Step::Opened(start),
+                Err(step) => step,
+            };
+        };
+        match cursor.next_if_any().await {
+            Ok(Some(change)) => self.change(change),
+            Ok(None) => {
+                if !cursor.is_alive() {
+                    // The server closed the cursor after an invalidate our pipeline filtered out.
+                    self.cursor = None;
+                    return Step::Invalidated(Event::control(
+                        crate::event::EventKind::Invalidate,
+                        "the collection was dropped or renamed",
+                        false,
+                    ));
+                }
+                let token = cursor.resume_token().as_ref().and_then(Token::from_driver);
+                if self.fragments.is_none()
+                    && let Some(token) = &token
+                {
+                    self.position = Some(token.clone());
+                }
+                Step::Quiet(if self.fragments.is_none() {
+                    token
+                } else {
+                    None
+                })
+            }
+            Err(error) => {
+                self.cursor = None;
+                self.fragments = None;
+                if server_code(&error) == Some(BSON_OBJECT_TOO_LARGE) && !self.splits() {
+                    return self.skip_oversize().await;
+                }
+                self.on_error(&error)
+            }
+        }
+    }
+
+    fn splits(&self) -> bool {
+        self.worker.features().split_large_events
+    }
+
+    fn on_error(&mut self, error: &mongodb::error::Error) -> Step {
+        match classify(error) {
+            Disposition::Retry => {
+                self.failed = true;
+                Step::Retrying(error.to_string())
+            }
+            Disposition::HistoryLost(message) => Step::Failed(ErrorCode::HistoryLost, message),
+            Disposition::Fatal(message) => Step::Failed(ErrorCode::Upstream, message),
+        }
+    }
+
+    async fn open(&mut self) -> Result<Option<Token>, Step> {
+        let mut pipeline = self.worker.spec().pipeline.clone();
+        if self.splits() {
+            pipeline.push(doc! { "$changeStreamSplitLargeEvent": {} });
+        }
+        match open(&self.worker, pipeline, self.position.as_ref()).await {
+            Ok(cursor) => {
+                let start = cursor.resume_token().as_ref().and_then(Token::from_driver);
+                if self.position.is_none() {
+                    self.position = start.clone();
+                }
+                self.backoff.reset();
+                self.cursor = Some(cursor);
+                Ok(start)
+            }
+            Err(error) => Err(self.on_error(&error)),
+        }
+    }
+
+    /// Encodes a change, reassembling split fragments first.
+    fn change(&mut self, change: Document) -> Step {
+        let change = match reassemble(&mut self.fragments, change) {
+            Assembled::Whole(change) => change,
+            Assembled::Partial => return Step::Quiet(None),
+            Assembled::OutOfOrder(fragment) => {
+                // Cannot be reassembled: reopen from the last whole change, which delivers the
+                // fragments again from the first.
+                self.cursor = None;
+                self.failed = true;
+                return Step::Retrying(format!("split event fragment {fragment} out of order"));
+            }
+        };
+        let values = route_values(&self.worker.spec().routing, &change);
+        match Event::from_change(change) {
+            Ok(event) if event.kind == crate::event::EventKind::Invalidate => {
+                self.cursor = None;
+                Step::Invalidated(event)
+            }
+            Ok(event) => match event.id.clone() {
+                Some(id) => {
+                    self.position = Some(id.clone());
+                    Step::Change(Routed {
+                        id,
+                        event: Arc::new(event),
+                        values,
+                    })
+                }
+                None => Step::Failed(ErrorCode::Upstream, "change without id".into()),
+            },
+            Err(error) => Step::Failed(ErrorCode::Upstream, error.to_string()),
+        }
+    }
+
+    /// Finds the change that was too large and replaces it with a `skipped` event.
+    async fn skip_oversize(&mut self) -> Step {
+        let mut pipeline = self.worker.spec().pipeline.clone();
+        pipeline.push(probe_projection(&self.worker.spec().routing));
+        let probe = match open(&self.worker, pipeline, self.position.as_ref()).await {
+            Ok(probe) => probe,
+            Err(error) => return self.on_error(&error),
+        };
+        let mut probe = probe;
+        // The oversize change is the first one after our position.
+        let found = loop {
+            match probe.next_if_any().await {
+                Ok(Some(change)) => break change,
+                Ok(None) if probe.is_alive() => continue,
+                Ok(None) => {
+                    self.failed = true;
+                    return Step::Retrying("probe cursor closed".into());
+                }
+                Err(error) => return self.on_error(&error),
+            }
+        };
+        let values = route_values(&self.worker.spec().routing, &found);
+        let id = match found.get_document("_id") {
+            Ok(id) => Token::from_resume_document(id),
+            Err(_) => None,
+        };
+        let Some(id) = id else {
+            return Step::Failed(ErrorCode::Upstream, "oversize change without id".into());
+        };
+        tracing::warn!(stream = %self.worker.key.stream, id = %id, "change over 16 MB skipped");
+        self.worker.metrics().oversize_skipped.inc();
+        self.position = Some(id.clone());
+        Step::Change(Routed {
+            event: Arc::new(Event::skipped(&id, &found)),
+            id,
+            values,
+        })
+    }
+}
+
+/// `$project` keeping what a `skipped` event and routing need, dropping the large parts.
+fn probe_projection(routing: &[super::routing::MatchRule]) -> Document {
+    let mut fields = doc! {
+        "_id": 1, "operationType": 1, "ns": 1, "documentKey": 1, "clusterTime": 1,
+    };
+    for rule in routing {
+        fields.insert(rule.field.join("."), 1);
+    }
+    doc! { "$project": fields }
+}
+
+/// Opens a change stream on the worker's collection with `pipeline`, after `after`.
+async fn open(
+    worker: &Worker,
+    pipeline: Vec<Document>,
+    after: Option<&Token>,
+) -> mongodb::error::Result<ChangeStream<Document>> {
+    let spec = worker.spec();
+    let mut options = spec.options();
+    options.max_await_time = Some(worker.settings().max_await);
+    options.resume_after = after.and_then(Token::to_driver);
+    let stream = worker
+        .client()
+        .database(&spec.db)
+        .collection::<Document>(&spec.coll)
+        .watch()
+        .pipeline(pipeline)
+        .with_options(options)
+        .await?
+        .with_type::<Document>();
+    worker.count_cursor_opened();
+    Ok(stream)
+}
+
+/// The result of feeding one change document to the reassembler.
+#[derive(Debug, PartialEq)]
+enum Assembled {
+    /// A whole change (never split, or its last fragment arrived).
+    Whole(Document),
+    /// A fragment was stored; more are to come.
+    Partial,
+    /// A fragment arrived out of order (its number).
+    OutOfOrder(i32),
+}
+
+/// Merges `$changeStreamSplitLargeEvent` fragments (`splitEvent: {fragment, of}`) into one
+/// change: top-level fields of every fragment, `_id` (the resume token) of the last one.
+fn reassemble(fragments: &mut Option<Fragments>, mut change: Document) -> Assembled {
+    let Ok(split) = change.get_document("splitEvent") else {
+        *fragments = None;
+        return Assembled::Whole(change);
+    };
+    let fragment = split.get_i32("fragment").unwrap_or(1);
+    let of = split.get_i32("of").unwrap_or(1);
+    change.remove("splitEvent");
+    let parts = fragments.get_or_insert_with(Fragments::default);
+    if fragment != parts.received + 1 {
+        *fragments = None;
+        return Assembled::OutOfOrder(fragment);
+    }
+    parts.received = fragment;
+    let id = change.remove("_id");
+    for (key, value) in change {
+        parts.merged.insert(key, value);
+    }
+    if fragment < of {
+        return Assembled::Partial;
+    }
+    let mut merged = fragments.take().map(|f| f.merged).unwrap_or_default();
+    if let Some(id) = id {
+        merged.insert("_id", id);
+    }
+    Assembled::Whole(merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_support_by_version() {
+        assert!(!ServerFeatures::from_version("6.0.5").split_large_events);
+        assert!(!ServerFeatures::from_version("6.0.8").split_large_events);
+        assert!(ServerFeatures::from_version("6.0.9").split_large_events);
+        assert!(ServerFeatures::from_version("7.0.0").split_large_events);
+        assert!(ServerFeatures::from_version("8.0.4-rc1").split_large_events);
+        assert!(!ServerFeatures::from_version("5.0.20").split_large_events);
+        assert!(!ServerFeatures::from_version("").split_large_events);
+    }
+
+    #[test]
+    fn reassembles_split_fragments_in_order() {
+        let mut fragments = None;
+        let first = doc! {
+            "_id": {"_data": "8201"}, "splitEvent": {"fragment": 1, "of": 3},
+            "operationType": "update", "fullDocument": {"big": "a"},
+        };
+        let second = doc! {
+            "_id": {"_data": "8202"}, "splitEvent": {"fragment": 2, "of": 3},
+            "updateDescription": {"updatedFields": {"x": 1}},
+        };
+        let third = doc! {
+            "_id": {"_data": "8203"}, "splitEvent": {"fragment": 3, "of": 3},
+            "fullDocumentBeforeChange": {"big": "b"},
+        };
+        assert_eq!(reassemble(&mut fragments, first), Assembled::Partial);
+        assert_eq!(reassemble(&mut fragments, second), Assembled::Partial);
+        let Assembled::Whole(whole) = reassemble(&mut fragments, third) else {
+            panic!("expected a whole change");
+        };
+        assert_eq!(whole.get_document("_id").unwrap(), &doc! {"_data": "8203"});
+        assert_eq!(whole.get_str("operationType").unwrap(), "update");
+        assert!(whole.contains_key("fullDocument"));
+        assert!(whole.contains_key("updateDescription"));
+        assert!(whole.contains_key("fullDocumentBeforeChange"));
+        assert!(!whole.contains_key("splitEvent"));
+        assert!(fragments.is_none());
+    }
+
+    #[test]
+    fn unsplit_changes_pass_and_gaps_are_detected() {
+        let mut fragments = None;
+        let plain = doc! { "_id": {"_data": "8201"}, "operationType": "insert" };
+        assert_eq!(
+            reassemble(&mut fragments, plain.clone()),
+            Assembled::Whole(plain)
+        );
+        let second = doc! { "_id": {"_data": "8202"}, "splitEvent": {"fragment": 2, "of": 2} };
+        assert_eq!(reassemble(&mut fragments, second), Assembled::OutOfOrder(2));
+        assert!(fragments.is_none());
+    }
+
+    #[test]
+    fn backoff_doubles_to_max_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
+        assert_eq!(backoff.next_delay(), Duration::from_millis(100));
+        assert_eq!(backoff.next_delay(), Duration::from_millis(200));
+        assert_eq!(backoff.next_delay(), Duration::from_millis(350));
+        assert_eq!(backoff.next_delay(), Duration::from_millis(350));
+        backoff.reset();
+        assert_eq!(backoff.next_delay(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn probe_keeps_routing_fields() {
+        let rules = vec![super::super::routing::MatchRule {
+            field: vec!["fullDocument".into(), "tenantId".into()],
+            source: super::super::routing::RuleSource::Claim("tenant".into()),
+            pre_image: true,
+        }];
+        let stage = probe_projection(&rules);
+        let fields = stage.get_document("$project").unwrap();
+        assert!(fields.contains_key("fullDocument.tenantId"));
+        assert!(fields.contains_key("documentKey"));
+        assert!(!fields.contains_key("fullDocument"));
+    }
+}
