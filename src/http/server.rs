@@ -151,7 +151,10 @@ async fn direct(mut tcp: TcpStream, head_len: usize, request: Request<Body>, rou
     out.extend_from_slice(b"connection: close\r\n\r\n");
     let mut pending: VecDeque<Bytes> = VecDeque::from([Bytes::from(out)]);
     let mut probe = [0u8; 64];
-    loop {
+    // Set once the body has returned its last frame (or an error): a finished body must never
+    // be polled again (`futures::stream::unfold` panics if it is).
+    let mut ended = false;
+    while !ended {
         if write_all(&mut tcp, &mut pending).await.is_err() {
             return;
         }
@@ -169,12 +172,16 @@ async fn direct(mut tcp: TcpStream, head_len: usize, request: Request<Body>, rou
                                     pending.push_back(data);
                                 }
                             }
-                            Some(_) => break,
+                            // The body ended inside the batch: write what is queued, then close.
+                            Some(Some(Err(_)) | None) => {
+                                ended = true;
+                                break;
+                            }
                             None => break,
                         }
                     }
                 }
-                Some(Err(_)) | None => break,
+                Some(Err(_)) | None => ended = true,
             },
             // The client hung up (EOF) or sent something we do not expect mid-stream.
             readable = tcp.readable() => {
