@@ -50,6 +50,11 @@ pub struct Config {
     /// The `retry:` hint (ms) sent to SSE clients at the start and on shutdown.
     #[serde(default = "default_sse_retry_ms")]
     pub sse_retry_ms: u64,
+    /// Seconds a client's socket may accept no bytes while the server has some to write to
+    /// it (a stream falling behind, a response, a WebSocket frame); then it is closed. Any
+    /// progress restarts the clock, so a slow but steady reader is never cut by it.
+    #[serde(default = "default_stall_timeout_secs")]
+    pub stall_timeout_secs: u64,
     /// Where the admin API stores stream definitions.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -372,6 +377,11 @@ impl Config {
                 "keepalive_secs must be at least 1".into(),
             ));
         }
+        if self.stall_timeout_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "stall_timeout_secs must be at least 1".into(),
+            ));
+        }
         if self.client_queue < 2 {
             return Err(ConfigError::Invalid(
                 "client_queue must be at least 2".into(),
@@ -409,6 +419,11 @@ impl Config {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
     }
+
+    /// Write deadline of every client socket.
+    pub fn stall_timeout(&self) -> Duration {
+        Duration::from_secs(self.stall_timeout_secs)
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -434,6 +449,9 @@ fn default_shutdown_grace_secs() -> u64 {
 }
 fn default_sse_retry_ms() -> u64 {
     2_000
+}
+fn default_stall_timeout_secs() -> u64 {
+    30
 }
 fn default_admin_db() -> String {
     "streamgate".to_owned()

@@ -175,7 +175,17 @@ impl App {
         // Hyper for ordinary requests, direct writes for SSE/NDJSON (see `http::server`);
         // both put the peer address in `ConnectInfo`, which `limits.per_ip` counts.
         let connections = TaskTracker::new();
-        http::server::serve(listener, router, token.clone(), connections.clone()).await;
+        let timeouts = http::server::Timeouts {
+            stall: self.state.config.stall_timeout(),
+        };
+        http::server::serve(
+            listener,
+            router,
+            token.clone(),
+            connections.clone(),
+            timeouts,
+        )
+        .await;
         connections.close();
         // Open streams end on the token (SSE `retry`, WebSocket 1001); do not let a stuck
         // connection hold shutdown hostage.

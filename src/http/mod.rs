@@ -7,6 +7,7 @@
 //! | `/_admin/streams…`, `GET /_admin/openapi.json` | [`crate::admin`] |
 
 pub mod body;
+pub mod deadline;
 pub mod feed;
 pub mod health;
 pub mod ndjson;

@@ -9,6 +9,14 @@
 //! response head ourselves and then the body chunks with `writev`, closing the connection at
 //! the end (close-delimited body, RFC 9112 §6.3). Anything else, including a head that did not
 //! arrive in one segment, is left untouched for hyper.
+//!
+//! Every connection's socket is wrapped in a [`Deadline`]: a client whose socket accepts no
+//! bytes for `stall_timeout_secs` while we have some to write is closed, on the direct path,
+//! under hyper and after a WebSocket upgrade alike. While a direct-path client stalls, its task
+//! holds only the chunks queued for one `writev` (at most [`MAX_IOVECS`] `Bytes` handles to
+//! event encodings shared with the worker's ring, no copies) and the socket's kernel buffers;
+//! it pulls nothing more from its feed until the socket moves again, so its backlog stays in
+//! the shared ring.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -28,6 +36,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use super::deadline::Deadline;
+
 /// Largest request head we answer directly; longer ones go through hyper.
 const MAX_DIRECT_HEAD: usize = 4096;
 /// Most headers in a request head we answer directly.
@@ -36,6 +46,20 @@ const MAX_DIRECT_HEADERS: usize = 32;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most body chunks (events) written in one `writev`.
 const MAX_IOVECS: usize = 64;
+/// `TCP_NOTSENT_LOWAT`: the kernel takes more bytes for a socket only while less than this is
+/// queued unsent, and reports it writable again below half of it. Without it, a socket's send
+/// buffer autotunes up to `tcp_wmem` max (4 MiB): a lagging client then pins megabytes of
+/// kernel memory, and a writer sees progress only each time a third of that has drained, so
+/// a client reading slowly but steadily (say 40 KiB/s) would look stalled for tens of seconds.
+/// With it, progress is visible every 64 KiB read and unsent data per client stays small.
+const NOTSENT_LOWAT: u32 = 128 * 1024;
+
+/// Per-connection time limits (from the config).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// How long a write may wait for the peer to accept a byte (`stall_timeout_secs`).
+    pub stall: Duration,
+}
 
 /// Accepts connections until `shutdown` fires. Connection tasks run on `connections`; the
 /// caller waits for them (bounded) after this returns.
@@ -44,6 +68,7 @@ pub async fn serve(
     router: Router,
     shutdown: CancellationToken,
     connections: TaskTracker,
+    timeouts: Timeouts,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -63,16 +88,48 @@ pub async fn serve(
         if let Err(error) = tcp.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
+        if let Err(error) = limit_unsent(&tcp) {
+            tracing::debug!(%error, "cannot set TCP_NOTSENT_LOWAT");
+        }
         let router = router.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
-            match tokio::time::timeout(HEAD_TIMEOUT, stream_request(&tcp, peer)).await {
-                Ok(Some((head_len, request))) => direct(tcp, head_len, request, router).await,
-                Ok(None) => through_hyper(tcp, peer, router, shutdown).await,
+            let io = Deadline::new(tcp, timeouts.stall);
+            match tokio::time::timeout(HEAD_TIMEOUT, stream_request(io.get_ref(), peer)).await {
+                Ok(Some((head_len, request))) => direct(io, head_len, request, router).await,
+                Ok(None) => through_hyper(io, peer, router, shutdown).await,
                 Err(_) => {}
             }
         });
     }
+}
+
+/// Sets [`NOTSENT_LOWAT`] on a socket (Linux only; elsewhere the kernel default stays).
+#[cfg(target_os = "linux")]
+fn limit_unsent(tcp: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(NOTSENT_LOWAT).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid socket descriptor (borrowed for the call) and a pointer to a live c_int
+    // of the length passed.
+    let result = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn limit_unsent(_tcp: &TcpStream) -> std::io::Result<()> {
+    Ok(())
 }
 
 /// Peeks at the request head; returns it when it is a stream subscription we answer directly.
@@ -121,10 +178,15 @@ async fn stream_request(tcp: &TcpStream, peer: SocketAddr) -> Option<(usize, Req
 }
 
 /// Answers a stream request without hyper: router → our own head → body chunks → close.
-async fn direct(mut tcp: TcpStream, head_len: usize, request: Request<Body>, router: Router) {
+async fn direct(
+    mut io: Deadline<TcpStream>,
+    head_len: usize,
+    request: Request<Body>,
+    router: Router,
+) {
     // Consume the head we peeked (it is all in the socket buffer already).
     let mut head = vec![0u8; head_len];
-    if tcp.read_exact(&mut head).await.is_err() {
+    if io.read_exact(&mut head).await.is_err() {
         return;
     }
     drop(head);
@@ -151,8 +213,12 @@ async fn direct(mut tcp: TcpStream, head_len: usize, request: Request<Body>, rou
     out.extend_from_slice(b"connection: close\r\n\r\n");
     let mut pending: VecDeque<Bytes> = VecDeque::from([Bytes::from(out)]);
     let mut probe = [0u8; 64];
-    loop {
-        if write_all(&mut tcp, &mut pending).await.is_err() {
+    // Set once the body has returned its last frame (or an error): a finished body must never
+    // be polled again (`futures::stream::unfold` panics if it is).
+    let mut ended = false;
+    while !ended {
+        // Fails after `stall` without progress: the task then drops the socket and the feed.
+        if write_all(&mut io, &mut pending).await.is_err() {
             return;
         }
         tokio::select! {
@@ -169,19 +235,23 @@ async fn direct(mut tcp: TcpStream, head_len: usize, request: Request<Body>, rou
                                     pending.push_back(data);
                                 }
                             }
-                            Some(_) => break,
+                            // The body ended inside the batch: write what is queued, then close.
+                            Some(Some(Err(_)) | None) => {
+                                ended = true;
+                                break;
+                            }
                             None => break,
                         }
                     }
                 }
-                Some(Err(_)) | None => break,
+                Some(Err(_)) | None => ended = true,
             },
             // The client hung up (EOF) or sent something we do not expect mid-stream.
-            readable = tcp.readable() => {
+            readable = io.get_ref().readable() => {
                 if readable.is_err() {
                     return;
                 }
-                match tcp.try_read(&mut probe) {
+                match io.get_ref().try_read(&mut probe) {
                     Ok(0) => return,
                     Ok(_) => {}
                     Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -190,19 +260,22 @@ async fn direct(mut tcp: TcpStream, head_len: usize, request: Request<Body>, rou
             }
         }
     }
-    let _ = write_all(&mut tcp, &mut pending).await;
-    let _ = tcp.shutdown().await;
+    let _ = write_all(&mut io, &mut pending).await;
+    let _ = io.shutdown().await;
 }
 
 /// Writes every queued chunk with `writev`, handling partial writes.
-async fn write_all(tcp: &mut TcpStream, pending: &mut VecDeque<Bytes>) -> std::io::Result<()> {
+async fn write_all(
+    io: &mut Deadline<TcpStream>,
+    pending: &mut VecDeque<Bytes>,
+) -> std::io::Result<()> {
     while !pending.is_empty() {
         let slices: Vec<IoSlice<'_>> = pending
             .iter()
             .take(MAX_IOVECS)
             .map(|b| IoSlice::new(b))
             .collect();
-        let mut written = tcp.write_vectored(&slices).await?;
+        let mut written = io.write_vectored(&slices).await?;
         drop(slices);
         if written == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
@@ -225,7 +298,7 @@ async fn write_all(tcp: &mut TcpStream, pending: &mut VecDeque<Bytes>) -> std::i
 
 /// Serves a connection with hyper (HTTP/1.1 keep-alive, WebSocket upgrades).
 async fn through_hyper(
-    tcp: TcpStream,
+    io: Deadline<TcpStream>,
     peer: SocketAddr,
     router: Router,
     shutdown: CancellationToken,
@@ -235,7 +308,7 @@ async fn through_hyper(
         router.clone().oneshot(request.map(Body::new))
     });
     let connection = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(tcp), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(connection);
     tokio::select! {

@@ -13,4 +13,5 @@ mod core_ops;
 mod core_resume;
 mod core_transports;
 mod filtering;
+mod http_edge;
 mod limits;

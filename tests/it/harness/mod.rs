@@ -4,6 +4,7 @@
 pub mod clients;
 pub mod fixture;
 pub mod mongod;
+pub mod panics;
 pub mod server;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::mongod::MongoD;
+use super::panics::Watch;
 
 /// A config for tests: the given replica set, fast linger, short keep-alive.
 pub fn config(mongo: &MongoD) -> Config {
@@ -41,6 +42,8 @@ pub struct TestServer {
     pub metrics: Arc<Metrics>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    /// Panics charged to this server: checked on `stop()` and on drop (see `harness::panics`).
+    panics: Arc<Watch>,
 }
 
 impl TestServer {
@@ -53,6 +56,8 @@ impl TestServer {
     /// Starts a server on a given listener (to restart on the same address).
     pub async fn start_on(config: Config, listener: tokio::net::TcpListener) -> TestServer {
         let addr = listener.local_addr().unwrap();
+        // Before anything of the server runs, so no panic of it escapes the record.
+        let panics = Watch::start();
         let app = streamgate::App::new(config).await.unwrap();
         let registry = app.registry();
         let metrics = app.metrics();
@@ -70,6 +75,7 @@ impl TestServer {
             metrics,
             stop: Some(stop),
             task: Some(task),
+            panics,
         }
     }
 
@@ -83,9 +89,11 @@ impl TestServer {
         format!("ws://{}{}", self.addr, path)
     }
 
-    /// Graceful shutdown; waits until the server has returned.
+    /// Graceful shutdown; waits until the server has returned, then fails the test if the
+    /// server panicked.
     pub async fn stop(mut self) {
         self.shutdown().await;
+        self.panics.check();
     }
 
     async fn shutdown(&mut self) {
@@ -106,5 +114,6 @@ impl Drop for TestServer {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+        self.panics.check();
     }
 }

@@ -1,0 +1,209 @@
+//! The HTTP edge: the direct SSE/NDJSON path (request heads in odd shapes, pipelining,
+//! half-close, HTTP/1.0, partial writes), the stream end with frames queued, and the
+//! harness's own guarantee that a server panic fails the test.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mongodb::bson::doc;
+use streamgate::metrics::TransportLabel;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::Instant;
+
+use crate::harness::clients::{Kind, Next, parse_envelope};
+use crate::harness::eventually;
+use crate::harness::fixture::Fixture;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A stream that ends (here: `invalidate` after a dropped collection) while the last batch is
+/// still being drained must end cleanly. It used to poll the finished body again, a panic in
+/// the connection task that only the harness's panic record makes visible.
+#[tokio::test]
+async fn stream_end_with_frames_queued_does_not_panic() {
+    let f = Fixture::start("edge_end", |_| {}).await;
+    for kind in [Kind::Sse, Kind::Ndjson] {
+        let mut client = f.connect(kind).await;
+        f.coll
+            .insert_many((0..5).map(|seq| doc! { "seq": seq }))
+            .await
+            .unwrap();
+        f.coll.drop().await.unwrap();
+        let mut events = Vec::new();
+        loop {
+            match client.next(WAIT).await {
+                Next::Event(e) => events.push(e.event),
+                Next::End(_) => break,
+                Next::Timeout => panic!("{kind:?}: no end after {events:?}"),
+            }
+        }
+        // Five inserts, the drop, then the terminal `invalidate`.
+        assert_eq!(events.len(), 7, "{kind:?}: {events:?}");
+        assert_eq!(events.last().map(String::as_str), Some("invalidate"));
+    }
+    f.server.stop().await;
+}
+
+/// Connects to `addr` with a receive buffer of `rcvbuf` bytes (the kernel rounds it up), so a
+/// client that stops reading stops the server's writes after a few KiB instead of megabytes.
+async fn connect_small(addr: SocketAddr, rcvbuf: u32) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(rcvbuf).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// A subscribe request head for `path` accepting `accept`, with `extra` header lines.
+fn head(path: &str, accept: &str, extra: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: gate\r\nAccept: {accept}\r\n{extra}\r\n")
+}
+
+/// Reads up to the end of the response head; returns it and whatever body bytes came with it.
+async fn read_head(tcp: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let body = buffer.split_off(end + 4);
+            return (String::from_utf8(buffer).expect("utf-8 head"), body);
+        }
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut chunk))
+            .await
+            .expect("response head in time")
+            .expect("read");
+        assert!(
+            n > 0,
+            "connection closed before the response head: {buffer:?}"
+        );
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Clients of `transport` the server counts right now.
+fn clients(f: &Fixture, transport: &'static str) -> i64 {
+    f.server
+        .metrics
+        .clients
+        .get_or_create(&TransportLabel { transport })
+        .get()
+}
+
+/// A document of about `kib` KiB.
+fn big(seq: i64, kib: usize) -> mongodb::bson::Document {
+    doc! { "seq": seq, "pad": "x".repeat(kib * 1024) }
+}
+
+/// Clients that stop reading while events keep flowing are closed by the write deadline, on
+/// the direct path (NDJSON), through hyper (an SSE head too large for the direct path) and on
+/// an upgraded WebSocket, within `stall_timeout_secs` + 5 s of the flood's start.
+#[tokio::test]
+async fn stalled_clients_are_closed_after_the_stall_timeout() {
+    let f = Fixture::start("edge_stall", |c| c.stall_timeout_secs = 2).await;
+    let addr = f.server.addr;
+
+    let mut direct = connect_small(addr, 4096).await;
+    direct
+        .write_all(head(&f.path, "application/x-ndjson", "").as_bytes())
+        .await
+        .unwrap();
+    let (status, _) = read_head(&mut direct).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+
+    let mut hyper = connect_small(addr, 4096).await;
+    let padding = format!("X-Padding: {}\r\n", "p".repeat(5000));
+    hyper
+        .write_all(head(&f.path, "text/event-stream", &padding).as_bytes())
+        .await
+        .unwrap();
+    let (status, _) = read_head(&mut hyper).await;
+    assert!(
+        status.contains("transfer-encoding: chunked"),
+        "via hyper: {status}"
+    );
+
+    let ws_tcp = connect_small(addr, 4096).await;
+    let (_ws, _) = tokio_tungstenite::client_async(f.server.ws_url(&f.path), ws_tcp)
+        .await
+        .unwrap();
+
+    let all = || {
+        [
+            clients(&f, "ndjson"),
+            clients(&f, "sse"),
+            clients(&f, "websocket"),
+        ]
+    };
+    assert_eq!(all(), [1, 1, 1]);
+    // None of them reads from here on. 64 events of 256 KiB: far more than the socket
+    // buffers hold, far fewer than `client_queue`, so only the deadline can cut them.
+    let start = Instant::now();
+    for seq in 0..64 {
+        f.coll.insert_one(big(seq, 256)).await.unwrap();
+    }
+    eventually(
+        "every stalled client closed",
+        Duration::from_secs(2 + 5),
+        async || all() == [0, 0, 0],
+    )
+    .await;
+    eprintln!(
+        "stalled clients closed {:?} after the flood started",
+        start.elapsed()
+    );
+    assert_eq!(
+        f.server.metrics.slow_consumers.get(),
+        0,
+        "cut by the deadline, not by count"
+    );
+    f.server.stop().await;
+}
+
+/// A client that reads slowly but steadily is never cut by the write deadline, however far
+/// behind it is; it then gets every event.
+#[tokio::test]
+async fn slow_steady_reader_is_not_cut() {
+    let f = Fixture::start("edge_steady", |c| c.stall_timeout_secs = 2).await;
+    let mut tcp = connect_small(f.server.addr, 64 * 1024).await;
+    tcp.write_all(head(&f.path, "application/x-ndjson", "").as_bytes())
+        .await
+        .unwrap();
+    let (status, mut body) = read_head(&mut tcp).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    // 8 MiB queued: the server's writes wait on this reader for the whole test.
+    for seq in 0..32 {
+        f.coll.insert_one(big(seq, 256)).await.unwrap();
+    }
+    // 16 KiB every 100 ms for 5 s (two and a half stall timeouts): progress, but slow.
+    let mut chunk = vec![0u8; 16 * 1024];
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let n = tcp.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the slow reader was cut");
+        body.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(clients(&f, "ndjson"), 1, "the slow reader is still served");
+    // Now at full speed: every event arrives, in order.
+    let mut seqs = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        while let Some(end) = body.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = body.drain(..=end).collect();
+            if line.len() > 1 {
+                let envelope = parse_envelope(std::str::from_utf8(&line).unwrap());
+                seqs.push(envelope.data["fullDocument"]["seq"].as_i64().unwrap());
+            }
+        }
+        if seqs.len() >= 32 {
+            break;
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(remaining, tcp.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| panic!("all events in time: got {seqs:?}"))
+            .unwrap();
+        assert!(n > 0, "closed after {} events", seqs.len());
+        body.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(seqs, (0..32).collect::<Vec<i64>>());
+    f.server.stop().await;
+}
