@@ -7,13 +7,17 @@ WORKDIR /build
 # Dependencies first, compiled against a placeholder main: this layer is reused until
 # Cargo.toml or Cargo.lock changes.
 COPY Cargo.toml Cargo.lock ./
-# Every target Cargo.toml declares needs a file, or cargo refuses the manifest.
-RUN mkdir -p src/bin tests/it \
+# The workspace's other members (the load tool) must be present for cargo to read the
+# workspace; only the server is built.
+COPY bench/Cargo.toml bench/
+# Every target the manifests declare needs a file, or cargo refuses them. The bench keeps its
+# placeholder: it is never built here.
+RUN mkdir -p src tests/it bench/src \
  && echo 'fn main() {}' > src/main.rs \
- && echo 'fn main() {}' > src/bin/streamgate-bench.rs \
+ && echo 'fn main() {}' > bench/src/main.rs \
  && echo '' > src/lib.rs \
  && echo '' > tests/it/main.rs \
- && cargo build --release --locked --bin streamgate \
+ && cargo build --release --locked -p streamgate --bin streamgate \
  && rm -rf src tests
 
 # Then the real sources. COPY keeps their (older) mtimes and the placeholder's artifacts would
@@ -21,7 +25,7 @@ RUN mkdir -p src/bin tests/it \
 COPY src ./src
 RUN rm -rf target/release/.fingerprint/streamgate-* target/release/deps/streamgate-* \
            target/release/deps/libstreamgate-* target/release/streamgate \
- && cargo build --release --locked --bin streamgate \
+ && cargo build --release --locked -p streamgate --bin streamgate \
  && install -m 0755 target/release/streamgate /usr/local/bin/streamgate
 
 # ---- runtime ----

@@ -12,18 +12,14 @@
 //! matrix of docs/benchmarks.md in one go.
 //!
 //! ```text
-//! cargo build --release
+//! cargo build --release --workspace      # streamgate and streamgate-bench
 //! target/release/streamgate-bench --clients 1000 --transport sse --rate 100 --docs 2000
 //! target/release/streamgate-bench --suite            # the whole table, ~5 minutes
 //! ```
 
-#[path = "bench/client.rs"]
 mod client;
-#[path = "bench/env.rs"]
 mod env;
-#[path = "bench/parse.rs"]
 mod parse;
-#[path = "bench/report.rs"]
 mod report;
 
 use std::net::SocketAddr;
@@ -40,6 +36,9 @@ use tokio::sync::Semaphore;
 use client::{Expect, Shared, Target, Transport, now_us};
 use env::{Mongo, Server, ServerSpec};
 use report::{Percentiles, Report};
+
+/// The repository this tool was built from: the workspace root, one level above this crate.
+const REPO_ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
 /// End-to-end load tool for Streamgate: N clients, M inserts at rate R, latency and loss.
 #[derive(Debug, Clone, Parser)]
@@ -100,7 +99,7 @@ struct Cli {
     #[arg(long)]
     server_bin: Option<PathBuf>,
     /// Repository root (for `scripts/mongo-local`).
-    #[arg(long, default_value = env!("CARGO_MANIFEST_DIR"))]
+    #[arg(long, default_value = REPO_ROOT)]
     repo: PathBuf,
     /// Server `client_queue` (default: docs + 1024, at least 4096, so saturation loses nothing;
     /// 1024 in catch-up mode). `ring_size` is this or 10,000, whichever is larger.

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use super::client::ClientResult;
+use crate::client::ClientResult;
 
 /// Latency percentiles, milliseconds.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -120,7 +120,7 @@ pub struct Report {
 impl Report {
     /// Fills the per-client aggregates.
     pub fn add_clients(&mut self, results: &[ClientResult], docs: u64) {
-        let mut connect = super::client::histogram();
+        let mut connect = crate::client::histogram();
         self.min_received = u64::MAX;
         for r in results {
             if let Some(us) = r.connect_us {
