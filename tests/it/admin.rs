@@ -803,6 +803,93 @@ async fn two_instances_share_definitions_within_a_second() {
     b.stop().await;
 }
 
+/// Issue 9 item 14: `match` is a member of the one definition type, so a PUT takes it (it was
+/// refused as an "unknown member"), the view shows it, and it is stored and applied: a second
+/// instance loads it from MongoDB and each client gets only its own documents.
+#[tokio::test]
+async fn put_with_match_is_stored_and_applied() {
+    let mongo = mongod::shared();
+    let admin_db = unique_db("admin_store");
+    let db = unique_db("admin_match");
+    let key_line = |name: &str, roles: &str| {
+        use sha2::Digest;
+        let digest = hex::encode(sha2::Sha256::digest(format!("key-{name}").as_bytes()));
+        format!("[[api_keys]]\nname = \"{name}\"\nsha256 = \"{digest}\"\nroles = [{roles}]\n")
+    };
+    let mut config = config(mongo, &admin_db);
+    config.auth = toml::from_str(&format!(
+        "enabled = true\n{}{}{}[[rules]]\nroles = [\"reader\"]\nstreams = [\"/{db}/*/_streams/*\"]\n",
+        key_line("admin", "\"admin\""),
+        key_line("alice", "\"reader\""),
+        key_line("bob", "\"reader\""),
+    ))
+    .unwrap();
+    let openapi = OpenApi(serde_json::from_str(streamgate::admin::OPENAPI).unwrap());
+    let a = TestServer::start(config.clone()).await;
+    let path = admin_path(&db, "c", "owned");
+    let rules = json!({ "fullDocument.owner": { "$claim": "sub" } });
+    let reply = send(
+        reqwest::Client::new()
+            .put(a.url(&path))
+            .bearer_auth("key-admin")
+            .header("content-type", "application/json")
+            .body(json!({ "pipeline": [], "match": rules }).to_string()),
+    )
+    .await;
+    assert_eq!(reply.status, 201, "{}", reply.raw);
+    assert_eq!(reply.body["match"], rules, "{}", reply.raw);
+    openapi.check(ONE, "put", &reply);
+    let fetched = send(
+        reqwest::Client::new()
+            .get(a.url(&path))
+            .bearer_auth("key-admin"),
+    )
+    .await;
+    assert_eq!(fetched.body["match"], rules, "{}", fetched.raw);
+    openapi.check(ONE, "get", &fetched);
+    a.stop().await;
+
+    // Stored: a fresh instance gets the definition, match included, from MongoDB.
+    let b = TestServer::start(config).await;
+    let key = StreamKey::new(&db, "c", "owned").unwrap();
+    eventually("B loaded the stored definition", WAIT, async || {
+        b.registry.get(&key).is_some()
+    })
+    .await;
+    let entry = b.registry.get(&key).unwrap();
+    assert_eq!(entry.definition.source.match_rules.as_ref(), Some(&rules));
+
+    // Applied: each API key's `sub` picks its documents on the shared cursor.
+    let stream = |who: &str| {
+        format!(
+            "{}?access_token=key-{who}",
+            stream_path(&db, "c", "owned", None)
+        )
+    };
+    let mut alice = connect(Kind::Sse, &b, &stream("alice")).await;
+    let mut bob = connect(Kind::Ndjson, &b, &stream("bob")).await;
+    let coll = mongo
+        .client()
+        .await
+        .database(&db)
+        .collection::<Document>("c");
+    for (n, owner) in [(1, "bob"), (2, "alice"), (3, "carol"), (4, "bob")] {
+        coll.insert_one(doc! { "n": n, "owner": owner })
+            .await
+            .unwrap();
+    }
+    let ns = |events: Vec<Envelope>| -> Vec<Value> {
+        events
+            .iter()
+            .map(|e| e.data["fullDocument"]["n"].clone())
+            .collect()
+    };
+    assert_eq!(ns(alice.changes(1, WAIT).await), [json!(2)]);
+    assert_eq!(ns(bob.changes(2, WAIT).await), [json!(1), json!(4)]);
+    expect_quiet(&mut alice).await;
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn avars_one_worker_per_distinct_values() {
     let mongo = mongod::shared();
