@@ -321,18 +321,18 @@ async fn create_subscribe_receive_with_stats() {
     openapi.check(LIST, "get", &list);
     assert_eq!(list.body["streams"].as_array().unwrap().len(), 1);
     drop(client);
-    let deadline = Instant::now() + WAIT;
-    loop {
+    let mut idle = None;
+    eventually("the stream goes idle", WAIT, async || {
         let reply = get(&server, &path).await;
-        if reply.body["stats"]["state"] == "idle" {
-            openapi.check(ONE, "get", &reply);
-            assert_eq!(reply.body["stats"]["workers"], json!([]));
-            assert_eq!(reply.body["stats"]["position"], Value::Null);
-            break;
-        }
-        assert!(Instant::now() < deadline, "stream never went idle");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        let done = reply.body["stats"]["state"] == "idle";
+        idle = done.then_some(reply);
+        done
+    })
+    .await;
+    let reply = idle.expect("idle reply");
+    openapi.check(ONE, "get", &reply);
+    assert_eq!(reply.body["stats"]["workers"], json!([]));
+    assert_eq!(reply.body["stats"]["position"], Value::Null);
     server.stop().await;
 }
 
@@ -791,6 +791,8 @@ async fn two_instances_share_definitions_within_a_second() {
     )
     .await;
     let revision_a = a.registry.get(&key).unwrap().revision;
+    // On purpose: a negative check. A's watcher echoes its own eight writes after the fact;
+    // give the late echoes time to arrive and make sure none of them undoes v7.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(description(&a).as_deref(), Some("v7"));
     assert_eq!(description(&b).as_deref(), Some("v7"));
@@ -1114,23 +1116,26 @@ async fn watcher_survives_a_mongod_restart() {
     // Down longer than the driver's single automatic resume attempt (5 s server selection):
     // the watchers' own retry loop has to bring them back.
     mongo.kill();
+    // On purpose: the outage has to last (see above), there is no condition to wait for.
     tokio::time::sleep(Duration::from_secs(7)).await;
     mongo.restart();
 
     // A's first PUT may meet the driver still reconnecting: 503 problem, then success.
     let path = admin_path(&db, "c", "after");
     let sent = Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let reply = put(&a, &path, &json!({})).await;
-        if reply.status == 201 {
-            break;
-        }
-        assert_eq!(reply.status, 503, "{}", reply.raw);
-        assert_eq!(reply.content_type(), "application/problem+json");
-        assert!(Instant::now() < deadline, "MongoDB never came back");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(
+        "MongoDB came back: a PUT stores",
+        Duration::from_secs(30),
+        async || {
+            let reply = put(&a, &path, &json!({})).await;
+            if reply.status != 201 {
+                assert_eq!(reply.status, 503, "{}", reply.raw);
+                assert_eq!(reply.content_type(), "application/problem+json");
+            }
+            reply.status == 201
+        },
+    )
+    .await;
     let key = StreamKey::new(&db, "c", "after").unwrap();
     eventually(
         "B's watcher recovered",
