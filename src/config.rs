@@ -9,11 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use serde_json::Value;
 
-use crate::streams::definition::{
-    DefinitionError, FullDocument, FullDocumentBeforeChange, StreamDefinition, StreamKey,
-};
+use crate::streams::definition::{DefinitionError, StreamDefinition, StreamKey};
 
 /// Default listen address: loopback only, so a local run never exposes data by accident.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -240,9 +237,10 @@ impl Default for AdminConfig {
     }
 }
 
-/// One `[[streams]]` table of the config file.
+/// One `[[streams]]` table of the config file: where the stream is served, plus the same
+/// definition members the admin API and the store take (one serde type, [`StreamDefinition`]).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct StreamConfig {
     /// Database watched.
     pub db: String,
@@ -250,37 +248,17 @@ pub struct StreamConfig {
     pub coll: String,
     /// Stream name.
     pub name: String,
-    /// Change-stream stages (`stages` also accepted).
-    #[serde(default, alias = "stages")]
-    pub pipeline: Option<Value>,
-    /// `fullDocument` option.
-    #[serde(default)]
-    pub full_document: FullDocument,
-    /// `fullDocumentBeforeChange` option.
-    #[serde(default)]
-    pub full_document_before_change: FullDocumentBeforeChange,
-    /// Free text.
-    #[serde(default)]
-    pub description: Option<String>,
-    /// Per-user filtering rules: `match = { "fullDocument.tenantId" = { "$claim" = "tenant" } }`.
-    #[serde(default, rename = "match")]
-    pub match_rules: Option<Value>,
+    /// `pipeline` (alias `stages`), `fullDocument`, `fullDocumentBeforeChange`, `description`
+    /// and `match`, e.g. `match = { "fullDocument.tenantId" = { "$claim" = "tenant" } }`.
+    #[serde(flatten)]
+    pub definition: StreamDefinition,
 }
 
 impl StreamConfig {
     /// The key and definition this table declares.
     pub fn split(&self) -> Result<(StreamKey, StreamDefinition), DefinitionError> {
         let key = StreamKey::new(&self.db, &self.coll, &self.name)?;
-        Ok((
-            key,
-            StreamDefinition {
-                pipeline: self.pipeline.clone().unwrap_or(Value::Array(Vec::new())),
-                full_document: self.full_document,
-                full_document_before_change: self.full_document_before_change,
-                description: self.description.clone(),
-                match_rules: self.match_rules.clone(),
-            },
-        ))
+        Ok((key, self.definition.clone()))
     }
 }
 
@@ -513,6 +491,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("streams[0].pipeline[0].$group"), "{err}");
+    }
+
+    #[test]
+    fn a_stream_table_is_a_definition_plus_its_key() {
+        let text = "[[streams]]\ndb='a'\ncoll='b'\nname='c'\nstages=[{ '$match' = { x = 1 } }]\n\
+                    fullDocument='required'\nmatch={ 'fullDocument.t' = { '$claim' = 't' } }\n";
+        let config = Config::from_toml_str(text, "x").unwrap();
+        let (key, definition) = config.streams[0].split().unwrap();
+        assert_eq!(key.to_string(), "/a/b/_streams/c");
+        let expected: StreamDefinition = serde_json::from_value(serde_json::json!({
+            "pipeline": [{"$match": {"x": 1}}],
+            "fullDocument": "required",
+            "match": {"fullDocument.t": {"$claim": "t"}},
+        }))
+        .unwrap();
+        assert_eq!(definition, expected);
+        let text = "[[streams]]\ndb='a'\ncoll='b'\nname='c'\n\n[[streams]]\ndb='a'\ncoll='b'\nname='d'\npipelin=[]\n";
+        let err = Config::from_toml_str(text, "x").unwrap_err().to_string();
+        assert!(err.contains("unknown field `pipelin`"), "{err}");
+        assert!(err.contains("line 6"), "{err}");
     }
 
     #[test]

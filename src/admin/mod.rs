@@ -8,9 +8,11 @@
 //! | `DELETE /_admin/streams/{db}/{coll}/{name}` | 204 · 404 · 409 static |
 //! | `GET /_admin/openapi.json` | the OpenAPI 3.1 document of these routes |
 //!
-//! A view is the definition plus `db`, `coll`, `name`, `origin`, `readOnly`, `revision`,
-//! `variables` and `stats` ([`view`]). A PUT body is a definition; the read-only members of a
-//! view are accepted and ignored, so a GET response can be edited and PUT back.
+//! A view ([`view::StreamView`]) is the definition ([`StreamDefinition`], the same serde type
+//! the config file and the store use) plus `db`, `coll`, `name`, `path`, `origin`, `readOnly`,
+//! `revision`, `variables` and `stats`. A PUT body is parsed as that same view type: serde
+//! drops the read-only members, so a GET response can be edited and PUT back, and every
+//! member a definition has (including `match`) is accepted because it is derived, not listed.
 //!
 //! Writes go through the [`Store`](crate::streams::Store): the definition is stored in MongoDB,
 //! applied here at once, and applied by every other instance from its change stream. Replacing
@@ -34,29 +36,11 @@ use crate::error::ApiError;
 use crate::http::AppState;
 use crate::streams::definition::CompiledDefinition;
 use crate::streams::{Origin, Put, StreamDefinition, StreamKey};
+use view::StreamView;
 
 /// The OpenAPI document, kept true by `tests/it/admin.rs`, which validates real responses
 /// against it.
 pub const OPENAPI: &str = include_str!("openapi.json");
-
-/// Members a definition may have.
-const DEFINITION_MEMBERS: &[&str] = &[
-    "pipeline",
-    "stages",
-    "fullDocument",
-    "fullDocumentBeforeChange",
-    "description",
-];
-
-/// Output-only members of a view, ignored on input so that GET → edit → PUT works.
-const READ_ONLY_MEMBERS: &[&str] = &[
-    "path",
-    "origin",
-    "readOnly",
-    "revision",
-    "variables",
-    "stats",
-];
 
 /// The admin routes, with request bodies capped at `body_limit` bytes.
 pub fn routes(body_limit: usize) -> Router<AppState> {
@@ -82,7 +66,7 @@ pub fn routes(body_limit: usize) -> Router<AppState> {
 /// `GET /_admin/streams`: every stream, static and stored, ordered by key.
 async fn list_streams(State(state): State<AppState>) -> Json<Value> {
     let registry = &state.registry;
-    let streams: Vec<Value> = registry
+    let streams: Vec<StreamView> = registry
         .list()
         .iter()
         .map(|entry| view::stream(entry, &registry.workers_of(&entry.key)))
@@ -94,7 +78,7 @@ async fn list_streams(State(state): State<AppState>) -> Json<Value> {
 async fn get_stream(
     State(state): State<AppState>,
     path: Result<Path<(String, String, String)>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<StreamView>, ApiError> {
     let key = existing_key(path)?;
     let entry = state.registry.get(&key).ok_or_else(|| not_found(&key))?;
     Ok(Json(view::stream(&entry, &state.registry.workers_of(&key))))
@@ -221,49 +205,48 @@ fn parse_definition(
     }
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
-    let Value::Object(mut object) = value else {
+    if !value.is_object() {
         return Err(ApiError::bad_request(
             "the body must be a JSON object: a stream definition such as \
              {\"pipeline\": [{\"$match\": {…}}]}",
         ));
-    };
-    for (member, expected) in [("db", &key.db), ("coll", &key.coll), ("name", &key.name)] {
-        if let Some(given) = object.remove(member)
-            && given.as_str() != Some(expected.as_str())
-        {
+    }
+    // The view's own members are taken (read-only ones dropped) by serde; the rest is the
+    // definition, deserialized on its own so that errors name their path.
+    let body: StreamView<serde_json::Map<String, Value>> =
+        serde_path_to_error::deserialize(value).map_err(member_error)?;
+    for (member, given, expected) in [
+        ("db", &body.db, &key.db),
+        ("coll", &body.coll, &key.coll),
+        ("name", &body.name, &key.name),
+    ] {
+        if given.as_ref().is_some_and(|given| given != expected) {
             return Err(field_error(
                 member,
                 format!("{member} must match the URL ({expected:?}) or be left out"),
             ));
         }
     }
-    for member in READ_ONLY_MEMBERS {
-        object.remove(*member);
-    }
-    if object.contains_key("pipeline") && object.contains_key("stages") {
+    if body.definition.contains_key("pipeline") && body.definition.contains_key("stages") {
         return Err(field_error(
             "stages",
             "give the pipeline as pipeline or as its alias stages, not both",
         ));
     }
-    if let Some(unknown) = object
-        .keys()
-        .find(|k| !DEFINITION_MEMBERS.contains(&k.as_str()))
-    {
-        return Err(field_error(
-            unknown,
-            format!(
-                "unknown member {unknown:?}; a definition has pipeline (alias stages), \
-                 fullDocument, fullDocumentBeforeChange and description"
-            ),
-        ));
-    }
-    let definition: StreamDefinition = serde_path_to_error::deserialize(Value::Object(object))
-        .map_err(|e| {
-            let field = e.path().to_string();
-            field_error(&field, format!("{field}: {}", e.inner()))
-        })?;
+    let definition: StreamDefinition =
+        serde_path_to_error::deserialize(Value::Object(body.definition)).map_err(member_error)?;
     Ok(definition.compile()?)
+}
+
+/// A member that does not deserialize: 400 naming it (serde's "unknown field" lists the
+/// members a definition has).
+fn member_error(error: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let field = error.path().to_string();
+    let message = error
+        .inner()
+        .to_string()
+        .replacen("unknown field", "unknown member", 1);
+    field_error(&field, format!("{field}: {message}"))
 }
 
 fn field_error(field: &str, detail: impl Into<String>) -> ApiError {
@@ -311,6 +294,46 @@ mod tests {
             field(r#"{"pipeline": [{"$out": "x"}]}"#),
             "pipeline[0].$out"
         );
+    }
+
+    #[test]
+    fn accepts_every_definition_member_including_match() {
+        let compiled = parse(
+            r#"{"pipeline": [], "fullDocument": "required", "fullDocumentBeforeChange": "off",
+                "description": "d", "match": {"fullDocument.tenantId": {"$claim": "tenant"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            compiled.source.match_rules,
+            Some(serde_json::json!({"fullDocument.tenantId": {"$claim": "tenant"}}))
+        );
+        assert_eq!(field(r#"{"match": [1]}"#), "match");
+    }
+
+    #[test]
+    fn a_view_put_back_is_the_same_definition() {
+        let key = StreamKey::new("shop", "orders", "all").unwrap();
+        let definition = StreamDefinition {
+            pipeline: serde_json::json!([{"$match": {"x": {"$var": "x"}}}]),
+            description: Some("d".into()),
+            match_rules: Some(serde_json::json!({"fullDocument.t": {"$claim": "t"}})),
+            ..StreamDefinition::default()
+        };
+        let view = StreamView {
+            db: Some(key.db.clone()),
+            coll: Some(key.coll.clone()),
+            name: Some(key.name.clone()),
+            path: key.to_string(),
+            definition: definition.clone(),
+            origin: "stored",
+            read_only: false,
+            revision: 4,
+            variables: vec!["x".into()],
+            stats: serde_json::json!({"state": "idle", "workers": []}),
+        };
+        let body = serde_json::to_vec(&view).unwrap();
+        let parsed = parse_definition(&key, &HeaderMap::new(), &body).unwrap();
+        assert_eq!(parsed.source, definition);
     }
 
     #[test]

@@ -7,40 +7,89 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use mongodb::bson::DateTime;
+use serde::de::{Deserializer, IgnoredAny};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::http::negotiate::Transport;
-use crate::streams::{Origin, StreamEntry};
+use crate::streams::{Origin, StreamDefinition, StreamEntry};
 use crate::worker::{Worker, WorkerState};
 
+/// A stream as `GET` shows it and as a `PUT` body takes it back: where it is served, the
+/// definition's own members (flattened: `pipeline`, `fullDocument`, …, `match`), and read-only
+/// members. Serde accepts the read-only members with any value on input and drops them, so a
+/// GET response can be edited and sent back; anything else on input is the definition's.
+///
+/// `D` is the definition: [`StreamDefinition`] on output; on input the members are first
+/// collected as JSON (`serde_json::Map`) and then deserialized on their own, so that errors
+/// keep their path (`fullDocument`, `pipeline[0]`), which serde loses inside `flatten`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamView<D = StreamDefinition> {
+    /// Database watched; on input it must equal the URL's or be left out.
+    #[serde(default)]
+    pub db: Option<String>,
+    /// Collection watched; on input it must equal the URL's or be left out.
+    #[serde(default)]
+    pub coll: Option<String>,
+    /// Stream name; on input it must equal the URL's or be left out.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Where clients subscribe (read-only).
+    #[serde(default, deserialize_with = "read_only")]
+    pub path: String,
+    /// The definition's members.
+    #[serde(flatten)]
+    pub definition: D,
+    /// `static` (config file) or `stored` (admin API) (read-only).
+    #[serde(default, deserialize_with = "read_only")]
+    pub origin: &'static str,
+    /// True for static definitions, which PUT and DELETE refuse (read-only).
+    #[serde(default, deserialize_with = "read_only")]
+    pub read_only: bool,
+    /// Changes whenever this instance applies a different definition (read-only).
+    #[serde(default, deserialize_with = "read_only")]
+    pub revision: u64,
+    /// Names of the pipeline's `$var` placeholders (read-only).
+    #[serde(default, deserialize_with = "read_only")]
+    pub variables: Vec<String>,
+    /// Live stats of the stream's workers (read-only).
+    #[serde(default, deserialize_with = "read_only")]
+    pub stats: Value,
+}
+
+/// Takes a read-only member's value, whatever it is, and keeps the default.
+fn read_only<'de, D: Deserializer<'de>, T: Default>(input: D) -> Result<T, D::Error> {
+    IgnoredAny::deserialize(input)?;
+    Ok(T::default())
+}
+
 /// The full view of a stream: `db`, `coll`, `name`, the definition members, and `stats`.
-pub fn stream(entry: &StreamEntry, workers: &[Arc<Worker>]) -> Value {
-    let source = &entry.definition.source;
-    let pipeline = match &source.pipeline {
-        Value::Null => Value::Array(Vec::new()),
-        other => other.clone(),
-    };
-    let mut view = json!({
-        "db": entry.key.db,
-        "coll": entry.key.coll,
-        "name": entry.key.name,
-        "path": entry.key.to_string(),
-        "pipeline": pipeline,
-        "fullDocument": source.full_document,
-        "fullDocumentBeforeChange": source.full_document_before_change,
-        "origin": match entry.origin {
+pub fn stream(entry: &StreamEntry, workers: &[Arc<Worker>]) -> StreamView {
+    let mut definition = entry.definition.source.clone();
+    // A definition without stages shows `[]`, whichever way it was written.
+    if definition.pipeline.is_null() {
+        definition.pipeline = Value::Array(Vec::new());
+    }
+    StreamView {
+        db: Some(entry.key.db.clone()),
+        coll: Some(entry.key.coll.clone()),
+        name: Some(entry.key.name.clone()),
+        path: entry.key.to_string(),
+        definition,
+        origin: match entry.origin {
             Origin::Static => "static",
             Origin::Stored => "stored",
         },
-        "readOnly": entry.origin == Origin::Static,
-        "revision": entry.revision,
-        "variables": entry.definition.variable_names().collect::<Vec<_>>(),
-        "stats": stats(workers),
-    });
-    if let (Some(description), Some(object)) = (&source.description, view.as_object_mut()) {
-        object.insert("description".into(), Value::String(description.clone()));
+        read_only: entry.origin == Origin::Static,
+        revision: entry.revision,
+        variables: entry
+            .definition
+            .variable_names()
+            .map(str::to_owned)
+            .collect(),
+        stats: stats(workers),
     }
-    view
 }
 
 /// Aggregate stats over `workers`, plus one entry per worker.

@@ -143,7 +143,10 @@ pub enum FullDocumentBeforeChange {
     Required,
 }
 
-/// A stream definition as written by an operator (JSON body or config file).
+/// A stream definition as written by an operator: the one type behind an admin PUT body (inside
+/// [`StreamView`](crate::admin::view::StreamView)), a stored definition, and a config file's
+/// `[[streams]]` table (inside [`StreamConfig`](crate::config::StreamConfig)). The members it
+/// accepts are these fields; unknown ones are refused by serde, naming them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StreamDefinition {

@@ -551,7 +551,7 @@ async fn token_claims_reach_document_filtering() {
     let mongo = mongod::shared();
     let db = unique_db("auth_claims");
     let mut config = auth_config(&db);
-    config.streams[0].match_rules =
+    config.streams[0].definition.match_rules =
         Some(json!({ "fullDocument.tenantId": { "$claim": "tenant" } }));
     let server = TestServer::start(config).await;
     let path = format!("/{db}/c/_streams/s");

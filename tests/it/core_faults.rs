@@ -26,8 +26,9 @@ async fn mongod_killed_and_restarted_is_invisible_to_clients() {
 
     let mongo = tokio::task::spawn_blocking(move || {
         mongo.kill();
-        // Longer than the server-selection timeout (5 s): the driver's own one-shot resume
-        // gives up, so Streamgate's reconnect loop has to do the work.
+        // On purpose, not a wait for a condition: down longer than the server-selection
+        // timeout (5 s), so the driver's own one-shot resume gives up and Streamgate's
+        // reconnect loop has to do the work.
         std::thread::sleep(Duration::from_secs(6));
         mongo.restart();
         mongo
@@ -57,15 +58,28 @@ async fn mongod_killed_and_restarted_is_invisible_to_clients() {
     drop(mongo);
 }
 
-/// An SSE client that connects and then does not read: its socket buffers fill up.
-async fn stalled_sse(addr: std::net::SocketAddr, path: &str) -> tokio::net::TcpStream {
+/// An SSE client that connects, reads the response head and then does not read: its socket
+/// buffers fill up. Returns the socket and the bytes read so far (the head, maybe more). The
+/// head comes only once the subscription is attached (a refusal would need another status),
+/// so events inserted afterwards are all meant for this client.
+async fn stalled_sse(addr: std::net::SocketAddr, path: &str) -> (tokio::net::TcpStream, Vec<u8>) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stream = socket.connect(addr).await.unwrap();
     // HTTP/1.0: the body is close-delimited, so the raw bytes are the SSE text.
     let request = format!("GET {path} HTTP/1.0\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
-    stream
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+            .await
+            .expect("response head in time")
+            .unwrap();
+        assert!(n > 0, "connection closed before the response head");
+        head.extend_from_slice(&chunk[..n]);
+    }
+    (stream, head)
 }
 
 fn parse_sse(raw: &str) -> Vec<(Option<String>, String, serde_json::Value)> {
@@ -93,9 +107,8 @@ fn parse_sse(raw: &str) -> Vec<(Option<String>, String, serde_json::Value)> {
 async fn stalled_client_is_cut_while_fast_client_gets_everything() {
     let f = Fixture::start("slow", |config| config.client_queue = 64).await;
     let mut fast = f.connect(Kind::Sse).await;
-    let mut stalled = stalled_sse(f.server.addr, &f.path).await;
-    // Let the stalled client attach before inserting.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Attached once its response head is in: no sleep needed before inserting.
+    let (mut stalled, mut raw) = stalled_sse(f.server.addr, &f.path).await;
 
     const N: i64 = 1000;
     let padding = "x".repeat(16 * 1024);
@@ -109,6 +122,7 @@ async fn stalled_client_is_cut_while_fast_client_gets_everything() {
     // Paced so a reading client never lags 64 events; the stalled one lags without bound.
     for chunk in docs.chunks(8) {
         f.coll.insert_many(chunk.to_vec()).await.unwrap();
+        // On purpose: pacing the writer (not waiting for a condition).
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let (_fast, events) = reader.await.unwrap();
@@ -119,7 +133,6 @@ async fn stalled_client_is_cut_while_fast_client_gets_everything() {
     );
 
     // Now read what the stalled client was sent: a gap-free prefix, then slow_consumer, then EOF.
-    let mut raw = Vec::new();
     tokio::time::timeout(WAIT, stalled.read_to_end(&mut raw))
         .await
         .unwrap()

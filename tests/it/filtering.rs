@@ -22,7 +22,7 @@ fn claims(value: Value) -> serde_json::Map<String, Value> {
 #[tokio::test]
 async fn tenants_on_one_cursor_only_see_their_documents() {
     let f = Fixture::start("tenants", |config| {
-        config.streams[0].match_rules =
+        config.streams[0].definition.match_rules =
             Some(json!({ "fullDocument.tenantId": { "$claim": "tenant" } }));
     })
     .await;
@@ -127,7 +127,7 @@ async fn filtered_resume_from_catch_up_skips_other_tenants() {
     let f = Fixture::start("tenantresume", |config| {
         config.ring_size = 8;
         config.client_queue = 8;
-        config.streams[0].match_rules =
+        config.streams[0].definition.match_rules =
             Some(json!({ "fullDocument.tenantId": { "$claim": "tenant" } }));
     })
     .await;
@@ -173,7 +173,7 @@ async fn filtered_resume_from_catch_up_skips_other_tenants() {
 #[tokio::test]
 async fn filtered_stream_needs_claims() {
     let f = Fixture::start("noclaims", |config| {
-        config.streams[0].match_rules =
+        config.streams[0].definition.match_rules =
             Some(json!({ "fullDocument.tenantId": { "$claim": "tenant" } }));
     })
     .await;

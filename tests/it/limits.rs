@@ -3,7 +3,7 @@
 //! slot is held for the life of the stream and freed when it ends; the server stays healthy.
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use mongodb::bson::{Document, doc};
@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::harness::clients::{Client, Kind};
 use crate::harness::server::{self, TestServer};
-use crate::harness::{mongod, unique_db};
+use crate::harness::{eventually, mongod, unique_db};
 
 const ANSWER: Duration = Duration::from_secs(10);
 const SECRET: &str = "limits-secret-0123456789-0123456789-ab";
@@ -76,18 +76,12 @@ async fn assert_429(refusal: reqwest::Response, limit: &str) {
 
 /// Retries `url` until a slot is free again; returns how long that took.
 async fn until_free(url: &str) -> Duration {
-    let start = Instant::now();
-    loop {
-        if let Ok(stream) = open(url, None, None).await {
-            drop(stream);
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "slot not released"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        "the slot is released",
+        Duration::from_secs(10),
+        async || open(url, None, None).await.is_ok(),
+    )
+    .await
 }
 
 /// The server still serves: health, and a fresh stream delivers an insert.
@@ -95,24 +89,21 @@ async fn assert_healthy(server: &TestServer, db: &str) {
     let live = reqwest::get(server.url("/health/live")).await.unwrap();
     assert_eq!(live.status(), 200);
     // Slots of clients that just left are freed as soon as the server notices they are gone.
-    let start = Instant::now();
-    let mut client = loop {
-        match Client::connect(
-            Kind::Sse,
-            &server.url(""),
-            &format!("/{db}/c/_streams/b"),
-            None,
-        )
-        .await
-        {
-            Ok(client) => break client,
-            Err(refused) if start.elapsed() < Duration::from_secs(10) => {
-                assert_eq!(refused.status, 429, "{refused:?}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut connected = None;
+    eventually(
+        "a slot is free again",
+        Duration::from_secs(10),
+        async || {
+            let path = format!("/{db}/c/_streams/b");
+            match Client::connect(Kind::Sse, &server.url(""), &path, None).await {
+                Ok(client) => connected = Some(client),
+                Err(refused) => assert_eq!(refused.status, 429, "{refused:?}"),
             }
-            Err(refused) => panic!("still refused: {refused:?}"),
-        }
-    };
+            connected.is_some()
+        },
+    )
+    .await;
+    let mut client = connected.expect("connected");
     mongod::shared()
         .client()
         .await
@@ -246,15 +237,10 @@ async fn per_user_limit_counts_each_subject() {
     assert_429(open(&b, None, Some(&alice)).await.unwrap_err(), "per_user").await;
     let _bob = open(&a, None, Some(&bob)).await.unwrap();
     drop(held);
-    let start = Instant::now();
-    loop {
-        if open(&b, None, Some(&alice)).await.is_ok() {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "slot not released"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        "alice's slot is released",
+        Duration::from_secs(10),
+        async || open(&b, None, Some(&alice)).await.is_ok(),
+    )
+    .await;
 }

@@ -28,7 +28,7 @@ pub fn config(mongo: &MongoD) -> Config {
 pub fn stream(db: &str, coll: &str, name: &str, pipeline: serde_json::Value) -> StreamConfig {
     let text = format!("db = {db:?}\ncoll = {coll:?}\nname = {name:?}\n",);
     let mut stream: StreamConfig = toml::from_str(&text).unwrap();
-    stream.pipeline = Some(pipeline);
+    stream.definition.pipeline = pipeline;
     stream
 }
 
