@@ -111,13 +111,29 @@ impl CatchUp {
         matches!(lock(&self.state).status, Status::Opening | Status::Running)
     }
 
-    /// The start of what this catch-up can still serve, if it can serve `after`.
-    fn coverage_for(&self, after: &Token) -> Option<Token> {
+    /// Whether a client at `after` can read from this catch-up: the start of what it still
+    /// holds, and, once it has handed over, the position its readers continue from on the
+    /// worker (which must still cover it).
+    fn coverage_for(&self, after: &Token) -> Option<(Token, Option<Token>)> {
         let state = lock(&self.state);
-        let active = matches!(state.status, Status::Opening | Status::Running);
-        (active && state.hub.covers(after))
-            .then(|| state.hub.coverage_start.clone())
-            .flatten()
+        let through = match &state.status {
+            Status::Opening | Status::Running => None,
+            Status::HandedOver { through } => Some(through.clone()),
+            Status::Refused { .. } | Status::Ended(_) => return None,
+        };
+        if !state.hub.covers(after) {
+            return None;
+        }
+        Some((state.hub.coverage_start.clone()?, through))
+    }
+
+    /// Whether the catch-up is handed over and its ring is no longer worth keeping.
+    fn is_spent(&self, worker: &Worker) -> bool {
+        match &lock(&self.state).status {
+            Status::Opening | Status::Running => false,
+            Status::HandedOver { through } => !worker.covers(through),
+            Status::Refused { .. } | Status::Ended(_) => true,
+        }
     }
 
     fn reader(self: &Arc<Self>, after: &Token) -> CatchUpReader {
@@ -249,7 +265,7 @@ pub(crate) struct CatchUps {
 }
 
 impl CatchUps {
-    /// Catch-ups currently reading.
+    /// Catch-up cursors currently open or opening.
     pub fn count(&self) -> usize {
         lock(&self.running).iter().filter(|c| c.is_active()).count()
     }
@@ -271,17 +287,29 @@ impl Worker {
     /// `CatchUps::subscribe_ended`) or the cursor budget is spent.
     pub(crate) fn join_catch_up(self: &Arc<Self>, after: &Token) -> Option<CatchUpReader> {
         let mut running = lock(&self.catch_ups.running);
-        running.retain(|c| c.is_active());
+        // A handed-over catch-up keeps its ring (no cursor) while the worker still covers
+        // where it ended: a restart storm's later clients read from it instead of a new cursor.
+        running.retain(|c| !c.is_spent(self));
+        while running.len() > 2 * MAX_CATCH_UPS_PER_WORKER {
+            let Some(oldest) = running.iter().position(|c| !c.is_active()) else {
+                break;
+            };
+            running.remove(oldest);
+        }
         let best = running
             .iter()
-            .filter_map(|c| c.coverage_for(after).map(|start| (start, c)))
+            .filter_map(|c| {
+                c.coverage_for(after)
+                    .map(|(start, through)| (start, through, c))
+            })
+            .filter(|(_, through, _)| through.as_ref().is_none_or(|t| self.covers(t)))
             .max_by(|a, b| a.0.cmp(&b.0))
-            .map(|(_, c)| Arc::clone(c));
+            .map(|(_, _, c)| Arc::clone(c));
         if let Some(catch_up) = best {
             self.metrics().catchups_joined.inc();
             return Some(catch_up.reader(after));
         }
-        if running.len() >= MAX_CATCH_UPS_PER_WORKER {
+        if running.iter().filter(|c| c.is_active()).count() >= MAX_CATCH_UPS_PER_WORKER {
             return None;
         }
         let catch_up = CatchUp::new(after.clone());

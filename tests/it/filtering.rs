@@ -195,3 +195,76 @@ async fn filtered_stream_needs_claims() {
     assert!(server.registry.workers_of(&key).is_empty());
     f.server.stop().await;
 }
+
+#[tokio::test]
+async fn deletes_reach_the_owning_tenant_by_pre_image_and_nobody_else() {
+    let f = Fixture::start("tenant_deletes", |config| {
+        let definition = &mut config.streams[0].definition;
+        definition.match_rules = Some(json!({ "fullDocument.tenantId": { "$claim": "tenant" } }));
+        definition.full_document_before_change =
+            streamgate::streams::definition::FullDocumentBeforeChange::WhenAvailable;
+    })
+    .await;
+    let db = f.coll.client().database(&f.db);
+    db.run_command(doc! { "create": "c" }).await.unwrap();
+    db.run_command(doc! { "collMod": "c", "changeStreamPreAndPostImages": { "enabled": true } })
+        .await
+        .unwrap();
+    let subscribe = |tenant: &str| {
+        let registry = f.server.registry.clone();
+        let key = f.key();
+        let claims = claims(json!(tenant));
+        async move {
+            registry
+                .subscribe(&key, None, None, 0, Some(&claims))
+                .await
+                .unwrap()
+        }
+    };
+    let mut a = subscribe("A").await;
+    let mut b = subscribe("B").await;
+    f.coll
+        .insert_one(doc! { "_id": 1, "tenantId": "A" })
+        .await
+        .unwrap();
+    f.coll
+        .insert_one(doc! { "_id": 2, "tenantId": "B" })
+        .await
+        .unwrap();
+    f.coll.delete_one(doc! { "_id": 1 }).await.unwrap();
+    f.coll
+        .insert_one(doc! { "_id": 3, "tenantId": "B" })
+        .await
+        .unwrap();
+
+    async fn operations(
+        sub: &mut streamgate::worker::Subscription,
+        n: usize,
+    ) -> Vec<(String, i64)> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let event = tokio::time::timeout(WAIT, sub.next())
+                .await
+                .expect("event in time")
+                .expect("stream open");
+            let data: Value = serde_json::from_slice(&event.ndjson).unwrap();
+            let data = &data["data"];
+            out.push((
+                data["operationType"].as_str().unwrap().to_owned(),
+                data["documentKey"]["_id"].as_i64().unwrap(),
+            ));
+        }
+        out
+    }
+    assert_eq!(
+        operations(&mut a, 2).await,
+        vec![("insert".into(), 1), ("delete".into(), 1)],
+        "the owner learns its document went away"
+    );
+    // B sees its own documents only: the delete of A's document is not for B.
+    assert_eq!(
+        operations(&mut b, 2).await,
+        vec![("insert".into(), 2), ("insert".into(), 3)]
+    );
+    f.server.stop().await;
+}

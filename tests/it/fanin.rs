@@ -1,0 +1,272 @@
+//! Upstream fan-in: cursors bounded by definitions, not by clients or bindings (issue 8), and
+//! the worker hardening around them (issue 9): routable `$var` bindings on one cursor, shared
+//! catch-ups in a restart storm, oversize changes skipped, deletes routed by pre-image, client
+//! counts and partitions released however a client leaves.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use mongodb::bson::doc;
+use serde_json::{Value, json};
+
+use crate::harness::clients::{Client, Kind, Next};
+use crate::harness::eventually;
+use crate::harness::fixture::{Fixture, seqs};
+
+const WAIT: Duration = Duration::from_secs(20);
+const QUIET: Duration = Duration::from_millis(700);
+
+/// Percent-encodes a query value.
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+async fn connect_with(f: &Fixture, kind: Kind, avars: &Value) -> Client {
+    let path = format!("{}?avars={}", f.path, encode(&avars.to_string()));
+    Client::connect(kind, &f.server.url(""), &path, None)
+        .await
+        .unwrap()
+}
+
+async fn expect_quiet(client: &mut Client) {
+    match client.next(QUIET).await {
+        Next::Timeout => {}
+        other => panic!("expected nothing, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn routable_bindings_share_one_cursor_and_each_sees_only_its_documents() {
+    let f = Fixture::start("fanin_bind", |config| {
+        config.streams[0].definition.pipeline =
+            json!([{ "$match": { "fullDocument.owner": { "$var": "who" } } }]);
+    })
+    .await;
+    const OWNERS: usize = 12;
+    let mut clients = Vec::new();
+    for n in 0..OWNERS {
+        let kind = [Kind::Sse, Kind::Ws, Kind::Ndjson][n % 3];
+        clients.push(connect_with(&f, kind, &json!({ "who": format!("o{n}") })).await);
+    }
+    let workers = f.server.registry.workers_of(&f.key());
+    assert_eq!(workers.len(), 1, "one worker for every binding");
+    let worker = &workers[0];
+    assert_eq!(worker.key.vars, "{}");
+    assert_eq!(worker.partition_count(), OWNERS);
+
+    for round in 0..2 {
+        for n in 0..OWNERS {
+            f.coll
+                .insert_one(doc! { "owner": format!("o{n}"), "seq": round })
+                .await
+                .unwrap();
+        }
+    }
+    f.coll
+        .insert_one(doc! { "owner": "nobody", "seq": 9 })
+        .await
+        .unwrap();
+    for (n, client) in clients.iter_mut().enumerate() {
+        let events = client.changes(2, WAIT).await;
+        for event in &events {
+            assert_eq!(event.data["fullDocument"]["owner"], format!("o{n}"));
+        }
+        assert_eq!(seqs(&events), vec![0, 1]);
+    }
+    for client in clients.iter_mut() {
+        expect_quiet(client).await;
+    }
+    assert_eq!(worker.stats.cursors_opened.load(Ordering::Relaxed), 1);
+
+    // Partitions go with their last client (issue 9 item 7).
+    let keep = clients.swap_remove(0);
+    for mut client in clients {
+        client.close().await;
+    }
+    eventually("partitions of departed clients dropped", WAIT, async || {
+        worker.partition_count() == 1
+    })
+    .await;
+    drop(keep);
+    f.server.stop().await;
+}
+
+#[tokio::test]
+async fn unroutable_bindings_keep_a_cursor_each() {
+    // `null` also matches a missing field: MongoDB must evaluate it, on a cursor of its own.
+    let f = Fixture::start("fanin_unroutable", |config| {
+        config.streams[0].definition.pipeline =
+            json!([{ "$match": { "fullDocument.owner": { "$var": "who" } } }]);
+    })
+    .await;
+    let mut routed = connect_with(&f, Kind::Sse, &json!({ "who": "a" })).await;
+    let mut null = connect_with(&f, Kind::Ws, &json!({ "who": null })).await;
+    assert_eq!(f.server.registry.workers_of(&f.key()).len(), 2);
+    f.coll.insert_one(doc! { "seq": 1 }).await.unwrap();
+    f.coll
+        .insert_one(doc! { "owner": "a", "seq": 2 })
+        .await
+        .unwrap();
+    assert_eq!(seqs(&null.changes(1, WAIT).await), vec![1]);
+    assert_eq!(seqs(&routed.changes(1, WAIT).await), vec![2]);
+    expect_quiet(&mut null).await;
+    expect_quiet(&mut routed).await;
+    f.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_storm_shares_catch_up_cursors_and_delivers_exactly_once() {
+    // A small ring, so that ids from before the burst are behind it.
+    let f = Fixture::start("fanin_storm", |config| config.ring_size = 20).await;
+    let mut first = f.connect(Kind::Sse).await;
+    f.insert_seqs(0..5).await;
+    let ids: Vec<String> = first
+        .changes(5, WAIT)
+        .await
+        .into_iter()
+        .map(|e| e.id.expect("id"))
+        .collect();
+    const N: i64 = 300;
+    f.coll
+        .insert_many((5..N).map(|seq| doc! { "seq": seq }))
+        .await
+        .unwrap();
+    assert_eq!(
+        seqs(&first.changes((N - 5) as usize, WAIT).await).len(),
+        95 + 200
+    );
+
+    // 30 clients at one old id, 10 at another: far behind the 20-event ring.
+    let before = f.server.metrics.catchups.get();
+    let mut storm = Vec::new();
+    for n in 0..40 {
+        let (at, kind) = if n < 30 {
+            (0, [Kind::Sse, Kind::Ndjson][n % 2])
+        } else {
+            (2, Kind::Ws)
+        };
+        storm.push((at, f.resume(kind, &ids[at]).await));
+    }
+    for (at, client) in storm.iter_mut() {
+        let from = *at as i64 + 1;
+        let events = client.changes((N - from) as usize, WAIT).await;
+        assert_eq!(seqs(&events), (from..N).collect::<Vec<_>>());
+        expect_quiet(client).await;
+    }
+    let opened = f.server.metrics.catchups.get() - before;
+    assert!(
+        (1..=2).contains(&opened),
+        "40 resuming clients opened {opened} catch-up cursors"
+    );
+    assert!(f.server.metrics.catchups_joined.get() >= 38);
+    // Everyone is live again.
+    f.coll.insert_one(doc! { "seq": N }).await.unwrap();
+    for (_, client) in storm.iter_mut() {
+        assert_eq!(seqs(&client.changes(1, WAIT).await), vec![N]);
+    }
+    f.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_change_over_16_mb_is_skipped_with_its_id_and_the_stream_goes_on() {
+    let f = Fixture::start("fanin_oversize", |_| {}).await;
+    let mut client = f.connect(Kind::Sse).await;
+    let big = "x".repeat(6 * 1024 * 1024);
+    f.coll
+        .insert_one(doc! { "_id": 1, "seq": 0, "big": &big })
+        .await
+        .unwrap();
+    let inserted = client.changes(1, WAIT).await;
+    assert_eq!(seqs(&inserted), vec![0]);
+    // The document grows to 12 MB; updateLookup (12 MB) + updatedFields (6 MB) > 16 MB:
+    // MongoDB 6.0.5 cannot send that change.
+    let more = "y".repeat(6 * 1024 * 1024);
+    f.coll
+        .update_one(doc! { "_id": 1 }, doc! { "$set": { "more": &more } })
+        .await
+        .unwrap();
+    f.coll
+        .insert_one(doc! { "_id": 2, "seq": 2 })
+        .await
+        .unwrap();
+    let skipped = client.expect_event(WAIT).await;
+    assert_eq!(skipped.event, "skipped", "{skipped:?}");
+    assert_eq!(skipped.data["code"], "event_too_large");
+    assert_eq!(skipped.data["operationType"], "update");
+    assert_eq!(skipped.data["documentKey"]["_id"], 1);
+    let skipped_id = skipped.id.clone().expect("skipped carries the change's id");
+    assert_eq!(seqs(&client.changes(1, WAIT).await), vec![2]);
+    // A client resuming from before it gets the same placeholder, not a wedged stream.
+    let mut resumed = f
+        .resume(Kind::Ndjson, inserted[0].id.as_deref().unwrap())
+        .await;
+    let again = resumed.expect_event(WAIT).await;
+    assert_eq!(again.event, "skipped");
+    assert_eq!(again.id.as_deref(), Some(skipped_id.as_str()));
+    assert_eq!(seqs(&resumed.changes(1, WAIT).await), vec![2]);
+    assert!(f.server.metrics.oversize_skipped.get() >= 1);
+    f.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_subscribe_abandoned_while_the_cursor_opens_leaves_no_client_behind() {
+    let f = Fixture::start("fanin_abandon", |_| {}).await;
+    // Start a subscription and drop it at once: the future is dropped inside `ready`.
+    let registry = f.server.registry.clone();
+    let key = f.key();
+    let attempt = tokio::spawn(async move {
+        let _ = registry.subscribe(&key, None, None, 0, None).await;
+    });
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    attempt.abort();
+    let _ = attempt.await;
+    // The worker (if one started) must linger out: no leaked client count holds it.
+    eventually("the worker retired", WAIT, async || {
+        f.server.registry.workers_of(&f.key()).is_empty()
+    })
+    .await;
+    f.server.stop().await;
+}
+
+#[tokio::test]
+async fn catch_up_clients_get_cancel_when_the_definition_goes() {
+    let f = Fixture::start("fanin_cancel", |config| config.ring_size = 5).await;
+    let mut first = f.connect(Kind::Sse).await;
+    f.insert_seqs(0..3).await;
+    let id = first.changes(3, WAIT).await[0].id.clone().expect("id");
+    // Many events, so the catch-up below is still reading when the stream is replaced.
+    f.coll
+        .insert_many((3..3000).map(|seq| doc! { "seq": seq }))
+        .await
+        .unwrap();
+    let mut behind = f.resume(Kind::Ws, &id).await;
+    let _ = behind.next(Duration::from_millis(50)).await;
+    // Replace the static definition as the admin API would (a new revision).
+    f.server.registry.upsert(
+        f.key(),
+        streamgate::streams::definition::StreamDefinition::default()
+            .compile()
+            .unwrap(),
+        streamgate::streams::Origin::Static,
+    );
+    loop {
+        match behind.next(WAIT).await {
+            Next::Event(event) if event.event == "change" => continue,
+            Next::Event(event) => {
+                assert_eq!(event.event, "cancel", "{event:?}");
+                break;
+            }
+            other => panic!("expected cancel, got {other:?}"),
+        }
+    }
+    f.server.stop().await;
+}
