@@ -164,8 +164,10 @@ pub struct RuleConfig {
     pub streams: Vec<String>,
 }
 
-/// `[limits]`: open streams allowed; over a limit a request gets 429 with `Retry-After`.
-/// Absent values are unlimited. A slot is held for the whole life of a stream.
+/// `[limits]`: open streams allowed (absent: unlimited; over a limit a request gets 429 with
+/// `Retry-After`; a slot is held for the whole life of a stream), and upstream work allowed
+/// (MongoDB change-stream cursors, always bounded; over a limit a subscribe gets 503 with
+/// `Retry-After`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
@@ -181,9 +183,22 @@ pub struct LimitsConfig {
     /// Open streams per client IP address (the TCP peer).
     #[serde(default)]
     pub per_ip: Option<usize>,
-    /// The `Retry-After` value sent with 429, in seconds.
+    /// The `Retry-After` value sent with 429 and with an upstream 503, in seconds.
     #[serde(default = "default_retry_after_secs")]
     pub retry_after_secs: u64,
+    /// MongoDB change-stream cursors open at once, catch-up cursors included. Each one holds a
+    /// pooled connection during its `getMore` (up to `max_await`), so the driver's pool is
+    /// sized from this. Default 1000: ten times the 100 definitions a large deployment runs,
+    /// well under a mongod's usual connection ceiling (its open-files limit, often 64k, shared
+    /// by every instance), and about 1 GB of mongod memory (~1 MB per connection) per instance.
+    #[serde(default = "default_max_workers")]
+    pub max_workers: usize,
+    /// Distinct cursors one stream definition may hold: one per binding of `$var` values that
+    /// cannot be routed in-process. Clients choose `avars`, so without a bound one client could
+    /// open cursors at will. Default 100: room for many bindings while no single stream can
+    /// take more than a tenth of the default `max_workers`.
+    #[serde(default = "default_max_bindings_per_stream")]
+    pub max_bindings_per_stream: usize,
 }
 
 impl Default for LimitsConfig {
@@ -194,7 +209,31 @@ impl Default for LimitsConfig {
             per_user: None,
             per_ip: None,
             retry_after_secs: default_retry_after_secs(),
+            max_workers: default_max_workers(),
+            max_bindings_per_stream: default_max_bindings_per_stream(),
         }
+    }
+}
+
+/// Largest accepted `max_workers`: each cursor may need its own connection to the primary, and
+/// a mongod rarely accepts more than its open-files limit (often 64k) in total.
+pub const MAX_WORKERS_CEILING: usize = 65_536;
+
+impl LimitsConfig {
+    /// Checks the upstream limits (the connection limits are valid whatever they are).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=MAX_WORKERS_CEILING).contains(&self.max_workers) {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_workers must be 1 to {MAX_WORKERS_CEILING} (got {})",
+                self.max_workers
+            )));
+        }
+        if self.max_bindings_per_stream == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_bindings_per_stream must be at least 1".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -371,6 +410,7 @@ impl Config {
                 self.ring_size, self.client_queue
             )));
         }
+        self.limits.validate()?;
         crate::auth::check_config(&self.auth, &self.cors).map_err(ConfigError::Invalid)?;
         for (index, stream) in self.streams.iter().enumerate() {
             let (_, definition) = stream
@@ -452,6 +492,12 @@ fn default_roles_claim() -> String {
 fn default_retry_after_secs() -> u64 {
     5
 }
+fn default_max_workers() -> usize {
+    1_000
+}
+fn default_max_bindings_per_stream() -> usize {
+    100
+}
 
 #[cfg(test)]
 mod tests {
@@ -511,6 +557,40 @@ mod tests {
         let err = Config::from_toml_str(text, "x").unwrap_err().to_string();
         assert!(err.contains("unknown field `pipelin`"), "{err}");
         assert!(err.contains("line 6"), "{err}");
+    }
+
+    #[test]
+    fn upstream_limits_default_bounded_and_are_validated() {
+        let limits = Config::default().limits;
+        assert_eq!(
+            (limits.max_workers, limits.max_bindings_per_stream),
+            (1000, 100)
+        );
+        for (text, words) in [
+            ("[limits]\nmax_workers = 0\n", "max_workers must be 1 to"),
+            (
+                "[limits]\nmax_workers = 100000\n",
+                "max_workers must be 1 to",
+            ),
+            (
+                "[limits]\nmax_bindings_per_stream = 0\n",
+                "max_bindings_per_stream",
+            ),
+        ] {
+            let err = Config::from_toml_str(text, "x")
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(words), "{text}: {err}");
+        }
+        let config = Config::from_toml_str(
+            "[limits]\nmax_workers = 5\nmax_bindings_per_stream = 2\n",
+            "x",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.limits.max_workers, 5);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::limits::UpstreamLimit;
 use crate::streams::definition::DefinitionError;
 use crate::streams::{StoreError, SubscribeFailure};
 use crate::worker::subscription::SubscribeError;
@@ -156,6 +157,21 @@ impl From<SubscribeFailure> for ApiError {
     }
 }
 
+impl From<UpstreamLimit> for ApiError {
+    /// 503 (the server, not this client, is at capacity) with `Retry-After`, like the 429 of
+    /// the connection limits, and `limit` naming the config key that was reached.
+    fn from(refused: UpstreamLimit) -> ApiError {
+        let mut error = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Service Unavailable",
+            refused.to_string(),
+        )
+        .with_extra(json!({ "limit": refused.limit.as_str() }));
+        error.retry_after = Some(refused.retry_after_secs);
+        error
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> ApiError {
         match error {
@@ -167,5 +183,44 @@ impl From<StoreError> for ApiError {
             }
             StoreError::Encode(error) => ApiError::internal(error),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LimitsConfig;
+    use crate::limits::CursorBudget;
+    use crate::metrics::Metrics;
+    use crate::streams::StreamKey;
+
+    #[tokio::test]
+    async fn an_upstream_limit_is_a_503_problem_naming_it() {
+        let limits = LimitsConfig {
+            max_workers: 1,
+            retry_after_secs: 9,
+            ..LimitsConfig::default()
+        };
+        let budget = CursorBudget::new(&limits, &Metrics::new());
+        let key = StreamKey::new("db", "c", "s").unwrap();
+        let _held = budget.try_acquire(&key).unwrap();
+        let refused = budget.try_acquire(&key).unwrap_err();
+        let response = ApiError::from(refused).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "9");
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["status"], 503);
+        assert_eq!(body["limit"], "max_workers");
+        assert!(
+            body["detail"].as_str().unwrap().contains("max_workers"),
+            "{body}"
+        );
     }
 }

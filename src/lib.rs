@@ -92,6 +92,21 @@ impl App {
         options
             .server_selection_timeout
             .get_or_insert(Duration::from_secs(5));
+        // Every cursor's getMore holds a pooled connection for up to max_await: size the pool
+        // from limits.max_workers so that no cursor queues for a connection (issue 8).
+        let pool = limits::PoolSize::for_limits(&config.limits, options.max_pool_size);
+        if let limits::PoolSize::TooSmall { given, needed } = pool {
+            tracing::warn!(
+                given,
+                needed,
+                "mongo_uri sets maxPoolSize={given}, below the {needed} connections that \
+                 limits.max_workers ({}) cursors need (one each, plus {} for the rest): cursors \
+                 will queue for connections; raise maxPoolSize or remove it from mongo_uri",
+                config.limits.max_workers,
+                limits::POOL_HEADROOM
+            );
+        }
+        options.max_pool_size = Some(pool.max_pool_size());
         let client = mongodb::Client::with_options(options).map_err(StartError::MongoUri)?;
 
         let shutdown = CancellationToken::new();

@@ -9,6 +9,16 @@
 //! four dimensions. It is held for a few map operations per connect/disconnect, which is
 //! negligible next to the cost of a connection; only dimensions with a limit are counted, and
 //! entries are removed at zero so the maps hold only live keys.
+//!
+//! # Upstream work (PROTOCOL.md §9)
+//!
+//! Clients are cheap; MongoDB cursors are not: each one holds a pooled connection during its
+//! `getMore`. [`CursorBudget`] bounds them with `limits.max_workers` (all cursors, catch-ups
+//! included) and `limits.max_bindings_per_stream` (cursors of one definition, one per binding
+//! of variables that cannot be routed in-process). A cursor takes a [`CursorPermit`] before it
+//! opens and holds it for its life (reconnects included); refusals are [`UpstreamLimit`]s,
+//! answered 503 with `Retry-After`. [`PoolSize`] sizes the driver's pool from the same limit,
+//! so that no cursor waits for a connection.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -17,8 +27,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use axum::http::StatusCode;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
 use crate::config::LimitsConfig;
 use crate::error::ApiError;
+use crate::metrics::{LimitLabel, Metrics};
 use crate::streams::StreamKey;
 
 /// Which limit refused a connection.
@@ -198,6 +213,277 @@ impl Drop for Permit {
     }
 }
 
+/// Which upstream limit refused a cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CursorLimit {
+    /// `max_workers`: cursors in total, catch-ups included.
+    MaxWorkers,
+    /// `max_bindings_per_stream`: cursors of one stream definition.
+    MaxBindingsPerStream,
+}
+
+impl CursorLimit {
+    /// The config key of the limit (also the problem body's `limit` and the metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CursorLimit::MaxWorkers => "max_workers",
+            CursorLimit::MaxBindingsPerStream => "max_bindings_per_stream",
+        }
+    }
+}
+
+/// A cursor refused by an upstream limit. Subscribe answers it 503 with `Retry-After` and a
+/// problem body naming the limit (`From<UpstreamLimit> for ApiError`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.describe())]
+pub struct UpstreamLimit {
+    /// Which limit.
+    pub limit: CursorLimit,
+    /// Its configured value.
+    pub max: usize,
+    /// The stream whose cursor was refused (`None` for a catch-up).
+    pub stream: Option<StreamKey>,
+    /// `limits.retry_after_secs`, for `Retry-After`.
+    pub retry_after_secs: u64,
+}
+
+impl UpstreamLimit {
+    fn describe(&self) -> String {
+        match (self.limit, &self.stream) {
+            (CursorLimit::MaxBindingsPerStream, Some(stream)) => format!(
+                "upstream limit reached (max_bindings_per_stream): {stream} already holds {} \
+                 change-stream cursors, one per distinct set of variable values; retry later",
+                self.max
+            ),
+            (limit, _) => format!(
+                "upstream limit reached ({}): this instance already holds {} MongoDB \
+                 change-stream cursors; retry later",
+                limit.as_str(),
+                self.max
+            ),
+        }
+    }
+}
+
+#[derive(Default)]
+struct CursorCounts {
+    total: usize,
+    /// Cursors per stream definition (catch-ups not counted); entries removed at zero.
+    per_stream: HashMap<StreamKey, usize>,
+    /// The largest value in `per_stream` (the `upstream_bindings_max` gauge).
+    max_per_stream: usize,
+}
+
+struct BudgetInner {
+    max_workers: usize,
+    max_bindings: usize,
+    retry_after_secs: u64,
+    counts: Mutex<CursorCounts>,
+    cursors_gauge: Gauge,
+    bindings_gauge: Gauge,
+    refusals: Family<LimitLabel, Counter>,
+}
+
+impl BudgetInner {
+    fn lock(&self) -> MutexGuard<'_, CursorCounts> {
+        // Every update is one consistent step, so a poisoned lock's data is still valid.
+        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Publishes the counts; called under the lock so the gauges never go backwards in time.
+    fn publish(&self, counts: &CursorCounts) {
+        self.cursors_gauge
+            .set(i64::try_from(counts.total).unwrap_or(i64::MAX));
+        self.bindings_gauge
+            .set(i64::try_from(counts.max_per_stream).unwrap_or(i64::MAX));
+    }
+
+    fn refuse(&self, limit: CursorLimit, stream: Option<&StreamKey>) -> UpstreamLimit {
+        self.refusals
+            .get_or_create(&LimitLabel {
+                limit: limit.as_str(),
+            })
+            .inc();
+        let max = match limit {
+            CursorLimit::MaxWorkers => self.max_workers,
+            CursorLimit::MaxBindingsPerStream => self.max_bindings,
+        };
+        tracing::debug!(limit = limit.as_str(), max, stream = ?stream, "cursor refused");
+        UpstreamLimit {
+            limit,
+            max,
+            stream: stream.cloned(),
+            retry_after_secs: self.retry_after_secs,
+        }
+    }
+}
+
+/// The budget of MongoDB change-stream cursors. Cheap to clone (one shared budget).
+///
+/// A worker takes [`try_acquire`](Self::try_acquire) before it opens its cursor and keeps the
+/// permit for its whole life (reconnects and linger included); a catch-up cursor takes
+/// [`try_acquire_catch_up`](Self::try_acquire_catch_up) and keeps it until it hands over. Both
+/// are refused at once, never queued: a refusal is cheaper for everyone than a wait.
+#[derive(Clone)]
+pub struct CursorBudget {
+    inner: Arc<BudgetInner>,
+}
+
+/// One cursor's slot in the [`CursorBudget`]; dropping it frees the slot.
+#[must_use = "the cursor's slot is freed as soon as the permit is dropped"]
+pub struct CursorPermit {
+    budget: Arc<BudgetInner>,
+    /// The stream it counts against (`None`: a catch-up, counted in the total only).
+    stream: Option<StreamKey>,
+}
+
+impl std::fmt::Debug for CursorPermit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CursorPermit")
+            .field("stream", &self.stream)
+            .finish()
+    }
+}
+
+impl CursorBudget {
+    /// A budget with `[limits]`'s `max_workers` and `max_bindings_per_stream`, reporting to the
+    /// `upstream_*` metrics.
+    pub fn new(limits: &LimitsConfig, metrics: &Metrics) -> CursorBudget {
+        CursorBudget {
+            inner: Arc::new(BudgetInner {
+                max_workers: limits.max_workers,
+                max_bindings: limits.max_bindings_per_stream,
+                retry_after_secs: limits.retry_after_secs,
+                counts: Mutex::new(CursorCounts::default()),
+                cursors_gauge: metrics.upstream_cursors.clone(),
+                bindings_gauge: metrics.upstream_bindings_max.clone(),
+                refusals: metrics.upstream_refusals.clone(),
+            }),
+        }
+    }
+
+    /// A slot for a worker's cursor on `stream`: one of `max_workers` and one of the stream's
+    /// `max_bindings_per_stream`.
+    pub fn try_acquire(&self, stream: &StreamKey) -> Result<CursorPermit, UpstreamLimit> {
+        let inner = &self.inner;
+        let mut counts = inner.lock();
+        if counts.total >= inner.max_workers {
+            return Err(inner.refuse(CursorLimit::MaxWorkers, Some(stream)));
+        }
+        let bindings = counts.per_stream.get(stream).copied().unwrap_or(0);
+        if bindings >= inner.max_bindings {
+            return Err(inner.refuse(CursorLimit::MaxBindingsPerStream, Some(stream)));
+        }
+        counts.total += 1;
+        counts.per_stream.insert(stream.clone(), bindings + 1);
+        counts.max_per_stream = counts.max_per_stream.max(bindings + 1);
+        inner.publish(&counts);
+        drop(counts);
+        Ok(CursorPermit {
+            budget: Arc::clone(inner),
+            stream: Some(stream.clone()),
+        })
+    }
+
+    /// A slot for a catch-up cursor: one of `max_workers`, but no binding (it serves clients
+    /// of an existing worker and ends when they hand over to it).
+    pub fn try_acquire_catch_up(&self) -> Result<CursorPermit, UpstreamLimit> {
+        let inner = &self.inner;
+        let mut counts = inner.lock();
+        if counts.total >= inner.max_workers {
+            return Err(inner.refuse(CursorLimit::MaxWorkers, None));
+        }
+        counts.total += 1;
+        inner.publish(&counts);
+        drop(counts);
+        Ok(CursorPermit {
+            budget: Arc::clone(inner),
+            stream: None,
+        })
+    }
+
+    /// Cursors holding a slot now.
+    pub fn in_use(&self) -> usize {
+        self.inner.lock().total
+    }
+
+    /// Worker cursors `stream` holds now.
+    pub fn bindings(&self, stream: &StreamKey) -> usize {
+        self.inner
+            .lock()
+            .per_stream
+            .get(stream)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for CursorPermit {
+    fn drop(&mut self) {
+        let budget = &self.budget;
+        let mut counts = budget.lock();
+        counts.total = counts.total.saturating_sub(1);
+        if let Some(stream) = &self.stream {
+            let before = count(&counts.per_stream, stream);
+            release(&mut counts.per_stream, stream);
+            // Only the stream at the maximum can lower it: rescan then (rare, O(streams)).
+            if before == counts.max_per_stream {
+                counts.max_per_stream = counts.per_stream.values().copied().max().unwrap_or(0);
+            }
+        }
+        budget.publish(&counts);
+    }
+}
+
+/// Connections the pool keeps beyond one per cursor: the definitions watcher (its own
+/// `getMore`), admin writes, readiness pings, snapshot reads, and a cursor (re)opening while
+/// the others sit in `getMore`. Connections are opened lazily, so unused room costs nothing.
+pub const POOL_HEADROOM: u32 = 16;
+
+/// What to do with the MongoDB driver's `maxPoolSize` (per server; every cursor reads from the
+/// primary, so one pool holds them all). Each cursor's `getMore` holds a pooled connection for
+/// up to `max_await`: with fewer connections than cursors, cursor opens and `getMore`s queue
+/// behind each other (measured: 40 streams took 26.5 s to subscribe with the driver's default
+/// of 10, 0.1 s with 100).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolSize {
+    /// `mongo_uri` sets no `maxPoolSize`: use this one (`max_workers` + [`POOL_HEADROOM`]).
+    Sized(u32),
+    /// `mongo_uri` sets one that is large enough (0: unlimited): keep it.
+    Kept(u32),
+    /// `mongo_uri` sets one below what `max_workers` needs: kept, because the operator asked
+    /// for it, but warned about at startup naming both numbers.
+    TooSmall {
+        /// `maxPoolSize` from `mongo_uri`.
+        given: u32,
+        /// `max_workers` + [`POOL_HEADROOM`].
+        needed: u32,
+    },
+}
+
+impl PoolSize {
+    /// Decides the pool size from `[limits]` and the URI's `maxPoolSize`, if any.
+    pub fn for_limits(limits: &LimitsConfig, from_uri: Option<u32>) -> PoolSize {
+        let needed = u32::try_from(limits.max_workers)
+            .unwrap_or(u32::MAX)
+            .saturating_add(POOL_HEADROOM);
+        match from_uri {
+            None => PoolSize::Sized(needed),
+            // The driver reads 0 as "no limit".
+            Some(given) if given == 0 || given >= needed => PoolSize::Kept(given),
+            Some(given) => PoolSize::TooSmall { given, needed },
+        }
+    }
+
+    /// The `maxPoolSize` to give the driver.
+    pub fn max_pool_size(self) -> u32 {
+        match self {
+            PoolSize::Sized(size) | PoolSize::Kept(size) => size,
+            PoolSize::TooSmall { given, .. } => given,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +500,7 @@ mod tests {
             per_user: Some(3),
             per_ip: Some(2),
             retry_after_secs: 1,
+            ..LimitsConfig::default()
         });
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let other: IpAddr = "10.0.0.2".parse().unwrap();
@@ -260,5 +547,97 @@ mod tests {
         drop(permits);
         assert_eq!(limits.open(), 0);
         assert!(limits.lock().per_stream.is_empty());
+    }
+
+    fn budget(max_workers: usize, max_bindings_per_stream: usize) -> (CursorBudget, Metrics) {
+        let metrics = Metrics::new();
+        let limits = LimitsConfig {
+            max_workers,
+            max_bindings_per_stream,
+            retry_after_secs: 3,
+            ..LimitsConfig::default()
+        };
+        (CursorBudget::new(&limits, &metrics), metrics)
+    }
+
+    #[test]
+    fn bindings_are_bounded_per_stream_and_freed_on_drop() {
+        let (budget, metrics) = budget(10, 2);
+        let a1 = budget.try_acquire(&key("a")).unwrap();
+        let a2 = budget.try_acquire(&key("a")).unwrap();
+        let refused = budget.try_acquire(&key("a")).unwrap_err();
+        assert_eq!(refused.limit, CursorLimit::MaxBindingsPerStream);
+        assert_eq!((refused.max, refused.retry_after_secs), (2, 3));
+        assert_eq!(refused.stream, Some(key("a")));
+        assert!(
+            refused.to_string().contains("/db/coll/_streams/a"),
+            "{refused}"
+        );
+        // Another stream has its own bindings.
+        let _b1 = budget.try_acquire(&key("b")).unwrap();
+        assert_eq!(budget.in_use(), 3);
+        assert_eq!(metrics.upstream_cursors.get(), 3);
+        assert_eq!(metrics.upstream_bindings_max.get(), 2);
+        drop(a1);
+        assert_eq!(budget.bindings(&key("a")), 1);
+        assert_eq!(metrics.upstream_bindings_max.get(), 1);
+        let _a3 = budget.try_acquire(&key("a")).unwrap();
+        drop(a2);
+        assert_eq!(budget.in_use(), 2);
+        let refusals = metrics
+            .upstream_refusals
+            .get_or_create(&LimitLabel {
+                limit: "max_bindings_per_stream",
+            })
+            .get();
+        assert_eq!(refusals, 1);
+    }
+
+    #[test]
+    fn catch_ups_count_against_max_workers_only() {
+        let (budget, metrics) = budget(3, 1);
+        let _worker = budget.try_acquire(&key("a")).unwrap();
+        let catch_up = budget.try_acquire_catch_up().unwrap();
+        let _catch_up2 = budget.try_acquire_catch_up().unwrap();
+        // The catch-ups took no binding of "a", but every slot of max_workers is gone.
+        assert_eq!(budget.bindings(&key("a")), 1);
+        let refused = budget.try_acquire(&key("b")).unwrap_err();
+        assert_eq!(refused.limit, CursorLimit::MaxWorkers);
+        assert!(refused.to_string().contains("max_workers"), "{refused}");
+        let refused = budget.try_acquire_catch_up().unwrap_err();
+        assert_eq!(
+            (refused.limit, refused.stream),
+            (CursorLimit::MaxWorkers, None)
+        );
+        drop(catch_up);
+        let _b = budget.try_acquire(&key("b")).unwrap();
+        assert_eq!(metrics.upstream_cursors.get(), 3);
+        assert!(metrics.render().contains("streamgate_upstream_cursors 3"));
+    }
+
+    #[test]
+    fn pool_is_sized_from_max_workers_unless_the_uri_says_otherwise() {
+        let limits = LimitsConfig {
+            max_workers: 200,
+            ..LimitsConfig::default()
+        };
+        let needed = 200 + POOL_HEADROOM;
+        assert_eq!(PoolSize::for_limits(&limits, None), PoolSize::Sized(needed));
+        assert_eq!(
+            PoolSize::for_limits(&limits, Some(500)),
+            PoolSize::Kept(500)
+        );
+        assert_eq!(
+            PoolSize::for_limits(&limits, Some(needed)),
+            PoolSize::Kept(needed)
+        );
+        assert_eq!(PoolSize::for_limits(&limits, Some(0)), PoolSize::Kept(0));
+        let small = PoolSize::for_limits(&limits, Some(100));
+        assert_eq!(small, PoolSize::TooSmall { given: 100, needed });
+        assert_eq!(small.max_pool_size(), 100, "an explicit size is kept");
+        assert_eq!(
+            PoolSize::for_limits(&LimitsConfig::default(), None).max_pool_size(),
+            1000 + POOL_HEADROOM
+        );
     }
 }

@@ -16,6 +16,13 @@ pub struct TransportLabel {
     pub transport: &'static str,
 }
 
+/// Label set for the upstream-limit refusals.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    /// `max_workers` or `max_bindings_per_stream`.
+    pub limit: &'static str,
+}
+
 /// Every metric Streamgate exports.
 pub struct Metrics {
     registry: Registry,
@@ -41,6 +48,13 @@ pub struct Metrics {
     pub lag_recoveries: Counter,
     /// Changes over 16 MB replaced by `event: skipped`.
     pub oversize_skipped: Counter,
+    /// Change-stream cursors holding a slot of `limits.max_workers` (workers and catch-ups).
+    pub upstream_cursors: Gauge,
+    /// The most cursors any one stream definition holds (against
+    /// `limits.max_bindings_per_stream`): one series, whatever the number of streams.
+    pub upstream_bindings_max: Gauge,
+    /// Cursors refused by an upstream limit, by limit.
+    pub upstream_refusals: Family<LimitLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -111,6 +125,24 @@ impl Metrics {
             "Changes over 16 MB delivered as event: skipped",
             oversize_skipped.clone(),
         );
+        let upstream_cursors = Gauge::default();
+        registry.register(
+            "upstream_cursors",
+            "Change-stream cursors open or opening, catch-ups included (bounded by limits.max_workers)",
+            upstream_cursors.clone(),
+        );
+        let upstream_bindings_max = Gauge::default();
+        registry.register(
+            "upstream_bindings_max",
+            "Most cursors held by one stream definition (bounded by limits.max_bindings_per_stream)",
+            upstream_bindings_max.clone(),
+        );
+        let upstream_refusals = Family::<LimitLabel, Counter>::default();
+        registry.register(
+            "upstream_refusals",
+            "Cursors refused by an upstream limit (answered 503)",
+            upstream_refusals.clone(),
+        );
         Metrics {
             registry,
             catchups_joined,
@@ -124,6 +156,9 @@ impl Metrics {
             slow_consumers,
             worker_retries,
             catchups,
+            upstream_cursors,
+            upstream_bindings_max,
+            upstream_refusals,
         }
     }
 

@@ -244,3 +244,81 @@ async fn per_user_limit_counts_each_subject() {
     )
     .await;
 }
+
+/// Issue 8 item 1: the driver's pool is sized from `max_workers`, so N cursors never queue for
+/// N connections. With the driver's default pool of 10, at most 10 of these 40 workers could
+/// sit in their `getMore` at once (each holds a connection for up to `max_await`), and
+/// subscribing to all 40 took 26 s on this machine; now every worker's `getMore` is in flight
+/// together.
+#[tokio::test]
+async fn cursors_never_queue_for_a_pooled_connection() {
+    const STREAMS: usize = 40;
+    let mongo = mongod::shared();
+    let db = unique_db("limits_pool");
+    let mut config = server::config(mongo);
+    for i in 0..STREAMS {
+        let coll = format!("c{i}");
+        config
+            .streams
+            .push(server::stream(&db, &coll, "s", json!([])));
+    }
+    let server = TestServer::start(config).await;
+    let started = std::time::Instant::now();
+    let mut clients = Vec::new();
+    for i in 0..STREAMS {
+        let path = format!("/{db}/c{i}/_streams/s");
+        match Client::connect(Kind::Sse, &server.url(""), &path, None).await {
+            Ok(client) => clients.push(client),
+            Err(refused) => panic!("{path}: {refused:?}"),
+        }
+    }
+    eprintln!(
+        "subscribed to {STREAMS} cold streams in {:?}",
+        started.elapsed()
+    );
+
+    // More getMores in flight on this database than the default pool (10) could carry; not
+    // all 40, so that a worker between two getMores does not make the check flaky.
+    let admin = mongo.client().await.database("admin");
+    eventually(
+        "the workers' getMores run side by side",
+        Duration::from_secs(20),
+        async || {
+            let pipeline = [
+                doc! { "$currentOp": { "allUsers": true } },
+                doc! { "$match": {
+                    "ns": { "$regex": format!("^{db}\\.") },
+                    "command.getMore": { "$exists": true },
+                } },
+                doc! { "$count": "n" },
+            ];
+            let mut cursor = admin.aggregate(pipeline).await.unwrap();
+            let in_flight = if cursor.advance().await.unwrap() {
+                cursor
+                    .deserialize_current()
+                    .unwrap()
+                    .get_i32("n")
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            in_flight >= 30
+        },
+    )
+    .await;
+
+    // And every stream still delivers.
+    let database = mongo.client().await.database(&db);
+    for i in 0..STREAMS {
+        database
+            .collection::<Document>(&format!("c{i}"))
+            .insert_one(doc! { "i": i as i64 })
+            .await
+            .unwrap();
+    }
+    for (i, client) in clients.iter_mut().enumerate() {
+        let events = client.changes(1, Duration::from_secs(10)).await;
+        assert_eq!(events[0].data["fullDocument"]["i"], json!(i), "stream c{i}");
+    }
+    server.stop().await;
+}
