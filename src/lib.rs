@@ -117,9 +117,11 @@ impl App {
             linger: config.worker_linger(),
             ..WorkerSettings::default()
         };
+        let budget = crate::limits::CursorBudget::new(&config.limits, &metrics);
         let registry = Arc::new(Registry::new(
             client,
             settings,
+            budget,
             shutdown.clone(),
             tracker.clone(),
             Arc::clone(&metrics),

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use super::definition::{AvarsError, CompiledDefinition, StreamKey, parse_avars};
 use crate::event::{Event, EventKind, Token};
+use crate::limits::{CursorBudget, UpstreamLimit};
 use crate::metrics::Metrics;
 use crate::worker::routing::{ClientFilter, FilterError};
 use crate::worker::subscription::SubscribeError;
@@ -88,6 +89,9 @@ pub enum SubscribeFailure {
     /// The stream filters by token claims and this client's claims do not allow routing.
     #[error(transparent)]
     Filter(#[from] FilterError),
+    /// A new cursor would exceed `limits.max_workers` or `limits.max_bindings_per_stream`.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamLimit),
 }
 
 /// Definitions and workers.
@@ -103,12 +107,13 @@ impl Registry {
     pub fn new(
         client: mongodb::Client,
         settings: WorkerSettings,
+        budget: CursorBudget,
         cancel: CancellationToken,
         tracker: TaskTracker,
         metrics: Arc<Metrics>,
     ) -> Registry {
         Registry {
-            context: WorkerContext::new(client, settings, metrics, tracker),
+            context: WorkerContext::new(client, settings, metrics, tracker, budget),
             definitions: RwLock::new(BTreeMap::new()),
             next_revision: Mutex::new(1),
             cancel,
@@ -293,7 +298,15 @@ impl Registry {
             let worker = match existing {
                 Some(worker) => worker,
                 None => {
-                    let worker = Worker::new(worker_key.clone(), spec, &self.context, &self.cancel);
+                    // The worker holds its cursor slot for as long as it lives.
+                    let permit = self.context.budget.try_acquire(key)?;
+                    let worker = Worker::new(
+                        worker_key.clone(),
+                        spec,
+                        &self.context,
+                        &self.cancel,
+                        permit,
+                    );
                     map.insert(worker_key, Arc::clone(&worker));
                     worker.spawn();
                     worker

@@ -312,6 +312,8 @@ impl Worker {
         if running.iter().filter(|c| c.is_active()).count() >= MAX_CATCH_UPS_PER_WORKER {
             return None;
         }
+        // Past `limits.max_workers` the client waits for a slot like any other.
+        let permit = self.context.budget.try_acquire_catch_up().ok()?;
         let catch_up = CatchUp::new(after.clone());
         let reader = catch_up.reader(after);
         running.push(Arc::clone(&catch_up));
@@ -320,6 +322,8 @@ impl Worker {
         let worker = Arc::clone(self);
         self.tracker().spawn(async move {
             run(&worker, &catch_up).await;
+            // The cursor slot is free once the catch-up's cursor is gone.
+            drop(permit);
             worker.catch_ups.notify_ended();
         });
         Some(reader)

@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::event::{Event, Token};
+use crate::limits::{CursorBudget, CursorPermit};
 use crate::metrics::Metrics;
 use crate::streams::definition::{StreamKey, WatchSpec};
 use catchup::CatchUps;
@@ -95,6 +96,8 @@ pub struct WorkerContext {
     pub tracker: TaskTracker,
     /// The registry's map of live workers.
     pub map: WorkerMap,
+    /// Slots for change-stream cursors (`limits.max_workers`, `max_bindings_per_stream`).
+    pub budget: CursorBudget,
     /// What the server can do, asked once.
     features: tokio::sync::OnceCell<ServerFeatures>,
 }
@@ -106,12 +109,14 @@ impl WorkerContext {
         settings: WorkerSettings,
         metrics: Arc<Metrics>,
         tracker: TaskTracker,
+        budget: CursorBudget,
     ) -> Arc<WorkerContext> {
         Arc::new(WorkerContext {
             client,
             settings,
             metrics,
             tracker,
+            budget,
             map: Arc::new(Mutex::new(HashMap::new())),
             features: tokio::sync::OnceCell::new(),
         })
@@ -190,6 +195,8 @@ pub struct Worker {
     cancel: CancellationToken,
     /// Counters.
     pub stats: WorkerStats,
+    /// This worker's cursor slot, freed when the worker is dropped.
+    _permit: CursorPermit,
 }
 
 impl Worker {
@@ -199,6 +206,7 @@ impl Worker {
         spec: WatchSpec,
         context: &Arc<WorkerContext>,
         parent_cancel: &CancellationToken,
+        permit: CursorPermit,
     ) -> Arc<Worker> {
         let (state, _) = watch::channel(WorkerState::Starting);
         Arc::new(Worker {
@@ -214,6 +222,7 @@ impl Worker {
             idle: Notify::new(),
             cancel: parent_cancel.child_token(),
             stats: WorkerStats::default(),
+            _permit: permit,
         })
     }
 
@@ -418,6 +427,9 @@ pub(crate) async fn test_worker(ring_size: usize) -> Arc<Worker> {
         .await
         .expect("a URI without I/O");
     let key = StreamKey::new("db", "c", "s").expect("a valid key");
+    let metrics = Arc::new(Metrics::new());
+    let budget = CursorBudget::new(&crate::config::LimitsConfig::default(), &metrics);
+    let permit = budget.try_acquire(&key).expect("an empty budget");
     Worker::new(
         WorkerKey {
             stream: key,
@@ -438,10 +450,12 @@ pub(crate) async fn test_worker(ring_size: usize) -> Arc<Worker> {
                 ring_size,
                 ..WorkerSettings::default()
             },
-            Arc::new(Metrics::new()),
+            metrics,
             TaskTracker::new(),
+            budget,
         ),
         &CancellationToken::new(),
+        permit,
     )
 }
 

@@ -270,3 +270,30 @@ async fn catch_up_clients_get_cancel_when_the_definition_goes() {
     }
     f.server.stop().await;
 }
+
+#[tokio::test]
+async fn bindings_past_the_limit_get_503_naming_it() {
+    let f = Fixture::start("fanin_limit", |config| {
+        config.limits.max_bindings_per_stream = 1;
+        // Inside `$expr`: not routable, so each binding needs a cursor of its own.
+        config.streams[0].definition.pipeline = json!([{ "$match": { "$expr": {
+            "$eq": ["$fullDocument.owner", { "$var": "who" }] } } }]);
+    })
+    .await;
+    let _first = connect_with(&f, Kind::Sse, &json!({ "who": "a" })).await;
+    let path = format!(
+        "{}?avars={}",
+        f.path,
+        encode(&json!({ "who": "b" }).to_string())
+    );
+    let refused = Client::connect(Kind::Sse, &f.server.url(""), &path, None)
+        .await
+        .err()
+        .expect("a second binding is refused");
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.content_type, "application/problem+json");
+    let body: Value = serde_json::from_str(&refused.body).unwrap();
+    assert_eq!(body["limit"], "max_bindings_per_stream", "{body}");
+    // Routable bindings share the one cursor: never refused by this limit.
+    f.server.stop().await;
+}
