@@ -178,6 +178,8 @@ impl App {
         let connections = TaskTracker::new();
         let timeouts = http::server::Timeouts {
             stall: self.state.config.stall_timeout(),
+            head: self.state.config.head_timeout(),
+            idle: self.state.config.idle_timeout(),
         };
         http::server::serve(
             listener,

@@ -207,3 +207,71 @@ async fn slow_steady_reader_is_not_cut() {
     assert_eq!(seqs, (0..32).collect::<Vec<i64>>());
     f.server.stop().await;
 }
+
+/// Reads until the server closes the connection (EOF or reset); panics after `within`.
+async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Duration {
+    let start = Instant::now();
+    let mut sink = [0u8; 1024];
+    loop {
+        let remaining = within.saturating_sub(start.elapsed());
+        match tokio::time::timeout(remaining, tcp.read(&mut sink)).await {
+            Err(_) => panic!("connection still open after {within:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return start.elapsed(),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// 500 connections that send half a request head and then nothing neither keep others from
+/// subscribing nor stay open: hyper has a timer and a head timeout. A connection that sends
+/// nothing is closed by the same deadline, and a kept-alive connection after `idle_timeout_secs`.
+#[tokio::test]
+async fn slow_heads_and_idle_connections_are_closed() {
+    let f = Fixture::start("edge_heads", |c| {
+        c.head_timeout_secs = 2;
+        c.idle_timeout_secs = 1;
+    })
+    .await;
+    let addr = f.server.addr;
+    let start = Instant::now();
+    let mut half = Vec::new();
+    for _ in 0..500 {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /health/live HTTP/1.1\r\nHost: gate\r\n")
+            .await
+            .unwrap();
+        half.push(tcp);
+    }
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+
+    // Meanwhile a client subscribes and gets an event.
+    let mut client = f.connect(Kind::Sse).await;
+    f.coll.insert_one(doc! { "seq": 1 }).await.unwrap();
+    assert_eq!(client.changes(1, WAIT).await.len(), 1);
+
+    // head_timeout_secs + 3 s of slack for 500 closes on a busy machine.
+    let bound = Duration::from_secs(2 + 3);
+    let closes = futures::future::join_all(
+        half.iter_mut()
+            .map(|tcp| closed_within(tcp, bound.saturating_sub(start.elapsed()))),
+    )
+    .await;
+    closed_within(&mut silent, bound.saturating_sub(start.elapsed())).await;
+    eprintln!(
+        "500 half heads closed {:?}..{:?} after they were sent",
+        closes.iter().min(),
+        closes.iter().max()
+    );
+
+    // A kept-alive connection: one request, then silence.
+    let mut kept = TcpStream::connect(addr).await.unwrap();
+    kept.write_all(b"GET /health/live HTTP/1.1\r\nHost: gate\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, _) = read_head(&mut kept).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let idle = closed_within(&mut kept, Duration::from_secs(1 + 3)).await;
+    assert!(idle >= Duration::from_millis(900), "closed after {idle:?}");
+    eprintln!("idle keep-alive connection closed after {idle:?}");
+    f.server.stop().await;
+}
