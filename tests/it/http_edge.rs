@@ -6,10 +6,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use mongodb::bson::doc;
+use sha2::Digest;
 use streamgate::metrics::TransportLabel;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 
 use crate::harness::clients::{Kind, Next, parse_envelope};
 use crate::harness::eventually;
@@ -273,5 +276,78 @@ async fn slow_heads_and_idle_connections_are_closed() {
     let idle = closed_within(&mut kept, Duration::from_secs(1 + 3)).await;
     assert!(idle >= Duration::from_millis(900), "closed after {idle:?}");
     eprintln!("idle keep-alive connection closed after {idle:?}");
+    f.server.stop().await;
+}
+
+/// Status of a WebSocket handshake to `url` (101 on success) with `headers`.
+async fn ws_status(url: &str, headers: &[(&str, &str)]) -> u16 {
+    let mut request = url
+        .replacen("http://", "ws://", 1)
+        .into_client_request()
+        .unwrap();
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            HeaderValue::from_str(value).unwrap(),
+        );
+    }
+    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("answered in time")
+    {
+        Ok((_socket, response)) => response.status().as_u16(),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("websocket handshake failed: {other}"),
+    }
+}
+
+/// `allowed_origins = ["*"]` (or a listed origin without `allow_credentials`) must not let
+/// another site open a WebSocket with the user's cookie; a token the page passes itself, or
+/// the cookie from the server's own origin, still works.
+#[tokio::test]
+async fn websocket_from_another_origin_cannot_use_the_cookie() {
+    const KEY: &str = "sg_edge_cookie_key";
+    let f = Fixture::start("edge_cswsh", |c| {
+        let sha256 = hex::encode(sha2::Sha256::digest(KEY.as_bytes()));
+        let db = c.streams[0].db.clone();
+        c.auth = toml::from_str(&format!(
+            "enabled = true\n\
+             [[api_keys]]\nname = \"user\"\nsha256 = \"{sha256}\"\nroles = [\"reader\"]\n\
+             [[rules]]\nroles = [\"reader\"]\nstreams = [\"/{db}/*/_streams/*\"]\n"
+        ))
+        .unwrap();
+        c.cors.allowed_origins = vec!["*".into(), "https://app.example".into()];
+        c.cors.allow_credentials = false;
+    })
+    .await;
+    let url = f.server.url(&f.path);
+    let cookie = format!("streamgate_token={KEY}");
+    let own = format!("http://{}", f.server.addr);
+    let evil = "https://evil.example";
+    let listed = "https://app.example";
+
+    assert_eq!(
+        ws_status(&url, &[("origin", evil), ("cookie", &cookie)]).await,
+        403
+    );
+    assert_eq!(
+        ws_status(&url, &[("origin", listed), ("cookie", &cookie)]).await,
+        403
+    );
+    let with_token = format!("{url}?access_token={KEY}");
+    assert_eq!(
+        ws_status(&with_token, &[("origin", evil), ("cookie", &cookie)]).await,
+        101
+    );
+    assert_eq!(ws_status(&with_token, &[("origin", listed)]).await, 101);
+    assert_eq!(
+        ws_status(&url, &[("origin", &own), ("cookie", &cookie)]).await,
+        101
+    );
+    assert_eq!(
+        ws_status(&url, &[("cookie", &cookie)]).await,
+        101,
+        "no Origin"
+    );
     f.server.stop().await;
 }
