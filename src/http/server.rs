@@ -220,6 +220,12 @@ async fn direct(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    // RFC 9110 §6.6.1: an origin server with a clock must send `Date` (hyper does; so do we).
+    if !parts.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     out.extend_from_slice(b"connection: close\r\n\r\n");
     let mut pending: VecDeque<Bytes> = VecDeque::from([Bytes::from(out)]);
     let mut probe = [0u8; 64];

@@ -3,7 +3,9 @@
 //! harness's own guarantee that a server panic fails the test.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use futures::{SinkExt, StreamExt};
 
 use mongodb::bson::doc;
 use sha2::Digest;
@@ -11,12 +13,13 @@ use streamgate::metrics::TransportLabel;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 
 use crate::harness::clients::{Kind, Next, parse_envelope};
-use crate::harness::eventually;
 use crate::harness::fixture::Fixture;
+use crate::harness::{eventually, mongod, unique_db};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -350,4 +353,97 @@ async fn websocket_from_another_origin_cannot_use_the_cookie() {
         "no Origin"
     );
     f.server.stop().await;
+}
+
+/// A response written by the direct path carries `Date`, like those hyper writes.
+#[tokio::test]
+async fn direct_responses_carry_a_date() {
+    let f = Fixture::start("edge_date", |_| {}).await;
+    for accept in ["text/event-stream", "application/x-ndjson"] {
+        let mut tcp = TcpStream::connect(f.server.addr).await.unwrap();
+        tcp.write_all(head(&f.path, accept, "").as_bytes())
+            .await
+            .unwrap();
+        let (response, _) = read_head(&mut tcp).await;
+        assert!(
+            response.contains("connection: close"),
+            "direct path: {response}"
+        );
+        let date = response
+            .lines()
+            .find_map(|l| l.strip_prefix("date: "))
+            .unwrap_or_else(|| panic!("no Date: {response}"));
+        let date = httpdate::parse_http_date(date).expect("an HTTP date");
+        let skew = SystemTime::now()
+            .duration_since(date)
+            .unwrap_or_else(|e| e.duration());
+        assert!(skew < Duration::from_secs(5), "{date:?} is off by {skew:?}");
+    }
+    f.server.stop().await;
+}
+
+/// A WebSocket client message over the size limit gets a 1009 close frame, not a silently
+/// dropped socket.
+#[tokio::test]
+async fn oversized_websocket_message_is_closed_with_1009() {
+    let f = Fixture::start("edge_1009", |_| {}).await;
+    let (mut socket, _) = tokio_tungstenite::connect_async(f.server.ws_url(&f.path))
+        .await
+        .unwrap();
+    socket
+        .send(WsMessage::Text("x".repeat(64 * 1024).into()))
+        .await
+        .unwrap();
+    let close = tokio::time::timeout(WAIT, async {
+        loop {
+            match socket.next().await {
+                Some(Ok(WsMessage::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("closed in time");
+    assert_eq!(close, Some(1009));
+    f.server.stop().await;
+}
+
+/// Connections the server's MongoDB client holds (pool and monitoring), by app name.
+async fn connections_of(app: &str) -> usize {
+    let admin = mongod::shared().client().await.database("admin");
+    let mut cursor = admin
+        .aggregate([
+            doc! { "$currentOp": { "allUsers": true, "idleConnections": true } },
+            doc! { "$match": { "appName": app } },
+        ])
+        .await
+        .unwrap();
+    let mut n = 0;
+    while cursor.advance().await.unwrap() {
+        n += 1;
+    }
+    n
+}
+
+/// On shutdown the server ends its MongoDB sessions and closes its connections, even while
+/// something (here the test, as an embedder might) still holds the registry and so the client.
+#[tokio::test]
+async fn shutdown_closes_the_mongodb_connections() {
+    let app = unique_db("edge_app");
+    let f = Fixture::start("edge_mongo", |c| {
+        c.mongo_uri = format!("{}&appName={app}", mongod::shared().uri());
+    })
+    .await;
+    let mut client = f.connect(Kind::Sse).await;
+    f.coll.insert_one(doc! { "seq": 1 }).await.unwrap();
+    assert_eq!(client.changes(1, WAIT).await.len(), 1);
+    assert!(connections_of(&app).await > 0);
+    let registry = f.server.registry.clone();
+    f.server.stop().await;
+    eventually("the server's connections closed", WAIT, async || {
+        connections_of(&app).await == 0
+    })
+    .await;
+    drop(registry);
 }
