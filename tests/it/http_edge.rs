@@ -17,8 +17,8 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 
-use crate::harness::clients::{Kind, Next, parse_envelope};
-use crate::harness::fixture::Fixture;
+use crate::harness::clients::{Envelope, Kind, Next, parse_envelope};
+use crate::harness::fixture::{Fixture, seqs};
 use crate::harness::{eventually, mongod, unique_db};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -446,4 +446,289 @@ async fn shutdown_closes_the_mongodb_connections() {
     })
     .await;
     drop(registry);
+}
+
+/// A response read off a raw socket: the head, then the body decoded (chunked or
+/// close-delimited) and split into events.
+struct Raw {
+    tcp: TcpStream,
+    head: String,
+    chunked: bool,
+    sse: bool,
+    /// Bytes read but not decoded yet (an incomplete chunk).
+    raw: Vec<u8>,
+    /// Decoded body not yet split into events.
+    body: Vec<u8>,
+}
+
+impl Raw {
+    /// Sends `request` (in one write) and reads the response head.
+    async fn send(addr: SocketAddr, request: &[u8]) -> Raw {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(request).await.unwrap();
+        Raw::read(tcp).await
+    }
+
+    /// Reads the response head of a request already sent on `tcp`.
+    async fn read(mut tcp: TcpStream) -> Raw {
+        let (head, raw) = read_head(&mut tcp).await;
+        let lower = head.to_ascii_lowercase();
+        let mut response = Raw {
+            tcp,
+            chunked: lower.contains("transfer-encoding: chunked"),
+            sse: lower.contains("text/event-stream"),
+            head,
+            raw,
+            body: Vec::new(),
+        };
+        response.decode();
+        response
+    }
+
+    fn decode(&mut self) {
+        if !self.chunked {
+            self.body.append(&mut self.raw);
+            return;
+        }
+        while let Some(line) = self.raw.windows(2).position(|w| w == b"\r\n") {
+            let size = std::str::from_utf8(&self.raw[..line]).unwrap();
+            let size = usize::from_str_radix(size.trim(), 16).expect("chunk size");
+            if self.raw.len() < line + 2 + size + 2 {
+                return;
+            }
+            self.body
+                .extend_from_slice(&self.raw[line + 2..line + 2 + size]);
+            self.raw.drain(..line + 2 + size + 2);
+        }
+    }
+
+    /// The next event (keep-alives and `retry:` skipped); `None` when the server closed.
+    async fn next(&mut self) -> Option<Envelope> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let separator: &[u8] = if self.sse { b"\n\n" } else { b"\n" };
+            while let Some(end) = self
+                .body
+                .windows(separator.len())
+                .position(|w| w == separator)
+            {
+                let frame: Vec<u8> = self.body.drain(..end + separator.len()).collect();
+                let frame = std::str::from_utf8(&frame[..end]).expect("utf-8 body");
+                if let Some(envelope) = parse_frame(frame, self.sse) {
+                    return Some(envelope);
+                }
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(remaining, self.tcp.read(&mut chunk)).await {
+                Err(_) => panic!("no event within {WAIT:?}"),
+                Ok(Ok(0)) | Ok(Err(_)) => return None,
+                Ok(Ok(n)) => {
+                    self.raw.extend_from_slice(&chunk[..n]);
+                    self.decode();
+                }
+            }
+        }
+    }
+
+    /// The next `n` events, which must be changes.
+    async fn changes(&mut self, n: usize) -> Vec<Envelope> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            match self.next().await {
+                Some(e) if e.event == "change" => out.push(e),
+                other => panic!("after {} of {n} changes: {other:?}", out.len()),
+            }
+        }
+        out
+    }
+}
+
+/// An SSE frame or NDJSON line as an envelope; `None` for keep-alives and `retry:`.
+fn parse_frame(frame: &str, sse: bool) -> Option<Envelope> {
+    if !sse {
+        return (!frame.trim().is_empty()).then(|| parse_envelope(frame));
+    }
+    let (mut event, mut id, mut data) = (None, None, String::new());
+    for line in frame.lines() {
+        match line.split_once(": ") {
+            Some(("event", v)) => event = Some(v.to_owned()),
+            Some(("id", v)) => id = Some(v.to_owned()),
+            Some(("data", v)) => data.push_str(v),
+            _ => {}
+        }
+    }
+    Some(Envelope {
+        event: event?,
+        id,
+        data: serde_json::from_str(&data).expect("data is JSON"),
+    })
+}
+
+/// A request head split over two segments is not for the direct path (it peeks once); hyper
+/// serves it, and the stream works the same.
+#[tokio::test]
+async fn head_split_across_segments() {
+    let f = Fixture::start("edge_split", |_| {}).await;
+    let request = head(&f.path, "text/event-stream", "");
+    let (first, second) = request.split_at(request.len() / 2);
+    let mut tcp = TcpStream::connect(f.server.addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    tcp.write_all(first.as_bytes()).await.unwrap();
+    // Give the server time to see the first segment alone; the assertions below hold whichever
+    // path ends up serving the request.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tcp.write_all(second.as_bytes()).await.unwrap();
+    let mut response = Raw::read(tcp).await;
+    assert!(
+        response.head.starts_with("HTTP/1.1 200"),
+        "{}",
+        response.head
+    );
+    eprintln!(
+        "split head served {}",
+        if response.chunked {
+            "by hyper"
+        } else {
+            "directly"
+        }
+    );
+    f.insert_seqs(0..3).await;
+    assert_eq!(seqs(&response.changes(3).await), vec![0, 1, 2]);
+    f.server.stop().await;
+}
+
+/// A head longer than the direct path takes goes to hyper and works; one longer than hyper
+/// takes gets 431, not a hang or a panic.
+#[tokio::test]
+async fn oversized_heads() {
+    let f = Fixture::start("edge_big_head", |_| {}).await;
+    let padding = format!("X-Padding: {}\r\n", "p".repeat(8 * 1024));
+    let request = head(&f.path, "application/x-ndjson", &padding);
+    let mut response = Raw::send(f.server.addr, request.as_bytes()).await;
+    assert!(
+        response.head.starts_with("HTTP/1.1 200"),
+        "{}",
+        response.head
+    );
+    assert!(response.chunked, "via hyper: {}", response.head);
+    f.insert_seqs(0..2).await;
+    assert_eq!(seqs(&response.changes(2).await), vec![0, 1]);
+
+    let huge = format!("X-Padding: {}\r\n", "p".repeat(1024 * 1024));
+    let mut tcp = TcpStream::connect(f.server.addr).await.unwrap();
+    // The server may answer and close before it has read all of it.
+    let _ = tcp
+        .write_all(head(&f.path, "application/x-ndjson", &huge).as_bytes())
+        .await;
+    let (status, _) = read_head(&mut tcp).await;
+    assert!(status.starts_with("HTTP/1.1 431"), "{status}");
+    f.server.stop().await;
+}
+
+/// Bytes after the head in the same segment (a pipelined request) are not part of the
+/// subscription: the stream goes on, the bytes are ignored.
+#[tokio::test]
+async fn pipelined_bytes_after_the_head() {
+    let f = Fixture::start("edge_pipelined", |_| {}).await;
+    let request =
+        head(&f.path, "text/event-stream", "") + "GET /health/live HTTP/1.1\r\nHost: gate\r\n\r\n";
+    let mut response = Raw::send(f.server.addr, request.as_bytes()).await;
+    assert!(
+        response.head.starts_with("HTTP/1.1 200"),
+        "{}",
+        response.head
+    );
+    f.insert_seqs(0..3).await;
+    assert_eq!(seqs(&response.changes(3).await), vec![0, 1, 2]);
+    assert!(
+        !String::from_utf8_lossy(&response.body).contains("HTTP/1.1"),
+        "no second response inside the stream"
+    );
+    f.server.stop().await;
+}
+
+/// A client that half-closes (shuts down its sending side) after the head has hung up, for
+/// the direct path as for hyper (`half_close(false)`): the server releases it at once.
+#[tokio::test]
+async fn half_close_releases_the_client() {
+    let f = Fixture::start("edge_half_close", |_| {}).await;
+    for (accept, transport) in [
+        ("text/event-stream", "sse"),
+        ("application/x-ndjson", "ndjson"),
+    ] {
+        let mut tcp = TcpStream::connect(f.server.addr).await.unwrap();
+        tcp.write_all(head(&f.path, accept, "").as_bytes())
+            .await
+            .unwrap();
+        tcp.shutdown().await.unwrap();
+        let mut response = Raw::read(tcp).await;
+        assert!(
+            response.head.starts_with("HTTP/1.1 200"),
+            "{}",
+            response.head
+        );
+        assert!(response.next().await.is_none(), "the server closed");
+        eventually("the client released", WAIT, async || {
+            clients(&f, transport) == 0
+        })
+        .await;
+    }
+    f.server.stop().await;
+}
+
+/// HTTP/1.0 has no chunked encoding: the stream is close-delimited, and ends with the
+/// connection when the stream ends.
+#[tokio::test]
+async fn http_1_0_streams_without_chunked() {
+    let f = Fixture::start("edge_http10", |_| {}).await;
+    let request = format!(
+        "GET {} HTTP/1.0\r\nHost: gate\r\nAccept: text/event-stream\r\n\r\n",
+        f.path
+    );
+    let mut response = Raw::send(f.server.addr, request.as_bytes()).await;
+    assert!(response.head.contains(" 200 "), "{}", response.head);
+    assert!(!response.chunked, "{}", response.head);
+    f.insert_seqs(0..3).await;
+    assert_eq!(seqs(&response.changes(3).await), vec![0, 1, 2]);
+    f.coll.drop().await.unwrap();
+    let mut rest = Vec::new();
+    while let Some(event) = response.next().await {
+        rest.push(event.event);
+    }
+    assert_eq!(
+        rest.last().map(String::as_str),
+        Some("invalidate"),
+        "{rest:?}"
+    );
+    f.server.stop().await;
+}
+
+/// A batch larger than the socket takes at once is written in pieces (partial `writev`s that
+/// end inside an event): a slow reader with a small buffer gets every byte, in order.
+#[tokio::test]
+async fn partial_writes_to_a_slow_reader() {
+    let f = Fixture::start("edge_partial", |_| {}).await;
+    let mut tcp = connect_small(f.server.addr, 4096).await;
+    tcp.write_all(head(&f.path, "application/x-ndjson", "").as_bytes())
+        .await
+        .unwrap();
+    let mut response = Raw::read(tcp).await;
+    assert!(!response.chunked, "direct path: {}", response.head);
+    // Odd sizes, so write boundaries fall anywhere inside events.
+    let docs: Vec<_> = (0..300)
+        .map(|seq| doc! { "seq": seq, "pad": "y".repeat(1000 + 37 * seq as usize) })
+        .collect();
+    f.coll.insert_many(docs).await.unwrap();
+    let events = response.changes(300).await;
+    assert_eq!(seqs(&events), (0..300).collect::<Vec<i64>>());
+    for event in &events {
+        let seq = event.data["fullDocument"]["seq"].as_i64().unwrap() as usize;
+        assert_eq!(
+            event.data["fullDocument"]["pad"].as_str().map(str::len),
+            Some(1000 + 37 * seq),
+            "event {seq} intact"
+        );
+    }
+    f.server.stop().await;
 }
