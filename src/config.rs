@@ -52,6 +52,14 @@ pub struct Config {
     /// progress restarts the clock, so a slow but steady reader is never cut by it.
     #[serde(default = "default_stall_timeout_secs")]
     pub stall_timeout_secs: u64,
+    /// Seconds a connection may take to send a complete request head (from accept, or for a
+    /// kept-alive connection from the end of the previous response); then it is closed.
+    #[serde(default = "default_head_timeout_secs")]
+    pub head_timeout_secs: u64,
+    /// Seconds a kept-alive HTTP connection may move no bytes either way before it is closed
+    /// (open streams write keep-alives, so they are not idle).
+    #[serde(default = "default_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
     /// Where the admin API stores stream definitions.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -394,10 +402,14 @@ impl Config {
                 "keepalive_secs must be at least 1".into(),
             ));
         }
-        if self.stall_timeout_secs == 0 {
-            return Err(ConfigError::Invalid(
-                "stall_timeout_secs must be at least 1".into(),
-            ));
+        for (key, value) in [
+            ("stall_timeout_secs", self.stall_timeout_secs),
+            ("head_timeout_secs", self.head_timeout_secs),
+            ("idle_timeout_secs", self.idle_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{key} must be at least 1")));
+            }
         }
         if self.client_queue < 2 {
             return Err(ConfigError::Invalid(
@@ -442,6 +454,16 @@ impl Config {
     pub fn stall_timeout(&self) -> Duration {
         Duration::from_secs(self.stall_timeout_secs)
     }
+
+    /// Time allowed for a complete request head.
+    pub fn head_timeout(&self) -> Duration {
+        Duration::from_secs(self.head_timeout_secs)
+    }
+
+    /// Idle time allowed on a kept-alive connection.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -470,6 +492,12 @@ fn default_sse_retry_ms() -> u64 {
 }
 fn default_stall_timeout_secs() -> u64 {
     30
+}
+fn default_head_timeout_secs() -> u64 {
+    30
+}
+fn default_idle_timeout_secs() -> u64 {
+    10
 }
 fn default_admin_db() -> String {
     "streamgate".to_owned()

@@ -67,6 +67,9 @@ pub enum StartError {
 /// watcher keeps trying and applies them as soon as MongoDB answers).
 const STORE_SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long the MongoDB client may take to end its sessions on shutdown.
+const MONGO_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A configured server, not yet serving. Dropping it stops its background tasks.
 pub struct App {
     state: AppState,
@@ -194,6 +197,8 @@ impl App {
         let connections = TaskTracker::new();
         let timeouts = http::server::Timeouts {
             stall: self.state.config.stall_timeout(),
+            head: self.state.config.head_timeout(),
+            idle: self.state.config.idle_timeout(),
         };
         http::server::serve(
             listener,
@@ -213,11 +218,23 @@ impl App {
             tracing::warn!(?grace, "grace period over; closing remaining connections");
         }
         self.tracker.close();
-        if tokio::time::timeout(Duration::from_secs(2), self.tracker.wait())
+        let stopped = tokio::time::timeout(Duration::from_secs(2), self.tracker.wait())
             .await
-            .is_err()
-        {
+            .is_ok();
+        if !stopped {
             tracing::warn!("some workers did not stop in time");
+        }
+        // End the server sessions and close the pooled and monitoring connections now, not
+        // whenever the last handle goes (an embedder or test may keep the registry, and with
+        // it the client, long after). A plain shutdown waits for every cursor to be dropped,
+        // so it is bounded, and skipped for an immediate one when workers are still running.
+        let client = self.state.registry.mongo().clone();
+        let graceful = stopped
+            && tokio::time::timeout(MONGO_SHUTDOWN_TIMEOUT, client.clone().shutdown())
+                .await
+                .is_ok();
+        if !graceful {
+            client.shutdown().immediate(true).await;
         }
         Ok(())
     }

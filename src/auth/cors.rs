@@ -2,8 +2,10 @@
 //!
 //! Browsers enforce CORS on `fetch` and `EventSource`, but not on WebSocket: any page can open
 //! a WebSocket to any host, with the user's cookies. So the subscribe handler refuses (403) a
-//! WebSocket whose `Origin` is neither this server's own nor in `cors.allowed_origins`.
-//! Requests without `Origin` (non-browser clients) are not affected by either check.
+//! WebSocket whose `Origin` is neither this server's own nor allowed by `[cors]`; a cookie
+//! credential from another origin needs that origin listed and `allow_credentials`, as for
+//! CORS (`*` never admits it). Requests without `Origin` (non-browser clients) are not
+//! affected by either check.
 
 use std::time::Duration;
 
@@ -73,26 +75,33 @@ pub fn layer(config: &CorsConfig) -> Option<CorsLayer> {
 }
 
 /// Whether a WebSocket handshake with these headers may proceed: no `Origin`, the server's
-/// own origin (same host), or an allowed one.
-pub fn websocket_origin_allowed(config: &CorsConfig, headers: &HeaderMap) -> bool {
+/// own origin (same host), or another origin the config lets in. `cookie` says whether the
+/// request is authenticated by the cookie, which a browser attaches whatever page opens the
+/// socket: then only a listed origin with `allow_credentials` may use it, never `*`, exactly
+/// as the CORS headers rule it for `fetch` and `EventSource` (cross-site WebSocket hijacking).
+pub fn websocket_origin_allowed(config: &CorsConfig, headers: &HeaderMap, cookie: bool) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
     let Ok(origin) = origin.to_str() else {
         return false;
     };
-    if config
-        .allowed_origins
-        .iter()
-        .any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
-    {
-        return true;
-    }
     let origin_host = origin
         .strip_prefix("https://")
         .or_else(|| origin.strip_prefix("http://"));
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+    if matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h)) {
+        return true;
+    }
+    let listed = config
+        .allowed_origins
+        .iter()
+        .any(|o| o.eq_ignore_ascii_case(origin));
+    if cookie {
+        listed && config.allow_credentials
+    } else {
+        listed || config.allowed_origins.iter().any(|o| o == "*")
+    }
 }
 
 #[cfg(test)]
@@ -124,22 +133,60 @@ mod tests {
             h.insert(header::ORIGIN, HeaderValue::from_str(origin).unwrap());
             h
         };
-        assert!(websocket_origin_allowed(&allowed, &HeaderMap::new()));
+        for cookie in [false, true] {
+            assert!(websocket_origin_allowed(
+                &allowed,
+                &HeaderMap::new(),
+                cookie
+            ));
+            assert!(websocket_origin_allowed(
+                &allowed,
+                &headers("https://app.example"),
+                cookie
+            ));
+            assert!(websocket_origin_allowed(
+                &allowed,
+                &headers("http://gate:8080"),
+                cookie
+            ));
+            assert!(!websocket_origin_allowed(
+                &allowed,
+                &headers("https://evil.example"),
+                cookie
+            ));
+            assert!(!websocket_origin_allowed(
+                &config(&[], false),
+                &headers("https://app.example"),
+                cookie
+            ));
+        }
+        // `*` and listed origins without credentials: any origin, but never with the cookie.
+        let any = config(&["*"], false);
         assert!(websocket_origin_allowed(
-            &allowed,
-            &headers("https://app.example")
-        ));
-        assert!(websocket_origin_allowed(
-            &allowed,
-            &headers("http://gate:8080")
+            &any,
+            &headers("https://evil.example"),
+            false
         ));
         assert!(!websocket_origin_allowed(
-            &allowed,
-            &headers("https://evil.example")
+            &any,
+            &headers("https://evil.example"),
+            true
+        ));
+        assert!(websocket_origin_allowed(
+            &any,
+            &headers("http://gate:8080"),
+            true
+        ));
+        let listed = config(&["https://app.example"], false);
+        assert!(websocket_origin_allowed(
+            &listed,
+            &headers("https://app.example"),
+            false
         ));
         assert!(!websocket_origin_allowed(
-            &config(&[], false),
-            &headers("https://app.example")
+            &listed,
+            &headers("https://app.example"),
+            true
         ));
     }
 }

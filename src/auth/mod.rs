@@ -176,14 +176,35 @@ impl Authenticator {
         headers: &HeaderMap,
         access_token: Option<&str>,
     ) -> Result<Principal, AuthError> {
-        let token = bearer(headers)
-            .or(access_token.filter(|t| !t.is_empty()))
-            .or_else(|| cookie(headers, &self.cookie_name))
+        let (token, _) = self
+            .credential(headers, access_token)
             .ok_or(AuthError::Missing)?;
         match &self.jwt {
             Some(jwt) if looks_like_jwt(token) => jwt.verify(token),
             _ => self.api_key(token),
         }
+    }
+
+    /// Whether the request is authenticated by the cookie: a browser sends it by itself,
+    /// whichever page opens the connection. Always false with auth off.
+    pub fn credential_is_cookie(&self, headers: &HeaderMap, access_token: Option<&str>) -> bool {
+        self.enabled
+            && self
+                .credential(headers, access_token)
+                .is_some_and(|(_, from_cookie)| from_cookie)
+    }
+
+    /// The token to check, and whether it came from the cookie: `Authorization: Bearer`, then
+    /// `?access_token=`, then the cookie (the first found wins, valid or not).
+    fn credential<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        access_token: Option<&'a str>,
+    ) -> Option<(&'a str, bool)> {
+        bearer(headers)
+            .or(access_token.filter(|t| !t.is_empty()))
+            .map(|token| (token, false))
+            .or_else(|| cookie(headers, &self.cookie_name).map(|token| (token, true)))
     }
 
     fn api_key(&self, token: &str) -> Result<Principal, AuthError> {

@@ -21,6 +21,8 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -29,9 +31,10 @@ use axum::extract::ConnectInfo;
 use axum::http::{HeaderName, HeaderValue, Request, header};
 use bytes::{Buf, Bytes};
 use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -42,8 +45,6 @@ use super::deadline::Deadline;
 const MAX_DIRECT_HEAD: usize = 4096;
 /// Most headers in a request head we answer directly.
 const MAX_DIRECT_HEADERS: usize = 32;
-/// How long a connection may take to send its request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most body chunks (events) written in one `writev`.
 const MAX_IOVECS: usize = 64;
 /// `TCP_NOTSENT_LOWAT`: the kernel takes more bytes for a socket only while less than this is
@@ -59,6 +60,11 @@ const NOTSENT_LOWAT: u32 = 128 * 1024;
 pub struct Timeouts {
     /// How long a write may wait for the peer to accept a byte (`stall_timeout_secs`).
     pub stall: Duration,
+    /// How long a connection may take to send a complete request head, the first counted from
+    /// accept, later ones from the end of the previous response (`head_timeout_secs`).
+    pub head: Duration,
+    /// How long a kept-alive connection may move no bytes either way (`idle_timeout_secs`).
+    pub idle: Duration,
 }
 
 /// Accepts connections until `shutdown` fires. Connection tasks run on `connections`; the
@@ -93,11 +99,15 @@ pub async fn serve(
         }
         let router = router.clone();
         let shutdown = shutdown.clone();
+        let head_deadline = Instant::now() + timeouts.head;
         connections.spawn(async move {
             let io = Deadline::new(tcp, timeouts.stall);
-            match tokio::time::timeout(HEAD_TIMEOUT, stream_request(io.get_ref(), peer)).await {
+            match tokio::time::timeout_at(head_deadline, stream_request(io.get_ref(), peer)).await {
                 Ok(Some((head_len, request))) => direct(io, head_len, request, router).await,
-                Ok(None) => through_hyper(io, peer, router, shutdown).await,
+                Ok(None) => {
+                    through_hyper(io, peer, router, shutdown, timeouts, head_deadline).await;
+                }
+                // Not even a first segment in time.
                 Err(_) => {}
             }
         });
@@ -210,6 +220,12 @@ async fn direct(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    // RFC 9110 §6.6.1: an origin server with a clock must send `Date` (hyper does; so do we).
+    if !parts.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     out.extend_from_slice(b"connection: close\r\n\r\n");
     let mut pending: VecDeque<Bytes> = VecDeque::from([Bytes::from(out)]);
     let mut probe = [0u8; 64];
@@ -302,24 +318,73 @@ async fn through_hyper(
     peer: SocketAddr,
     router: Router,
     shutdown: CancellationToken,
+    timeouts: Timeouts,
+    head_deadline: Instant,
 ) {
-    let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
-        request.extensions_mut().insert(ConnectInfo(peer));
-        router.clone().oneshot(request.map(Body::new))
+    let activity = io.activity();
+    // Set when hyper hands over the first complete request head.
+    let started = Arc::new(AtomicBool::new(false));
+    let service = hyper::service::service_fn({
+        let started = Arc::clone(&started);
+        move |mut request: Request<hyper::body::Incoming>| {
+            started.store(true, Ordering::Relaxed);
+            request.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().oneshot(request.map(Body::new))
+        }
     });
+    // hyper's header-read timer starts each time it waits for a head, the first one and every
+    // one after a keep-alive response (so it also bounds a silent idle connection).
     let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeouts.head)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(connection);
-    tokio::select! {
-        result = connection.as_mut() => {
-            if let Err(error) = result {
-                tracing::debug!(%error, "connection error");
+    // Wakes at the first head's deadline (counted from accept, which hyper's timer is not)
+    // and whenever the connection could have become idle for too long.
+    let timer = tokio::time::sleep_until(head_deadline.min(Instant::now() + timeouts.idle));
+    tokio::pin!(timer);
+    let mut timer_armed = true;
+    let mut shutting_down = false;
+    let mut idle_closed = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "connection error");
+                }
+                return;
             }
-        }
-        _ = shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
+            _ = shutdown.cancelled(), if !shutting_down => {
+                connection.as_mut().graceful_shutdown();
+                shutting_down = true;
+            }
+            _ = timer.as_mut(), if timer_armed => {
+                let now = Instant::now();
+                let started = started.load(Ordering::Relaxed);
+                if !started && now >= head_deadline {
+                    // No complete first head in time: drop the connection.
+                    return;
+                }
+                let idle_until = activity.last() + timeouts.idle;
+                if !idle_closed && now >= idle_until {
+                    // Closes an idle connection at once; one in the middle of a request (a
+                    // head still arriving, a response streaming) finishes it without
+                    // keep-alive.
+                    connection.as_mut().graceful_shutdown();
+                    idle_closed = true;
+                }
+                let next = match (started, idle_closed) {
+                    (false, false) => Some(head_deadline.min(idle_until)),
+                    (false, true) => Some(head_deadline),
+                    (true, false) => Some(idle_until),
+                    (true, true) => None,
+                };
+                match next {
+                    Some(at) => timer.as_mut().reset(at),
+                    None => timer_armed = false,
+                }
+            }
         }
     }
 }

@@ -75,7 +75,10 @@ pub async fn subscribe(
     let upgrade = match transport {
         Transport::WebSocket => {
             // Browsers do not apply CORS to WebSocket: the origin check is ours.
-            if !cors::websocket_origin_allowed(&state.config.cors, &headers) {
+            let cookie = state
+                .auth
+                .credential_is_cookie(&headers, params.access_token.as_deref());
+            if !cors::websocket_origin_allowed(&state.config.cors, &headers, cookie) {
                 return Err(ApiError::new(
                     StatusCode::FORBIDDEN,
                     "Forbidden",

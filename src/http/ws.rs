@@ -12,12 +12,15 @@ use super::feed::{Feed, Frame};
 
 /// Close code sent when the server shuts down ("going away").
 const GOING_AWAY: u16 = 1001;
+/// Close code sent when a client's message exceeds the size we accept (RFC 6455 §7.4.1).
+const MESSAGE_TOO_BIG: u16 = 1009;
 
 /// Runs one WebSocket client until its feed ends, it closes, or the server shuts down.
 pub async fn serve<W, R, E>(mut sink: W, mut incoming: R, mut feed: Feed)
 where
     W: Sink<Message> + Unpin,
     R: Stream<Item = Result<Message, E>> + Unpin,
+    E: std::error::Error + 'static,
 {
     loop {
         tokio::select! {
@@ -35,11 +38,34 @@ where
             }
             message = incoming.next() => match message {
                 // Pings are answered by the protocol layer; text from clients is ignored.
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(Message::Close(_))) | None => return,
+                Some(Err(error)) => {
+                    // Over the size limit the socket is still sound: say why we close it.
+                    if too_big(&error) {
+                        let _ = close(&mut sink, MESSAGE_TOO_BIG, "message too big").await;
+                    }
+                    return;
+                }
                 Some(Ok(_)) => {}
             },
         }
     }
+}
+
+/// Whether a read error is a message over the configured maximum size (tungstenite's
+/// capacity error, possibly wrapped, as in `axum::Error`).
+fn too_big(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if matches!(
+            error.downcast_ref::<tokio_tungstenite::tungstenite::Error>(),
+            Some(tokio_tungstenite::tungstenite::Error::Capacity(_))
+        ) {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// Writes a batch; returns `Ok(false)` after a terminal event (then the socket is closed).

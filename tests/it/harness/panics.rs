@@ -10,12 +10,17 @@
 //! - `#[tokio::test]` runtimes are current-thread: every task a server spawns (`tokio::spawn`,
 //!   task trackers, axum's WebSocket upgrade) runs on the thread of the test that started the
 //!   server. A panic on a thread that started live servers is charged to those servers only.
-//! - A panic on any other thread (workers of a multi-thread runtime, `spawn_blocking`, a helper
-//!   thread) cannot be told apart: it is charged to *every* live server. A panic may thus also
-//!   fail the test running next to the guilty one, but it can never go unnoticed.
+//! - A panic on a thread of tokio's (`tokio-runtime-worker`: workers of a multi-thread runtime
+//!   and `spawn_blocking`) or an unnamed helper thread cannot be told apart: it is charged to
+//!   *every* live server. It may thus also fail the test running next to the guilty one, but it
+//!   can never go unnoticed.
+//! - A panic on any other named thread (libtest runs each test on a thread named after it)
+//!   with no live server is the test's own failure (its server may be stopped already): it is
+//!   charged to no one, so it cannot fail the test next to it.
 //!
-//! A panic of the test's own code (a failed assertion) is recorded too, but the test fails
-//! anyway and the check is skipped while the thread unwinds (a second panic would abort).
+//! A panic of the test's own code (a failed assertion) while its server lives is recorded too,
+//! but the test fails anyway and the check is skipped while the thread unwinds (a second panic
+//! would abort).
 
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::thread::ThreadId;
@@ -45,8 +50,9 @@ fn install() {
     });
 }
 
-/// Charges a panic to the servers of the panicking thread, or to all when it has none. Must not
-/// panic itself (that would abort), hence no `unwrap` on the locks.
+/// Charges a panic to the servers of the panicking thread, or to all when it is one of tokio's
+/// or unnamed (see the module docs). Must not panic itself (that would abort), hence no
+/// `unwrap` on the locks.
 fn record(info: &std::panic::PanicHookInfo<'_>) {
     let current = std::thread::current();
     let payload = info
@@ -72,7 +78,8 @@ fn record(info: &std::panic::PanicHookInfo<'_>) {
         .iter()
         .filter(|w| w.thread == current.id())
         .collect();
-    let charged = if own.is_empty() {
+    let anonymous = matches!(current.name(), None | Some("tokio-runtime-worker"));
+    let charged = if own.is_empty() && anonymous {
         watches.iter().collect()
     } else {
         own
