@@ -86,8 +86,39 @@ pub enum Conn {
 pub struct Target {
     /// Server address (loopback).
     pub addr: SocketAddr,
-    /// `/{db}/{coll}/_streams/{name}`.
+    /// `/{db}/{coll}/_streams/{name}`, possibly with a query (`?avars=…`).
     pub path: String,
+}
+
+impl Target {
+    /// `/{db}/{coll}/_streams/{name}` on `addr`.
+    pub fn stream(addr: SocketAddr, db: &str, coll: &str, name: &str) -> Target {
+        Target {
+            addr,
+            path: format!("/{db}/{coll}/_streams/{name}"),
+        }
+    }
+
+    /// The same stream with `?avars=` set to the URL-encoded JSON object `avars`.
+    pub fn with_avars(&self, avars: &serde_json::Value) -> Target {
+        Target {
+            addr: self.addr,
+            path: format!("{}?avars={}", self.path, url_encode(&avars.to_string())),
+        }
+    }
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters (a query component).
+pub fn url_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 3);
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 impl Conn {
@@ -105,7 +136,9 @@ impl Conn {
             Transport::Ws => {
                 let mut url = format!("ws://{}{}", target.addr, target.path);
                 if let Some(id) = last_event_id {
-                    url.push_str("?lastEventId=");
+                    // The path may already carry a query (`?avars=`).
+                    url.push(if target.path.contains('?') { '&' } else { '?' });
+                    url.push_str("lastEventId=");
                     url.push_str(id);
                 }
                 let config = WebSocketConfig::default()
@@ -278,11 +311,14 @@ pub struct Shared {
     pub ended: AtomicUsize,
     /// Stops every client.
     pub stop: CancellationToken,
+    /// Stops only the clients still connecting (a bounded subscribe phase); a child of `stop`.
+    pub stop_connecting: CancellationToken,
 }
 
 impl Shared {
     /// A fresh state for `shards` histogram shards.
     pub fn new(shards: usize) -> Arc<Shared> {
+        let stop = CancellationToken::new();
         Arc::new(Shared {
             shards: (0..shards.max(1))
                 .map(|_| Mutex::new(histogram()))
@@ -293,7 +329,8 @@ impl Shared {
             connect_failed: AtomicUsize::new(0),
             complete: AtomicUsize::new(0),
             ended: AtomicUsize::new(0),
-            stop: CancellationToken::new(),
+            stop_connecting: stop.child_token(),
+            stop,
         })
     }
 
@@ -327,6 +364,8 @@ pub struct ClientResult {
     pub order_violations: u64,
     /// Expected events never received.
     pub lost: u64,
+    /// Benchmark events of another binding (`Expect::every`: a `seq` of another residue).
+    pub other_bindings: u64,
     /// Id of the first change event received.
     #[serde(skip)]
     pub first_id: Option<String>,
@@ -334,13 +373,68 @@ pub struct ClientResult {
     pub error: Option<String>,
 }
 
-/// What a client expects: `seq` values `first .. first + count`.
+/// What a client expects: the `count` values `first + residue + k × stride` (k = 0, 1, …).
+/// A `seq` at or after `first` of another residue belongs to another client's binding.
 #[derive(Debug, Clone, Copy)]
 pub struct Expect {
-    /// Lowest expected `seq`.
+    /// Lowest `seq` of the run (lower ones are markers and ignored).
     pub first: i64,
     /// How many.
     pub count: u64,
+    /// Distance between two expected `seq` values (1: a contiguous range).
+    pub stride: u64,
+    /// Offset of this client's values within each stride.
+    pub residue: u64,
+}
+
+/// Where a received `seq` falls for one client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// The k-th expected event.
+    Mine(u64),
+    /// An event of another binding.
+    Other,
+    /// Before `first` or past the last expected one: not part of the measurement.
+    Outside,
+}
+
+impl Expect {
+    /// Every `seq` in `first .. first + count`.
+    pub fn range(first: i64, count: u64) -> Expect {
+        Expect {
+            first,
+            count,
+            stride: 1,
+            residue: 0,
+        }
+    }
+
+    /// `count` values: `first + residue`, then every `stride`-th after it.
+    pub fn every(first: i64, count: u64, stride: u64, residue: u64) -> Expect {
+        Expect {
+            first,
+            count,
+            stride: stride.max(1),
+            residue,
+        }
+    }
+
+    /// Classifies a received `seq`.
+    pub fn slot(&self, seq: i64) -> Slot {
+        let Some(offset) = seq.checked_sub(self.first).filter(|o| *o >= 0) else {
+            return Slot::Outside;
+        };
+        let offset = offset as u64;
+        let stride = self.stride.max(1);
+        let k = offset / stride;
+        if k >= self.count {
+            Slot::Outside
+        } else if offset % stride == self.residue {
+            Slot::Mine(k)
+        } else {
+            Slot::Other
+        }
+    }
 }
 
 /// Runs one client: connect (under `connect_gate`), then read until it has every expected
@@ -364,7 +458,7 @@ pub async fn run_client(
         let started = Instant::now();
         let attempt = tokio::select! {
             conn = Conn::connect(&target, transport, last_event_id.as_deref()) => conn,
-            _ = shared.stop.cancelled() => Err("stopped before connecting".into()),
+            _ = shared.stop_connecting.cancelled() => Err("stopped before connecting".into()),
         };
         match attempt {
             Ok(conn) => {
@@ -396,13 +490,17 @@ pub async fn run_client(
                 if result.first_id.is_none() {
                     result.first_id = id.map(|id| String::from_utf8_lossy(id).into_owned());
                 }
-                let offset = seq - expect.first;
-                if offset < 0 || offset as u64 >= expect.count {
-                    return;
-                }
+                let k = match expect.slot(seq) {
+                    Slot::Mine(k) => k,
+                    Slot::Other => {
+                        result.other_bindings += 1;
+                        return;
+                    }
+                    Slot::Outside => return,
+                };
                 result.received += 1;
                 latencies.push((now - sent_at).max(1) as u64);
-                let (word, bit) = ((offset / 64) as usize, 1u64 << (offset % 64));
+                let (word, bit) = ((k / 64) as usize, 1u64 << (k % 64));
                 if seen[word] & bit != 0 {
                     result.duplicates += 1;
                     return;
@@ -471,7 +569,52 @@ pub async fn run_client(
     result
 }
 
-/// Connects one client and returns the id of the first change event whose `seq` is `seq`.
+/// Connects one client, runs `insert`, and returns the ids of the change events with `seq`
+/// `first .. first + count`, in `seq` order.
+pub async fn ids_of(
+    target: &Target,
+    transport: Transport,
+    first: i64,
+    count: usize,
+    timeout: Duration,
+    insert: impl std::future::Future<Output = Result<(), String>>,
+) -> Result<Vec<String>, String> {
+    let mut conn = Conn::connect(target, transport, None).await?;
+    insert.await?;
+    let deadline = Instant::now() + timeout;
+    let mut ids: Vec<Option<String>> = vec![None; count];
+    let mut found = 0;
+    while found < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut on_event = |ev: Ev<'_>, _| {
+            if let Ev::Change {
+                seq, id: Some(id), ..
+            } = ev
+                && let Some(slot) = usize::try_from(seq - first)
+                    .ok()
+                    .and_then(|i| ids.get_mut(i))
+                && slot.is_none()
+            {
+                *slot = Some(String::from_utf8_lossy(id).into_owned());
+                found += 1;
+            }
+        };
+        match tokio::time::timeout(left, conn.read_some(&mut on_event)).await {
+            Err(_) => {
+                return Err(format!(
+                    "{found} of the events {first}..{} within {timeout:?}",
+                    first + count as i64
+                ));
+            }
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(false)) if found < count => return Err("stream ended".into()),
+            Ok(Ok(_)) => {}
+        }
+    }
+    Ok(ids.into_iter().flatten().collect())
+}
+
+/// Connects one client and returns the id of the change event whose `seq` is `seq`.
 pub async fn first_id_of(
     target: &Target,
     transport: Transport,
@@ -479,29 +622,87 @@ pub async fn first_id_of(
     timeout: Duration,
     insert: impl std::future::Future<Output = Result<(), String>>,
 ) -> Result<String, String> {
-    let mut conn = Conn::connect(target, transport, None).await?;
-    insert.await?;
-    let deadline = Instant::now() + timeout;
-    let mut found = None;
-    while found.is_none() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let mut on_event = |ev: Ev<'_>, _| {
-            if let Ev::Change {
-                seq: s,
-                id: Some(id),
-                ..
-            } = ev
-                && s == seq
-            {
-                found = Some(String::from_utf8_lossy(id).into_owned());
-            }
-        };
-        match tokio::time::timeout(left, conn.read_some(&mut on_event)).await {
-            Err(_) => return Err(format!("no event with seq {seq} within {timeout:?}")),
-            Ok(Err(e)) => return Err(e),
-            Ok(Ok(false)) if found.is_none() => return Err("stream ended".into()),
-            Ok(Ok(_)) => {}
+    let ids = ids_of(target, transport, seq, 1, timeout, insert).await?;
+    ids.into_iter()
+        .next()
+        .ok_or_else(|| format!("no event with seq {seq}"))
+}
+
+/// Opens an SSE subscription with a `recv_buffer`-byte receive buffer, reads the response head
+/// and returns the socket: the caller then never reads from it (a stalled client whose window
+/// closes once that buffer is full).
+pub async fn stalled_sse(target: &Target, recv_buffer: u32) -> Result<TcpStream, String> {
+    let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    // Before connect, so the window advertised in the handshake is already small.
+    socket
+        .set_recv_buffer_size(recv_buffer)
+        .map_err(|e| e.to_string())?;
+    let mut stream = socket
+        .connect(target.addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
+        target.path, target.addr
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("write request: {e}"))?;
+    // Byte by byte, so nothing after the head is taken out of the receive buffer.
+    let mut head = Vec::with_capacity(512);
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 64 * 1024 {
+            return Err("response headers too large".into());
+        }
+        match stream.read(&mut byte).await {
+            Ok(0) => return Err("connection closed before the response headers".into()),
+            Ok(_) => head.push(byte[0]),
+            Err(e) => return Err(format!("read response: {e}")),
         }
     }
-    Ok(found.unwrap_or_default())
+    if !head.starts_with(b"HTTP/1.1 200") {
+        let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+        return Err(format!("{}", String::from_utf8_lossy(line)));
+    }
+    Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_range_expects_each_seq_once() {
+        let e = Expect::range(10, 3);
+        assert_eq!(e.slot(9), Slot::Outside);
+        assert_eq!(e.slot(10), Slot::Mine(0));
+        assert_eq!(e.slot(12), Slot::Mine(2));
+        assert_eq!(e.slot(13), Slot::Outside);
+        assert_eq!(e.slot(-1), Slot::Outside);
+    }
+
+    #[test]
+    fn a_binding_expects_its_residue_and_flags_the_others() {
+        // Owner 2 of 5, 3 documents each: seq 2, 7, 12 of 0..15.
+        let e = Expect::every(0, 3, 5, 2);
+        assert_eq!(e.slot(2), Slot::Mine(0));
+        assert_eq!(e.slot(7), Slot::Mine(1));
+        assert_eq!(e.slot(12), Slot::Mine(2));
+        assert_eq!(e.slot(0), Slot::Other);
+        assert_eq!(e.slot(13), Slot::Other);
+        assert_eq!(e.slot(15), Slot::Outside);
+        assert_eq!(e.slot(-1), Slot::Outside);
+    }
+
+    #[test]
+    fn avars_are_url_encoded() {
+        let target = Target::stream(([127, 0, 0, 1], 1).into(), "db", "c", "s");
+        let bound = target.with_avars(&serde_json::json!({"who": "o 1"}));
+        assert_eq!(
+            bound.path,
+            "/db/c/_streams/s?avars=%7B%22who%22%3A%22o%201%22%7D"
+        );
+    }
 }

@@ -148,18 +148,42 @@ impl Drop for Mongo {
     }
 }
 
+/// One `[[streams]]` table of a generated config.
+#[derive(Debug, Clone)]
+pub struct StreamSpec {
+    /// Database watched.
+    pub db: String,
+    /// Collection watched.
+    pub coll: String,
+    /// Stream name.
+    pub name: String,
+    /// The `pipeline` value as TOML (an inline array), `None` for every change.
+    pub pipeline_toml: Option<String>,
+}
+
+impl StreamSpec {
+    /// A stream of every change to `db.coll`.
+    pub fn all(db: &str, coll: &str, name: &str) -> StreamSpec {
+        StreamSpec {
+            db: db.to_owned(),
+            coll: coll.to_owned(),
+            name: name.to_owned(),
+            pipeline_toml: None,
+        }
+    }
+}
+
 /// Settings of a Streamgate started by the tool.
 pub struct ServerSpec<'a> {
     /// The `streamgate` binary.
     pub bin: &'a Path,
     /// MongoDB URI.
     pub mongo_uri: &'a str,
-    /// Database and collection watched by the one stream, named `all`.
-    pub db: &'a str,
-    /// Collection watched.
-    pub coll: &'a str,
-    /// `client_queue` (how far a client may lag); `ring_size` is this or 10,000, if larger.
-    pub client_queue: usize,
+    /// The streams defined in its config file.
+    pub streams: &'a [StreamSpec],
+    /// `Some(client_queue)`: the matrix's tuning (how far a client may lag; `ring_size` is this
+    /// or 10,000, if larger; workers linger for an hour). `None`: the server's defaults.
+    pub client_queue: Option<usize>,
     /// Directory for the config and log.
     pub dir: &'a Path,
     /// Extra environment for the server (e.g. `RUST_LOG`).
@@ -168,9 +192,34 @@ pub struct ServerSpec<'a> {
     pub wrapper: &'a [String],
 }
 
+/// The config file for a server on `addr`: only what `spec` sets, defaults for the rest.
+pub fn server_config(addr: SocketAddr, spec: &ServerSpec<'_>) -> String {
+    let mut config = format!("listen = \"{addr}\"\nmongo_uri = \"{}\"\n", spec.mongo_uri);
+    if let Some(queue) = spec.client_queue {
+        config.push_str(&format!(
+            "keepalive_secs = 15\nclient_queue = {queue}\nring_size = {}\n\
+             worker_linger_ms = 3600000\n",
+            queue.max(10_000)
+        ));
+    }
+    for s in spec.streams {
+        config.push_str(&format!(
+            "\n[[streams]]\ndb = \"{}\"\ncoll = \"{}\"\nname = \"{}\"\n",
+            s.db, s.coll, s.name
+        ));
+        if let Some(pipeline) = &s.pipeline_toml {
+            config.push_str(&format!("pipeline = {pipeline}\n"));
+        }
+    }
+    config
+}
+
 /// A Streamgate child process, terminated on drop.
 pub struct Server {
     child: Child,
+    /// How to start it again (`restart`).
+    command: Vec<std::ffi::OsString>,
+    env: Vec<(String, String)>,
     /// Where it listens.
     pub addr: SocketAddr,
     /// Its log file.
@@ -182,55 +231,43 @@ impl Server {
     pub async fn start(spec: &ServerSpec<'_>, ready_timeout: Duration) -> Result<Server, String> {
         let port = free_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let config = format!(
-            "listen = \"{addr}\"\nmongo_uri = \"{}\"\nkeepalive_secs = 15\nclient_queue = {}\n\
-             ring_size = {}\nworker_linger_ms = 3600000\n\n[[streams]]\ndb = \"{}\"\n\
-             coll = \"{}\"\nname = \"all\"\n",
-            spec.mongo_uri,
-            spec.client_queue,
-            spec.client_queue.max(10_000),
-            spec.db,
-            spec.coll
-        );
         let config_path = spec.dir.join(format!("streamgate-{port}.toml"));
-        std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
+        std::fs::write(&config_path, server_config(addr, spec)).map_err(|e| e.to_string())?;
         let log = spec.dir.join(format!("streamgate-{port}.log"));
-        let log_file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
-        let mut command = match spec.wrapper.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(spec.bin);
-                c
-            }
-            None => Command::new(spec.bin),
+        let mut command: Vec<std::ffi::OsString> = spec.wrapper.iter().map(|w| w.into()).collect();
+        command.push(spec.bin.into());
+        command.push("--config".into());
+        command.push(config_path.into());
+        let mut env = vec![("RUST_LOG".to_owned(), "warn".to_owned())];
+        env.extend(spec.env.iter().cloned());
+        let child = spawn(&command, &env, &log)?;
+        let mut server = Server {
+            child,
+            command,
+            env,
+            addr,
+            log,
         };
-        command
-            .arg("--config")
-            .arg(&config_path)
-            .env("RUST_LOG", "warn")
-            .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log_file);
-        let child = command
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", spec.bin.display()))?;
-        let mut server = Server { child, addr, log };
+        server.wait_ready(ready_timeout).await?;
+        Ok(server)
+    }
+
+    async fn wait_ready(&mut self, ready_timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + ready_timeout;
         loop {
-            if let Ok(Some(status)) = server.child.try_wait() {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!(
                     "streamgate exited ({status}); see {}",
-                    server.log.display()
+                    self.log.display()
                 ));
             }
-            if http_status(addr, "/health/ready").await == Some(200) {
-                return Ok(server);
+            if http_status(self.addr, "/health/ready").await == Some(200) {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(format!(
                     "streamgate not ready within {ready_timeout:?}; see {}",
-                    server.log.display()
+                    self.log.display()
                 ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -240,6 +277,19 @@ impl Server {
     /// The server's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGKILL (no goodbye to clients, no cursor cleanup), and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again with the same config (same address) and waits until it is ready.
+    pub async fn restart(&mut self, ready_timeout: Duration) -> Result<(), String> {
+        self.kill();
+        self.child = spawn(&self.command, &self.env, &self.log)?;
+        self.wait_ready(ready_timeout).await
     }
 
     /// SIGTERM, then SIGKILL after `grace`.
@@ -263,6 +313,30 @@ impl Server {
     }
 }
 
+/// Starts `command` (program and arguments) with `env`, stdout and stderr appended to `log`.
+fn spawn(
+    command: &[std::ffi::OsString],
+    env: &[(String, String)],
+    log: &Path,
+) -> Result<Child, String> {
+    let (program, args) = command
+        .split_first()
+        .ok_or_else(|| "empty server command".to_owned())?;
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| e.to_string())?;
+    Command::new(program)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log_file)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", program.to_string_lossy()))
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop(Duration::from_secs(15));
@@ -284,4 +358,165 @@ pub async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
         .await
         .ok()
         .flatten()
+}
+
+/// Body of a plain `GET path` answered 200 (`Connection: close`, read to the end, at most
+/// 8 MiB, within 5 s); `None` on any failure.
+pub async fn http_body(addr: SocketAddr, path: &str) -> Option<String> {
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut raw = Vec::new();
+        (&mut stream)
+            .take(8 << 20)
+            .read_to_end(&mut raw)
+            .await
+            .ok()?;
+        response_body(&raw)
+    };
+    tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The body of a complete HTTP/1.1 200 response (chunked or not).
+fn response_body(raw: &[u8]) -> Option<String> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut response = httparse::Response::new(&mut headers);
+    let httparse::Status::Complete(len) = response.parse(raw).ok()? else {
+        return None;
+    };
+    if response.code != Some(200) {
+        return None;
+    }
+    let chunked = response.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("transfer-encoding")
+            && String::from_utf8_lossy(h.value)
+                .to_ascii_lowercase()
+                .contains("chunked")
+    });
+    let mut body = Vec::new();
+    let mut state = if chunked {
+        crate::parse::Chunked::Size
+    } else {
+        crate::parse::Chunked::Identity
+    };
+    let mut pos = 0;
+    crate::parse::dechunk(&mut state, &raw[len..], &mut pos, &mut body).ok()?;
+    String::from_utf8(body).ok()
+}
+
+/// One socket of `/proc/net/tcp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSocketInfo {
+    /// Still open both ways (state `01`): the owner has not closed it.
+    pub established: bool,
+    /// Bytes in its send queue (written by the owner, not yet acknowledged by the peer).
+    pub send_queue: u64,
+}
+
+/// The IPv4 socket from local port `local` to remote port `remote`, from the text of
+/// `/proc/net/tcp`; `None` if no such socket exists any more.
+pub fn tcp_socket(table: &str, local: u16, remote: u16) -> Option<TcpSocketInfo> {
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+    table.lines().skip(1).find_map(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        let (l, r, st, queues) = (
+            fields.next()?,
+            fields.next()?,
+            fields.next()?,
+            fields.next()?,
+        );
+        if port(l)? != local || port(r)? != remote {
+            return None;
+        }
+        let tx = queues.split(':').next()?;
+        Some(TcpSocketInfo {
+            established: st == "01",
+            send_queue: u64::from_str_radix(tx, 16).ok()?,
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_sets_only_the_streams() {
+        let streams = [
+            StreamSpec::all("bench", "c1", "all"),
+            StreamSpec {
+                pipeline_toml: Some(
+                    r#"[ { "$match" = { "fullDocument.owner" = { "$var" = "who" } } } ]"#.into(),
+                ),
+                ..StreamSpec::all("bench", "c2", "byowner")
+            },
+        ];
+        let spec = ServerSpec {
+            bin: Path::new("streamgate"),
+            mongo_uri: "mongodb://127.0.0.1:1/?replicaSet=rs0",
+            streams: &streams,
+            client_queue: None,
+            dir: Path::new("/tmp"),
+            env: &[],
+            wrapper: &[],
+        };
+        let text = server_config(([127, 0, 0, 1], 9).into(), &spec);
+        let config: toml::Table = text.parse().expect("valid TOML");
+        let keys: Vec<&str> = config.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["listen", "mongo_uri", "streams"]);
+        let defined = config["streams"].as_array().expect("streams");
+        assert_eq!(defined.len(), 2);
+        assert_eq!(
+            defined[1]["pipeline"][0]["$match"]["fullDocument.owner"]["$var"].as_str(),
+            Some("who")
+        );
+        let tuned = server_config(
+            ([127, 0, 0, 1], 9).into(),
+            &ServerSpec {
+                client_queue: Some(5000),
+                ..spec
+            },
+        );
+        let tuned: toml::Table = tuned.parse().expect("valid TOML");
+        assert_eq!(tuned["client_queue"].as_integer(), Some(5000));
+        assert_eq!(tuned["ring_size"].as_integer(), Some(10_000));
+    }
+
+    #[test]
+    fn reads_bodies_plain_and_chunked() {
+        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+        assert_eq!(response_body(plain).as_deref(), Some("hello"));
+        let chunked =
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n";
+        assert_eq!(response_body(chunked).as_deref(), Some("hello"));
+        assert_eq!(response_body(b"HTTP/1.1 503 No\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn finds_a_connection_in_proc_net_tcp() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0000000000000000 20 4 30 10 -1
+   2: 0100007F:1F90 0100007F:C351 04 0001A000:00000000 01:00000010 00000000     0        0 0 1 0000000000000000 20 4 30 10 -1
+";
+        assert_eq!(
+            tcp_socket(table, 8080, 50000),
+            Some(TcpSocketInfo {
+                established: true,
+                send_queue: 0
+            })
+        );
+        assert_eq!(
+            tcp_socket(table, 8080, 50001),
+            Some(TcpSocketInfo {
+                established: false,
+                send_queue: 0x1A000
+            })
+        );
+        assert_eq!(tcp_socket(table, 8080, 50002), None);
+    }
 }

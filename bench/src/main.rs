@@ -9,18 +9,23 @@
 //! `{seq, sentAt}` at R/s (or as fast as possible), and reports end-to-end latency, deliveries
 //! per second, loss / duplicates / order violations, connect times, server RSS per client and
 //! CPU use. `--mode catchup` measures a client resuming M events behind. `--suite` runs the
-//! matrix of docs/benchmarks.md in one go.
+//! matrix of docs/benchmarks.md in one go. `--scenario` runs one of issue 8's upstream fan-in
+//! scenarios (many streams, many bindings, a restart storm, a burst, bulk writes, a stalled
+//! client; module `fanin`) against a server with its default configuration.
 //!
 //! ```text
 //! cargo build --release --workspace      # streamgate and streamgate-bench
 //! target/release/streamgate-bench --clients 1000 --transport sse --rate 100 --docs 2000
 //! target/release/streamgate-bench --suite            # the whole table, ~5 minutes
+//! target/release/streamgate-bench --scenario streams --size 200
 //! ```
 
 mod client;
 mod env;
+mod fanin;
 mod parse;
 mod report;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,8 +38,9 @@ use clap::{Parser, ValueEnum};
 use mongodb::bson::{Document, doc};
 use tokio::sync::Semaphore;
 
-use client::{Expect, Shared, Target, Transport, now_us};
-use env::{Mongo, Server, ServerSpec};
+use client::{ClientResult, Expect, Shared, Target, Transport, now_us};
+use env::{Mongo, Server, ServerSpec, StreamSpec};
+use fanin::FanIn;
 use report::{Percentiles, Report};
 
 /// The repository this tool was built from: the workspace root, one level above this crate.
@@ -78,9 +84,10 @@ struct Cli {
     #[arg(long, default_value_t = 240.0)]
     max_secs: f64,
     /// Use a running Streamgate at this URL instead of starting one (loopback only).
-    #[arg(long, requires = "mongo_uri")]
+    #[arg(long, requires = "mongo_uri", conflicts_with = "scenario")]
     target: Option<String>,
-    /// MongoDB URI for inserts (with `--target`; otherwise a mongod is started).
+    /// MongoDB URI for inserts and for the servers the tool starts (default: it starts a
+    /// mongod of its own).
     #[arg(long)]
     mongo_uri: Option<String>,
     /// With `--target`: pid of the server, for RSS and CPU readings.
@@ -117,6 +124,36 @@ struct Cli {
     /// Print JSON (one report, or an array with `--suite`) instead of the human summary.
     #[arg(long)]
     json: bool,
+    /// Run one of issue 8's upstream fan-in scenarios, with the server's DEFAULT configuration
+    /// (`all`: each at its default size). The matrix's options do not apply, except
+    /// `--rate` (bindings, stall), `--drain-secs`, `--max-secs` and `--connect-concurrency`.
+    #[arg(long, value_enum)]
+    scenario: Option<FanIn>,
+    /// Scenario size: streams (default 40), bindings (120), restart-storm clients (300),
+    /// burst clients (1000).
+    #[arg(long)]
+    size: Option<usize>,
+    /// restart-storm: distinct positions (resume ids) the clients hold.
+    #[arg(long, default_value_t = 1)]
+    positions: usize,
+    /// restart-storm: events inserted while the server is down.
+    #[arg(long, default_value_t = 100)]
+    missed: u64,
+    /// streams: seconds of one insert per second on every stream.
+    #[arg(long, default_value_t = 15)]
+    events_secs: u64,
+    /// streams: cold streams subscribed one after another while the N workers run.
+    #[arg(long, default_value_t = 20)]
+    cold: usize,
+    /// bindings: documents inserted per owner.
+    #[arg(long, default_value_t = 3)]
+    per_owner: u64,
+    /// streams, bindings: bound on the one-after-another subscribe phase, seconds.
+    #[arg(long, default_value_t = 90.0)]
+    subscribe_secs: f64,
+    /// stall: bound on the wait for the server to close the stalled client, seconds.
+    #[arg(long, default_value_t = 75.0)]
+    stall_secs: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -135,6 +172,10 @@ struct Scenario {
     docs: u64,
     rate: f64,
     idle_secs: f64,
+    /// Largest `insert_many`.
+    batch: usize,
+    /// What the inserted documents carry besides `seq` and `sentAt`.
+    shape: Shape,
 }
 
 impl Scenario {
@@ -165,6 +206,8 @@ impl Scenario {
             docs: cli.docs,
             rate: cli.rate,
             idle_secs: cli.idle_secs,
+            batch: cli.batch,
+            shape: Shape::default(),
         }
     }
 }
@@ -178,7 +221,7 @@ fn rate_label(rate: f64) -> String {
 }
 
 /// The matrix of docs/benchmarks.md.
-fn suite() -> Vec<Scenario> {
+fn suite(batch: usize) -> Vec<Scenario> {
     let mut out = Vec::new();
     let mut add = |mode, transport: Transport, clients, docs, rate: f64, idle_secs| {
         let label = match mode {
@@ -193,6 +236,8 @@ fn suite() -> Vec<Scenario> {
             docs,
             rate,
             idle_secs,
+            batch,
+            shape: Shape::default(),
         });
     };
     for transport in [Transport::Sse, Transport::Ws] {
@@ -251,8 +296,10 @@ fn main() -> ExitCode {
 
 async fn main_async(cli: Cli) -> Result<(), String> {
     let nofile = env::raise_nofile();
-    let scenarios = if cli.suite {
-        suite()
+    let scenarios = if cli.scenario.is_some() {
+        Vec::new()
+    } else if cli.suite {
+        suite(cli.batch)
             .into_iter()
             .filter(|s| {
                 cli.only
@@ -263,7 +310,10 @@ async fn main_async(cli: Cli) -> Result<(), String> {
     } else {
         vec![Scenario::from_cli(&cli)]
     };
-    let most = scenarios.iter().map(|s| s.clients).max().unwrap_or(0);
+    let most = match cli.scenario {
+        Some(which) => fanin::most_clients(which, &cli),
+        None => scenarios.iter().map(|s| s.clients).max().unwrap_or(0),
+    };
     if (most as u64) + 64 > nofile {
         return Err(format!(
             "{most} clients need about {} open files but the limit is {nofile}; raise it \
@@ -282,9 +332,9 @@ async fn main_async(cli: Cli) -> Result<(), String> {
 
     // Started mongod lives until the end of main_async (dropped last, after the servers).
     let mut _mongod: Option<Mongo> = None;
-    let (mongo_uri, mongod_pid) = match (&cli.target, &cli.mongo_uri) {
-        (Some(_), Some(uri)) => (uri.clone(), None),
-        _ => {
+    let (mongo_uri, mongod_pid) = match &cli.mongo_uri {
+        Some(uri) => (uri.clone(), None),
+        None => {
             if !server_bin.is_file() {
                 return Err(format!(
                     "{} not found: build it (cargo build --release) or pass --server-bin",
@@ -319,6 +369,15 @@ async fn main_async(cli: Cli) -> Result<(), String> {
     let mut reports = Vec::new();
     let outcome = tokio::select! {
         r = async {
+            if let Some(which) = cli.scenario {
+                return fanin::run(&ctx, which, &mut |report| {
+                    if !cli.json {
+                        report.print_human();
+                    }
+                    reports.push(report);
+                })
+                .await;
+            }
             for (i, scenario) in scenarios.iter().enumerate() {
                 eprintln!("bench: scenario {}/{}: {}", i + 1, scenarios.len(), scenario.label);
                 let report = run_scenario(&ctx, i, scenario).await?;
@@ -332,12 +391,17 @@ async fn main_async(cli: Cli) -> Result<(), String> {
         _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
     };
     if cli.json {
-        let json = if cli.suite {
+        let json = if cli.suite || cli.scenario.is_some() {
             serde_json::to_string_pretty(&reports)
         } else {
             serde_json::to_string_pretty(&reports.first())
         };
         println!("{}", json.map_err(|e| e.to_string())?);
+    } else if cli.scenario.is_some() {
+        println!("{}", report::FANIN_HEADER);
+        for r in &reports {
+            println!("{}", report::fanin_row(r));
+        }
     } else if reports.len() > 1 {
         report::print_table(&reports);
     }
@@ -393,9 +457,8 @@ async fn place(ctx: &Ctx, index: usize, scenario: &Scenario) -> Result<Place, St
         &ServerSpec {
             bin: &ctx.server_bin,
             mongo_uri: &ctx.mongo_uri,
-            db: &cli.db,
-            coll: &coll,
-            client_queue,
+            streams: &[StreamSpec::all(&cli.db, &coll, "all")],
+            client_queue: Some(client_queue),
             dir: &ctx.dir,
             env: &[],
             wrapper: &wrapper,
@@ -438,10 +501,10 @@ struct Cpu {
 }
 
 impl Cpu {
-    fn read(ctx: &Ctx, place: &Place) -> Cpu {
+    fn read(ctx: &Ctx, server_pid: Option<u32>) -> Cpu {
         Cpu {
             at: Instant::now(),
-            server: place.server_pid.and_then(env::cpu_secs),
+            server: server_pid.and_then(env::cpu_secs),
             mongod: ctx.mongod_pid.and_then(env::cpu_secs),
             bench: env::cpu_secs(std::process::id()),
         }
@@ -471,12 +534,8 @@ async fn live(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Report, S
 
     let shared = Shared::new(64);
     let gate = Arc::new(Semaphore::new(cli.connect_concurrency.max(1)));
-    let expect = Expect {
-        first: 0,
-        count: scenario.docs,
-    };
+    let expect = Expect::range(0, scenario.docs);
     let overflows_before = env::listen_overflows();
-    let connect_started = Instant::now();
     let handles: Vec<_> = (0..scenario.clients)
         .map(|i| {
             ctx.clients_rt.spawn(client::run_client(
@@ -490,25 +549,8 @@ async fn live(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Report, S
             ))
         })
         .collect();
-    let connect_deadline = Instant::now() + Duration::from_secs(120);
-    let mut last_print = Instant::now();
-    loop {
-        let connected = shared.connected.load(Ordering::Acquire);
-        let failed = shared.connect_failed.load(Ordering::Acquire);
-        if connected + failed >= scenario.clients {
-            break;
-        }
-        if Instant::now() > connect_deadline {
-            eprintln!("bench: connect phase timed out ({connected} connected, {failed} failed)");
-            break;
-        }
-        if last_print.elapsed() > Duration::from_secs(5) {
-            eprintln!("bench:   {connected} connected, {failed} failed");
-            last_print = Instant::now();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    report.connect_all_secs = connect_started.elapsed().as_secs_f64();
+    report.connect_all_secs =
+        wait_connected(&shared, scenario.clients, Duration::from_secs(120)).await;
     report.connected = shared.connected.load(Ordering::Acquire);
     report.listen_overflows = env::listen_overflows()
         .zip(overflows_before)
@@ -526,57 +568,26 @@ async fn live(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Report, S
             Some((conn as f64 - base as f64) / report.connected as f64);
     }
 
-    let cpu0 = Cpu::read(ctx, place);
+    let cpu0 = Cpu::read(ctx, place.server_pid);
     let first_insert_us = now_us();
-    let inserted = insert_docs(&place.coll, 0, scenario.docs, scenario.rate, cli.batch).await?;
+    let inserted = insert_docs(
+        &place.coll,
+        0,
+        scenario.docs,
+        scenario.rate,
+        scenario.batch,
+        &scenario.shape,
+    )
+    .await?;
     let insert_secs = (now_us() - first_insert_us) as f64 / 1e6;
     report.insert_rate = inserted as f64 / insert_secs.max(1e-9);
 
-    // Drain: until every connected client has everything, or nothing arrives for a while.
-    let hard_deadline = Instant::now() + Duration::from_secs_f64(cli.max_secs);
-    let mut last_count = shared.delivered.load(Ordering::Relaxed);
-    let mut last_progress = Instant::now();
-    let mut last_print = Instant::now();
-    loop {
-        let done = shared.complete.load(Ordering::Acquire);
-        let ended = shared.ended.load(Ordering::Acquire);
-        if done >= report.connected || ended >= report.connected || scenario.docs == 0 {
-            break;
-        }
-        let count = shared.delivered.load(Ordering::Relaxed);
-        if count != last_count {
-            last_count = count;
-            last_progress = Instant::now();
-        }
-        if last_progress.elapsed() > Duration::from_secs_f64(cli.drain_secs) {
-            eprintln!("bench: no event for {} s; stopping", cli.drain_secs);
-            break;
-        }
-        if Instant::now() > hard_deadline {
-            eprintln!("bench: --max-secs reached; stopping");
-            break;
-        }
-        if last_print.elapsed() > Duration::from_secs(5) {
-            eprintln!(
-                "bench:   {count} deliveries, {done}/{} clients complete",
-                report.connected
-            );
-            last_print = Instant::now();
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let cpu1 = Cpu::read(ctx, place);
+    wait_delivered(&shared, report.connected, scenario.docs > 0, cli).await;
+    let cpu1 = Cpu::read(ctx, place.server_pid);
     cpu0.fill(&cpu1, &mut report);
     report.server_rss_peak_kib = place.server_pid.and_then(env::hwm_kib);
     shared.stop.cancel();
-    let mut results = Vec::with_capacity(handles.len());
-    for handle in handles {
-        match tokio::time::timeout(Duration::from_secs(30), handle).await {
-            Ok(Ok(r)) => results.push(r),
-            Ok(Err(e)) => return Err(format!("client task failed: {e}")),
-            Err(_) => return Err("a client did not stop within 30 s".into()),
-        }
-    }
+    let results = join_clients(handles).await?;
     report.deliveries = shared.delivered.load(Ordering::Relaxed);
     let last = shared.last_delivery_us.load(Ordering::Relaxed);
     report.delivery_secs = ((last - first_insert_us) as f64 / 1e6).max(0.0);
@@ -606,26 +617,35 @@ async fn catch_up(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Repor
         scenario.transport,
         -1,
         Duration::from_secs(10),
-        async move { insert_docs(&coll, -1, 1, 0.0, 1).await.map(drop) },
+        async move {
+            insert_docs(&coll, -1, 1, 0.0, 1, &Shape::default())
+                .await
+                .map(drop)
+        },
     )
     .await?;
     let started = now_us();
-    insert_docs(&place.coll, 0, scenario.docs, 0.0, cli.batch.max(1000)).await?;
+    insert_docs(
+        &place.coll,
+        0,
+        scenario.docs,
+        0.0,
+        scenario.batch.max(1000),
+        &scenario.shape,
+    )
+    .await?;
     report.insert_rate = scenario.docs as f64 / ((now_us() - started) as f64 / 1e6);
     // Let the worker publish everything (it is ahead of the client, as in real resumes).
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let shared = Shared::new(1);
-    let cpu0 = Cpu::read(ctx, place);
+    let cpu0 = Cpu::read(ctx, place.server_pid);
     let t0 = now_us();
     let handle = ctx.clients_rt.spawn(client::run_client(
         0,
         scenario.transport,
         Arc::clone(&place.target),
-        Expect {
-            first: 0,
-            count: scenario.docs,
-        },
+        Expect::range(0, scenario.docs),
         Some(marker),
         Arc::new(Semaphore::new(1)),
         Arc::clone(&shared),
@@ -652,7 +672,7 @@ async fn catch_up(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Repor
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let cpu1 = Cpu::read(ctx, place);
+    let cpu1 = Cpu::read(ctx, place.server_pid);
     cpu0.fill(&cpu1, &mut report);
     shared.stop.cancel();
     let result = handle.await.map_err(|e| e.to_string())?;
@@ -670,15 +690,124 @@ async fn catch_up(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Repor
     Ok(report)
 }
 
-/// Inserts `{seq, sentAt}` for `seq` in `first .. first + count`, paced to `rate` per second
-/// (0: back-to-back batches of `batch`). Returns how many were inserted.
+/// Waits until every one of `clients` clients has connected or failed, at most `bound` (then
+/// the ones still connecting give up). Returns the seconds it took.
+async fn wait_connected(shared: &Shared, clients: usize, bound: Duration) -> f64 {
+    let started = Instant::now();
+    let mut last_print = Instant::now();
+    loop {
+        let connected = shared.connected.load(Ordering::Acquire);
+        let failed = shared.connect_failed.load(Ordering::Acquire);
+        if connected + failed >= clients {
+            break;
+        }
+        if started.elapsed() > bound {
+            eprintln!(
+                "bench: connect phase bounded at {bound:?} ({connected} connected, {failed} failed)"
+            );
+            shared.stop_connecting.cancel();
+            break;
+        }
+        if last_print.elapsed() > Duration::from_secs(5) {
+            eprintln!("bench:   {connected} connected, {failed} failed");
+            last_print = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed().as_secs_f64()
+}
+
+/// Waits until every one of `connected` clients has everything (or ended), nothing arrived for
+/// `--drain-secs`, or `--max-secs` passed. Returns whether every client completed.
+async fn wait_delivered(shared: &Shared, connected: usize, expecting: bool, cli: &Cli) -> bool {
+    let hard_deadline = Instant::now() + Duration::from_secs_f64(cli.max_secs);
+    let mut last_count = shared.delivered.load(Ordering::Relaxed);
+    let mut last_progress = Instant::now();
+    let mut last_print = Instant::now();
+    loop {
+        let done = shared.complete.load(Ordering::Acquire);
+        let ended = shared.ended.load(Ordering::Acquire);
+        if done >= connected || !expecting {
+            return true;
+        }
+        if ended >= connected {
+            return false;
+        }
+        let count = shared.delivered.load(Ordering::Relaxed);
+        if count != last_count {
+            last_count = count;
+            last_progress = Instant::now();
+        }
+        if last_progress.elapsed() > Duration::from_secs_f64(cli.drain_secs) {
+            eprintln!("bench: no event for {} s; stopping", cli.drain_secs);
+            return false;
+        }
+        if Instant::now() > hard_deadline {
+            eprintln!("bench: --max-secs reached; stopping");
+            return false;
+        }
+        if last_print.elapsed() > Duration::from_secs(5) {
+            eprintln!("bench:   {count} deliveries, {done}/{connected} clients complete");
+            last_print = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Collects the clients' results (after `shared.stop`), each within 30 s.
+async fn join_clients(
+    handles: Vec<tokio::task::JoinHandle<ClientResult>>,
+) -> Result<Vec<ClientResult>, String> {
+    let mut results = Vec::with_capacity(handles.len());
+    for handle in handles {
+        match tokio::time::timeout(Duration::from_secs(30), handle).await {
+            Ok(Ok(r)) => results.push(r),
+            Ok(Err(e)) => return Err(format!("client task failed: {e}")),
+            Err(_) => return Err("a client did not stop within 30 s".into()),
+        }
+    }
+    Ok(results)
+}
+
+/// What benchmark documents carry besides `seq` and `sentAt`.
+#[derive(Debug, Clone, Default)]
+struct Shape {
+    /// `pad`: a string of this many bytes (0: none).
+    pad: usize,
+    /// `owner`: `"o{seq mod owners}"` (0: none), for streams bound by owner.
+    owners: u64,
+}
+
+impl Shape {
+    /// The document of `seq`, stamped `sent_at`.
+    fn doc(&self, seq: i64, sent_at: i64, pad: &str) -> Document {
+        let mut d = doc! { "seq": seq, "sentAt": sent_at };
+        if self.owners > 0 {
+            d.insert("owner", owner(seq.rem_euclid(self.owners as i64) as u64));
+        }
+        if !pad.is_empty() {
+            d.insert("pad", pad);
+        }
+        d
+    }
+}
+
+/// The owner name of binding `i`.
+fn owner(i: u64) -> String {
+    format!("o{i}")
+}
+
+/// Inserts the documents of `seq` in `first .. first + count` (see [`Shape`]), paced to
+/// `rate` per second (0: back-to-back batches of `batch`). Returns how many were inserted.
 async fn insert_docs(
     coll: &mongodb::Collection<Document>,
     first: i64,
     count: u64,
     rate: f64,
     batch: usize,
+    shape: &Shape,
 ) -> Result<u64, String> {
+    let pad = "x".repeat(shape.pad);
     let batch = batch.max(1) as u64;
     let started = tokio::time::Instant::now();
     let mut sent = 0u64;
@@ -696,16 +825,31 @@ async fn insert_docs(
             (count - sent).min(batch)
         };
         let stamp = now_us();
+        let seq = |k: u64| first + (sent + k) as i64;
         let result = if n == 1 {
-            coll.insert_one(doc! { "seq": first + sent as i64, "sentAt": stamp })
+            coll.insert_one(shape.doc(seq(0), stamp, &pad))
                 .await
                 .map(drop)
         } else {
-            let docs = (0..n).map(|k| doc! { "seq": first + (sent + k) as i64, "sentAt": stamp });
+            let docs = (0..n).map(|k| shape.doc(seq(k), stamp, &pad));
             coll.insert_many(docs).await.map(drop)
         };
         result.map_err(|e| format!("insert failed: {e}"))?;
         sent += n;
     }
     Ok(sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_carry_owner_and_pad_when_asked() {
+        let plain = Shape::default().doc(7, 100, "");
+        assert_eq!(plain, doc! { "seq": 7_i64, "sentAt": 100_i64 });
+        let owned = Shape { pad: 3, owners: 5 }.doc(7, 100, "xxx");
+        assert_eq!(owned.get_str("owner").ok(), Some("o2"));
+        assert_eq!(owned.get_str("pad").ok(), Some("xxx"));
+    }
 }

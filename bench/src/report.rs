@@ -7,6 +7,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::client::ClientResult;
+use crate::upstream::Upstream;
 
 /// Latency percentiles, milliseconds.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -115,6 +116,48 @@ pub struct Report {
     pub catch_up_events_per_sec: Option<f64>,
     /// Catch-up mode: ms until the first event arrived.
     pub catch_up_first_event_ms: Option<f64>,
+    /// Clients closed with an `error` event `slow_consumer`.
+    pub slow_consumer_cuts: usize,
+    /// Events clients received that belonged to another client's binding (must be 0).
+    pub other_bindings: u64,
+    /// Issue 8 scenarios: change-stream cursors and connections on mongod, server counters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<Upstream>,
+    /// `streams`: cold subscribes made while the scenario's workers ran, ms to the response head.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cold_subscribe_ms: Option<Percentiles>,
+    /// `streams`: cold subscribes that failed or timed out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cold_failed: Option<usize>,
+    /// `restart-storm`: seconds from SIGKILL until the restarted server was ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restart_secs: Option<f64>,
+    /// `restart-storm`: seconds from the first reconnect until every client had every event
+    /// (or the scenario gave up).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub complete_secs: Option<f64>,
+    /// `stall`: what happened to the client that stopped reading.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stall: Option<Stall>,
+}
+
+/// The fate of a client that stopped reading (`stall` scenario).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stall {
+    /// How long the tool waited at most, seconds.
+    pub bound_secs: f64,
+    /// Seconds until the server's socket left ESTABLISHED (closed by the server), if it did.
+    pub socket_closed_secs: Option<f64>,
+    /// Seconds until the server stopped counting the client in `streamgate_clients`, if it did.
+    pub client_gone_secs: Option<f64>,
+    /// Bytes the server had queued in its socket's send buffer at the last reading.
+    pub server_send_queue: Option<u64>,
+    /// Server RSS when the client stalled, KiB.
+    pub rss_start_kib: Option<u64>,
+    /// Most server RSS while it was stalled, KiB.
+    pub rss_max_kib: Option<u64>,
+    /// Events inserted meanwhile.
+    pub events: u64,
 }
 
 impl Report {
@@ -132,8 +175,11 @@ impl Report {
             self.order_violations += r.order_violations;
             self.min_received = self.min_received.min(r.received);
             self.max_received = self.max_received.max(r.received);
+            self.other_bindings += r.other_bindings;
             if let Some(e) = &r.error {
-                *self.client_errors.entry(error_class(e)).or_default() += 1;
+                let class = error_class(e);
+                self.slow_consumer_cuts += usize::from(class.contains("slow_consumer"));
+                *self.client_errors.entry(class).or_default() += 1;
             }
         }
         if results.is_empty() {
@@ -209,6 +255,7 @@ impl Report {
             self.loadavg[0],
             self.loadavg[1]
         );
+        self.print_upstream();
         if let Some(rate) = self.catch_up_events_per_sec {
             println!(
                 "catch-up       {:.0} events/s (first event after {:.1} ms)",
@@ -218,6 +265,70 @@ impl Report {
         }
         println!();
     }
+}
+
+impl Report {
+    /// The issue-8 lines of the human summary (nothing for the matrix's scenarios).
+    fn print_upstream(&self) {
+        if let Some(c) = &self.cold_subscribe_ms {
+            println!(
+                "cold subscribe p50 {:.2}  p99 {:.2}  max {:.2} ms (n={}, {} failed)",
+                c.p50,
+                c.p99,
+                c.max,
+                c.count,
+                self.cold_failed.unwrap_or(0)
+            );
+        }
+        if self.slow_consumer_cuts > 0 || self.upstream.is_some() {
+            println!(
+                "cut / foreign  {} clients cut with slow_consumer, {} events of another binding",
+                self.slow_consumer_cuts, self.other_bindings
+            );
+        }
+        if let Some(secs) = self.restart_secs {
+            println!(
+                "restart        ready {secs:.2} s after SIGKILL; every client complete after {}",
+                opt(self.complete_secs, "s")
+            );
+        }
+        if let Some(s) = &self.stall {
+            println!(
+                "stalled client socket closed after {}, gone from streamgate_clients after {} \
+                 (bound {:.0} s, {} events); server send queue {} B; RSS {} → max {} KiB",
+                opt(s.socket_closed_secs, "s"),
+                opt(s.client_gone_secs, "s"),
+                s.bound_secs,
+                s.events,
+                s.server_send_queue.map_or("-".into(), |v| v.to_string()),
+                s.rss_start_kib.map_or("-".into(), |v| v.to_string()),
+                s.rss_max_kib.map_or("-".into(), |v| v.to_string())
+            );
+        }
+        if let Some(u) = &self.upstream {
+            let n = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
+            println!(
+                "mongod         change-stream cursors {} before → peak {} → {} at the end; \
+                 connections {} → peak {} → {}",
+                n(u.cursors_before),
+                n(u.cursors_peak),
+                n(u.cursors_after),
+                n(u.connections_before),
+                n(u.connections_peak),
+                n(u.connections_after)
+            );
+            println!(
+                "server         cursors opened {}, catch-ups {}, slow consumers {}",
+                n(u.server_cursors_opened),
+                n(u.server_catchups),
+                n(u.server_slow_consumers)
+            );
+        }
+    }
+}
+
+fn opt(v: Option<f64>, unit: &str) -> String {
+    v.map_or("never".into(), |v| format!("{v:.2} {unit}"))
 }
 
 fn pct(v: Option<f64>) -> String {
@@ -277,5 +388,113 @@ pub fn print_table(reports: &[Report]) {
                 .map_or("-".into(), |v| format!("{v:.2}")),
             pct(r.server_cpu_pct)
         );
+    }
+}
+
+/// The header of [`fanin_row`]'s table.
+pub const FANIN_HEADER: &str = "| scenario | clients (subscribed) | subscribe p50 / p99 / max ms | all subscribed s | \
+cold subscribe p99 ms | latency p50 / p99 / max ms | deliveries/s | lost / dup / order | cut | \
+other binding | cursors on mongod before → peak → end | cursors opened (server) | catch-ups | \
+mongod connections before → peak |\n|---|---:|---|---:|---:|---|---:|---|---:|---:|---|---:|---:|---|";
+
+/// One row of the issue-8 table (docs/benchmarks.md, "Upstream fan-in").
+pub fn fanin_row(r: &Report) -> String {
+    let n = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
+    let (c, l) = (&r.connect_ms, &r.latency_ms);
+    let up = r.upstream.clone().unwrap_or_default();
+    format!(
+        "| {} | {} ({}) | {:.1} / {:.1} / {:.1} | {:.1} | {} | {:.1} / {:.1} / {:.1} | {:.0} | {} / {} / {} | {} | {} | {} → {} → {} | {} | {} | {} → {} |",
+        r.scenario,
+        r.clients,
+        r.connected,
+        c.p50,
+        c.p99,
+        c.max,
+        r.connect_all_secs,
+        r.cold_subscribe_ms
+            .as_ref()
+            .map_or("-".into(), |p| format!("{:.1}", p.p99)),
+        l.p50,
+        l.p99,
+        l.max,
+        r.deliveries_per_sec,
+        r.lost,
+        r.duplicates,
+        r.order_violations,
+        r.slow_consumer_cuts,
+        r.other_bindings,
+        n(up.cursors_before),
+        n(up.cursors_peak),
+        n(up.cursors_after),
+        n(up.server_cursors_opened),
+        n(up.server_catchups),
+        n(up.connections_before),
+        n(up.connections_peak),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_cuts_and_foreign_events() {
+        let results = [
+            ClientResult {
+                received: 5,
+                error: Some(
+                    r#"error {"code":"slow_consumer","message":"more than 4096 behind"}"#.into(),
+                ),
+                ..ClientResult::default()
+            },
+            ClientResult {
+                received: 7,
+                other_bindings: 2,
+                lost: 1,
+                ..ClientResult::default()
+            },
+            ClientResult {
+                error: Some("HTTP 503: busy".into()),
+                lost: 10,
+                ..ClientResult::default()
+            },
+        ];
+        let mut report = Report {
+            connected: 2,
+            ..Report::default()
+        };
+        report.add_clients(&results, 10);
+        assert_eq!(report.slow_consumer_cuts, 1);
+        assert_eq!(report.other_bindings, 2);
+        assert_eq!(report.lost, 11);
+        assert_eq!(report.clients_with_loss, 2);
+        assert_eq!(report.min_received, 0);
+        assert_eq!(report.max_received, 7);
+        assert_eq!(report.expected_deliveries, 20);
+        assert_eq!(
+            report.client_errors.get("error event slow_consumer"),
+            Some(&1)
+        );
+    }
+
+    #[test]
+    fn a_fanin_row_has_a_cell_per_header_column() {
+        let report = Report {
+            scenario: "streams x40".into(),
+            clients: 40,
+            connected: 39,
+            upstream: Some(Upstream {
+                cursors_before: Some(1),
+                cursors_peak: Some(41),
+                server_cursors_opened: Some(40),
+                ..Upstream::default()
+            }),
+            ..Report::default()
+        };
+        let row = fanin_row(&report);
+        let header = FANIN_HEADER.lines().next().unwrap_or_default();
+        assert_eq!(row.matches('|').count(), header.matches('|').count());
+        assert!(row.starts_with("| streams x40 | 40 (39) |"), "{row}");
+        assert!(row.contains("| 1 → 41 → - | 40 |"), "{row}");
     }
 }
