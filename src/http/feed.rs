@@ -101,6 +101,14 @@ impl Feed {
                 self.done = true;
                 Some(Frame::Shutdown)
             }
+            // A timer, not a check on the next event: an idle stream is cut on time too. Polled
+            // before the subscription: a subscription that is always ready (a long catch-up)
+            // must not starve it.
+            _ = expired(&mut self.expiry) => {
+                self.done = true;
+                let revoked = Event::control(EventKind::AuthRevoked, "the access token expired", false);
+                Some(Frame::Events(vec![Arc::new(revoked)]))
+            }
             event = self.subscription.next() => {
                 let Some(first) = event else {
                     self.done = true;
@@ -123,12 +131,6 @@ impl Feed {
                     continue;
                 }
                 Some(Frame::KeepAlive)
-            }
-            // A timer, not a check on the next event: an idle stream is cut on time too.
-            _ = expired(&mut self.expiry) => {
-                self.done = true;
-                let revoked = Event::control(EventKind::AuthRevoked, "the access token expired", false);
-                Some(Frame::Events(vec![Arc::new(revoked)]))
             }
             };
             return frame;
