@@ -411,16 +411,8 @@ impl Config {
                 return Err(ConfigError::Invalid(format!("{key} must be at least 1")));
             }
         }
-        if self.client_queue < 2 {
-            return Err(ConfigError::Invalid(
-                "client_queue must be at least 2".into(),
-            ));
-        }
-        if self.ring_size < self.client_queue {
-            return Err(ConfigError::Invalid(format!(
-                "ring_size ({}) must be at least client_queue ({}): lagging clients are served from the ring",
-                self.ring_size, self.client_queue
-            )));
+        if self.ring_size == 0 {
+            return Err(ConfigError::Invalid("ring_size must be at least 1".into()));
         }
         self.limits.validate()?;
         crate::auth::check_config(&self.auth, &self.cors).map_err(ConfigError::Invalid)?;
