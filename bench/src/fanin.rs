@@ -479,11 +479,11 @@ async fn restart_storm(ctx: &Ctx, n: usize) -> Result<Report, String> {
         })
         .collect();
     let storm_started = Instant::now();
+    let storm_started_us = now_us();
     let cpu0 = Cpu::read(ctx, Some(server.pid()));
     let handles = spawn_clients(ctx, clients, &gate, &shared);
     report.connect_all_secs = wait_connected(&shared, n, Duration::from_secs(120)).await;
     report.connected = shared.connected.load(Ordering::Acquire);
-    let live_us = now_us();
     insert_docs(&coll, live_first as i64, STORM_LIVE, 10.0, 1, &plain).await?;
     if wait_delivered(&shared, report.connected, true, cli).await {
         report.complete_secs = Some(storm_started.elapsed().as_secs_f64());
@@ -495,7 +495,7 @@ async fn restart_storm(ctx: &Ctx, n: usize) -> Result<Report, String> {
     report.server_rss_peak_kib = env::hwm_kib(server.pid());
     shared.stop.cancel();
     let results = join_clients(handles).await?;
-    finish(&mut report, &shared, &results, live_us);
+    finish(&mut report, &shared, &results, storm_started_us);
     Ok(report)
 }
 

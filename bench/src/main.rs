@@ -730,7 +730,8 @@ async fn wait_delivered(shared: &Shared, connected: usize, expecting: bool, cli:
         if done >= connected || !expecting {
             return true;
         }
-        if ended >= connected {
+        // Every client either has everything or was ended (cut, closed) by the server.
+        if done + ended >= connected {
             return false;
         }
         let count = shared.delivered.load(Ordering::Relaxed);
