@@ -150,7 +150,8 @@ impl From<SubscribeFailure> for ApiError {
                 ApiError::bad_request(format!("the event id cannot be resumed from: {message}"))
             }
             SubscribeFailure::NotReady => ApiError::unavailable(failure.to_string()),
-            SubscribeFailure::Upstream(limit) => limit.into(),
+            SubscribeFailure::Upstream(limit)
+            | SubscribeFailure::Subscribe(SubscribeError::Upstream(limit)) => limit.into(),
             SubscribeFailure::Filter(error) => {
                 ApiError::new(StatusCode::FORBIDDEN, "Forbidden", error.to_string())
             }

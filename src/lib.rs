@@ -206,6 +206,7 @@ impl App {
             token.clone(),
             connections.clone(),
             timeouts,
+            self.state.metrics.slow_consumers.clone(),
         )
         .await;
         connections.close();

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -60,14 +61,20 @@ pub struct Deadline<T> {
     /// Whether `timer` runs for the current wait (set on `Pending`, cleared on progress).
     armed: bool,
     activity: Arc<Activity>,
+    /// Counts connections closed by the deadline (`streamgate_slow_consumers_total`).
+    stalled: Counter,
+    /// Whether this connection's stall was counted.
+    counted: bool,
 }
 
 impl<T> Deadline<T> {
-    /// Wraps `io`; writes fail after `stall` without progress.
-    pub fn new(io: T, stall: Duration) -> Deadline<T> {
+    /// Wraps `io`; writes fail after `stall` without progress, counted in `stalled`.
+    pub fn new(io: T, stall: Duration, stalled: Counter) -> Deadline<T> {
         Deadline {
             io,
             stall,
+            stalled,
+            counted: false,
             timer: None,
             armed: false,
             activity: Arc::new(Activity::new()),
@@ -107,10 +114,16 @@ impl<T> Deadline<T> {
                     self.armed = true;
                 }
                 match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the peer accepted no bytes within the stall timeout",
-                    ))),
+                    Poll::Ready(()) => {
+                        // Still armed: a writer that retries fails at once, and is counted once.
+                        if !std::mem::replace(&mut self.counted, true) {
+                            self.stalled.inc();
+                        }
+                        Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the peer accepted no bytes within the stall timeout",
+                        )))
+                    }
                     Poll::Pending => Poll::Pending,
                 }
             }
@@ -182,7 +195,8 @@ mod tests {
     async fn write_fails_after_stall_without_progress() {
         let stall = Duration::from_millis(300);
         let (a, mut b) = tokio::io::duplex(64);
-        let mut io = Deadline::new(a, stall);
+        let stalled = Counter::default();
+        let mut io = Deadline::new(a, stall, stalled.clone());
         io.write_all(&[0; 64]).await.unwrap();
         // Reads 16 bytes every 100 ms: no wait reaches the deadline, 128 more bytes go through.
         let reader = async {
@@ -207,6 +221,7 @@ mod tests {
         let start = Instant::now();
         let error = io.write_all(&[2; 16]).await.unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(stalled.get(), 1, "the stall is counted once");
         let took = start.elapsed();
         assert!(took >= stall && took < stall * 5, "{took:?}");
     }

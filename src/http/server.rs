@@ -32,6 +32,7 @@ use axum::http::{HeaderName, HeaderValue, Request, header};
 use bytes::{Buf, Bytes};
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -75,6 +76,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     connections: TaskTracker,
     timeouts: Timeouts,
+    stalled: Counter,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -100,8 +102,9 @@ pub async fn serve(
         let router = router.clone();
         let shutdown = shutdown.clone();
         let head_deadline = Instant::now() + timeouts.head;
+        let stalled = stalled.clone();
         connections.spawn(async move {
-            let io = Deadline::new(tcp, timeouts.stall);
+            let io = Deadline::new(tcp, timeouts.stall, stalled);
             match tokio::time::timeout_at(head_deadline, stream_request(io.get_ref(), peer)).await {
                 Ok(Some((head_len, request))) => direct(io, head_len, request, router).await,
                 Ok(None) => {

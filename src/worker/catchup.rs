@@ -31,6 +31,7 @@ use super::routing::ClientFilter;
 use super::source::{ChangeSource, Step};
 use super::{Worker, lock};
 use crate::event::{ErrorCode, Event, EventKind, Token};
+use crate::limits::UpstreamLimit;
 
 /// Catch-up cursors one worker runs at once.
 pub const MAX_CATCH_UPS_PER_WORKER: usize = 4;
@@ -256,6 +257,15 @@ fn event_message(event: &Event) -> String {
         .unwrap_or_else(|| "MongoDB refused the resume token".into())
 }
 
+/// Why a client could not get a catch-up now.
+#[derive(Debug)]
+pub(crate) enum NoCatchUp {
+    /// This worker already runs [`MAX_CATCH_UPS_PER_WORKER`] catch-ups.
+    Busy,
+    /// `limits.max_workers` is spent.
+    Budget(UpstreamLimit),
+}
+
 /// The worker's catch-ups.
 #[derive(Default)]
 pub(crate) struct CatchUps {
@@ -282,10 +292,13 @@ impl CatchUps {
 }
 
 impl Worker {
-    /// A reader for a client at `after` (older than the ring): joins a running catch-up that
-    /// covers it, or starts one. `None` when every slot is busy (wait for
-    /// `CatchUps::subscribe_ended`) or the cursor budget is spent.
-    pub(crate) fn join_catch_up(self: &Arc<Self>, after: &Token) -> Option<CatchUpReader> {
+    /// A reader for a client at `after` (older than the ring): joins a catch-up that covers it,
+    /// or starts one. Refused when every slot of this worker is busy (wait for
+    /// `CatchUps::subscribe_ended`) or `limits.max_workers` is spent.
+    pub(crate) fn join_catch_up(
+        self: &Arc<Self>,
+        after: &Token,
+    ) -> Result<CatchUpReader, NoCatchUp> {
         let mut running = lock(&self.catch_ups.running);
         // A handed-over catch-up keeps its ring (no cursor) while the worker still covers
         // where it ended: a restart storm's later clients read from it instead of a new cursor.
@@ -307,13 +320,16 @@ impl Worker {
             .map(|(_, _, c)| Arc::clone(c));
         if let Some(catch_up) = best {
             self.metrics().catchups_joined.inc();
-            return Some(catch_up.reader(after));
+            return Ok(catch_up.reader(after));
         }
         if running.iter().filter(|c| c.is_active()).count() >= MAX_CATCH_UPS_PER_WORKER {
-            return None;
+            return Err(NoCatchUp::Busy);
         }
-        // Past `limits.max_workers` the client waits for a slot like any other.
-        let permit = self.context.budget.try_acquire_catch_up().ok()?;
+        let permit = self
+            .context
+            .budget
+            .try_acquire_catch_up()
+            .map_err(NoCatchUp::Budget)?;
         let catch_up = CatchUp::new(after.clone());
         let reader = catch_up.reader(after);
         running.push(Arc::clone(&catch_up));
@@ -326,7 +342,7 @@ impl Worker {
             drop(permit);
             worker.catch_ups.notify_ended();
         });
-        Some(reader)
+        Ok(reader)
     }
 
     /// Running catch-up cursors (for stats).

@@ -18,11 +18,16 @@ impl Worker {
     /// The cursor loop. Returns when the worker is cancelled, retired or ended.
     pub(super) async fn run(self: Arc<Self>) {
         tracing::info!(stream = %self.key.stream, vars = %self.key.vars, "worker started");
-        let features = *self
+        // Cached once known; a server that cannot answer now gets the defaults for this worker.
+        let features = self
             .context
             .features
-            .get_or_init(|| ServerFeatures::detect(&self.context.client))
-            .await;
+            .get_or_try_init(|| async {
+                ServerFeatures::detect(&self.context.client).await.ok_or(())
+            })
+            .await
+            .copied()
+            .unwrap_or_default();
         let _ = self.features.set(features);
         let mut source = ChangeSource::new(Arc::clone(&self), None);
         let mut idle_since: Option<Instant> = None;

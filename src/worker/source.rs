@@ -82,21 +82,31 @@ impl ServerFeatures {
         }
     }
 
-    /// Asks the server (`buildInfo`); an unreachable server gets the conservative defaults.
-    pub async fn detect(client: &mongodb::Client) -> ServerFeatures {
-        match client
-            .database("admin")
-            .run_command(doc! { "buildInfo": 1 })
-            .await
-        {
-            Ok(info) => ServerFeatures::from_version(info.get_str("version").unwrap_or("")),
-            Err(error) => {
-                tracing::warn!(%error, "buildInfo failed; assuming no $changeStreamSplitLargeEvent");
-                ServerFeatures::default()
+    /// Asks the server (`buildInfo`, bounded by [`DETECT_TIMEOUT`]). `None` when it cannot
+    /// answer now: the caller uses the conservative defaults and asks again next time.
+    pub async fn detect(client: &mongodb::Client) -> Option<ServerFeatures> {
+        let admin = client.database("admin");
+        let command = admin.run_command(doc! { "buildInfo": 1 });
+        match tokio::time::timeout(DETECT_TIMEOUT, command).await {
+            Ok(Ok(info)) => Some(ServerFeatures::from_version(
+                info.get_str("version").unwrap_or(""),
+            )),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "buildInfo failed; assuming no $changeStreamSplitLargeEvent for now");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "buildInfo timed out; assuming no $changeStreamSplitLargeEvent for now"
+                );
+                None
             }
         }
     }
 }
+
+/// How long a worker waits for `buildInfo` before opening its cursor anyway.
+const DETECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One step of a source.
 #[derive(Debug)]

@@ -22,10 +22,11 @@ use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 
 use super::Worker;
-use super::catchup::{CatchUpReader, Pull};
+use super::catchup::{CatchUpReader, NoCatchUp, Pull};
 use super::hub::Attachment;
 use super::routing::ClientFilter;
 use crate::event::{ErrorCode, Event, EventKind, Token};
+use crate::limits::UpstreamLimit;
 
 /// Ring entries read per chunk: bounds both the lock hold time and a lagging client's memory
 /// (`CHUNK` `Arc`s, not a copy of the ring).
@@ -41,7 +42,14 @@ pub enum SubscribeError {
     /// MongoDB refused the resume token (not history loss: a token it cannot use at all).
     #[error("MongoDB rejected the resume token: {0}")]
     BadResumeToken(String),
+    /// The resume needs a catch-up cursor and `limits.max_workers` is spent.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamLimit),
 }
+
+/// How often a client waiting for a catch-up slot looks again even without news from its own
+/// worker (a slot of `limits.max_workers` may free up on another stream).
+const SLOT_RECHECK: Duration = Duration::from_secs(1);
 
 /// Where the next events come from.
 enum Source {
@@ -98,6 +106,8 @@ pub struct Subscription {
     cursor_pos: Option<Token>,
     /// This client's filter, for streams with routing rules.
     filter: Option<Arc<ClientFilter>>,
+    /// Set when a catch-up was refused by the cursor budget (a 503 for a starting subscribe).
+    refused: Option<UpstreamLimit>,
 }
 
 impl Subscription {
@@ -114,8 +124,12 @@ impl Subscription {
             skip_through: None,
             cursor_pos: resume,
             filter,
+            refused: None,
         };
         subscription.read_worker();
+        if let Some(limit) = subscription.refused.take() {
+            return Err(SubscribeError::Upstream(limit));
+        }
         // A new catch-up for this client's own id: wait for MongoDB to accept it, so a token
         // it refuses is a 400 before any byte of the response.
         if let Source::CatchUp(reader) = &mut subscription.source
@@ -156,9 +170,15 @@ impl Subscription {
                     Source::Done => return None,
                     Source::CatchUp(reader) => reader.changed().await,
                     Source::Waiting(ended) => {
-                        if ended.changed().await.is_err() {
-                            std::future::pending::<()>().await;
+                        tokio::select! {
+                            changed = ended.changed() => {
+                                if changed.is_err() {
+                                    std::future::pending::<()>().await;
+                                }
+                            }
+                            _ = tokio::time::sleep(SLOT_RECHECK) => {}
                         }
+                        self.source = Source::Ring;
                     }
                     Source::Ring | Source::Live(_) => {}
                 }
@@ -258,8 +278,13 @@ impl Subscription {
                     return;
                 };
                 self.source = match worker.join_catch_up(&after) {
-                    Some(reader) => Source::CatchUp(reader),
-                    None => Source::Waiting(worker.catch_ups.subscribe_ended()),
+                    Ok(reader) => Source::CatchUp(reader),
+                    Err(refusal) => {
+                        if let NoCatchUp::Budget(limit) = refusal {
+                            self.refused = Some(limit);
+                        }
+                        Source::Waiting(worker.catch_ups.subscribe_ended())
+                    }
                 };
             }
         }
@@ -378,6 +403,30 @@ mod tests {
             seen.push(event.id.clone().unwrap());
         }
         assert_eq!(seen, (21..=50).map(token).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_position_ahead_of_the_worker_skips_what_it_already_has() {
+        // A catch-up that ran ahead of the worker hands its reader over at 60 while the worker
+        // has only published up to 50: live events through 60 were delivered by the catch-up.
+        let worker = crate::worker::test_worker(100).await;
+        worker.open_for_test(token(0));
+        for n in 1..=50 {
+            worker.publish_change_for_test(change(n));
+        }
+        let guard = ClientGuard::new(Arc::clone(&worker), 0);
+        let mut subscription = Subscription::start(guard, Some(token(60)), None)
+            .await
+            .unwrap();
+        assert!(subscription.try_next().is_none());
+        for n in 51..=70 {
+            worker.publish_change_for_test(change(n));
+        }
+        let mut seen = Vec::new();
+        while let Some(event) = subscription.try_next() {
+            seen.push(event.id.clone().unwrap());
+        }
+        assert_eq!(seen, (61..=70).map(token).collect::<Vec<_>>());
     }
 
     #[tokio::test]

@@ -590,3 +590,70 @@ async fn token_claims_reach_document_filtering() {
         .collect();
     assert_eq!(ns, [json!(1), json!(3)]);
 }
+
+#[tokio::test]
+async fn expiry_cuts_a_client_in_the_middle_of_a_long_catch_up() {
+    // Issue 9 item 4: a subscription that is always ready (100,000 events to catch up) must
+    // not starve the expiry timer.
+    let db = unique_db("auth_expiry_catchup");
+    let server = TestServer::start(auth_config(&db)).await;
+    let path = format!("/{db}/c/_streams/s");
+    let coll = mongod::shared()
+        .client()
+        .await
+        .database(&db)
+        .collection::<Document>("c");
+    let long = hs256(SECRET, &claims("u1", &["reader"], AUDIENCE, 3600));
+    let mut first = Client::connect(
+        Kind::Ndjson,
+        &server.url(""),
+        &format!("{path}?access_token={long}"),
+        None,
+    )
+    .await
+    .expect("subscribed");
+    coll.insert_one(doc! { "seq": -1 }).await.unwrap();
+    let from = first.changes(1, WAIT).await[0].id.clone().expect("id");
+    const N: i64 = 100_000;
+    for chunk in (0..N).collect::<Vec<_>>().chunks(10_000) {
+        coll.insert_many(chunk.iter().map(|seq| doc! { "seq": seq }))
+            .await
+            .unwrap();
+    }
+    drop(first);
+    let exp = now() + 2;
+    let short = hs256(
+        SECRET,
+        &json!({ "sub": "u1", "roles": ["reader"], "aud": AUDIENCE, "exp": exp }),
+    );
+    let mut behind = Client::connect(
+        Kind::Ndjson,
+        &server.url(""),
+        &format!("{path}?access_token={short}&lastEventId={from}"),
+        None,
+    )
+    .await
+    .expect("token valid at connect time");
+    let mut changes = 0;
+    let revoked_at = loop {
+        match behind.next(WAIT).await {
+            Next::Event(event) if event.event == "change" => changes += 1,
+            Next::Event(event) => {
+                assert_eq!(event.event, "auth_revoked", "{event:?}");
+                break SystemTime::now();
+            }
+            other => panic!("expected auth_revoked, got {other:?} after {changes} changes"),
+        }
+    };
+    let late = revoked_at
+        .duration_since(UNIX_EPOCH + Duration::from_secs(exp))
+        .unwrap_or_default();
+    assert!(
+        late < Duration::from_secs(2),
+        "auth_revoked late by {late:?}"
+    );
+    assert!(
+        changes < N,
+        "cut in the middle of the catch-up, not after it ({changes} changes)"
+    );
+}

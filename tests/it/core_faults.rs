@@ -135,7 +135,12 @@ async fn stalled_client_is_cut_while_fast_client_gets_everything() {
         "fast client got everything in order"
     );
 
-    // Now read what the stalled client was sent: a gap-free prefix, then slow_consumer, then EOF.
+    // Once the deadline has cut it (counted as a slow consumer), read what the stalled client
+    // was sent: a gap-free prefix, then EOF.
+    eventually("the stalled client is cut", WAIT, async || {
+        f.server.metrics.slow_consumers.get() >= 1
+    })
+    .await;
     tokio::time::timeout(WAIT, stalled.read_to_end(&mut raw))
         .await
         .unwrap()
@@ -283,5 +288,56 @@ async fn history_lost_sends_error_then_empty_id_and_closes() {
             _ => assert!(matches!(end, Next::End(None)), "{end:?}"),
         }
     }
+    f.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_first_subscribe_waits_out_an_outage_instead_of_failing_at_once() {
+    // Issue 9 item 9: a transient error while the first cursor opens is waited out (up to the
+    // ready timeout), not answered 503 on the first failure.
+    let mongo = tokio::task::spawn_blocking(MongoD::start).await.unwrap();
+    // A short server-selection timeout, so the first open fails well within the ready timeout.
+    let f = Fixture::start_on(&mongo, "ready_outage", |config| {
+        let separator = if config.mongo_uri.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        config.mongo_uri = format!(
+            "{}{separator}serverSelectionTimeoutMS=1000",
+            config.mongo_uri
+        );
+    })
+    .await;
+    let mongo = tokio::task::spawn_blocking(move || {
+        mongo.kill();
+        mongo
+    })
+    .await
+    .unwrap();
+    let registry = f.server.registry.clone();
+    let key = f.key();
+    let started = std::time::Instant::now();
+    let subscribe = tokio::spawn(async move {
+        registry
+            .subscribe(&key, None, None, 0, None)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    let _mongo = tokio::task::spawn_blocking(move || {
+        // On purpose: down past the first open's server-selection timeout (1 s).
+        std::thread::sleep(Duration::from_millis(3000));
+        mongo.restart();
+        mongo
+    })
+    .await
+    .unwrap();
+    let result = subscribe.await.unwrap();
+    assert!(result.is_ok(), "{result:?} after {:?}", started.elapsed());
+    assert!(
+        f.server.metrics.worker_retries.get() >= 1,
+        "the first open failed and was retried"
+    );
     f.server.stop().await;
 }

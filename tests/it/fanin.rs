@@ -297,3 +297,32 @@ async fn bindings_past_the_limit_get_503_naming_it() {
     // Routable bindings share the one cursor: never refused by this limit.
     f.server.stop().await;
 }
+
+#[tokio::test]
+async fn a_catch_up_past_max_workers_is_a_503_naming_it() {
+    let f = Fixture::start("fanin_budget", |config| {
+        config.ring_size = 5;
+        config.limits.max_workers = 1;
+    })
+    .await;
+    let mut first = f.connect(Kind::Sse).await;
+    f.insert_seqs(0..10).await;
+    let ids: Vec<String> = first
+        .changes(10, WAIT)
+        .await
+        .into_iter()
+        .map(|e| e.id.expect("id"))
+        .collect();
+    // Behind the 5-event ring: a catch-up cursor would be a second cursor.
+    let refused = Client::connect(Kind::Sse, &f.server.url(""), &f.path, Some(&ids[0]))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(refused.status, 503);
+    let body: Value = serde_json::from_str(&refused.body).unwrap();
+    assert_eq!(body["limit"], "max_workers", "{body}");
+    // Inside the ring, no cursor is needed.
+    let mut resumed = f.resume(Kind::Sse, &ids[8]).await;
+    assert_eq!(seqs(&resumed.changes(1, WAIT).await), vec![9]);
+    f.server.stop().await;
+}
