@@ -341,3 +341,47 @@ async fn a_first_subscribe_waits_out_an_outage_instead_of_failing_at_once() {
     );
     f.server.stop().await;
 }
+
+#[tokio::test]
+async fn a_subscribe_abandoned_while_the_cursor_opens_leaves_no_client_behind() {
+    // Issue 9 item 5: with MongoDB down the first subscribe waits in `ready`; a client that
+    // leaves then (a WebSocket closed while the cursor opens) must not leave its count behind,
+    // or the worker never lingers out.
+    let mongo = tokio::task::spawn_blocking(MongoD::start).await.unwrap();
+    let f = Fixture::start_on(&mongo, "abandon", |_| {}).await;
+    let mongo = tokio::task::spawn_blocking(move || {
+        mongo.kill();
+        mongo
+    })
+    .await
+    .unwrap();
+    let registry = f.server.registry.clone();
+    let key = f.key();
+    let attempt = tokio::spawn(async move {
+        let _ = registry.subscribe(&key, None, None, 0, None).await;
+    });
+    eventually("the worker started", WAIT, async || {
+        !f.server.registry.workers_of(&f.key()).is_empty()
+    })
+    .await;
+    let worker = f
+        .server
+        .registry
+        .workers_of(&f.key())
+        .pop()
+        .expect("worker");
+    assert_eq!(worker.client_count(), 1);
+    attempt.abort();
+    let _ = attempt.await;
+    assert_eq!(
+        worker.client_count(),
+        0,
+        "the abandoned client is uncounted"
+    );
+    eventually("the worker lingered out", WAIT, async || {
+        f.server.registry.workers_of(&f.key()).is_empty()
+    })
+    .await;
+    drop(mongo);
+    f.server.stop().await;
+}

@@ -218,26 +218,6 @@ async fn a_change_over_16_mb_is_skipped_with_its_id_and_the_stream_goes_on() {
 }
 
 #[tokio::test]
-async fn a_subscribe_abandoned_while_the_cursor_opens_leaves_no_client_behind() {
-    let f = Fixture::start("fanin_abandon", |_| {}).await;
-    // Start a subscription and drop it at once: the future is dropped inside `ready`.
-    let registry = f.server.registry.clone();
-    let key = f.key();
-    let attempt = tokio::spawn(async move {
-        let _ = registry.subscribe(&key, None, None, 0, None).await;
-    });
-    tokio::time::sleep(Duration::from_millis(1)).await;
-    attempt.abort();
-    let _ = attempt.await;
-    // The worker (if one started) must linger out: no leaked client count holds it.
-    eventually("the worker retired", WAIT, async || {
-        f.server.registry.workers_of(&f.key()).is_empty()
-    })
-    .await;
-    f.server.stop().await;
-}
-
-#[tokio::test]
 async fn catch_up_clients_get_cancel_when_the_definition_goes() {
     let f = Fixture::start("fanin_cancel", |config| config.ring_size = 5).await;
     let mut first = f.connect(Kind::Sse).await;
