@@ -83,7 +83,46 @@ pub fn free_port() -> u16 {
 /// The replica set shared by every test of this binary (each test uses its own database).
 pub fn shared() -> &'static MongoD {
     static SHARED: OnceLock<MongoD> = OnceLock::new();
-    SHARED.get_or_init(MongoD::start)
+    SHARED.get_or_init(|| {
+        sweep_stale_dirs();
+        MongoD::start()
+    })
+}
+
+/// Removes data directories that earlier test runs left behind: the shared mongod lives in a
+/// static that is never dropped, and a killed run drops nothing. A directory goes only when
+/// its mongod is gone (the pid in `mongod.lock` is empty or dead) and it is older than ten
+/// minutes, so another run's live or starting mongod is never touched.
+fn sweep_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let stale_name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("streamgate-mongod-"));
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(600));
+        if !stale_name || !old {
+            continue;
+        }
+        let Ok(lock) = std::fs::read_to_string(path.join("mongod.lock")) else {
+            continue;
+        };
+        let alive = lock
+            .trim()
+            .parse::<u32>()
+            .is_ok_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
 }
 
 impl MongoD {
@@ -123,6 +162,9 @@ impl MongoD {
             "0.25".into(),
             "--setParameter".into(),
             "diagnosticDataCollectionEnabled=false".into(),
+            // Small journal files, not three preallocated 100 MB ones per test mongod.
+            "--wiredTigerEngineConfigString".into(),
+            "log=(prealloc=false,file_max=20MB)".into(),
         ];
         let (tx, rx) = mpsc::channel();
         spawner().lock().unwrap().send((args, tx)).unwrap();
