@@ -14,7 +14,7 @@ use mongodb::options::{ChangeStreamOptions, FullDocumentBeforeChangeType, FullDo
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::worker::routing::{MatchRule, RuleSource};
+use crate::routing::{MatchRule, RuleSource};
 
 /// Stages MongoDB allows after `$changeStream`.
 pub const ALLOWED_STAGES: &[&str] = &[

@@ -16,7 +16,7 @@ use super::definition::{AvarsError, CompiledDefinition, StreamKey, parse_avars};
 use crate::event::{Event, EventKind, Token};
 use crate::limits::{CursorBudget, UpstreamLimit};
 use crate::metrics::Metrics;
-use crate::worker::routing::{ClientFilter, FilterError};
+use crate::routing::{ClientFilter, FilterError};
 use crate::worker::subscription::SubscribeError;
 use crate::worker::{
     ClientGuard, Subscription, Worker, WorkerContext, WorkerKey, WorkerSettings, lock,
@@ -206,20 +206,6 @@ impl Registry {
             );
         }
         applied
-    }
-
-    /// Removes a definition; its clients get `cancel`. Returns whether it existed.
-    pub fn remove(&self, key: &StreamKey) -> bool {
-        let removed = self
-            .definitions
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key)
-            .is_some();
-        if removed {
-            self.cancel_workers(key, None, "the stream was deleted");
-        }
-        removed
     }
 
     /// Removes a stored definition (never a static one); its clients get `cancel`.

@@ -23,7 +23,6 @@ pub(crate) mod catchup;
 mod cursor;
 pub mod errors;
 pub(crate) mod hub;
-pub mod routing;
 pub(crate) mod source;
 pub mod subscription;
 
@@ -39,10 +38,10 @@ use tokio_util::task::TaskTracker;
 use crate::event::{Event, Token};
 use crate::limits::{CursorBudget, CursorPermit};
 use crate::metrics::Metrics;
+use crate::routing::ClientFilter;
 use crate::streams::definition::{StreamKey, WatchSpec};
 use catchup::CatchUps;
 use hub::{Attachment, Hub, Routed, Scan};
-use routing::ClientFilter;
 use source::ServerFeatures;
 
 pub use hub::LIVE_SLOTS;
