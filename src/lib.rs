@@ -31,6 +31,7 @@ pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod replset;
+pub mod snapshot;
 pub mod streams;
 pub mod worker;
 
@@ -152,6 +153,10 @@ impl App {
         }
         Ok(App {
             state: AppState {
+                snapshots: Arc::new(snapshot::Snapshots::new(
+                    config.snapshot_max_scans,
+                    config.snapshot_max_docs,
+                )),
                 registry,
                 store,
                 metrics,
