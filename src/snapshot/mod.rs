@@ -162,14 +162,6 @@ impl Snapshots {
         let worker = Arc::clone(guard.worker());
         // The document view's `put` is one event: a partial snapshot cannot be resumed there.
         let from = snapshot_resume.filter(|_| mode == Mode::Events);
-        let at = match &from {
-            Some(from) => from.at,
-            None => worker
-                .position()
-                .as_ref()
-                .and_then(Token::cluster_time)
-                .ok_or_else(|| ApiError::unavailable("the change stream has no position yet"))?,
-        };
         let slot =
             match tokio::time::timeout(SCAN_SLOT_WAIT, Arc::clone(&self.slots).acquire_owned())
                 .await
@@ -184,21 +176,49 @@ impl Snapshots {
                     return Err(error);
                 }
             };
-        let scan = Scan {
+        let mut scan = Scan {
             worker: Arc::clone(&worker),
             filter: filter.clone(),
-            at,
+            at: from.as_ref().map(|f| f.at),
+        };
+        let (count, after) = match from {
+            Some(from) => (from.count, Some(from.after)),
+            None => (0, None),
+        };
+        let mut reader = Reader::after(after);
+        // Opened here, before the response: a fresh snapshot's time T is the one MongoDB
+        // picks (the latest majority-committed time), which the subscription needs.
+        let at = match scan.open(&mut reader).await {
+            Ok(at) => at,
+            // A resumed snapshot whose time MongoDB no longer holds: `history_lost` (the
+            // client starts again); the subscription is never read.
+            Err(ScanError::TooOld(message)) if scan.at.is_some() => {
+                let (tx, rx) = mpsc::channel(1);
+                let _ = tx.try_send(Arc::new(ScanError::TooOld(message).event()));
+                let subscription = Subscription::start(guard, None, filter)
+                    .await
+                    .map_err(SubscribeFailure::from)?;
+                return Ok((subscription, Some(rx)));
+            }
+            Err(ScanError::Fatal(message)) => {
+                return Err(ApiError::bad_request(format!(
+                    "the snapshot could not be read: {message}"
+                )));
+            }
+            Err(ScanError::TooOld(message) | ScanError::Transient(message)) => {
+                return Err(ApiError::unavailable(format!(
+                    "the snapshot could not be read: {message}"
+                )));
+            }
         };
         let prelude = match mode {
             Mode::Events => {
                 let (tx, rx) = mpsc::channel(QUEUE);
-                worker
-                    .tracker()
-                    .spawn(scan.stream(from.map(|f| (f.count, f.after)), tx, slot));
+                worker.tracker().spawn(scan.stream(reader, count, tx, slot));
                 rx
             }
             Mode::View => {
-                let put = scan.view_put(self.max_docs).await?;
+                let put = scan.view_put(reader, self.max_docs).await?;
                 drop(slot);
                 let (tx, rx) = mpsc::channel(1);
                 let _ = tx.try_send(Arc::new(put));
@@ -216,7 +236,9 @@ impl Snapshots {
 struct Scan {
     worker: Arc<Worker>,
     filter: Option<Arc<ClientFilter>>,
-    at: Timestamp,
+    /// The cluster time read at: a resumed snapshot's, or (`None` until the first open) the
+    /// one MongoDB picks.
+    at: Option<Timestamp>,
 }
 
 /// A scan's open cursor and where it is.
@@ -336,16 +358,33 @@ impl Scan {
         }
     }
 
-    /// One document from the cursor, opening it (after `reader.after`) if needed.
-    async fn step(&self, reader: &mut Reader) -> mongodb::error::Result<Option<Document>> {
+    /// Opens the cursor (without retrying) and returns the cluster time it reads at.
+    async fn open(&mut self, reader: &mut Reader) -> Result<Timestamp, ScanError> {
+        let cursor = self.open_cursor(reader).await;
+        let (session, _) = cursor.map_err(|e| ScanError::from(&e))?;
+        let at = session
+            .snapshot_time()
+            .or(self.at)
+            .ok_or_else(|| ScanError::Fatal("MongoDB did not report the snapshot time".into()))?;
+        self.at = Some(at);
+        Ok(at)
+    }
+
+    async fn open_cursor<'r>(
+        &self,
+        reader: &'r mut Reader,
+    ) -> mongodb::error::Result<&'r mut (ClientSession, SessionCursor<Document>)> {
         if reader.cursor.is_none() {
             let spec = self.worker.spec();
+            let mut options = mongodb::options::SessionOptions::builder()
+                .snapshot(true)
+                .build();
+            options.snapshot_time = self.at;
             let mut session = self
                 .worker
                 .client()
                 .start_session()
-                .snapshot(true)
-                .snapshot_time(self.at)
+                .with_options(options)
                 .await?;
             let cursor = self
                 .worker
@@ -358,25 +397,29 @@ impl Scan {
                 .await?;
             reader.cursor = Some((session, cursor));
         }
-        let Some((session, cursor)) = reader.cursor.as_mut() else {
-            return Ok(None);
-        };
+        match reader.cursor.as_mut() {
+            Some(open) => Ok(open),
+            None => Err(mongodb::error::Error::custom("snapshot cursor not open")),
+        }
+    }
+
+    /// One document from the cursor, opening it (after `reader.after`) if needed.
+    async fn step(&self, reader: &mut Reader) -> mongodb::error::Result<Option<Document>> {
+        let (session, cursor) = self.open_cursor(reader).await?;
         cursor.next(session).await.transpose()
     }
 
     /// Streams `snapshot` events, then `ready`, into `tx` (as fast as the client takes them).
     async fn stream(
         self,
-        from: Option<(u32, Bson)>,
+        mut reader: Reader,
+        mut count: u32,
         tx: mpsc::Sender<Arc<Event>>,
         slot: OwnedSemaphorePermit,
     ) {
-        let (mut count, after) = match from {
-            Some((count, after)) => (count, Some(after)),
-            None => (0, None),
+        let Some(at) = self.at else {
+            return;
         };
-        let at = self.at;
-        let mut reader = Reader::after(after);
         let result = loop {
             match self.next(&mut reader).await {
                 Ok(Some((id, document))) => {
@@ -412,11 +455,10 @@ impl Scan {
 
     /// The document view's first event: `put` at `/` of every document by `_id` text, built
     /// as JSON text (no tree in memory), refused past `max_docs`.
-    async fn view_put(&self, max_docs: usize) -> Result<Event, ApiError> {
+    async fn view_put(&self, mut reader: Reader, max_docs: usize) -> Result<Event, ApiError> {
         let mut data = String::from("{\"path\":\"/\",\"data\":{");
         let mut count = 0usize;
         let mut too_many = false;
-        let mut reader = Reader::after(None);
         let result = loop {
             match self.next(&mut reader).await {
                 Ok(Some((id, mut document))) => {
@@ -467,7 +509,7 @@ impl Scan {
         data.push_str("}}");
         Ok(Event::view(
             "put",
-            Some(Token::after_cluster_time(self.at)),
+            self.at.map(Token::after_cluster_time),
             &data,
         ))
     }
