@@ -12,6 +12,7 @@ mod core_faults;
 mod core_ops;
 mod core_resume;
 mod core_transports;
+mod docview;
 mod fanin;
 mod filtering;
 mod http_edge;
