@@ -22,6 +22,9 @@ use crate::worker::Subscription;
 /// Most events written in one batch.
 const MAX_BATCH_EVENTS: usize = 256;
 
+/// Rewrites an event for a view of the stream; `None` drops it (see `http::docview`).
+pub type ViewFn = fn(&Arc<Event>) -> Option<Arc<Event>>;
+
 /// What to write next.
 pub enum Frame {
     /// One or more events, in order; a terminal event can only be last.
@@ -53,7 +56,7 @@ pub struct Feed {
     /// has closed. A bounded channel: the scan behind it waits for this client.
     prelude: Option<Prelude>,
     /// Rewrites each event for a view (the document view); `None` from it drops the event.
-    view: Option<fn(&Arc<Event>) -> Option<Arc<Event>>>,
+    view: Option<ViewFn>,
     done: bool,
 }
 
@@ -98,7 +101,7 @@ impl Feed {
     }
 
     /// Passes every event through `view` (the document view's `put`/`patch`).
-    pub fn with_view(mut self, view: fn(&Arc<Event>) -> Option<Arc<Event>>) -> Feed {
+    pub fn with_view(mut self, view: ViewFn) -> Feed {
         self.view = Some(view);
         self
     }
