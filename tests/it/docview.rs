@@ -246,3 +246,54 @@ async fn keep_alive_is_an_event_in_the_view() {
     assert_eq!(keepalive.event, "keep-alive");
     assert_eq!(keepalive.data, Value::Null);
 }
+
+#[tokio::test]
+#[ignore = "needs Chromium, node and tests/browser/node_modules: scripts/test installs them and runs it"]
+async fn browser_eventsource_renders_the_initial_put_and_a_later_patch() {
+    use std::process::Stdio;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let f = Fixture::start("browser_docview", |_| {}).await;
+    f.coll
+        .insert_many(vec![
+            doc! {"_id": "a", "name": "Ada", "score": 1},
+            doc! {"_id": "b", "name": "Bob", "score": 2},
+        ])
+        .await
+        .unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/docview.mjs");
+    let mut node = tokio::process::Command::new("node")
+        .arg(script)
+        .arg(f.server.url(""))
+        .arg(&f.path)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node is installed");
+    let mut lines = BufReader::new(node.stdout.take().unwrap()).lines();
+    let mut next = async || -> Value {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("browser reported in time")
+            .unwrap()
+            .expect("browser still running");
+        serde_json::from_str(&line).unwrap()
+    };
+    let put = next().await;
+    assert_eq!(put["type"], "put", "{put}");
+    assert_eq!(
+        put["rows"],
+        serde_json::json!([["a", "Ada", "1"], ["b", "Bob", "2"]])
+    );
+    f.coll
+        .update_one(doc! {"_id": "b"}, doc! {"$set": {"score": 300}})
+        .await
+        .unwrap();
+    let patch = next().await;
+    assert_eq!(patch["type"], "patch", "{patch}");
+    assert_eq!(
+        patch["rows"],
+        serde_json::json!([["a", "Ada", "1"], ["b", "Bob", "300"]])
+    );
+    let _ = node.kill().await;
+}
