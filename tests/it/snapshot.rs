@@ -403,3 +403,54 @@ async fn a_snapshot_of_200k_documents_streams_in_bounded_memory() {
     assert_eq!(count, N as u64);
     assert!(growth < 50 * 1024 * 1024, "RSS grew by {growth} bytes");
 }
+
+/// Reads one `snapshot=true` client to `ready`; returns its snapshot event count.
+async fn drain_snapshot(f: &Fixture) -> u64 {
+    let path = format!("{}?snapshot=true", f.path);
+    let mut client = Client::connect(Kind::Ndjson, &f.server.url(""), &path, None)
+        .await
+        .unwrap();
+    let mut count = 0;
+    loop {
+        let event = client.expect_event(Duration::from_secs(120)).await;
+        match event.event.as_str() {
+            "snapshot" => count += 1,
+            "ready" => return count,
+            other => panic!("{other}"),
+        }
+    }
+}
+
+/// The number in docs/benchmarks.md: snapshot throughput to one client and to 100 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check: cargo test --test it snapshot_throughput -- --ignored --nocapture"]
+async fn snapshot_throughput() {
+    const N: i64 = 20_000;
+    let f = Fixture::start("snapshot_bench", |config| config.snapshot_max_scans = 100).await;
+    let docs: Vec<Document> = (0..N)
+        .map(|i| doc! {"_id": i, "name": format!("user {i}"), "score": i, "payload": "x".repeat(150)})
+        .collect();
+    f.coll.insert_many(docs).await.unwrap();
+    drain_snapshot(&f).await; // warm the worker and the page cache
+    let started = Instant::now();
+    assert_eq!(drain_snapshot(&f).await, N as u64);
+    let one = started.elapsed();
+    println!(
+        "1 client: {N} documents in {one:?} = {:.0} documents/s",
+        N as f64 / one.as_secs_f64()
+    );
+    // 100 clients on a 2,000-document collection (every client is in this process too).
+    const M: i64 = 2_000;
+    f.coll.delete_many(doc! {"_id": {"$gte": M}}).await.unwrap();
+    let started = Instant::now();
+    let clients: Vec<_> = (0..100).map(|_| drain_snapshot(&f)).collect();
+    let counts = futures::future::join_all(clients).await;
+    let all = started.elapsed();
+    assert!(counts.iter().all(|c| *c == M as u64));
+    println!(
+        "100 clients at once: {} documents in {all:?} = {:.0} documents/s in total, {:.0} per client",
+        100 * M,
+        (100 * M) as f64 / all.as_secs_f64(),
+        M as f64 / all.as_secs_f64()
+    );
+}
