@@ -38,6 +38,7 @@ pub mod limits;
 pub mod metrics;
 pub mod replset;
 pub mod routing;
+pub mod snapshot;
 pub mod streams;
 pub mod worker;
 
@@ -159,6 +160,10 @@ impl App {
         }
         Ok(App {
             state: AppState {
+                snapshots: Arc::new(snapshot::Snapshots::new(
+                    config.snapshot_max_scans,
+                    config.snapshot_max_docs,
+                )),
                 registry,
                 store,
                 metrics,

@@ -296,6 +296,20 @@ impl Registry {
         transport: usize,
         claims: Option<&serde_json::Map<String, serde_json::Value>>,
     ) -> Result<Subscription, SubscribeFailure> {
+        let (guard, filter) = self.attach(key, avars, transport, claims).await?;
+        Ok(Subscription::start(guard, resume, filter).await?)
+    }
+
+    /// Counts a client on the stream's worker (started if needed) once its cursor is open,
+    /// without reading yet: the caller picks the position (a snapshot reads its cluster time
+    /// from the worker first). Returns the client's routing filter too.
+    pub async fn attach(
+        &self,
+        key: &StreamKey,
+        avars: Option<&str>,
+        transport: usize,
+        claims: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<(ClientGuard, Option<Arc<ClientFilter>>), SubscribeFailure> {
         let avars = parse_avars(avars)?;
         let (guard, filter) = loop {
             let entry = self
@@ -343,6 +357,6 @@ impl Registry {
         if !guard.worker().ready(READY_TIMEOUT).await {
             return Err(SubscribeFailure::NotReady);
         }
-        Ok(Subscription::start(guard, resume, filter).await?)
+        Ok((guard, filter))
     }
 }

@@ -305,7 +305,12 @@ async fn open(
     let spec = worker.spec();
     let mut options = spec.options();
     options.max_await_time = Some(worker.settings().max_await);
-    options.resume_after = after.and_then(Token::to_driver);
+    // A cluster-time position (a snapshot's hand-over, `Token::after_cluster_time`) is not a
+    // token MongoDB can resume from: open at the first change after that time instead.
+    match after.and_then(Token::start_at) {
+        Some(start) => options.start_at_operation_time = Some(start),
+        None => options.resume_after = after.and_then(Token::to_driver),
+    }
     let stream = worker
         .client()
         .database(&spec.db)
