@@ -544,10 +544,13 @@ impl Raw {
     }
 }
 
-/// An SSE frame or NDJSON line as an envelope; `None` for keep-alives and `retry:`.
+/// An SSE frame or NDJSON line as an envelope; `None` for keep-alives, `retry:` and the
+/// connect-time `info` event.
 fn parse_frame(frame: &str, sse: bool) -> Option<Envelope> {
     if !sse {
-        return (!frame.trim().is_empty()).then(|| parse_envelope(frame));
+        return (!frame.trim().is_empty())
+            .then(|| parse_envelope(frame))
+            .filter(|e| e.event != "info");
     }
     let (mut event, mut id, mut data) = (None, None, String::new());
     for line in frame.lines() {
@@ -558,10 +561,12 @@ fn parse_frame(frame: &str, sse: bool) -> Option<Envelope> {
             _ => {}
         }
     }
+    let event = event.filter(|e| e != "info")?;
     Some(Envelope {
-        event: event?,
+        event,
         id,
         data: serde_json::from_str(&data).expect("data is JSON"),
+        stream: None,
     })
 }
 
