@@ -215,6 +215,10 @@ pub struct LimitsConfig {
     /// take more than a tenth of the default `max_workers`.
     #[serde(default = "default_max_bindings_per_stream")]
     pub max_bindings_per_stream: usize,
+    /// Streams one `GET /_streams` connection may carry (query list plus WebSocket
+    /// `subscribe`s). Each stream also takes its own slot of the limits above.
+    #[serde(default = "default_max_streams_per_connection")]
+    pub max_streams_per_connection: usize,
 }
 
 impl Default for LimitsConfig {
@@ -227,6 +231,7 @@ impl Default for LimitsConfig {
             retry_after_secs: default_retry_after_secs(),
             max_workers: default_max_workers(),
             max_bindings_per_stream: default_max_bindings_per_stream(),
+            max_streams_per_connection: default_max_streams_per_connection(),
         }
     }
 }
@@ -247,6 +252,11 @@ impl LimitsConfig {
         if self.max_bindings_per_stream == 0 {
             return Err(ConfigError::Invalid(
                 "limits.max_bindings_per_stream must be at least 1".into(),
+            ));
+        }
+        if self.max_streams_per_connection == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_streams_per_connection must be at least 1".into(),
             ));
         }
         Ok(())
@@ -534,6 +544,10 @@ fn default_retry_after_secs() -> u64 {
 fn default_max_workers() -> usize {
     1_000
 }
+fn default_max_streams_per_connection() -> usize {
+    100
+}
+
 fn default_max_bindings_per_stream() -> usize {
     100
 }

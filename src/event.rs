@@ -273,6 +273,8 @@ pub struct Event {
     /// the first document-view client that needs it and shared by the others; `None` inside
     /// when the change means nothing to the view.
     pub view: std::sync::OnceLock<Option<Arc<Event>>>,
+    /// The change's `operationType` (changes only), for clients that narrow by it.
+    pub operation_type: Option<Box<str>>,
 }
 
 /// A change document could not be turned into an event.
@@ -294,13 +296,33 @@ impl Event {
             _ => None,
         }
         .ok_or(EncodeError::MissingId)?;
-        let kind = if change.get_str("operationType") == Ok("invalidate") {
+        let operation_type = change.get_str("operationType").ok().map(Box::from);
+        let kind = if operation_type.as_deref() == Some("invalidate") {
             EventKind::Invalidate
         } else {
             EventKind::Change
         };
         let data = Bson::Document(change).into_relaxed_extjson();
-        Ok(Event::encode(kind, Some(id), &data, false))
+        Ok(Event {
+            operation_type,
+            ..Event::encode(kind, Some(id), &data, false)
+        })
+    }
+
+    /// The event's `data` JSON alone, sliced out of the pre-encoded envelope (no copy): what
+    /// `enveloped=false` clients get, and what multi-stream envelopes splice in.
+    pub fn data(&self) -> Bytes {
+        // The envelope is `{"event":"<name>"[,"id":"<id>"],"data":<data>}\n` (see `encode`).
+        let start = "{\"event\":\"".len()
+            + self.kind.name().len()
+            + 1
+            + self
+                .id
+                .as_ref()
+                .map_or(0, |id| ",\"id\":\"".len() + id.as_str().len() + 1)
+            + ",\"data\":".len();
+        let end = self.ndjson.len().saturating_sub(2);
+        self.ndjson.slice(start.min(end)..end)
     }
 
     /// `event: skipped` for a change over 16 MB: `{"code":"event_too_large",…}` with the
@@ -355,6 +377,7 @@ impl Event {
             ws: Utf8Bytes::from(envelope.as_str()),
             ndjson: Bytes::from(envelope + "\n"),
             view: std::sync::OnceLock::new(),
+            operation_type: None,
         }
     }
 
@@ -418,6 +441,7 @@ impl Event {
             ws,
             ndjson: Bytes::from(envelope),
             view: std::sync::OnceLock::new(),
+            operation_type: None,
         }
     }
 }
@@ -474,6 +498,16 @@ mod tests {
         assert_eq!(envelope["id"], TOKEN);
         assert_eq!(envelope["data"]["fullDocument"]["n"], 2);
         assert_eq!(&event.ndjson[..event.ndjson.len() - 1], event.ws.as_bytes());
+        assert_eq!(event.operation_type.as_deref(), Some("insert"));
+        let data: serde_json::Value = serde_json::from_slice(&event.data()).unwrap();
+        assert_eq!(data, envelope["data"]);
+    }
+
+    #[test]
+    fn data_of_a_control_event_is_its_body() {
+        let event = Event::control(EventKind::Cancel, "gone", false);
+        let data: serde_json::Value = serde_json::from_slice(&event.data()).unwrap();
+        assert_eq!(data, json!({"code": "cancel", "message": "gone"}));
     }
 
     #[test]

@@ -509,6 +509,7 @@ async fn live_default(ctx: &Ctx, tag: &str, scenario: &Scenario) -> Result<Repor
     let place = Place {
         target: Arc::new(Target::stream(addr, &cli.db, &coll, "all")),
         coll: ctx.mongo.database(&cli.db).collection(&coll),
+        spread: Vec::new(),
         server_pid: Some(server.pid()),
         _server: Some(server),
     };
@@ -539,6 +540,7 @@ async fn burst(ctx: &Ctx, clients: usize) -> Result<Report, String> {
         idle_secs: 0.0,
         batch: 500,
         shape: Shape::default(),
+        streams: 1,
     };
     live_default(ctx, &format!("burst{clients}"), &scenario).await
 }
@@ -563,6 +565,7 @@ async fn bulk(ctx: &Ctx, batch: usize) -> Result<Report, String> {
             pad: PAD,
             ..Shape::default()
         },
+        streams: 1,
     };
     live_default(ctx, &format!("bulk{batch}"), &scenario).await
 }

@@ -68,6 +68,11 @@ struct Cli {
     /// `live` (fan-out) or `catchup` (one client resumes `--docs` events behind).
     #[arg(long, value_enum, default_value_t = Mode::Live)]
     mode: Mode,
+    /// Streams per client (issue 11): each client opens ONE `/_streams` connection over this
+    /// many streams (collections `<coll>_0…`), and document k goes to collection k mod N, so
+    /// every client still gets each document once and deliveries compare 1:1 with N = 1.
+    #[arg(long, default_value_t = 1)]
+    streams_per_client: usize,
     /// Seconds to hold every client connected and idle before inserting.
     #[arg(long, default_value_t = 0.0)]
     idle_secs: f64,
@@ -176,6 +181,8 @@ struct Scenario {
     batch: usize,
     /// What the inserted documents carry besides `seq` and `sentAt`.
     shape: Shape,
+    /// Streams per client connection (`/_streams` when more than 1).
+    streams: usize,
 }
 
 impl Scenario {
@@ -186,12 +193,17 @@ impl Scenario {
         };
         Scenario {
             label: format!(
-                "{mode} {} x{} {}docs @{}",
+                "{mode} {} x{}{} {}docs @{}",
                 cli.transport.as_str(),
                 if cli.mode == Mode::Catchup {
                     1
                 } else {
                     cli.clients
+                },
+                if cli.streams_per_client > 1 {
+                    format!(" x{} streams", cli.streams_per_client)
+                } else {
+                    String::new()
                 },
                 cli.docs,
                 rate_label(cli.rate)
@@ -208,6 +220,7 @@ impl Scenario {
             idle_secs: cli.idle_secs,
             batch: cli.batch,
             shape: Shape::default(),
+            streams: cli.streams_per_client.max(1),
         }
     }
 }
@@ -238,6 +251,7 @@ fn suite(batch: usize) -> Vec<Scenario> {
             idle_secs,
             batch,
             shape: Shape::default(),
+            streams: 1,
         });
     };
     for transport in [Transport::Sse, Transport::Ws] {
@@ -275,6 +289,8 @@ struct Ctx {
 struct Place {
     target: Arc<Target>,
     coll: mongodb::Collection<Document>,
+    /// Multi-stream scenarios: the N collections documents are spread over (empty otherwise).
+    spread: Vec<mongodb::Collection<Document>>,
     server_pid: Option<u32>,
     _server: Option<Server>,
 }
@@ -432,6 +448,7 @@ async fn place(ctx: &Ctx, index: usize, scenario: &Scenario) -> Result<Place, St
                 path: format!("/{}/{}/_streams/{}", cli.db, cli.coll, cli.stream),
             }),
             coll: ctx.mongo.database(&cli.db).collection(&cli.coll),
+            spread: Vec::new(),
             server_pid: cli.server_pid,
             _server: None,
         });
@@ -453,11 +470,35 @@ async fn place(ctx: &Ctx, index: usize, scenario: &Scenario) -> Result<Place, St
         .map(|w| w.split_whitespace().map(str::to_owned).collect())
         .unwrap_or_default();
     let ready_timeout = Duration::from_secs(if wrapper.is_empty() { 30 } else { 120 });
+    let spread: Vec<String> = if scenario.streams > 1 {
+        (0..scenario.streams)
+            .map(|i| format!("{coll}_{i}"))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let specs: Vec<StreamSpec> = if spread.is_empty() {
+        vec![StreamSpec::all(&cli.db, &coll, "all")]
+    } else {
+        spread
+            .iter()
+            .map(|c| StreamSpec::all(&cli.db, c, "all"))
+            .collect()
+    };
+    let path = if spread.is_empty() {
+        format!("/{}/{coll}/_streams/all", cli.db)
+    } else {
+        let list: Vec<String> = spread
+            .iter()
+            .map(|c| format!("/{}/{c}/_streams/all", cli.db))
+            .collect();
+        format!("/_streams?streams={}", list.join(","))
+    };
     let server = Server::start(
         &ServerSpec {
             bin: &ctx.server_bin,
             mongo_uri: &ctx.mongo_uri,
-            streams: &[StreamSpec::all(&cli.db, &coll, "all")],
+            streams: &specs,
             client_queue: Some(client_queue),
             dir: &ctx.dir,
             env: &[],
@@ -469,9 +510,13 @@ async fn place(ctx: &Ctx, index: usize, scenario: &Scenario) -> Result<Place, St
     Ok(Place {
         target: Arc::new(Target {
             addr: server.addr,
-            path: format!("/{}/{coll}/_streams/all", cli.db),
+            path,
         }),
         coll: ctx.mongo.database(&cli.db).collection(&coll),
+        spread: spread
+            .iter()
+            .map(|c| ctx.mongo.database(&cli.db).collection(c))
+            .collect(),
         server_pid: Some(server.pid()),
         _server: Some(server),
     })
@@ -570,15 +615,26 @@ async fn live(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Report, S
 
     let cpu0 = Cpu::read(ctx, place.server_pid);
     let first_insert_us = now_us();
-    let inserted = insert_docs(
-        &place.coll,
-        0,
-        scenario.docs,
-        scenario.rate,
-        scenario.batch,
-        &scenario.shape,
-    )
-    .await?;
+    let inserted = if place.spread.is_empty() {
+        insert_docs(
+            &place.coll,
+            0,
+            scenario.docs,
+            scenario.rate,
+            scenario.batch,
+            &scenario.shape,
+        )
+        .await?
+    } else {
+        insert_spread(
+            &place.spread,
+            scenario.docs,
+            scenario.rate,
+            scenario.batch,
+            &scenario.shape,
+        )
+        .await?
+    };
     let insert_secs = (now_us() - first_insert_us) as f64 / 1e6;
     report.insert_rate = inserted as f64 / insert_secs.max(1e-9);
 
@@ -800,6 +856,49 @@ fn owner(i: u64) -> String {
 
 /// Inserts the documents of `seq` in `first .. first + count` (see [`Shape`]), paced to
 /// `rate` per second (0: back-to-back batches of `batch`). Returns how many were inserted.
+/// Like [`insert_docs`] from seq 0, document k into `colls[k % len]` (a batch becomes one
+/// `insert_many` per collection, so each stream's order is the seq order).
+async fn insert_spread(
+    colls: &[mongodb::Collection<Document>],
+    count: u64,
+    rate: f64,
+    batch: usize,
+    shape: &Shape,
+) -> Result<u64, String> {
+    let pad = "x".repeat(shape.pad);
+    let batch = batch.max(1) as u64;
+    let started = tokio::time::Instant::now();
+    let mut sent = 0u64;
+    let len = colls.len().max(1) as u64;
+    while sent < count {
+        let n = if rate > 0.0 {
+            let due = ((started.elapsed().as_secs_f64() * rate) as u64 + 1).min(count);
+            if due <= sent {
+                let next = started + Duration::from_secs_f64(sent as f64 / rate);
+                tokio::time::sleep_until(next).await;
+                continue;
+            }
+            (due - sent).min(batch)
+        } else {
+            (count - sent).min(batch)
+        };
+        let stamp = now_us();
+        for (i, coll) in colls.iter().enumerate() {
+            let docs: Vec<Document> = (sent..sent + n)
+                .filter(|k| k % len == i as u64)
+                .map(|k| shape.doc(k as i64, stamp, &pad))
+                .collect();
+            if !docs.is_empty() {
+                coll.insert_many(docs)
+                    .await
+                    .map_err(|e| format!("insert failed: {e}"))?;
+            }
+        }
+        sent += n;
+    }
+    Ok(sent)
+}
+
 async fn insert_docs(
     coll: &mongodb::Collection<Document>,
     first: i64,

@@ -64,6 +64,10 @@ pub fn sse_block(block: &[u8]) -> Option<Ev<'_>> {
         }
     }
     let data = data?;
+    // The connect-time `info` and `heartbeats=true` events are not changes nor failures.
+    if name == b"info" || name == b"heartbeat" {
+        return None;
+    }
     if name == b"change" {
         Some(change_from_data(data, id.filter(|v| !v.is_empty())))
     } else {
@@ -77,7 +81,12 @@ pub fn envelope(text: &[u8]) -> Option<Ev<'_>> {
     if text.is_empty() {
         return None;
     }
-    let name = quoted_after(text, b"{\"event\":\"").unwrap_or(b"");
+    // Not anchored at `{`: a multi-stream envelope starts with `"stream"` (the first match is
+    // still the envelope's, which comes before `data`).
+    let name = quoted_after(text, b"\"event\":\"").unwrap_or(b"");
+    if name == b"info" || name == b"heartbeat" {
+        return None;
+    }
     if name != b"change" {
         let data = memmem::find(text, b"\"data\":").map_or(text, |at| &text[at + 7..]);
         return Some(Ev::Control { name, data });

@@ -13,18 +13,20 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use super::feed::{Feed, Frame};
-use crate::event::Event;
+use crate::event::{Event, EventKind};
 
 /// How a text transport writes frames.
 pub struct Encoding {
-    /// Sent once, first (`retry:` for SSE).
-    pub preamble: Option<Bytes>,
+    /// Sent once, first (`retry:` for SSE, then the `info` event).
+    pub preamble: Vec<Bytes>,
     /// Sent on an idle period.
     pub keepalive: Bytes,
     /// Sent when the server shuts down, before closing.
     pub goodbye: Option<Bytes>,
     /// The pre-encoded bytes of an event for this transport.
     pub pick: fn(&Event) -> &Bytes,
+    /// `enveloped=false`: a change goes out as its bare document plus `\n` (NDJSON only).
+    pub bare: bool,
 }
 
 /// A streaming response with `content_type` and the no-buffering headers every proxy needs
@@ -46,7 +48,7 @@ pub fn streaming_response(feed: Feed, encoding: Encoding, content_type: &'static
 
 /// A response body that streams the feed until it ends.
 fn streaming_body(feed: Feed, encoding: Encoding) -> Body {
-    let pending: VecDeque<Bytes> = encoding.preamble.clone().into_iter().collect();
+    let pending: VecDeque<Bytes> = encoding.preamble.iter().cloned().collect();
     let stream = futures::stream::unfold(
         (feed, encoding, pending),
         |(mut feed, encoding, mut pending)| async move {
@@ -57,6 +59,14 @@ fn streaming_body(feed: Feed, encoding: Encoding) -> Body {
                 Frame::Events(batch) => {
                     let mut total = 0;
                     for event in &batch {
+                        if encoding.bare && event.kind == EventKind::Change {
+                            // A slice of the shared envelope, not a copy.
+                            let data = event.data();
+                            total += data.len() + 1;
+                            pending.push_back(data);
+                            pending.push_back(Bytes::from_static(b"\n"));
+                            continue;
+                        }
                         let bytes = (encoding.pick)(event);
                         total += bytes.len();
                         pending.push_back(bytes.clone());

@@ -33,11 +33,12 @@ pub const SUFFIX: &str = ".json";
 pub fn response(feed: Feed, retry_ms: u64) -> Response {
     let retry = Bytes::from(format!("retry: {retry_ms}\n\n"));
     let encoding = Encoding {
-        preamble: Some(retry.clone()),
+        preamble: vec![retry.clone()],
         // Firebase sends keep-alive as an event, so clients can watch for it.
         keepalive: Bytes::from_static(b"event: keep-alive\ndata: null\n\n"),
         goodbye: Some(retry),
         pick: |event| &event.sse,
+        bare: false,
     };
     streaming_response(feed.with_view(view_of), encoding, "text/event-stream")
 }

@@ -13,7 +13,8 @@ use tokio::time::{Interval, MissedTickBehavior, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::negotiate::Transport;
-use crate::event::{Event, EventKind};
+use super::options::Narrowing;
+use crate::event::{Event, EventKind, Token};
 use crate::limits::Permit;
 use crate::metrics::{Metrics, TransportLabel};
 use crate::snapshot::Prelude;
@@ -57,6 +58,8 @@ pub struct Feed {
     prelude: Option<Prelude>,
     /// Rewrites each event for a view (the document view); `None` from it drops the event.
     view: Option<ViewFn>,
+    /// `operationType=…`: changes of other types are passed over (control events never are).
+    narrowing: Option<Arc<Narrowing>>,
     done: bool,
 }
 
@@ -90,6 +93,7 @@ impl Feed {
             permit: None,
             prelude: None,
             view: None,
+            narrowing: None,
             done: false,
         }
     }
@@ -104,6 +108,25 @@ impl Feed {
     pub fn with_view(mut self, view: ViewFn) -> Feed {
         self.view = Some(view);
         self
+    }
+
+    /// Passes over changes `narrowing` does not keep (`operationType=…`).
+    pub fn with_narrowing(mut self, narrowing: Option<Arc<Narrowing>>) -> Feed {
+        self.narrowing = narrowing;
+        self
+    }
+
+    /// `rewind=N` on a fresh subscription: the last `n` events this client would have got.
+    pub fn rewind(&mut self, n: usize) {
+        let narrowing = self.narrowing.clone();
+        self.subscription.rewind(n, &|event| {
+            narrowing.as_ref().is_none_or(|k| k.keeps(event))
+        });
+    }
+
+    /// The position this feed has delivered through (for the `info` event).
+    pub fn position(&self) -> Option<&Token> {
+        self.subscription.position()
     }
 
     /// Holds `permit` (a connection-limit slot) until the feed is dropped.
@@ -163,6 +186,12 @@ impl Feed {
                     match self.subscription.try_next() {
                         Some(event) => batch.push(event),
                         None => break,
+                    }
+                }
+                if let Some(narrowing) = &self.narrowing {
+                    batch.retain(|event| narrowing.keeps(event));
+                    if batch.is_empty() {
+                        continue;
                     }
                 }
                 self.wrote = true;

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `GET /{db}/{coll}/_streams/{name}` (SSE, WebSocket, NDJSON) | [`subscribe`] |
 //! | `GET /{db}/{coll}/_streams/{name}.json`, `?format=firebase` (SSE) | [`docview`] |
+//! | `GET /_streams?streams=…` (many streams on one connection) | [`multi`] |
 //! | `GET /health/live`, `GET /health/ready`, `GET /metrics` | [`health`] |
 //! | `/_admin/streams…`, `GET /_admin/openapi.json` | [`crate::admin`] |
 
@@ -12,8 +13,10 @@ pub mod deadline;
 pub mod docview;
 pub mod feed;
 pub mod health;
+pub mod multi;
 pub mod ndjson;
 pub mod negotiate;
+pub mod options;
 pub mod server;
 pub mod sse;
 pub mod subscribe;
@@ -67,6 +70,7 @@ pub fn router(state: AppState) -> Router {
         .layer(TraceLayer::new_for_http());
     Router::new()
         .route("/{db}/{coll}/_streams/{name}", get(subscribe::subscribe))
+        .route("/_streams", get(multi::subscribe_many))
         .merge(traced)
         // Authenticates every route but the probes, and requires the admin role on
         // `/_admin…` whatever the method or sub-path (see `auth::guard`).

@@ -6,14 +6,19 @@ use bytes::Bytes;
 
 use super::body::{Encoding, streaming_response};
 use super::feed::Feed;
+use super::negotiate::Transport;
+use super::options::Options;
 
-/// The NDJSON response for a feed.
-pub fn response(feed: Feed) -> Response {
+/// The NDJSON response for a feed; `info` (an encoded `info` line) comes first.
+pub fn response(feed: Feed, options: &Options, info: Option<Bytes>) -> Response {
     let encoding = Encoding {
-        preamble: None,
-        keepalive: Bytes::from_static(b"\n"),
+        preamble: info.into_iter().collect(),
+        keepalive: options
+            .heartbeat(Transport::Ndjson)
+            .unwrap_or(Bytes::from_static(b"\n")),
         goodbye: None,
         pick: |event| &event.ndjson,
+        bare: !options.enveloped,
     };
     streaming_response(feed, encoding, "application/x-ndjson")
 }

@@ -160,7 +160,8 @@ async fn stream_request(tcp: &TcpStream, peer: SocketAddr) -> Option<(usize, Req
         return None;
     }
     let path = parsed.path?;
-    if !path.contains("/_streams/") {
+    // A single stream (`/db/coll/_streams/name`) or many (`/_streams?streams=…`).
+    if !path.contains("/_streams/") && path != "/_streams" && !path.starts_with("/_streams?") {
         return None;
     }
     let header_has = |name: &str, needle: &str| {

@@ -5,15 +5,22 @@ use bytes::Bytes;
 
 use super::body::{Encoding, streaming_response};
 use super::feed::Feed;
+use super::negotiate::Transport;
+use super::options::Options;
 
-/// The SSE response for a feed. `retry_ms` is the reconnect hint sent first and on shutdown.
-pub fn response(feed: Feed, retry_ms: u64) -> Response {
+/// The SSE response for a feed. `retry_ms` is the reconnect hint sent first and on shutdown;
+/// `info` (an encoded `info` event) follows it.
+pub fn response(feed: Feed, retry_ms: u64, options: &Options, info: Option<Bytes>) -> Response {
     let retry = Bytes::from(format!("retry: {retry_ms}\n\n"));
     let encoding = Encoding {
-        preamble: Some(retry.clone()),
-        keepalive: Bytes::from_static(b": keep-alive\n\n"),
+        preamble: std::iter::once(retry.clone()).chain(info).collect(),
+        keepalive: options
+            .heartbeat(Transport::Sse)
+            .unwrap_or(Bytes::from_static(b": keep-alive\n\n")),
         goodbye: Some(retry),
         pick: |event| &event.sse,
+        // `enveloped` is about NDJSON and WebSocket: an SSE `data:` is the change already.
+        bare: false,
     };
     streaming_response(feed, encoding, "text/event-stream")
 }

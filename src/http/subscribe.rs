@@ -14,10 +14,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::Deserialize;
+use serde_json::json;
 
 use super::AppState;
 use super::feed::Feed;
 use super::negotiate::{Transport, negotiate};
+use super::options::{Options, RawOptions, named_frame};
 use super::{docview, ndjson, sse, ws};
 use crate::auth::{Principal, cors};
 use crate::error::ApiError;
@@ -49,6 +51,9 @@ pub struct SubscribeParams {
     pub snapshot: Option<String>,
     /// `firebase`: the document view (PROTOCOL.md §7), like the `.json` suffix.
     pub format: Option<String>,
+    /// `rewind`, `heartbeats`, `enveloped`, `operationType`, `info` (PROTOCOL.md §8).
+    #[serde(flatten)]
+    pub options: RawOptions,
 }
 
 /// The subscribe handler.
@@ -82,7 +87,9 @@ pub async fn subscribe(
     }
     let Query(params) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let transport = negotiate(&headers)?;
+    let options = Options::parse(&params.options)?;
     let resume = resume_id(&headers, &params)?;
+    let resumed = resume.is_some();
     let mode = start_mode(&state, &key, &params, json_suffix, transport)?;
     // Check the upgrade before any worker starts for a request that cannot be served.
     let upgrade = match transport {
@@ -154,19 +161,36 @@ pub async fn subscribe(
         transport,
         principal.as_ref().and_then(Principal::deadline),
     )
-    .with_permit(permit);
+    .with_permit(permit)
+    .with_narrowing(options.narrowing.clone());
     if let Some(prelude) = prelude {
         feed = feed.with_prelude(prelude);
     }
     if mode == Some(Mode::View) {
         return Ok(docview::response(feed, state.config.sse_retry_ms));
     }
+    // `rewind` is for a fresh live subscription; a resume or a snapshot already starts exactly.
+    if !resumed && mode.is_none() {
+        feed.rewind(options.rewind);
+    }
+    let info = options.info.then(|| {
+        let data = json!({
+            "streams": [key.to_string()],
+            "position": feed.position().map(Token::as_str),
+        });
+        named_frame(transport, "info", None, &data.to_string())
+    });
     Ok(match transport {
-        Transport::Sse => sse::response(feed, state.config.sse_retry_ms),
-        Transport::Ndjson => ndjson::response(feed),
+        Transport::Sse => sse::response(feed, state.config.sse_retry_ms, &options, info),
+        Transport::Ndjson => ndjson::response(feed, &options, info),
         Transport::WebSocket => {
             let Some(upgrade) = upgrade else {
                 return Err(ApiError::bad_request("missing WebSocket upgrade"));
+            };
+            let extras = ws::Extras {
+                info,
+                heartbeat: options.heartbeat(Transport::WebSocket),
+                bare: !options.enveloped,
             };
             upgrade
                 .max_message_size(WS_MAX_INCOMING)
@@ -174,7 +198,7 @@ pub async fn subscribe(
                 .write_buffer_size(WS_BUFFER)
                 .on_upgrade(move |socket| async move {
                     let (sink, incoming) = socket.split();
-                    ws::serve(sink, incoming, feed).await;
+                    ws::serve(sink, incoming, feed, extras).await;
                 })
                 .into_response()
         }

@@ -15,20 +15,47 @@ const GOING_AWAY: u16 = 1001;
 /// Close code sent when a client's message exceeds the size we accept (RFC 6455 §7.4.1).
 const MESSAGE_TOO_BIG: u16 = 1009;
 
+/// What a client's options add to the framing (PROTOCOL.md §8).
+#[derive(Debug, Default, Clone)]
+pub struct Extras {
+    /// The `info` message, sent first.
+    pub info: Option<Bytes>,
+    /// `heartbeats=true`: this text message instead of a ping when idle.
+    pub heartbeat: Option<Bytes>,
+    /// `enveloped=false`: changes as their bare document.
+    pub bare: bool,
+}
+
+/// Text bytes we encoded ourselves as a text message.
+pub(crate) fn text(bytes: &Bytes) -> Message {
+    // Our encodings are built from `str`s, so this never falls back.
+    Message::Text(Utf8Bytes::from(
+        std::str::from_utf8(bytes).unwrap_or_default(),
+    ))
+}
+
 /// Runs one WebSocket client until its feed ends, it closes, or the server shuts down.
-pub async fn serve<W, R, E>(mut sink: W, mut incoming: R, mut feed: Feed)
+pub async fn serve<W, R, E>(mut sink: W, mut incoming: R, mut feed: Feed, extras: Extras)
 where
     W: Sink<Message> + Unpin,
     R: Stream<Item = Result<Message, E>> + Unpin,
     E: std::error::Error + 'static,
 {
+    if let Some(info) = &extras.info
+        && sink.send(text(info)).await.is_err()
+    {
+        return;
+    }
     loop {
         tokio::select! {
             frame = feed.next() => {
                 let outcome = match frame {
                     None => close(&mut sink, 1000, "stream ended").await,
-                    Some(Frame::Events(batch)) => write_batch(&mut sink, &mut feed, &batch).await,
-                    Some(Frame::KeepAlive) => sink.send(Message::Ping(Bytes::new())).await.map(|_| true),
+                    Some(Frame::Events(batch)) => write_batch(&mut sink, &mut feed, &batch, extras.bare).await,
+                    Some(Frame::KeepAlive) => match &extras.heartbeat {
+                        Some(heartbeat) => sink.send(text(heartbeat)).await.map(|_| true),
+                        None => sink.send(Message::Ping(Bytes::new())).await.map(|_| true),
+                    },
                     Some(Frame::Shutdown) => close(&mut sink, GOING_AWAY, "server shutting down").await,
                 };
                 match outcome {
@@ -54,7 +81,7 @@ where
 
 /// Whether a read error is a message over the configured maximum size (tungstenite's
 /// capacity error, possibly wrapped, as in `axum::Error`).
-fn too_big(error: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn too_big(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(error);
     while let Some(error) = cause {
         if matches!(
@@ -73,9 +100,16 @@ async fn write_batch<W: Sink<Message> + Unpin>(
     sink: &mut W,
     feed: &mut Feed,
     batch: &[std::sync::Arc<crate::event::Event>],
+    bare: bool,
 ) -> Result<bool, W::Error> {
     let mut bytes = 0;
     for event in batch {
+        if bare && event.kind == crate::event::EventKind::Change {
+            let data = event.data();
+            bytes += data.len();
+            sink.feed(text(&data)).await?;
+            continue;
+        }
         bytes += event.ws.len();
         sink.feed(Message::Text(event.ws.clone())).await?;
         if event.kind.is_terminal() {
@@ -146,7 +180,7 @@ mod tests {
         let feed = feed(&worker, &shutdown).await;
         let (sink, mut written) = mpsc::unbounded::<Message>();
         let (_client_tx, incoming) = mpsc::unbounded::<Result<Message, std::convert::Infallible>>();
-        let task = tokio::spawn(serve(sink, incoming, feed));
+        let task = tokio::spawn(serve(sink, incoming, feed, Extras::default()));
 
         worker.publish_change_for_test(change(1));
         worker.publish_change_for_test(change(2));
@@ -178,7 +212,12 @@ mod tests {
         let shutdown = CancellationToken::new();
         let (sink, mut written) = mpsc::unbounded::<Message>();
         let (_client_tx, incoming) = mpsc::unbounded::<Result<Message, std::convert::Infallible>>();
-        let task = tokio::spawn(serve(sink, incoming, feed(&worker, &shutdown).await));
+        let task = tokio::spawn(serve(
+            sink,
+            incoming,
+            feed(&worker, &shutdown).await,
+            Extras::default(),
+        ));
         shutdown.cancel();
         task.await.unwrap();
         match written.try_recv() {
@@ -192,6 +231,7 @@ mod tests {
             sink,
             incoming,
             feed(&worker, &CancellationToken::new()).await,
+            Extras::default(),
         ));
         client_tx.unbounded_send(Ok(Message::Close(None))).unwrap();
         tokio::time::timeout(Duration::from_secs(5), task)

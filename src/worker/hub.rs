@@ -180,6 +180,28 @@ impl Hub {
         }))
     }
 
+    /// The last `n` ring entries at or before `through` (all of them when `None`) that
+    /// `filter` and `keep` let through, oldest first: a new client's `rewind`.
+    pub fn last_entries(
+        &self,
+        n: usize,
+        through: Option<&Token>,
+        filter: Option<&ClientFilter>,
+        keep: &dyn Fn(&Event) -> bool,
+    ) -> Vec<Arc<Event>> {
+        let mut events: Vec<Arc<Event>> = self
+            .ring
+            .iter()
+            .rev()
+            .filter(|r| through.is_none_or(|t| &r.id <= t))
+            .filter(|r| filter.is_none_or(|f| f.matches(&r.values)) && keep(&r.event))
+            .take(n)
+            .map(|r| Arc::clone(&r.event))
+            .collect();
+        events.reverse();
+        events
+    }
+
     /// Appends a change, evicting the oldest entry when full. Does not fan out.
     pub fn push(&mut self, routed: Routed) {
         if self.ring.len() >= self.capacity

@@ -146,6 +146,29 @@ impl Subscription {
         &self.guard.worker
     }
 
+    /// The id this client has seen through (its resume id, its attach position, or the last
+    /// event handed out); `None` before the worker had any position.
+    pub fn position(&self) -> Option<&Token> {
+        self.cursor_pos.as_ref()
+    }
+
+    /// `rewind=N` for a client that did not resume: puts the last `n` events before its start
+    /// (that its filter and `keep` let through) in front of its feed. They are all at or before
+    /// its position, and everything after comes by position as usual, so nothing is doubled.
+    /// Only what the worker's ring still holds can be rewound.
+    pub fn rewind(&mut self, n: usize, keep: &dyn Fn(&Event) -> bool) {
+        if n == 0 {
+            return;
+        }
+        let events =
+            self.guard
+                .worker
+                .recent(n, self.cursor_pos.as_ref(), self.filter.as_deref(), keep);
+        for event in events.into_iter().rev() {
+            self.backlog.push_front(event);
+        }
+    }
+
     /// Next event, waiting if needed. `None` once the feed has ended (after a terminal event).
     /// Cancel-safe: the only awaits are on channel receivers.
     pub async fn next(&mut self) -> Option<Arc<Event>> {
@@ -427,6 +450,25 @@ mod tests {
             seen.push(event.id.clone().unwrap());
         }
         assert_eq!(seen, (61..=70).map(token).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn rewind_prepends_the_last_events_before_the_start_once() {
+        let worker = crate::worker::test_worker(100).await;
+        worker.open_for_test(token(0));
+        for n in 1..=10 {
+            worker.publish_change_for_test(change(n));
+        }
+        let guard = ClientGuard::new(Arc::clone(&worker), 0);
+        let mut subscription = Subscription::start(guard, None, None).await.unwrap();
+        assert_eq!(subscription.position(), Some(&token(10)));
+        subscription.rewind(3, &|_| true);
+        worker.publish_change_for_test(change(11));
+        let mut seen = Vec::new();
+        while let Some(event) = subscription.try_next() {
+            seen.push(event.id.clone().unwrap());
+        }
+        assert_eq!(seen, (8..=11).map(token).collect::<Vec<_>>());
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
 // Opens a real EventSource in headless Debian Chromium and reports what the page receives.
 //
 // Usage: node eventsource.mjs <origin> <stream path>
-// Prints one JSON line per event on stdout: {"type":"open"} | {"type":"change","id":…,"seq":…}
+// Prints one JSON line per event on stdout: {"type":"open"} | {"type":"change","id":…,"seq":…,
+// "stream":… (on /_streams)}
 // | {"type":"error-event","data":…}. Runs until killed (the Rust test owns its lifetime), or
 // 120 s at most so it can never outlive a broken test.
 import { chromium } from "playwright-core";
@@ -22,7 +23,10 @@ await page.evaluate((path) => {
   source.onopen = () => window.report({ type: "open" });
   source.addEventListener("change", (e) => {
     const data = JSON.parse(e.data);
-    window.report({ type: "change", id: e.lastEventId, seq: data.fullDocument.seq });
+    // `/_streams` (many streams): the data is the envelope naming the stream.
+    const change = data.stream ? data.data : data;
+    window.report({ type: "change", id: e.lastEventId, seq: change.fullDocument.seq,
+                    stream: data.stream });
   });
   source.addEventListener("error", (e) => {
     if (e.data) window.report({ type: "error-event", data: JSON.parse(e.data) });

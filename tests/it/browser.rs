@@ -94,3 +94,99 @@ async fn browser_eventsource_resumes_across_streamgate_restart() {
     let _ = node.kill().await;
     second.stop().await;
 }
+
+/// One EventSource over three streams (`/_streams`): every event names its stream, and when
+/// Streamgate restarts the browser's own reconnect (`Last-Event-ID` = the composite position)
+/// resumes all three exactly.
+#[tokio::test]
+#[ignore = "needs Chromium, node and tests/browser/node_modules: scripts/test installs them and runs it"]
+async fn browser_one_eventsource_three_streams() {
+    let mongo = mongod::shared();
+    let db = unique_db("browser_multi");
+    let mut config = server::config(mongo);
+    config.sse_retry_ms = 500;
+    let names = ["a", "b", "c"];
+    for name in names {
+        config
+            .streams
+            .push(server::stream(&db, name, name, json!([])));
+    }
+    let paths: Vec<String> = names
+        .iter()
+        .map(|n| format!("/{db}/{n}/_streams/{n}"))
+        .collect();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let first = TestServer::start_on(config.clone(), listener).await;
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/eventsource.mjs");
+    let mut node = tokio::process::Command::new("node")
+        .arg(script)
+        .arg(format!("http://{addr}"))
+        .arg(format!("/_streams?streams={}", paths.join(",")))
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node is installed");
+    let mut lines = BufReader::new(node.stdout.take().unwrap()).lines();
+    let mut next = async || -> Value {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("browser reported in time")
+            .unwrap()
+            .expect("browser still running");
+        serde_json::from_str(&line).unwrap()
+    };
+    assert_eq!(next().await["type"], "open");
+    let client = mongo.client().await;
+    let insert = async |range: std::ops::Range<i64>| {
+        for seq in range {
+            for name in names {
+                client
+                    .database(&db)
+                    .collection::<Document>(name)
+                    .insert_one(doc! { "seq": seq })
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    let mut got: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
+    let mut collect = async |got: &mut std::collections::BTreeMap<String, Vec<i64>>, n: usize| {
+        let mut reopened = false;
+        let mut seen = 0;
+        while seen < n {
+            let event = next().await;
+            match event["type"].as_str() {
+                Some("open") => reopened = true,
+                Some("change") => {
+                    let stream = event["stream"].as_str().expect("names its stream");
+                    got.entry(stream.to_owned())
+                        .or_default()
+                        .push(event["seq"].as_i64().unwrap());
+                    seen += 1;
+                }
+                _ => panic!("unexpected {event}"),
+            }
+        }
+        reopened
+    };
+    insert(0..3).await;
+    collect(&mut got, 9).await;
+
+    first.stop().await;
+    insert(3..6).await;
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let second = TestServer::start_on(config, listener).await;
+    assert!(
+        collect(&mut got, 9).await,
+        "the browser reconnected by itself"
+    );
+    insert(6..7).await;
+    collect(&mut got, 3).await;
+    for path in &paths {
+        assert_eq!(got[path], (0..7).collect::<Vec<_>>(), "{path}");
+    }
+    let _ = node.kill().await;
+    second.stop().await;
+}

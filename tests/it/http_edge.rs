@@ -197,6 +197,9 @@ async fn slow_steady_reader_is_not_cut() {
             let line: Vec<u8> = body.drain(..=end).collect();
             if line.len() > 1 {
                 let envelope = parse_envelope(std::str::from_utf8(&line).unwrap());
+                if envelope.event == "info" {
+                    continue;
+                }
                 seqs.push(envelope.data["fullDocument"]["seq"].as_i64().unwrap());
             }
         }
@@ -545,10 +548,13 @@ impl Raw {
     }
 }
 
-/// An SSE frame or NDJSON line as an envelope; `None` for keep-alives and `retry:`.
+/// An SSE frame or NDJSON line as an envelope; `None` for keep-alives, `retry:` and the
+/// connect-time `info` event.
 fn parse_frame(frame: &str, sse: bool) -> Option<Envelope> {
     if !sse {
-        return (!frame.trim().is_empty()).then(|| parse_envelope(frame));
+        return (!frame.trim().is_empty())
+            .then(|| parse_envelope(frame))
+            .filter(|e| e.event != "info");
     }
     let (mut event, mut id, mut data) = (None, None, String::new());
     for line in frame.lines() {
@@ -559,10 +565,12 @@ fn parse_frame(frame: &str, sse: bool) -> Option<Envelope> {
             _ => {}
         }
     }
+    let event = event.filter(|e| e != "info")?;
     Some(Envelope {
-        event: event?,
+        event,
         id,
         data: serde_json::from_str(&data).expect("data is JSON"),
+        stream: None,
     })
 }
 

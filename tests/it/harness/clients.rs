@@ -28,6 +28,9 @@ pub struct Envelope {
     pub id: Option<String>,
     /// The payload.
     pub data: Value,
+    /// The stream a multi-stream envelope names (NDJSON / WebSocket; SSE carries the whole
+    /// envelope in `data`).
+    pub stream: Option<String>,
 }
 
 /// What [`Client::next`] saw.
@@ -64,6 +67,8 @@ pub struct Client {
     pub last_id: Option<String>,
     /// Comment / empty-line keep-alives seen.
     pub keepalives: usize,
+    /// The `info` event sent on connect (PROTOCOL.md §8); [`Client::next`] does not return it.
+    pub info: Option<Envelope>,
 }
 
 /// A refused connection.
@@ -97,6 +102,7 @@ impl Client {
                         retry: None,
                         last_id: None,
                         keepalives: 0,
+                        info: None,
                     }),
                     Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err(Refused {
                         status: response.status().as_u16(),
@@ -148,6 +154,7 @@ impl Client {
                     retry: None,
                     last_id: None,
                     keepalives: 0,
+                    info: None,
                 })
             }
         }
@@ -167,6 +174,10 @@ impl Client {
                     if let Some(envelope) = self.parse_frame(frame, sse) {
                         if let Some(id) = &envelope.id {
                             self.last_id = Some(id.clone());
+                        }
+                        if envelope.event == "info" {
+                            self.info = Some(envelope);
+                            continue;
                         }
                         return Next::Event(envelope);
                     }
@@ -197,6 +208,10 @@ impl Client {
                         let envelope = parse_envelope(&text);
                         if let Some(id) = &envelope.id {
                             self.last_id = Some(id.clone());
+                        }
+                        if envelope.event == "info" {
+                            self.info = Some(envelope);
+                            continue;
                         }
                         return Next::Event(envelope);
                     }
@@ -240,6 +255,7 @@ impl Client {
             event,
             id,
             data: serde_json::from_str(&data).expect("SSE data is JSON on one line"),
+            stream: None,
         })
     }
 
@@ -265,6 +281,14 @@ impl Client {
         out
     }
 
+    /// Sends a WebSocket text message (panics for other transports).
+    pub async fn send_text(&mut self, text: &str) {
+        match &mut self.inner {
+            Inner::Ws(socket) => socket.send(Message::text(text)).await.expect("sent"),
+            Inner::Text { .. } => panic!("only a WebSocket client can send"),
+        }
+    }
+
     /// Sends a WebSocket close (no-op for other transports).
     pub async fn close(&mut self) {
         if let Inner::Ws(socket) = &mut self.inner {
@@ -273,12 +297,17 @@ impl Client {
     }
 }
 
-/// Parses a `{"event","id","data"}` envelope.
+/// Parses a `{"event","id","data"}` envelope (multi-stream: `{"stream",…}` too, kept in
+/// `data` as the whole envelope's `stream` field is read by `Envelope::stream`).
 pub fn parse_envelope(text: &str) -> Envelope {
     let value: Value = serde_json::from_str(text).expect("envelope is JSON");
     Envelope {
         event: value["event"].as_str().expect("event name").to_owned(),
         id: value.get("id").and_then(Value::as_str).map(str::to_owned),
+        stream: value
+            .get("stream")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
         data: value["data"].clone(),
     }
 }

@@ -1,0 +1,1121 @@
+//! `GET /_streams?streams=/db/c/_streams/a,/db/c2/_streams/b`: one connection, many streams
+//! (PROTOCOL.md §8), over SSE, NDJSON or WebSocket.
+//!
+//! Each stream is an ordinary [`Subscription`] of the one worker it shares with single-stream
+//! clients, checked exactly as a single subscribe is (permission, limits, `avars`), and a
+//! refusal names the stream. [`Streams`] merges them: each subscription is driven as a boxed
+//! stream with its own waker, so a wake-up polls only the streams that have news (no per-event
+//! allocation, no polling of idle streams).
+//!
+//! **Composite position.** The connection's id is one position over all its streams, so one
+//! `Last-Event-ID` resumes every stream exactly (each from its own resume token, with the
+//! usual exactly-once machinery). It is base64url (no padding) of a versioned byte string:
+//! a 3-byte header `[1, 0, 0]`, then per stream `[tag: u32 BE][len: u16 BE][token bytes]`
+//! zero-padded to a multiple of 3 bytes, where `tag` is the FNV-1a hash of the stream path
+//! (so WebSocket subscribes in any order still find their entry) and the token is the `_data`
+//! hex decoded. Because every segment is a whole number of base64 groups, each stream's
+//! encoded segment is cached and re-encoded only when that stream moves: building an event's
+//! id is a concatenation. A malformed id is a 400.
+//!
+//! **Per-connection encoding.** A multi-stream envelope must name its stream and carry the
+//! composite id, so it cannot be the worker's shared encoding. It is spliced, not
+//! re-serialised: a small prefix (`{"stream":…,"event":…,"id":…,"data":`) plus the shared
+//! `data` bytes sliced out of the worker's envelope, plus a constant suffix; SSE and NDJSON
+//! write the three as one `writev` without copying the change.
+//!
+//! **Stream ends.** A terminal event of one stream (`cancel`, `invalidate`, an `error` such
+//! as `history_lost`) is delivered with its stream's name and removes that stream (and its
+//! entry in the composite id, so a resume starts it from now); the connection goes on while
+//! other streams remain (a WebSocket stays open even with none).
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
+
+use axum::Extension;
+use axum::body::Body;
+use axum::extract::rejection::{ExtensionRejection, QueryRejection};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use futures::task::AtomicWaker;
+use futures::{Sink, SinkExt, Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::time::{Interval, MissedTickBehavior, Sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use super::AppState;
+use super::negotiate::{Transport, negotiate};
+use super::options::{Options, RawOptions, named_frame};
+use crate::auth::{Principal, cors};
+use crate::error::ApiError;
+use crate::event::{Event, EventKind, Token};
+use crate::limits::Permit;
+use crate::metrics::{Metrics, TransportLabel};
+use crate::streams::StreamKey;
+use crate::worker::{Subscription, Worker};
+
+/// Version byte of the composite position.
+const POSITION_VERSION: u8 = 1;
+/// Largest composite id we decode (100 streams of long tokens fit comfortably).
+const MAX_POSITION_LEN: usize = 256 * 1024;
+/// Largest WebSocket message we read from a client: a `subscribe` with a composite id.
+const WS_MAX_INCOMING: usize = 64 * 1024;
+/// WebSocket buffer sizes (see `subscribe.rs` for why they are small).
+const WS_BUFFER: usize = 4096;
+/// Most events written in one batch.
+const MAX_BATCH_EVENTS: usize = 256;
+/// Close code sent when the server shuts down ("going away").
+const GOING_AWAY: u16 = 1001;
+/// Close code for a client message over [`WS_MAX_INCOMING`].
+const MESSAGE_TOO_BIG: u16 = 1009;
+
+/// Query parameters of `GET /_streams`.
+#[derive(Debug, Default, Deserialize)]
+pub struct MultiParams {
+    /// Comma-separated stream paths (`/db/coll/_streams/name`).
+    pub streams: Option<String>,
+    /// URL-encoded JSON object of variable values, for every stream.
+    pub avars: Option<String>,
+    /// Composite resume position for clients that cannot send `Last-Event-ID`.
+    #[serde(rename = "lastEventId")]
+    pub last_event_id: Option<String>,
+    /// Auth token for clients that cannot send headers.
+    pub access_token: Option<String>,
+    /// `rewind`, `heartbeats`, `enveloped`, `operationType`, `info`.
+    #[serde(flatten)]
+    pub options: RawOptions,
+}
+
+/// Everything needed to open one more stream on a connection (also after a WebSocket
+/// `subscribe`).
+struct Opener {
+    state: AppState,
+    principal: Option<Principal>,
+    ip: Option<IpAddr>,
+    avars: Option<String>,
+    options: Options,
+    transport: Transport,
+}
+
+/// The `GET /_streams` handler.
+pub async fn subscribe_many(
+    State(state): State<AppState>,
+    query: Result<Query<MultiParams>, QueryRejection>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    principal: Option<Extension<Principal>>,
+    peer: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let principal = principal.map(|Extension(p)| p);
+    let Query(params) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let transport = negotiate(&headers)?;
+    let options = Options::parse(&params.options)?;
+    let max = state.config.limits.max_streams_per_connection;
+    let names = stream_list(params.streams.as_deref(), max)?;
+    if names.is_empty() && transport != Transport::WebSocket {
+        return Err(ApiError::bad_request(
+            "streams: give at least one stream path, e.g. ?streams=/db/coll/_streams/name",
+        ));
+    }
+    let resume = resume_position(&headers, params.last_event_id.as_deref())?;
+    let upgrade = match transport {
+        Transport::WebSocket => {
+            let cookie = state
+                .auth
+                .credential_is_cookie(&headers, params.access_token.as_deref());
+            if !cors::websocket_origin_allowed(&state.config.cors, &headers, cookie) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "Forbidden",
+                    "WebSocket connections from this origin are not allowed",
+                ));
+            }
+            Some(upgrade.map_err(|e| {
+                ApiError::bad_request(format!("bad WebSocket upgrade: {}", e.body_text()))
+            })?)
+        }
+        _ => None,
+    };
+    let opener = Opener {
+        principal,
+        ip: peer.ok().map(|ConnectInfo(addr)| addr.ip()),
+        avars: params.avars,
+        options,
+        transport,
+        state,
+    };
+    // Every stream is checked (and opened) before the response starts: a refusal of any one
+    // is the whole request's status, naming that stream.
+    let mut streams = Streams::default();
+    for key in &names {
+        // Resuming: every stream from its entry (a stream the id does not hold from now).
+        let start = resume.as_ref().and_then(|p| p.get(tag(&key.to_string())));
+        streams.push(opener.open(key, start, resume.is_none()).await?);
+    }
+    let feed = MultiFeed::new(streams, &opener);
+    let info = opener.options.info.then(|| feed.info());
+    Ok(match transport {
+        Transport::Sse | Transport::Ndjson => text_response(feed, info, &opener),
+        Transport::WebSocket => {
+            let Some(upgrade) = upgrade else {
+                return Err(ApiError::bad_request("missing WebSocket upgrade"));
+            };
+            upgrade
+                .max_message_size(WS_MAX_INCOMING)
+                .read_buffer_size(WS_BUFFER)
+                .write_buffer_size(WS_BUFFER)
+                .on_upgrade(move |socket| async move {
+                    let (sink, incoming) = socket.split();
+                    serve_ws(sink, incoming, feed, info, opener).await;
+                })
+                .into_response()
+        }
+    })
+}
+
+/// Parses `streams=`: comma-separated `/db/coll/_streams/name` paths, no duplicates, at most
+/// `max`.
+fn stream_list(list: Option<&str>, max: usize) -> Result<Vec<StreamKey>, ApiError> {
+    let mut keys: Vec<StreamKey> = Vec::new();
+    for item in list.unwrap_or("").split(',').map(str::trim) {
+        if item.is_empty() {
+            continue;
+        }
+        let key = stream_key(item)?;
+        if keys.contains(&key) {
+            return Err(ApiError::bad_request(format!(
+                "streams: {key} is listed twice"
+            )));
+        }
+        keys.push(key);
+        if keys.len() > max {
+            return Err(ApiError::bad_request(format!(
+                "streams: at most {max} streams per connection (max_streams_per_connection)"
+            )));
+        }
+    }
+    Ok(keys)
+}
+
+/// `/db/coll/_streams/name` (leading slash optional) → the stream's key; 400 when it is not
+/// shaped like one, 404 naming it when the names are not valid.
+fn stream_key(path: &str) -> Result<StreamKey, ApiError> {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let [db, coll, "_streams", name] = parts.as_slice() else {
+        return Err(ApiError::bad_request(format!(
+            "streams: {path:?} is not a stream path (/db/coll/_streams/name)"
+        )));
+    };
+    StreamKey::new(db, coll, name)
+        .map_err(|_| ApiError::not_found(format!("no stream is defined at {path}")))
+}
+
+/// Prefixes an error's detail with the stream it is about, and names it in the body.
+fn naming(key: &StreamKey, mut error: ApiError) -> ApiError {
+    let stream = key.to_string();
+    if !error.detail.contains(&stream) {
+        error.detail = format!("{stream}: {}", error.detail);
+    }
+    error.with_extra(json!({ "stream": stream }))
+}
+
+impl Opener {
+    /// Checks and opens one stream: permission (403 naming it), existence, limits, then the
+    /// worker's subscription from `start` (`None`: from now, then `rewind` if `rewind`).
+    async fn open(
+        &self,
+        key: &StreamKey,
+        start: Option<Token>,
+        rewind: bool,
+    ) -> Result<Slot, ApiError> {
+        let state = &self.state;
+        // Before the existence check, so a refused client cannot probe which streams exist.
+        state
+            .auth
+            .authorize_stream(self.principal.as_ref(), key)
+            .map_err(|e| naming(key, e))?;
+        if state.registry.get(key).is_none() {
+            return Err(naming(
+                key,
+                ApiError::not_found("no stream is defined here"),
+            ));
+        }
+        let permit = state
+            .limits
+            .try_acquire(
+                key,
+                self.principal.as_ref().map(|p| p.subject.as_str()),
+                self.ip,
+            )
+            .map_err(|exceeded| naming(key, state.limits.refusal(exceeded)))?;
+        let claims = self.principal.as_ref().map(|p| &p.claims);
+        let rewind = rewind && start.is_none();
+        let mut subscription = state
+            .registry
+            .subscribe(
+                key,
+                self.avars.as_deref(),
+                start,
+                self.transport as usize,
+                claims,
+            )
+            .await
+            .map_err(|e| naming(key, e.into()))?;
+        if rewind {
+            let narrowing = self.options.narrowing.clone();
+            subscription.rewind(self.options.rewind, &|event| {
+                narrowing.as_ref().is_none_or(|n| n.keeps(event))
+            });
+        }
+        Ok(Slot::new(key.to_string(), subscription, permit))
+    }
+}
+
+/// FNV-1a of a stream path: the stream's tag in the composite position.
+fn tag(path: &str) -> u32 {
+    path.bytes().fold(0x811c_9dc5, |hash: u32, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// A decoded composite position: stream tag → token.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Position(Vec<(u32, Token)>);
+
+impl Position {
+    /// This stream's token, if the position has one.
+    fn get(&self, tag: u32) -> Option<Token> {
+        self.0
+            .iter()
+            .find(|(t, _)| *t == tag)
+            .map(|(_, t)| t.clone())
+    }
+
+    /// Decodes a composite id; `None` when it is not one.
+    pub fn decode(text: &str) -> Option<Position> {
+        if text.len() > MAX_POSITION_LEN {
+            return None;
+        }
+        let bytes = URL_SAFE_NO_PAD.decode(text.trim()).ok()?;
+        let (header, mut rest) = bytes.split_at_checked(3)?;
+        if header != [POSITION_VERSION, 0, 0] {
+            return None;
+        }
+        let mut entries = Vec::new();
+        while !rest.is_empty() {
+            let tag = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+            let len = usize::from(u16::from_be_bytes(rest.get(4..6)?.try_into().ok()?));
+            let token = rest.get(6..6 + len)?;
+            let token = Token::parse(&hex::encode_upper(token)).ok()?;
+            entries.push((tag, token));
+            let segment = (6 + len).div_ceil(3) * 3;
+            rest = rest.get(segment..)?;
+        }
+        Some(Position(entries))
+    }
+}
+
+/// This stream's segment of the composite position, base64url-encoded (empty without a
+/// position). A whole number of base64 groups, so segments concatenate.
+fn segment(tag: u32, position: Option<&Token>) -> String {
+    let Some(token) = position else {
+        return String::new();
+    };
+    let Ok(raw) = hex::decode(token.as_str()) else {
+        return String::new();
+    };
+    let len = u16::try_from(raw.len()).unwrap_or(u16::MAX);
+    let mut bytes = Vec::with_capacity(raw.len() + 8);
+    bytes.extend_from_slice(&tag.to_be_bytes());
+    bytes.extend_from_slice(&len.to_be_bytes());
+    bytes.extend_from_slice(&raw[..usize::from(len)]);
+    bytes.resize(bytes.len().div_ceil(3) * 3, 0);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// `Last-Event-ID` wins over `?lastEventId=`; empty means "from now"; anything else must be a
+/// composite position.
+fn resume_position(headers: &HeaderMap, param: Option<&str>) -> Result<Option<Position>, ApiError> {
+    let header = match headers.get("last-event-id") {
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| ApiError::bad_request("Last-Event-ID is not valid text"))?,
+        ),
+        None => None,
+    };
+    match header.or(param).map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(raw) => Position::decode(raw).map(Some).ok_or_else(|| {
+            ApiError::bad_request(
+                "Last-Event-ID is not a /_streams position (the id of an event of this \
+                 connection, as sent)",
+            )
+        }),
+    }
+}
+
+/// Marks its stream as having news and wakes the connection's task.
+struct SlotWaker {
+    ready: AtomicBool,
+    parent: Arc<AtomicWaker>,
+}
+
+impl Wake for SlotWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ready.store(true, Ordering::Release);
+        self.parent.wake();
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Arc<Event>> + Send>>;
+
+/// One stream of a connection.
+struct Slot {
+    /// `/db/coll/_streams/name`.
+    name: Arc<str>,
+    tag: u32,
+    /// `{"stream":"<name>","event":"`, encoded once.
+    head: Bytes,
+    /// What this client has seen through on this stream.
+    position: Option<Token>,
+    /// `position` as a composite-id segment (see [`segment`]).
+    segment: String,
+    /// For delivery stats.
+    worker: Arc<Worker>,
+    /// The subscription, driven as a stream (boxed once, so no allocation per event).
+    events: EventStream,
+    flag: Arc<SlotWaker>,
+    /// `flag` as a waker, created once.
+    waker: Waker,
+    /// Events delivered in the current batch (flushed to the worker's stats per batch).
+    delivered: u64,
+    delivered_bytes: u64,
+    /// This stream's connection-limit slot.
+    _permit: Permit,
+}
+
+impl Slot {
+    fn new(name: String, subscription: Subscription, permit: Permit) -> Slot {
+        let tag = tag(&name);
+        let position = subscription.position().cloned();
+        let worker = Arc::clone(subscription.worker());
+        let head = format!(
+            "{{\"stream\":{},\"event\":\"",
+            serde_json::Value::String(name.clone())
+        );
+        let events: EventStream = Box::pin(futures::stream::unfold(
+            subscription,
+            |mut subscription| async move {
+                let event = subscription.next().await?;
+                Some((event, subscription))
+            },
+        ));
+        // A placeholder parent until the slot joins a `Streams` (see `Streams::push`).
+        let flag = Arc::new(SlotWaker {
+            ready: AtomicBool::new(true),
+            parent: Arc::new(AtomicWaker::new()),
+        });
+        Slot {
+            segment: segment(tag, position.as_ref()),
+            name: Arc::from(name),
+            tag,
+            head: Bytes::from(head),
+            position,
+            worker,
+            events,
+            waker: Waker::from(Arc::clone(&flag)),
+            flag,
+            delivered: 0,
+            delivered_bytes: 0,
+            _permit: permit,
+        }
+    }
+
+    fn advance(&mut self, id: &Token) {
+        self.position = Some(id.clone());
+        self.segment = segment(self.tag, self.position.as_ref());
+    }
+
+    fn flush_stats(&mut self) {
+        if self.delivered > 0 {
+            let stats = &self.worker.stats;
+            stats.delivered.fetch_add(self.delivered, Ordering::Relaxed);
+            stats
+                .delivered_bytes
+                .fetch_add(self.delivered_bytes, Ordering::Relaxed);
+            self.delivered = 0;
+            self.delivered_bytes = 0;
+        }
+    }
+}
+
+/// A connection's streams, merged: fair (round robin), per-stream order kept.
+#[derive(Default)]
+struct Streams {
+    slots: Vec<Slot>,
+    /// The connection task's waker, woken by any slot with news.
+    parent: Arc<AtomicWaker>,
+    /// Where the next scan starts (round robin).
+    next: usize,
+}
+
+impl Streams {
+    fn push(&mut self, mut slot: Slot) {
+        slot.flag = Arc::new(SlotWaker {
+            ready: AtomicBool::new(true),
+            parent: Arc::clone(&self.parent),
+        });
+        slot.waker = Waker::from(Arc::clone(&slot.flag));
+        self.slots.push(slot);
+    }
+
+    fn find(&self, name: &str) -> Option<usize> {
+        self.slots.iter().position(|s| &*s.name == name)
+    }
+
+    /// The next event of any stream with news: `(slot, Some(event))`, or `(slot, None)` when
+    /// that stream ended. `register`: whether to be woken (false for a non-waiting look).
+    fn poll_event(&mut self, cx: Option<&mut Context<'_>>) -> Poll<(usize, Option<Arc<Event>>)> {
+        if let Some(cx) = cx {
+            // Registered before the scan, so a wake during it is not lost.
+            self.parent.register(cx.waker());
+        }
+        let count = self.slots.len();
+        for offset in 0..count {
+            let index = (self.next + offset) % count;
+            let slot = &mut self.slots[index];
+            if !slot.flag.ready.swap(false, Ordering::AcqRel) {
+                continue;
+            }
+            let mut context = Context::from_waker(&slot.waker);
+            match slot.events.as_mut().poll_next(&mut context) {
+                Poll::Ready(event) => {
+                    // More may be ready: look again next time.
+                    slot.flag.ready.store(true, Ordering::Release);
+                    self.next = (index + 1) % count;
+                    return Poll::Ready((index, event));
+                }
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    }
+
+    /// The composite position of every stream.
+    fn position(&self) -> String {
+        let mut out =
+            String::with_capacity(4 + self.slots.iter().map(|s| s.segment.len()).sum::<usize>());
+        out.push_str(&URL_SAFE_NO_PAD.encode([POSITION_VERSION, 0, 0]));
+        for slot in &self.slots {
+            out.push_str(&slot.segment);
+        }
+        out
+    }
+}
+
+/// What to write next.
+enum MultiFrame {
+    /// Encoded events: `chunks` in order; for WebSocket, event `i` is the chunks up to
+    /// `ends[i]`. `close`: the connection ends after them (with this WebSocket close code).
+    Events {
+        chunks: Vec<Bytes>,
+        ends: Vec<usize>,
+        close: Option<u16>,
+    },
+    /// Nothing happened for a keep-alive period.
+    KeepAlive,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// A multi-stream connection's feed: merged streams, keep-alive, shutdown, token expiry.
+struct MultiFeed {
+    streams: Streams,
+    transport: Transport,
+    enveloped: bool,
+    narrowing: Option<Arc<super::options::Narrowing>>,
+    keepalive: Interval,
+    wrote: bool,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    expiry: Option<Pin<Box<Sleep>>>,
+    metrics: Arc<Metrics>,
+    /// HTTP transports end when their last stream does; a WebSocket may subscribe again.
+    end_when_empty: bool,
+    done: bool,
+}
+
+impl MultiFeed {
+    fn new(streams: Streams, opener: &Opener) -> MultiFeed {
+        let period: Duration = opener.state.config.keepalive();
+        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let metrics = Arc::clone(&opener.state.metrics);
+        metrics
+            .clients
+            .get_or_create(&TransportLabel {
+                transport: opener.transport.as_str(),
+            })
+            .inc();
+        MultiFeed {
+            streams,
+            transport: opener.transport,
+            enveloped: opener.options.enveloped,
+            narrowing: opener.options.narrowing.clone(),
+            keepalive,
+            wrote: false,
+            shutdown: Box::pin(opener.state.shutdown.clone().cancelled_owned()),
+            expiry: opener
+                .principal
+                .as_ref()
+                .and_then(Principal::deadline)
+                .map(|at| Box::pin(tokio::time::sleep_until(at))),
+            metrics,
+            end_when_empty: opener.transport != Transport::WebSocket,
+            done: false,
+        }
+    }
+
+    /// The `info` event: the streams and the composite position at connect.
+    fn info(&self) -> Bytes {
+        let position = self.streams.position();
+        let names: Vec<&str> = self.streams.slots.iter().map(|s| &*s.name).collect();
+        let data = json!({ "streams": names, "position": position });
+        named_frame(self.transport, "info", Some(&position), &data.to_string())
+    }
+
+    async fn next(&mut self) -> Option<MultiFrame> {
+        loop {
+            if self.done || (self.end_when_empty && self.streams.slots.is_empty()) {
+                return None;
+            }
+            tokio::select! {
+                biased;
+                _ = self.shutdown.as_mut() => {
+                    self.done = true;
+                    return Some(MultiFrame::Shutdown);
+                }
+                _ = expired(&mut self.expiry) => {
+                    self.done = true;
+                    let revoked = Event::control(EventKind::AuthRevoked, "the access token expired", false);
+                    let bytes = named_frame(self.transport, revoked.kind.name(), None, &String::from_utf8_lossy(&revoked.data()));
+                    return Some(MultiFrame::Events {
+                        chunks: vec![bytes],
+                        ends: vec![1],
+                        close: Some(revoked.kind.ws_close_code()),
+                    });
+                }
+                (index, event) = std::future::poll_fn(|cx| self.streams.poll_event(Some(cx))) => {
+                    let mut frame = Batch::default();
+                    self.take(index, event, &mut frame);
+                    while frame.events < MAX_BATCH_EVENTS {
+                        match self.streams.poll_event(None) {
+                            Poll::Ready((index, event)) => self.take(index, event, &mut frame),
+                            Poll::Pending => break,
+                        }
+                    }
+                    if frame.events == 0 {
+                        continue;
+                    }
+                    self.wrote = true;
+                    let mut total = 0;
+                    for slot in &mut self.streams.slots {
+                        total += slot.delivered;
+                        slot.flush_stats();
+                    }
+                    total += frame.orphaned;
+                    self.metrics.deliveries.inc_by(total);
+                    return Some(MultiFrame::Events { chunks: frame.chunks, ends: frame.ends, close: None });
+                }
+                _ = self.keepalive.tick() => {
+                    if std::mem::take(&mut self.wrote) {
+                        continue;
+                    }
+                    return Some(MultiFrame::KeepAlive);
+                }
+            }
+        }
+    }
+
+    /// Adds one event of slot `index` to the batch (or removes the slot when it ended).
+    fn take(&mut self, index: usize, event: Option<Arc<Event>>, batch: &mut Batch) {
+        let Some(event) = event else {
+            self.streams.slots.remove(index);
+            return;
+        };
+        if self.narrowing.as_ref().is_some_and(|n| !n.keeps(&event)) {
+            // Not for this client, but seen: the position moves past it.
+            if let Some(id) = &event.id {
+                self.streams.slots[index].advance(id);
+            }
+            return;
+        }
+        let terminal = event.kind.is_terminal();
+        let (name_head, removed) = if terminal {
+            // The stream ends here: out of the merge and out of the composite position.
+            let slot = self.streams.slots.remove(index);
+            (slot.head.clone(), Some(slot))
+        } else {
+            if let Some(id) = &event.id {
+                self.streams.slots[index].advance(id);
+            }
+            (self.streams.slots[index].head.clone(), None)
+        };
+        let position = self.streams.position();
+        let before = batch.chunks.len();
+        self.encode(&event, &name_head, &position, &mut batch.chunks);
+        let bytes: usize = batch.chunks[before..].iter().map(Bytes::len).sum();
+        batch.ends.push(batch.chunks.len());
+        batch.events += 1;
+        match removed {
+            Some(mut slot) => {
+                slot.delivered += 1;
+                slot.delivered_bytes += bytes as u64;
+                slot.flush_stats();
+                batch.orphaned += 1;
+            }
+            None => {
+                let slot = &mut self.streams.slots[index];
+                slot.delivered += 1;
+                slot.delivered_bytes += bytes as u64;
+            }
+        }
+    }
+
+    /// Splices one event: prefix (stream, event name, composite id) + the shared `data` bytes
+    /// + suffix.
+    fn encode(&self, event: &Event, head: &Bytes, position: &str, out: &mut Vec<Bytes>) {
+        let name = event.kind.name();
+        let data = event.data();
+        let bare = !self.enveloped && event.kind == EventKind::Change;
+        let mut prefix = String::with_capacity(head.len() + 2 * position.len() + 64);
+        if self.transport == Transport::Sse {
+            prefix.push_str("id: ");
+            prefix.push_str(position);
+            prefix.push_str("\nevent: ");
+            prefix.push_str(name);
+            prefix.push_str("\ndata: ");
+        }
+        // `enveloped=false`: the change alone (SSE keeps its id line, which is the position).
+        if bare {
+            if !prefix.is_empty() {
+                out.push(Bytes::from(prefix));
+            }
+            out.push(data);
+            out.push(self.suffix(false));
+            return;
+        }
+        prefix.push_str(std::str::from_utf8(head).unwrap_or_default());
+        prefix.push_str(name);
+        prefix.push_str("\",\"id\":\"");
+        prefix.push_str(position);
+        prefix.push_str("\",\"data\":");
+        out.push(Bytes::from(prefix));
+        out.push(data);
+        out.push(self.suffix(true));
+    }
+
+    fn suffix(&self, envelope: bool) -> Bytes {
+        Bytes::from_static(match (self.transport, envelope) {
+            (Transport::Sse, true) => b"}\n\n",
+            (Transport::Sse, false) => b"\n\n",
+            (Transport::Ndjson, true) => b"}\n",
+            (Transport::Ndjson, false) => b"\n",
+            (Transport::WebSocket, true) => b"}",
+            (Transport::WebSocket, false) => b"",
+        })
+    }
+}
+
+impl Drop for MultiFeed {
+    fn drop(&mut self) {
+        self.metrics
+            .clients
+            .get_or_create(&TransportLabel {
+                transport: self.transport.as_str(),
+            })
+            .dec();
+    }
+}
+
+/// A batch being built.
+#[derive(Default)]
+struct Batch {
+    chunks: Vec<Bytes>,
+    ends: Vec<usize>,
+    events: usize,
+    /// Deliveries of streams that ended inside the batch (their stats are already flushed).
+    orphaned: u64,
+}
+
+async fn expired(expiry: &mut Option<Pin<Box<Sleep>>>) {
+    match expiry {
+        Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// SSE or NDJSON: a streaming body (written straight to the socket by `server.rs`).
+fn text_response(feed: MultiFeed, info: Option<Bytes>, opener: &Opener) -> Response {
+    let sse = opener.transport == Transport::Sse;
+    let retry = Bytes::from(format!("retry: {}\n\n", opener.state.config.sse_retry_ms));
+    let mut pending: std::collections::VecDeque<Bytes> = std::collections::VecDeque::new();
+    if sse {
+        pending.push_back(retry.clone());
+    }
+    pending.extend(info);
+    let keepalive = opener
+        .options
+        .heartbeat(opener.transport)
+        .unwrap_or_else(|| Bytes::from_static(if sse { b": keep-alive\n\n" } else { b"\n" }));
+    let goodbye = sse.then_some(retry);
+    let stream = futures::stream::unfold(
+        (feed, pending, false),
+        move |(mut feed, mut pending, mut ending)| {
+            let keepalive = keepalive.clone();
+            let goodbye = goodbye.clone();
+            async move {
+                loop {
+                    if let Some(bytes) = pending.pop_front() {
+                        return Some((
+                            Ok::<Bytes, std::convert::Infallible>(bytes),
+                            (feed, pending, ending),
+                        ));
+                    }
+                    if ending {
+                        return None;
+                    }
+                    match feed.next().await? {
+                        MultiFrame::Events { chunks, close, .. } => {
+                            pending.extend(chunks);
+                            ending = close.is_some();
+                        }
+                        MultiFrame::KeepAlive => pending.push_back(keepalive.clone()),
+                        MultiFrame::Shutdown => {
+                            pending.extend(goodbye.clone());
+                            ending = true;
+                        }
+                    }
+                }
+            }
+        },
+    );
+    let content_type = if sse {
+        "text/event-stream"
+    } else {
+        "application/x-ndjson"
+    };
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            (
+                header::HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// WebSocket: frames out, `subscribe` / `unsubscribe` in.
+async fn serve_ws<W, R, E>(
+    mut sink: W,
+    mut incoming: R,
+    mut feed: MultiFeed,
+    info: Option<Bytes>,
+    opener: Opener,
+) where
+    W: Sink<Message> + Unpin,
+    R: Stream<Item = Result<Message, E>> + Unpin,
+    E: std::error::Error + 'static,
+{
+    if let Some(info) = &info
+        && sink.send(super::ws::text(info)).await.is_err()
+    {
+        return;
+    }
+    let heartbeat = opener.options.heartbeat(Transport::WebSocket);
+    loop {
+        tokio::select! {
+            frame = feed.next() => {
+                let outcome = match frame {
+                    None => close(&mut sink, 1000, "stream ended").await,
+                    Some(MultiFrame::Events { chunks, ends, close: code }) => {
+                        write_messages(&mut sink, &chunks, &ends, code).await
+                    }
+                    Some(MultiFrame::KeepAlive) => match &heartbeat {
+                        Some(heartbeat) => sink.send(super::ws::text(heartbeat)).await.map(|_| true),
+                        None => sink.send(Message::Ping(Bytes::new())).await.map(|_| true),
+                    },
+                    Some(MultiFrame::Shutdown) => close(&mut sink, GOING_AWAY, "server shutting down").await,
+                };
+                match outcome {
+                    Ok(true) => {}
+                    _ => return,
+                }
+            }
+            message = incoming.next() => {
+                let reply = match message {
+                    Some(Ok(Message::Text(text))) => opener.handle(&mut feed, text.as_str()).await,
+                    Some(Ok(Message::Binary(_))) => op_error(None, None, "bad_request", "send operations as JSON text messages"),
+                    Some(Ok(Message::Close(_))) | None => return,
+                    Some(Err(error)) => {
+                        if super::ws::too_big(&error) {
+                            let _ = close(&mut sink, MESSAGE_TOO_BIG, "message too big").await;
+                        }
+                        return;
+                    }
+                    // Pings are answered by the protocol layer.
+                    Some(Ok(_)) => continue,
+                };
+                if sink.send(Message::Text(Utf8Bytes::from(reply))).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Writes each event as one text message; closes after a terminal frame.
+async fn write_messages<W: Sink<Message> + Unpin>(
+    sink: &mut W,
+    chunks: &[Bytes],
+    ends: &[usize],
+    code: Option<u16>,
+) -> Result<bool, W::Error> {
+    let mut start = 0;
+    for &end in ends {
+        let mut text = Vec::with_capacity(chunks[start..end].iter().map(Bytes::len).sum());
+        for chunk in &chunks[start..end] {
+            text.extend_from_slice(chunk);
+        }
+        start = end;
+        sink.feed(super::ws::text(&Bytes::from(text))).await?;
+    }
+    sink.flush().await?;
+    match code {
+        Some(code) => close(sink, code, "stream ended").await,
+        None => Ok(true),
+    }
+}
+
+async fn close<W: Sink<Message> + Unpin>(
+    sink: &mut W,
+    code: u16,
+    reason: &'static str,
+) -> Result<bool, W::Error> {
+    sink.send(Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    })))
+    .await?;
+    Ok(false)
+}
+
+/// `{"event":"error","data":{code,message,op,stream}}`: the answer to an operation we refused.
+fn op_error(op: Option<&str>, stream: Option<&str>, code: &str, message: &str) -> String {
+    json!({
+        "event": "error",
+        "data": { "code": code, "message": message, "op": op, "stream": stream },
+    })
+    .to_string()
+}
+
+/// A client operation on a live WebSocket (PROTOCOL.md §8).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Operation {
+    op: String,
+    stream: Option<String>,
+    #[serde(rename = "lastEventId")]
+    last_event_id: Option<String>,
+}
+
+impl Opener {
+    /// Answers one client message: `subscribed`, `unsubscribed` or `error` (never a close).
+    async fn handle(&self, feed: &mut MultiFeed, text: &str) -> String {
+        let operation: Operation = match serde_json::from_str(text) {
+            Ok(op) => op,
+            Err(error) => {
+                return op_error(
+                    None,
+                    None,
+                    "bad_request",
+                    &format!(
+                        "expected {{\"op\":\"subscribe\"|\"unsubscribe\",\"stream\":\"/db/coll/_streams/name\",\"lastEventId\":…}}: {error}"
+                    ),
+                );
+            }
+        };
+        let op = operation.op.as_str();
+        if !matches!(op, "subscribe" | "unsubscribe") {
+            return op_error(
+                Some(op),
+                None,
+                "bad_request",
+                "unknown op (subscribe or unsubscribe)",
+            );
+        }
+        let Some(path) = operation.stream.as_deref() else {
+            return op_error(Some(op), None, "bad_request", "stream is required");
+        };
+        let key = match stream_key(path) {
+            Ok(key) => key,
+            Err(error) => return op_error(Some(op), Some(path), code_of(&error), &error.detail),
+        };
+        let name = key.to_string();
+        let existing = feed.streams.find(&name);
+        if op == "unsubscribe" {
+            let Some(index) = existing else {
+                return op_error(
+                    Some(op),
+                    Some(&name),
+                    "not_subscribed",
+                    "this connection is not subscribed to it",
+                );
+            };
+            let mut slot = feed.streams.slots.remove(index);
+            slot.flush_stats();
+            drop(slot);
+            feed.streams.next = 0;
+            let position = feed.streams.position();
+            return json!({ "event": "unsubscribed", "stream": name, "id": position }).to_string();
+        }
+        if existing.is_some() {
+            return op_error(
+                Some(op),
+                Some(&name),
+                "already_subscribed",
+                "this connection is already subscribed to it",
+            );
+        }
+        let max = self.state.config.limits.max_streams_per_connection;
+        if feed.streams.slots.len() >= max {
+            return op_error(
+                Some(op),
+                Some(&name),
+                "too_many_streams",
+                &format!("at most {max} streams per connection (max_streams_per_connection)"),
+            );
+        }
+        // A plain resume token of this stream, or a composite id holding it.
+        let start = match operation.last_event_id.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(raw) => match Token::parse(raw) {
+                Ok(token) => Some(token),
+                Err(_) => match Position::decode(raw) {
+                    Some(position) => position.get(tag(&name)),
+                    None => {
+                        return op_error(
+                            Some(op),
+                            Some(&name),
+                            "bad_request",
+                            "lastEventId is neither a resume token nor a /_streams position",
+                        );
+                    }
+                },
+            },
+        };
+        let rewind = start.is_none();
+        match self.open(&key, start, rewind).await {
+            Ok(slot) => {
+                feed.streams.push(slot);
+                let position = feed.streams.position();
+                json!({ "event": "subscribed", "stream": name, "id": position }).to_string()
+            }
+            Err(error) => op_error(Some(op), Some(&name), code_of(&error), &error.detail),
+        }
+    }
+}
+
+/// The `code` of an operation error, from the status a request would have got.
+fn code_of(error: &ApiError) -> &'static str {
+    match error.status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::TOO_MANY_REQUESTS => "limit_reached",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        _ => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(n: u32) -> Token {
+        Token::parse(&format!("8265A1B2C3{n:08}2B022C0100296E5A1004")).unwrap()
+    }
+
+    #[test]
+    fn composite_positions_round_trip_and_segments_concatenate() {
+        let a = tag("/db/c/_streams/a");
+        let b = tag("/db/c/_streams/b");
+        let mut text = URL_SAFE_NO_PAD.encode([POSITION_VERSION, 0, 0]);
+        text.push_str(&segment(a, Some(&token(1))));
+        text.push_str(&segment(b, Some(&token(22))));
+        let position = Position::decode(&text).unwrap();
+        assert_eq!(position.get(a), Some(token(1)));
+        assert_eq!(position.get(b), Some(token(22)));
+        assert_eq!(position.get(tag("/db/c/_streams/x")), None);
+        // URL- and header-safe.
+        assert!(
+            text.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        );
+    }
+
+    #[test]
+    fn malformed_positions_are_refused() {
+        for text in ["", "826B03ED", "AQAA!!", "AgAA", "AQAAAAAAAQ"] {
+            assert!(
+                Position::decode(text).is_none() || text.is_empty(),
+                "{text}"
+            );
+        }
+        assert_eq!(Position::decode("AQAA"), Some(Position::default()));
+    }
+
+    #[test]
+    fn stream_lists_are_checked() {
+        assert_eq!(
+            stream_list(Some("/d/c/_streams/a, d/c/_streams/b"), 10)
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(
+            stream_list(Some("/d/c/_streams/a,/d/c/_streams/a"), 10)
+                .unwrap_err()
+                .status,
+            StatusCode::BAD_REQUEST
+        );
+        assert!(
+            stream_list(Some("/d/c/_streams/a,/d/c/_streams/b"), 1)
+                .unwrap_err()
+                .detail
+                .contains("max_streams_per_connection")
+        );
+        assert_eq!(
+            stream_list(Some("/d/c/a"), 10).unwrap_err().status,
+            StatusCode::BAD_REQUEST
+        );
+    }
+}
