@@ -13,6 +13,7 @@ use tokio::time::{Interval, MissedTickBehavior, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::negotiate::Transport;
+use crate::auth::{REVOKED_MESSAGE, Revocation};
 use crate::event::{Event, EventKind};
 use crate::limits::Permit;
 use crate::metrics::{Metrics, TransportLabel};
@@ -46,6 +47,9 @@ pub struct Feed {
     transport: Transport,
     /// Fires when the client's credential expires: the feed then ends with `auth_revoked`.
     expiry: Option<Pin<Box<Sleep>>>,
+    /// Resolves when a rule change withdraws the client's right: the feed then ends with
+    /// `cancel`.
+    revocation: Option<Revocation>,
     /// The client's connection-limit slot: held for as long as the feed lives, freed on drop.
     permit: Option<Permit>,
     done: bool,
@@ -78,9 +82,17 @@ impl Feed {
             metrics,
             transport,
             expiry: expires_at.map(|at| Box::pin(tokio::time::sleep_until(at))),
+            revocation: None,
             permit: None,
             done: false,
         }
+    }
+
+    /// Ends the feed with `cancel` when `revocation` resolves (see
+    /// `Authenticator::watch_access`).
+    pub fn with_revocation(mut self, revocation: Option<Revocation>) -> Feed {
+        self.revocation = revocation;
+        self
     }
 
     /// Holds `permit` (a connection-limit slot) until the feed is dropped.
@@ -108,6 +120,12 @@ impl Feed {
                 self.done = true;
                 let revoked = Event::control(EventKind::AuthRevoked, "the access token expired", false);
                 Some(Frame::Events(vec![Arc::new(revoked)]))
+            }
+            // Polled before the subscription for the same reason as the expiry.
+            _ = revoked(&mut self.revocation) => {
+                self.done = true;
+                let cancel = Event::control(EventKind::Cancel, REVOKED_MESSAGE, false);
+                Some(Frame::Events(vec![Arc::new(cancel)]))
             }
             event = self.subscription.next() => {
                 let Some(first) = event else {
@@ -152,6 +170,13 @@ impl Feed {
 async fn expired(expiry: &mut Option<Pin<Box<Sleep>>>) {
     match expiry {
         Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn revoked(revocation: &mut Option<Revocation>) {
+    match revocation {
+        Some(revocation) => revocation.as_mut().await,
         None => std::future::pending().await,
     }
 }
