@@ -56,7 +56,10 @@ const ASYMMETRIC: &[Algorithm] = &[
 /// Verifies bearer JWTs and turns their claims into a [`Principal`].
 pub struct JwtVerifier {
     source: KeySource,
-    validation: Validation,
+    /// One validation per key family, accepting that family's allowed algorithms:
+    /// `jsonwebtoken` refuses a validation listing an algorithm of another family than the
+    /// key, and a JWKS may mix families (RSA and EC keys during a migration).
+    validations: Vec<(AlgorithmFamily, Validation)>,
     roles_claim: Vec<String>,
     leeway: Duration,
 }
@@ -132,7 +135,6 @@ impl JwtVerifier {
         algorithms: Vec<Algorithm>,
     ) -> JwtVerifier {
         let mut validation = Validation::new(algorithms[0]);
-        validation.algorithms = algorithms;
         validation.leeway = config.leeway_secs;
         validation.validate_exp = true;
         validation.validate_nbf = true;
@@ -150,10 +152,21 @@ impl JwtVerifier {
             required.push("iss");
         }
         validation.set_required_spec_claims(&required);
+        let mut validations: Vec<(AlgorithmFamily, Validation)> = Vec::new();
+        for alg in algorithms {
+            match validations.iter_mut().find(|(f, _)| *f == alg.family()) {
+                Some((_, v)) => v.algorithms.push(alg),
+                None => {
+                    let mut v = validation.clone();
+                    v.algorithms = vec![alg];
+                    validations.push((alg.family(), v));
+                }
+            }
+        }
 
         JwtVerifier {
             source,
-            validation,
+            validations,
             roles_claim: config.roles_claim.split('.').map(str::to_owned).collect(),
             leeway: Duration::from_secs(config.leeway_secs),
         }
@@ -188,7 +201,13 @@ impl JwtVerifier {
 
     /// Signature and claims of `token` with `key`.
     fn check(&self, token: &str, key: &Key) -> Result<Principal, AuthError> {
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &self.validation)
+        let validation = self
+            .validations
+            .iter()
+            .find(|(family, _)| *family == key.family)
+            .map(|(_, v)| v)
+            .ok_or_else(|| AuthError::Invalid("no allowed algorithm fits the key".into()))?;
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, validation)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
                 _ => AuthError::Invalid(format!("JWT refused: {e}")),

@@ -16,3 +16,4 @@ mod fanin;
 mod filtering;
 mod http_edge;
 mod limits;
+mod security;
