@@ -11,7 +11,8 @@
 //! http/          router, transport negotiation, sse.rs / ws.rs / ndjson.rs, health + metrics
 //! admin/         the admin REST API (/_admin/streams, OpenAPI document) · view.rs (stats JSON)
 //! streams/store  admin definitions in MongoDB + the change-stream watcher applying them here
-//! auth/          credentials → Principal (JWT, API keys), stream rules, CORS/Origin policy
+//! auth/          credentials → Principal (JWT incl. JWKS URL, API keys), stream rules (config +
+//!                live ones stored in MongoDB), CORS/Origin policy, trusted proxies, resume checks
 //! limits.rs      connection limits (total, per stream/user/IP) with RAII permits
 //! metrics.rs     Prometheus registry
 //! replset.rs     replica-set initiation for local runs and tests

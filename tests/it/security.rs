@@ -612,8 +612,19 @@ async fn a_rule_withdrawn_on_one_instance_cancels_streams_on_another_within_a_se
     };
     let s1 = format!("/{db}/c/_streams/s1");
     let s2 = format!("/{db}/c/_streams/s2");
+    let openapi: Value = reqwest::Client::new()
+        .get(a.url("/_admin/openapi.json"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let created = put(&a, "live-readers", &["reader"], std::slice::from_ref(&s1)).await;
     assert_eq!(created.status(), 201);
+    assert_eq!(created.headers()["location"], "/_admin/rules/live-readers");
+    conforms(&openapi, "Rule", &created.json().await.unwrap());
     assert_eq!(
         put(&a, "others", &["other"], std::slice::from_ref(&s1))
             .await
@@ -641,6 +652,7 @@ async fn a_rule_withdrawn_on_one_instance_cancels_streams_on_another_within_a_se
         .map(|r| r["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["config[0]", "live-readers", "others"], "{listed}");
+    conforms(&openapi, "RuleList", &listed);
     assert_eq!(listed["rules"][0]["readOnly"], true);
 
     let reader = hs256(&["reader"]);
@@ -672,7 +684,9 @@ async fn a_rule_withdrawn_on_one_instance_cancels_streams_on_another_within_a_se
         client.changes(1, WAIT).await;
     }
 
-    // Withdraw the reader's right on A: B's reader stream ends with cancel within a second.
+    // Withdraw the reader's right on A: B's reader stream ends with cancel within a second
+    // (counted from the moment the DELETE is sent).
+    let withdrawn_at = Instant::now();
     let deleted = reqwest::Client::new()
         .delete(a.url("/_admin/rules/live-readers"))
         .bearer_auth(&admin)
@@ -680,7 +694,6 @@ async fn a_rule_withdrawn_on_one_instance_cancels_streams_on_another_within_a_se
         .await
         .unwrap();
     assert_eq!(deleted.status(), 204);
-    let withdrawn_at = Instant::now();
     let cancel = withdrawn.expect_event(Duration::from_secs(1)).await;
     let took = withdrawn_at.elapsed();
     println!("rule withdrawn on A → cancel on B in {took:?}");
@@ -710,6 +723,17 @@ async fn a_rule_withdrawn_on_one_instance_cancels_streams_on_another_within_a_se
     assert_eq!(config_rule.status(), 409);
     a.stop().await;
     b.stop().await;
+}
+
+/// Validates `body` against the OpenAPI document's component schema `name`.
+fn conforms(openapi: &Value, name: &str, body: &Value) {
+    let root = json!({
+        "components": openapi["components"],
+        "$ref": format!("#/components/schemas/{name}"),
+    });
+    let validator = jsonschema::validator_for(&root).expect("schema compiles");
+    let errors: Vec<String> = validator.iter_errors(body).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{name}: {errors:?}\n{body}");
 }
 
 // ---- impossible resume ids ----
