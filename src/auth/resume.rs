@@ -138,20 +138,22 @@ impl ResumeCheck {
         let Some(decoded) = decode(token) else {
             return Ok(());
         };
-        self.check_time(decoded.time).await?;
-        if let Some(uuid) = decoded.uuid {
+        let reachable = self.check_time(decoded.time).await?;
+        // MongoDB just failed to answer: do not wait for it a second time.
+        if let (true, Some(uuid)) = (reachable, decoded.uuid) {
             self.check_collection(key, uuid).await?;
         }
         Ok(())
     }
 
-    async fn check_time(&self, time: Timestamp) -> Result<(), ApiError> {
+    /// Refuses a time from the future; `Ok(false)` when MongoDB could not be asked.
+    async fn check_time(&self, time: Timestamp) -> Result<bool, ApiError> {
         let known = *self.latest.lock().unwrap_or_else(PoisonError::into_inner);
         if known.is_some_and(|latest| time <= latest) {
-            return Ok(());
+            return Ok(true);
         }
         let Some(now) = self.cluster_time().await else {
-            return Ok(());
+            return Ok(false);
         };
         {
             let mut latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
@@ -169,7 +171,7 @@ impl ResumeCheck {
             ))
             .with_extra(json!({ "reason": "future_cluster_time" })));
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn check_collection(&self, key: &StreamKey, uuid: [u8; 16]) -> Result<(), ApiError> {
