@@ -83,6 +83,12 @@ pub struct Config {
     /// Cross-origin access for browsers (same-origin only by default).
     #[serde(default)]
     pub cors: CorsConfig,
+    /// Peers (CIDRs such as `10.0.0.0/8`, or single addresses) whose word on the client's
+    /// address is taken: from them only, the PROXY protocol header (v1/v2) and
+    /// `X-Forwarded-For` (rightmost untrusted hop) name the client for limits, logs and metrics.
+    /// Empty (default): the TCP peer is the client, and both are ignored.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 /// `[auth]`: who may subscribe to which stream and who may use `/_admin`.
@@ -105,9 +111,13 @@ pub struct AuthConfig {
     /// Role required for every `/_admin` request.
     #[serde(default = "default_admin_role")]
     pub admin_role: String,
-    /// Subscribe permissions; a stream no rule grants is refused with 403.
+    /// Subscribe permissions; a stream no rule grants is refused with 403. These are static;
+    /// rules managed through `/_admin/rules` are stored in MongoDB and add to them.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
+    /// Collection (in `admin.database`) holding the rules managed through `/_admin/rules`.
+    #[serde(default = "default_rules_collection")]
+    pub rules_collection: String,
 }
 
 impl Default for AuthConfig {
@@ -119,11 +129,13 @@ impl Default for AuthConfig {
             cookie_name: default_cookie_name(),
             admin_role: default_admin_role(),
             rules: Vec::new(),
+            rules_collection: default_rules_collection(),
         }
     }
 }
 
-/// `[auth.jwt]`: how bearer JWTs are verified. Exactly one key source must be given.
+/// `[auth.jwt]`: how bearer JWTs are verified. Exactly one key source must be given:
+/// `hs256_secret`, `public_key_pem_file`, `jwks_file` or `jwks_url`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
@@ -136,6 +148,21 @@ pub struct JwtConfig {
     /// JWKS file (`{"keys":[…]}`); the token's `kid` picks the key.
     #[serde(default)]
     pub jwks_file: Option<PathBuf>,
+    /// JWKS URL of an identity provider (`https://…/.well-known/jwks.json`; `http://` only for
+    /// a loopback host). Fetched at startup (readiness waits for it), refreshed when its HTTP
+    /// cache lifetime ends and, rate-limited, when a token names an unknown `kid`; a failed
+    /// fetch keeps the last good set.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// Seconds a fetched JWKS is kept when the response has no `Cache-Control: max-age` or
+    /// `Expires`.
+    #[serde(default = "default_jwks_refresh_secs")]
+    pub jwks_refresh_secs: u64,
+    /// Least seconds between two fetches of `jwks_url` caused by unknown `kid`s (so forged
+    /// `kid`s cannot make us hammer the provider); also the shortest cache lifetime honoured
+    /// and the first retry delay after a failed fetch.
+    #[serde(default = "default_jwks_min_refresh_secs")]
+    pub jwks_min_refresh_secs: u64,
     /// Accepted `alg` values (e.g. `["RS256"]`); empty: every algorithm of the key's family.
     /// Algorithms of another family than the key are refused at startup.
     #[serde(default)]
@@ -439,6 +466,8 @@ impl Config {
         }
         self.limits.validate()?;
         crate::auth::check_config(&self.auth, &self.cors).map_err(ConfigError::Invalid)?;
+        crate::auth::proxy::TrustedProxies::parse(&self.trusted_proxies)
+            .map_err(ConfigError::Invalid)?;
         for (index, stream) in self.streams.iter().enumerate() {
             let (_, definition) = stream
                 .split()
@@ -531,6 +560,15 @@ fn default_admin_body_limit() -> usize {
 }
 fn default_cookie_name() -> String {
     "streamgate_token".to_owned()
+}
+fn default_rules_collection() -> String {
+    "rules".to_owned()
+}
+fn default_jwks_refresh_secs() -> u64 {
+    300
+}
+fn default_jwks_min_refresh_secs() -> u64 {
+    10
 }
 fn default_admin_role() -> String {
     "admin".to_owned()

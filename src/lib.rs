@@ -15,7 +15,8 @@
 //! http/          server.rs (accept loop, direct SSE/NDJSON writes) · deadline.rs (write deadline)
 //!                negotiation, sse.rs / ws.rs / ndjson.rs, feed.rs, health + metrics
 //! admin/         the admin REST API (/_admin/streams, OpenAPI document) · view.rs (stats JSON)
-//! auth/          credentials → Principal (JWT, API keys), stream rules, CORS/Origin policy
+//! auth/          credentials → Principal (JWT incl. JWKS URL, API keys), stream rules (config +
+//!                live ones stored in MongoDB), CORS/Origin policy, trusted proxies, resume checks
 //! limits.rs      connection limits and the upstream cursor budget, with RAII permits
 //! metrics.rs     Prometheus registry
 //! replset.rs     replica-set initiation for local runs and tests
@@ -89,8 +90,14 @@ impl App {
     /// lazily: a MongoDB outage at startup is survived and shows in `/health/ready`), and
     /// starts the watcher of stored definitions, waiting a bounded time for their first load.
     pub async fn new(config: Config) -> Result<App, StartError> {
-        let auth =
-            Arc::new(auth::Authenticator::from_config(&config.auth).map_err(StartError::Auth)?);
+        let metrics = Arc::new(Metrics::new());
+        let auth = Arc::new(
+            auth::Authenticator::from_config(&config.auth, &metrics).map_err(StartError::Auth)?,
+        );
+        let trusted = Arc::new(
+            auth::proxy::TrustedProxies::parse(&config.trusted_proxies)
+                .map_err(StartError::Auth)?,
+        );
         let limits = limits::Limits::new(config.limits.clone());
         let mut options = ClientOptions::parse(&config.mongo_uri)
             .await
@@ -122,7 +129,6 @@ impl App {
 
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let metrics = Arc::new(Metrics::new());
         let settings = WorkerSettings {
             ring_size: config.ring_size,
             linger: config.worker_linger(),
@@ -152,10 +158,34 @@ impl App {
             &config.admin.collection,
         );
         store.spawn_watcher(&tracker, shutdown.clone());
+        let rules = auth::store::RuleStore::new(
+            registry.mongo(),
+            &config.admin.database,
+            &config.auth.rules_collection,
+            Arc::clone(&auth),
+        );
+        // The rules only matter with auth on; without it, `/_admin/rules` still stores them.
+        if config.auth.enabled {
+            rules.spawn_watcher(&tracker, shutdown.clone());
+        }
+        auth.start(&tracker, shutdown.clone());
+        let resume = Arc::new(auth::resume::ResumeCheck::new(registry.mongo().clone()));
         if !store.wait_synced(STORE_SYNC_TIMEOUT).await {
             tracing::warn!(
                 "stored stream definitions not loaded yet (MongoDB unreachable?); \
                  serving static ones, the rest follow when MongoDB answers"
+            );
+        }
+        if config.auth.enabled && !rules.wait_synced(STORE_SYNC_TIMEOUT).await {
+            tracing::warn!(
+                "stored permission rules not loaded yet (MongoDB unreachable?); \
+                 only the config's rules apply until MongoDB answers"
+            );
+        }
+        if !auth.wait_keys_ready(STORE_SYNC_TIMEOUT).await {
+            tracing::warn!(
+                "auth.jwt.jwks_url not fetched yet; tokens are answered 503 and readiness \
+                 waits until a first key set is loaded (retrying)"
             );
         }
         Ok(App {
@@ -168,6 +198,9 @@ impl App {
                 store,
                 metrics,
                 auth,
+                rules,
+                resume,
+                trusted,
                 limits,
                 config: Arc::new(config),
                 shutdown,
@@ -205,7 +238,8 @@ impl App {
             }
         });
         // Hyper for ordinary requests, direct writes for SSE/NDJSON (see `http::server`);
-        // both put the peer address in `ConnectInfo`, which `limits.per_ip` counts.
+        // both put the peer address in `ConnectInfo` (a trusted proxy's PROXY header source
+        // when there is one), from which `auth::proxy` derives the address limits count.
         let connections = TaskTracker::new();
         let timeouts = http::server::Timeouts {
             stall: self.state.config.stall_timeout(),
@@ -219,6 +253,7 @@ impl App {
             connections.clone(),
             timeouts,
             self.state.metrics.slow_consumers.clone(),
+            Arc::clone(&self.state.trusted),
         )
         .await;
         connections.close();

@@ -23,6 +23,15 @@ pub struct LimitLabel {
     pub limit: &'static str,
 }
 
+/// Label set for fetches of `auth.jwt.jwks_url`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JwksFetchLabel {
+    /// `scheduled` (startup, cache lifetime, retry) or `unknown_kid`.
+    pub trigger: &'static str,
+    /// `ok` or `error` (the last good key set was kept).
+    pub result: &'static str,
+}
+
 /// Every metric Streamgate exports.
 pub struct Metrics {
     registry: Registry,
@@ -55,6 +64,8 @@ pub struct Metrics {
     pub upstream_bindings_max: Gauge,
     /// Cursors refused by an upstream limit, by limit.
     pub upstream_refusals: Family<LimitLabel, Counter>,
+    /// Fetches of `auth.jwt.jwks_url`, by trigger and result.
+    pub jwks_fetches: Family<JwksFetchLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -143,8 +154,15 @@ impl Metrics {
             "Cursors refused by an upstream limit (answered 503)",
             upstream_refusals.clone(),
         );
+        let jwks_fetches = Family::<JwksFetchLabel, Counter>::default();
+        registry.register(
+            "jwks_fetches",
+            "Fetches of auth.jwt.jwks_url by trigger and result (errors keep the last good set)",
+            jwks_fetches.clone(),
+        );
         Metrics {
             registry,
+            jwks_fetches,
             catchups_joined,
             lag_recoveries,
             oversize_skipped,

@@ -6,6 +6,7 @@
 //! | `GET /_admin/streams/{db}/{coll}/{name}` | 200 view · 404 |
 //! | `PUT /_admin/streams/{db}/{coll}/{name}` | 201 created · 200 replaced · 400 · 409 static · 413 · 415 |
 //! | `DELETE /_admin/streams/{db}/{coll}/{name}` | 204 · 404 · 409 static |
+//! | `/_admin/rules…` | permission rules that change live: see [`rules`] |
 //! | `GET /_admin/openapi.json` | the OpenAPI 3.1 document of these routes |
 //!
 //! A view ([`view::StreamView`]) is the definition ([`StreamDefinition`], the same serde type
@@ -20,6 +21,7 @@
 //! PUT disturbs no one. Every error is `application/problem+json`, naming the offending `field`
 //! when there is one.
 
+pub mod rules;
 pub mod view;
 
 use axum::Json;
@@ -60,6 +62,7 @@ pub fn routes(body_limit: usize) -> Router<AppState> {
             "/_admin/openapi.json",
             get(openapi).fallback(method_not_allowed),
         )
+        .merge(rules::routes())
         .layer(DefaultBodyLimit::max(body_limit))
 }
 

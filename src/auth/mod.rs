@@ -8,19 +8,30 @@
 //!              /_admin… without the admin role ─► 403
 //!              else: Principal into the request extensions
 //!          ─► subscribe handler: Authenticator::authorize_stream (rules) ─► 403 before any
-//!             worker starts; Principal::deadline() ends the feed with `auth_revoked`
+//!             worker starts; Principal::deadline() ends the feed with `auth_revoked`;
+//!             Authenticator::watch_access ends it with `cancel` when a stored rule change
+//!             withdraws the right
 //! ```
 //!
-//! A credential is a JWT (see [`jwt`]) when JWTs are configured and it looks like one, else a
-//! static API key, compared by SHA-256 in constant time. Stream permissions are in [`rules`];
-//! the browser origin policy is in [`cors`].
+//! A credential is a JWT (see [`jwt`]; keys from a JWKS URL in [`jwks`]) when JWTs are
+//! configured and it looks like one, else a static API key, compared by SHA-256 in constant
+//! time. Stream permissions are in [`rules`]: static ones from the config, live ones from
+//! MongoDB ([`store`], managed through `/_admin/rules`). The browser origin policy is in
+//! [`cors`]; the client address behind trusted proxies in [`proxy`]; resume ids that cannot
+//! be real are refused by [`resume`].
 
 pub mod cors;
+pub mod jwks;
 pub mod jwt;
+pub mod proxy;
+pub mod resume;
 pub mod rules;
+pub mod store;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::{Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -30,12 +41,23 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use self::jwt::JwtVerifier;
 use self::rules::{Rule, Rules};
 use crate::config::{AuthConfig, CorsConfig};
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::streams::StreamKey;
+
+/// The `cancel` message of a stream whose right a rule change withdrew.
+pub const REVOKED_MESSAGE: &str = "security rules revoked read access";
+
+/// Resolves when a client's right to its stream is withdrawn (see
+/// [`Authenticator::watch_access`]).
+pub type Revocation = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Challenge sent with a 401 when no credential was given.
 const CHALLENGE: &str = r#"Bearer realm="streamgate""#;
@@ -90,11 +112,19 @@ pub enum AuthError {
     /// Bad signature, wrong audience or issuer, unknown key…; the reason is logged only.
     #[error("invalid credential: {0}")]
     Invalid(String),
+    /// The JWKS URL has not been fetched successfully yet: nothing can be verified (503).
+    #[error("the token signing keys are not loaded yet")]
+    KeysUnavailable,
 }
 
 impl From<AuthError> for ApiError {
     fn from(error: AuthError) -> ApiError {
         let (detail, challenge) = match &error {
+            AuthError::KeysUnavailable => {
+                return ApiError::unavailable(
+                    "the token signing keys are not loaded yet (auth.jwt.jwks_url); retry shortly",
+                );
+            }
             AuthError::Missing => (
                 "a credential is required: send `Authorization: Bearer <token>`, \
                  `?access_token=<token>` or the auth cookie",
@@ -130,15 +160,20 @@ pub struct Authenticator {
     api_keys: Vec<ApiKey>,
     cookie_name: String,
     admin_role: String,
+    /// Rules of the config file: never change.
     rules: Rules,
+    /// Rules stored in MongoDB (`/_admin/rules`), replaced whole by [`store::RuleStore`] on
+    /// every change; open streams watch it to end when their right goes.
+    stored: watch::Sender<Arc<Rules>>,
 }
 
 impl Authenticator {
-    /// Builds from the `[auth]` section, reading key files. Called once at startup.
-    pub fn from_config(config: &AuthConfig) -> Result<Authenticator, String> {
+    /// Builds from the `[auth]` section, reading key files (a JWKS URL is fetched once
+    /// [`start`](Self::start) runs). Called once at startup.
+    pub fn from_config(config: &AuthConfig, metrics: &Metrics) -> Result<Authenticator, String> {
         check_auth(config)?;
         let jwt = match &config.jwt {
-            Some(jwt) if config.enabled => Some(JwtVerifier::from_config(jwt)?),
+            Some(jwt) if config.enabled => Some(JwtVerifier::from_config(jwt, metrics)?),
             _ => None,
         };
         let mut api_keys = Vec::with_capacity(config.api_keys.len());
@@ -162,7 +197,32 @@ impl Authenticator {
             cookie_name: config.cookie_name.clone(),
             admin_role: config.admin_role.clone(),
             rules: Rules::new(rules),
+            stored: watch::channel(Arc::new(Rules::default())).0,
         })
+    }
+
+    /// Starts the background work: the JWKS URL's refresher, if one is configured.
+    pub fn start(&self, tracker: &TaskTracker, cancel: CancellationToken) {
+        if let Some(remote) = self.jwt.as_ref().and_then(JwtVerifier::remote) {
+            remote.spawn_refresher(tracker, cancel);
+        }
+    }
+
+    /// Whether tokens can be verified: false only while a JWKS URL's first fetch is pending
+    /// (readiness waits for it).
+    pub fn keys_ready(&self) -> bool {
+        self.jwt
+            .as_ref()
+            .and_then(JwtVerifier::remote)
+            .is_none_or(|remote| remote.is_loaded())
+    }
+
+    /// Waits up to `timeout` for [`keys_ready`](Self::keys_ready); returns it.
+    pub async fn wait_keys_ready(&self, timeout: Duration) -> bool {
+        match self.jwt.as_ref().and_then(JwtVerifier::remote) {
+            Some(remote) => remote.wait_loaded(timeout).await,
+            None => true,
+        }
     }
 
     /// Whether credentials are required at all.
@@ -171,7 +231,7 @@ impl Authenticator {
     }
 
     /// Finds and checks the request's credential.
-    pub fn authenticate(
+    pub async fn authenticate(
         &self,
         headers: &HeaderMap,
         access_token: Option<&str>,
@@ -180,9 +240,49 @@ impl Authenticator {
             .credential(headers, access_token)
             .ok_or(AuthError::Missing)?;
         match &self.jwt {
-            Some(jwt) if looks_like_jwt(token) => jwt.verify(token),
+            Some(jwt) if looks_like_jwt(token) => jwt.verify(token).await,
             _ => self.api_key(token),
         }
+    }
+
+    /// Replaces the stored rules (from [`store::RuleStore`]); open streams whose right this
+    /// withdraws end with `cancel`.
+    pub fn set_stored_rules(&self, rules: Rules) {
+        self.stored.send_replace(Arc::new(rules));
+    }
+
+    /// Whether `roles` may subscribe to `key` under the config and stored rules.
+    fn allows(&self, roles: &[String], key: &StreamKey) -> bool {
+        self.rules.allows(roles, key) || self.stored.borrow().allows(roles, key)
+    }
+
+    /// A future that resolves when `principal` loses the right to `key` through a change of
+    /// the stored rules; `None` when that cannot happen (auth off, or a config rule grants it,
+    /// and config rules never change). It checks at once too, so a change between
+    /// [`authorize_stream`](Self::authorize_stream) and this call is not missed.
+    pub fn watch_access(
+        &self,
+        principal: Option<&Principal>,
+        key: &StreamKey,
+    ) -> Option<Revocation> {
+        let principal = principal.filter(|_| self.enabled)?;
+        if self.rules.allows(&principal.roles, key) {
+            return None;
+        }
+        let mut stored = self.stored.subscribe();
+        let roles = principal.roles.clone();
+        let key = key.clone();
+        Some(Box::pin(async move {
+            loop {
+                if !stored.borrow_and_update().allows(&roles, &key) {
+                    return;
+                }
+                // The sender lives as long as the server: if it is gone, nothing can change.
+                if stored.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }))
     }
 
     /// Whether the request is authenticated by the cookie: a browser sends it by itself,
@@ -243,7 +343,7 @@ impl Authenticator {
             return Ok(());
         }
         let principal = principal.ok_or(AuthError::Missing)?;
-        if self.rules.allows(&principal.roles, key) {
+        if self.allows(&principal.roles, key) {
             Ok(())
         } else {
             Err(forbidden(format!("you may not subscribe to {key}")))
@@ -290,9 +390,19 @@ pub async fn guard(
     let access_token = Query::<TokenParam>::try_from_uri(request.uri())
         .ok()
         .and_then(|Query(p)| p.access_token.or(p.auth));
-    let principal = match auth.authenticate(request.headers(), access_token.as_deref()) {
+    let principal = match auth
+        .authenticate(request.headers(), access_token.as_deref())
+        .await
+    {
         Ok(principal) => principal,
-        Err(error) => return ApiError::from(error).into_response(),
+        Err(error) => {
+            let client = request
+                .extensions()
+                .get::<proxy::ClientAddr>()
+                .map(|proxy::ClientAddr(ip)| *ip);
+            tracing::debug!(?client, %error, "request refused by authentication");
+            return ApiError::from(error).into_response();
+        }
     };
     if admin && let Err(error) = auth.authorize_admin(&principal) {
         return error.into_response();
@@ -314,6 +424,9 @@ fn check_auth(config: &AuthConfig) -> Result<(), String> {
     if config.admin_role.is_empty() {
         return Err("auth.admin_role must not be empty".into());
     }
+    if config.rules_collection.is_empty() {
+        return Err("auth.rules_collection must not be empty".into());
+    }
     let cookie_ok = !config.cookie_name.is_empty()
         && config
             .cookie_name
@@ -330,11 +443,23 @@ fn check_auth(config: &AuthConfig) -> Result<(), String> {
             jwt.hs256_secret.is_some(),
             jwt.public_key_pem_file.is_some(),
             jwt.jwks_file.is_some(),
+            jwt.jwks_url.is_some(),
         ];
         if sources.iter().filter(|s| **s).count() != 1 {
             return Err(
-                "auth.jwt: set exactly one of hs256_secret, public_key_pem_file, jwks_file".into(),
+                "auth.jwt: set exactly one of hs256_secret, public_key_pem_file, \
+                        jwks_file, jwks_url"
+                    .into(),
             );
+        }
+        if let Some(url) = &jwt.jwks_url {
+            jwks::check_url(url)?;
+            if jwt.jwks_min_refresh_secs == 0 || jwt.jwks_refresh_secs == 0 {
+                return Err(
+                    "auth.jwt.jwks_refresh_secs and jwks_min_refresh_secs must be at least 1"
+                        .into(),
+                );
+            }
         }
         if jwt.hs256_secret.as_ref().is_some_and(|s| s.len() < 32) {
             return Err("auth.jwt.hs256_secret must be at least 32 bytes".into());
@@ -398,6 +523,7 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+    use futures::FutureExt;
 
     #[test]
     fn credential_sources() {
@@ -429,23 +555,28 @@ mod tests {
             "#,
         )
         .unwrap();
-        let auth = Authenticator::from_config(&config).unwrap();
+        let auth = Authenticator::from_config(&config, &Metrics::new()).unwrap();
         let mut headers = HeaderMap::new();
         headers.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer secret"),
         );
-        let principal = auth.authenticate(&headers, None).unwrap();
+        let principal = auth
+            .authenticate(&headers, None)
+            .now_or_never()
+            .unwrap()
+            .unwrap();
         assert_eq!(principal.subject, "svc");
         assert!(principal.has_role("reader"));
         assert!(principal.expires_at.is_none());
         assert!(matches!(
-            auth.authenticate(&HeaderMap::new(), Some("nope")),
-            Err(AuthError::Invalid(_))
+            auth.authenticate(&HeaderMap::new(), Some("nope"))
+                .now_or_never(),
+            Some(Err(AuthError::Invalid(_)))
         ));
         assert!(matches!(
-            auth.authenticate(&HeaderMap::new(), None),
-            Err(AuthError::Missing)
+            auth.authenticate(&HeaderMap::new(), None).now_or_never(),
+            Some(Err(AuthError::Missing))
         ));
     }
 
@@ -466,7 +597,7 @@ mod tests {
         assert_eq!(config.auth.rules.len(), 2);
         assert_eq!(config.limits.per_user, Some(20));
         assert!(config.cors.allow_credentials);
-        Authenticator::from_config(&config.auth).unwrap();
+        Authenticator::from_config(&config.auth, &Metrics::new()).unwrap();
     }
 
     #[test]
@@ -480,5 +611,57 @@ mod tests {
         assert!(check("[[rules]]\nroles=['r']\nstreams=['/a/b']").contains("rules[0]"));
         assert!(check("[jwt]\nhs256_secret='short'").contains("32 bytes"));
         assert!(check("[jwt]").contains("exactly one"));
+        assert!(check("[jwt]\njwks_url='http://idp.example.com/k'").contains("https://"));
+        assert!(
+            check("[jwt]\njwks_url='https://idp/k'\njwks_file='f.json'").contains("exactly one")
+        );
+    }
+
+    fn principal(roles: &[&str]) -> Principal {
+        Principal {
+            subject: "u".into(),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            claims: Map::new(),
+            expires_at: None,
+        }
+    }
+
+    #[test]
+    fn stored_rules_add_to_config_rules_and_withdrawal_is_watched() {
+        let config: AuthConfig = toml::from_str(
+            r#"
+            enabled = true
+            [[api_keys]]
+            name = "svc"
+            sha256 = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"
+            [[rules]]
+            roles = ["static"]
+            streams = ["/a/b/_streams/*"]
+            "#,
+        )
+        .unwrap();
+        let auth = Authenticator::from_config(&config, &Metrics::new()).unwrap();
+        let key = StreamKey::new("a", "b", "s").unwrap();
+        let reader = principal(&["reader"]);
+        assert!(auth.authorize_stream(Some(&reader), &key).is_err());
+        let grant = |streams: &[&str]| {
+            let streams: Vec<String> = streams.iter().map(|s| s.to_string()).collect();
+            Rules::new(vec![Rule::new(&["reader".to_string()], &streams).unwrap()])
+        };
+        auth.set_stored_rules(grant(&["/a/b/_streams/s"]));
+        assert!(auth.authorize_stream(Some(&reader), &key).is_ok());
+        // A statically granted principal has nothing to watch.
+        assert!(
+            auth.watch_access(Some(&principal(&["static"])), &key)
+                .is_none()
+        );
+        let mut revoked = auth.watch_access(Some(&reader), &key).unwrap();
+        assert!((&mut revoked).now_or_never().is_none());
+        // Another grant for the same stream changes nothing for it.
+        auth.set_stored_rules(grant(&["/a/b/_streams/s", "/a/c/_streams/*"]));
+        assert!((&mut revoked).now_or_never().is_none());
+        auth.set_stored_rules(grant(&["/a/c/_streams/*"]));
+        assert!((&mut revoked).now_or_never().is_some());
+        assert!(auth.authorize_stream(Some(&reader), &key).is_err());
     }
 }

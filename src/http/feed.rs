@@ -14,6 +14,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::negotiate::Transport;
 use super::options::Narrowing;
+use crate::auth::{REVOKED_MESSAGE, Revocation};
 use crate::event::{Event, EventKind, Token};
 use crate::limits::Permit;
 use crate::metrics::{Metrics, TransportLabel};
@@ -51,6 +52,9 @@ pub struct Feed {
     transport: Transport,
     /// Fires when the client's credential expires: the feed then ends with `auth_revoked`.
     expiry: Option<Pin<Box<Sleep>>>,
+    /// Resolves when a rule change withdraws the client's right: the feed then ends with
+    /// `cancel`.
+    revocation: Option<Revocation>,
     /// The client's connection-limit slot: held for as long as the feed lives, freed on drop.
     permit: Option<Permit>,
     /// Events sent before the subscription's (a snapshot, PROTOCOL.md §6); `None` once it
@@ -90,6 +94,7 @@ impl Feed {
             metrics,
             transport,
             expiry: expires_at.map(|at| Box::pin(tokio::time::sleep_until(at))),
+            revocation: None,
             permit: None,
             prelude: None,
             view: None,
@@ -129,6 +134,13 @@ impl Feed {
         self.subscription.position()
     }
 
+    /// Ends the feed with `cancel` when `revocation` resolves (see
+    /// `Authenticator::watch_access`).
+    pub fn with_revocation(mut self, revocation: Option<Revocation>) -> Feed {
+        self.revocation = revocation;
+        self
+    }
+
     /// Holds `permit` (a connection-limit slot) until the feed is dropped.
     pub fn with_permit(mut self, permit: Permit) -> Feed {
         self.permit = Some(permit);
@@ -154,6 +166,12 @@ impl Feed {
                 self.done = true;
                 let revoked = Event::control(EventKind::AuthRevoked, "the access token expired", false);
                 Some(Frame::Events(vec![Arc::new(revoked)]))
+            }
+            // Polled before the subscription for the same reason as the expiry.
+            _ = revoked(&mut self.revocation) => {
+                self.done = true;
+                let cancel = Event::control(EventKind::Cancel, REVOKED_MESSAGE, false);
+                Some(Frame::Events(vec![Arc::new(cancel)]))
             }
             // `recv` is cancel-safe: a keep-alive tick loses nothing.
             event = next_prelude(&mut self.prelude), if self.prelude.is_some() => {
@@ -237,6 +255,13 @@ async fn next_prelude(prelude: &mut Option<Prelude>) -> Option<Arc<Event>> {
 async fn expired(expiry: &mut Option<Pin<Box<Sleep>>>) {
     match expiry {
         Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn revoked(revocation: &mut Option<Revocation>) {
+    match revocation {
+        Some(revocation) => revocation.as_mut().await,
         None => std::future::pending().await,
     }
 }

@@ -6,7 +6,7 @@
 //! | `GET /{db}/{coll}/_streams/{name}.json`, `?format=firebase` (SSE) | [`docview`] |
 //! | `GET /_streams?streams=…` (many streams on one connection) | [`multi`] |
 //! | `GET /health/live`, `GET /health/ready`, `GET /metrics` | [`health`] |
-//! | `/_admin/streams…`, `GET /_admin/openapi.json` | [`crate::admin`] |
+//! | `/_admin/streams…`, `/_admin/rules…`, `GET /_admin/openapi.json` | [`crate::admin`] |
 
 pub mod body;
 pub mod deadline;
@@ -32,6 +32,9 @@ use tower::util::option_layer;
 use tower_http::trace::TraceLayer;
 
 use crate::auth::Authenticator;
+use crate::auth::proxy::TrustedProxies;
+use crate::auth::resume::ResumeCheck;
+use crate::auth::store::RuleStore;
 use crate::config::Config;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -48,6 +51,12 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Credentials, roles and stream permissions.
     pub auth: Arc<Authenticator>,
+    /// Permission rules stored in MongoDB (`/_admin/rules`).
+    pub rules: Arc<RuleStore>,
+    /// Refuses resume ids that cannot be real.
+    pub resume: Arc<ResumeCheck>,
+    /// `trusted_proxies`: whose word on the client's address is taken.
+    pub trusted: Arc<TrustedProxies>,
     /// Connection limits.
     pub limits: Arc<Limits>,
     /// The configuration in force.
@@ -81,5 +90,10 @@ pub fn router(state: AppState) -> Router {
         // Outside the guard: preflights are answered without a credential, and 401/403
         // carry CORS headers so the browser lets the page read them.
         .layer(option_layer(crate::auth::cors::layer(&state.config.cors)))
+        // Outermost: the client's address (behind trusted proxies) for limits and logs.
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state.trusted),
+            crate::auth::proxy::client_addr,
+        ))
         .with_state(state)
 }

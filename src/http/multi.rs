@@ -28,7 +28,7 @@
 //! entry in the composite id, so a resume starts it from now); the connection goes on while
 //! other streams remain (a WebSocket stays open even with none).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,10 +37,10 @@ use std::time::Duration;
 
 use axum::Extension;
 use axum::body::Body;
-use axum::extract::rejection::{ExtensionRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -56,7 +56,9 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::AppState;
 use super::negotiate::{Transport, negotiate};
 use super::options::{Options, RawOptions, named_frame};
+use crate::auth::proxy::ClientAddr;
 use crate::auth::{Principal, cors};
+use crate::auth::{REVOKED_MESSAGE, Revocation};
 use crate::error::ApiError;
 use crate::event::{Event, EventKind, Token};
 use crate::limits::Permit;
@@ -113,7 +115,7 @@ pub async fn subscribe_many(
     query: Result<Query<MultiParams>, QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     principal: Option<Extension<Principal>>,
-    peer: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
+    client: Option<Extension<ClientAddr>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let principal = principal.map(|Extension(p)| p);
@@ -148,7 +150,8 @@ pub async fn subscribe_many(
     };
     let opener = Opener {
         principal,
-        ip: peer.ok().map(|ConnectInfo(addr)| addr.ip()),
+        // The client as trusted proxies vouch for it (`auth::proxy`), else the TCP peer.
+        ip: client.map(|Extension(ClientAddr(ip))| ip),
         avars: params.avars,
         options,
         transport,
@@ -258,6 +261,14 @@ impl Opener {
                 self.ip,
             )
             .map_err(|exceeded| naming(key, state.limits.refusal(exceeded)))?;
+        // A well-formed id that cannot be a position of this collection: 400, naming the stream.
+        if let Some(token) = &start {
+            state
+                .resume
+                .check(key, token)
+                .await
+                .map_err(|e| naming(key, e))?;
+        }
         let claims = self.principal.as_ref().map(|p| &p.claims);
         let rewind = rewind && start.is_none();
         let mut subscription = state
@@ -277,7 +288,9 @@ impl Opener {
                 narrowing.as_ref().is_none_or(|n| n.keeps(event))
             });
         }
-        Ok(Slot::new(key.to_string(), subscription, permit))
+        // A rule change that withdraws this stream ends it (and only it) with `cancel`.
+        let revocation = state.auth.watch_access(self.principal.as_ref(), key);
+        Ok(Slot::new(key.to_string(), subscription, permit, revocation))
     }
 }
 
@@ -410,7 +423,12 @@ struct Slot {
 }
 
 impl Slot {
-    fn new(name: String, subscription: Subscription, permit: Permit) -> Slot {
+    fn new(
+        name: String,
+        subscription: Subscription,
+        permit: Permit,
+        revocation: Option<Revocation>,
+    ) -> Slot {
         let tag = tag(&name);
         let position = subscription.position().cloned();
         let worker = Arc::clone(subscription.worker());
@@ -419,10 +437,18 @@ impl Slot {
             serde_json::Value::String(name.clone())
         );
         let events: EventStream = Box::pin(futures::stream::unfold(
-            subscription,
-            |mut subscription| async move {
-                let event = subscription.next().await?;
-                Some((event, subscription))
+            (subscription, revocation),
+            |(mut subscription, mut revocation)| async move {
+                let event = match revocation.as_mut() {
+                    // `cancel` is terminal: the slot leaves the merge and is not polled again.
+                    Some(revoked) => tokio::select! {
+                        biased;
+                        _ = revoked => Arc::new(Event::control(EventKind::Cancel, REVOKED_MESSAGE, false)),
+                        event = subscription.next() => event?,
+                    },
+                    None => subscription.next().await?,
+                };
+                Some((event, (subscription, revocation)))
             },
         ));
         // A placeholder parent until the slot joins a `Streams` (see `Streams::push`).

@@ -10,6 +10,11 @@
 //! the end (close-delimited body, RFC 9112 §6.3). Anything else, including a head that did not
 //! arrive in one segment, is left untouched for hyper.
 //!
+//! A connection from a peer in `trusted_proxies` may start with a PROXY protocol header (v1 or
+//! v2, haproxy's `send-proxy`): it is read and consumed first (within the head timeout), and
+//! its source address stands for the peer from then on, on both paths (`ConnectInfo`). From
+//! any other peer nothing is parsed (see `auth::proxy`).
+//!
 //! Every connection's socket is wrapped in a [`Deadline`]: a client whose socket accepts no
 //! bytes for `stall_timeout_secs` while we have some to write is closed, on the direct path,
 //! under hyper and after a WebSocket upgrade alike. While a direct-path client stalls, its task
@@ -41,6 +46,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use super::deadline::Deadline;
+use crate::auth::proxy::{TrustedProxies, read_proxy_header};
 
 /// Largest request head we answer directly; longer ones go through hyper.
 const MAX_DIRECT_HEAD: usize = 4096;
@@ -77,13 +83,14 @@ pub async fn serve(
     connections: TaskTracker,
     timeouts: Timeouts,
     stalled: Counter,
+    trusted: Arc<TrustedProxies>,
 ) {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let (tcp, peer) = match accepted {
+        let (mut tcp, mut peer) = match accepted {
             Ok(pair) => pair,
             Err(error) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -103,7 +110,19 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         let head_deadline = Instant::now() + timeouts.head;
         let stalled = stalled.clone();
+        let from_proxy = trusted.trusts(peer.ip());
         connections.spawn(async move {
+            if from_proxy {
+                match tokio::time::timeout_at(head_deadline, read_proxy_header(&mut tcp)).await {
+                    Ok(Ok(Some(source))) => peer = source,
+                    Ok(Ok(None)) => {}
+                    Ok(Err(error)) => {
+                        tracing::debug!(%peer, %error, "connection from a trusted proxy dropped");
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
             let io = Deadline::new(tcp, timeouts.stall, stalled);
             match tokio::time::timeout_at(head_deadline, stream_request(io.get_ref(), peer)).await {
                 Ok(Some((head_len, request))) => direct(io, head_len, request, router).await,

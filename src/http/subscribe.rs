@@ -4,12 +4,10 @@
 //! malformed or unusable resume id, no transport, foreign WebSocket origin, connection limit)
 //! fails here, before the response starts and before any worker starts.
 
-use std::net::SocketAddr;
-
 use axum::Extension;
-use axum::extract::rejection::{ExtensionRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -21,6 +19,7 @@ use super::feed::Feed;
 use super::negotiate::{Transport, negotiate};
 use super::options::{Options, RawOptions, named_frame};
 use super::{docview, ndjson, sse, ws};
+use crate::auth::proxy::ClientAddr;
 use crate::auth::{Principal, cors};
 use crate::error::ApiError;
 use crate::event::Token;
@@ -63,7 +62,7 @@ pub async fn subscribe(
     query: Result<Query<SubscribeParams>, QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     principal: Option<Extension<Principal>>,
-    peer: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
+    client: Option<Extension<ClientAddr>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     // Set by `auth::guard` when auth is on; `None` when it is off.
@@ -89,6 +88,10 @@ pub async fn subscribe(
     let transport = negotiate(&headers)?;
     let options = Options::parse(&params.options)?;
     let resume = resume_id(&headers, &params)?;
+    // A well-formed id that cannot be a position of this collection: 400 now, not silence.
+    if let Some(token) = &resume {
+        state.resume.check(&key, token).await?;
+    }
     let resumed = resume.is_some();
     let mode = start_mode(&state, &key, &params, json_suffix, transport)?;
     // Check the upgrade before any worker starts for a request that cannot be served.
@@ -118,7 +121,8 @@ pub async fn subscribe(
         .try_acquire(
             &key,
             principal.as_ref().map(|p| p.subject.as_str()),
-            peer.ok().map(|ConnectInfo(addr)| addr.ip()),
+            // The client as trusted proxies vouch for it (`auth::proxy`), else the TCP peer.
+            client.map(|Extension(ClientAddr(ip))| ip),
         )
         .map_err(|exceeded| state.limits.refusal(exceeded))?;
 
@@ -162,7 +166,8 @@ pub async fn subscribe(
         principal.as_ref().and_then(Principal::deadline),
     )
     .with_permit(permit)
-    .with_narrowing(options.narrowing.clone());
+    .with_narrowing(options.narrowing.clone())
+    .with_revocation(state.auth.watch_access(principal.as_ref(), &key));
     if let Some(prelude) = prelude {
         feed = feed.with_prelude(prelude);
     }

@@ -18,4 +18,5 @@ mod filtering;
 mod http_edge;
 mod limits;
 mod multi;
+mod security;
 mod snapshot;
