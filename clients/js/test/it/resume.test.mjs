@@ -3,7 +3,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { subscribe } from "../../dist/index.js";
-import { MongoD, Streamgate, eventually, missingBinaries, uniqueDb } from "./harness.mjs";
+import { MongoD, Streamgate, eventually, missingBinaries, probe, uniqueDb } from "./harness.mjs";
 
 const skip = missingBinaries();
 let mongod;
@@ -53,5 +53,35 @@ test("kill -9 mid-stream and restart: no loss, no duplicate (SSE and NDJSON)", {
     assert.ok(c.states.filter((s) => s === "open").length >= 2, `${c.transport} reconnected: ${c.states}`);
     c.sub.close();
   }
+  await sg.stop();
+});
+
+test("/_streams: kill -9 and restart resume every stream from the composite id, exactly once", { skip, timeout: 120_000 }, async (t) => {
+  const db = uniqueDb("js_resume_multi");
+  const sg = await Streamgate.start(mongod, { streams: [{ db, coll: "a", name: "s" }, { db, coll: "b", name: "s" }], retryMs: 200 });
+  const A = `/${db}/a/_streams/s`;
+  const B = `/${db}/b/_streams/s`;
+  const missing = await probe(sg, "multi", A);
+  if (missing) {
+    t.skip(missing);
+    console.log(`# SKIPPED: ${missing}`);
+    return sg.stop();
+  }
+  const seen = { [A]: [], [B]: [] };
+  const sub = subscribe(sg.url(`/_streams?streams=${A},${B}`), { retryMs: 200, maxRetryMs: 1000 });
+  sub.on("change", (m) => seen[m.stream].push(m.data.fullDocument.seq));
+  await eventually("connected", 10_000, () => sub.state === "open");
+  const N = 300;
+  const writers = Promise.all([insertPaced(db, "a", 0, N, 50), insertPaced(db, "b", 0, N, 50)]);
+  await eventually("100 events of each before the kill", 30_000, () => seen[A].length >= 100 && seen[B].length >= 100);
+  await sg.kill9();
+  await eventually("the client noticed", 10_000, () => sub.state !== "open");
+  await sg.launch();
+  await writers;
+  await eventually(`all ${N} events of both streams`, 60_000, () => seen[A].length >= N && seen[B].length >= N);
+  const all = Array.from({ length: N }, (_, i) => i);
+  assert.deepEqual(seen[A], all);
+  assert.deepEqual(seen[B], all);
+  sub.close();
   await sg.stop();
 });
