@@ -196,9 +196,11 @@ export class Subscription {
     this.options = options;
     this.position = options.lastEventId ?? "";
     this.wantSnapshot = options.snapshot === true;
-    const fetchFn = options.fetch ?? (typeof fetch === "function" ? fetch : undefined);
-    if (!fetchFn) throw new Error("streamgate: no fetch available (Node >= 18 or a browser)");
-    this.fetchFn = fetchFn;
+    if (!options.fetch && typeof fetch !== "function") throw new Error("streamgate: no fetch available (Node >= 18 or a browser)");
+    // Called as a plain function: a browser's fetch throws "Illegal invocation" when called as
+    // a method of anything but the window.
+    const custom = options.fetch;
+    this.fetchFn = custom ? (input, init) => custom(input, init) : (input, init) => fetch(input, init);
     if (this.url.pathname.endsWith("/_streams")) {
       this.streamList = (this.url.searchParams.get("streams") ?? "")
         .split(",")

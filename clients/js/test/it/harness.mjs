@@ -60,10 +60,20 @@ export function uniqueDb(prefix) {
   return `${prefix}_${process.pid}_${Date.now().toString(36)}_${Math.floor(Math.random() * 1e6)}`;
 }
 
+/**
+ * The reason to skip when a prerequisite is missing, else `undefined`. Under `scripts/test`
+ * (`STREAMGATE_JS_STRICT=1`) a missing prerequisite is an error instead: a full run never
+ * passes by skipping.
+ */
+export function prerequisite(reason) {
+  if (reason && process.env.STREAMGATE_JS_STRICT === "1") throw new Error(`STREAMGATE_JS_STRICT: ${reason}`);
+  return reason;
+}
+
 /** Whether both binaries exist (otherwise the file's tests skip with this reason). */
 export function missingBinaries() {
   const missing = [MONGOD, STREAMGATE].filter((p) => !fs.existsSync(p));
-  return missing.length ? `missing ${missing.join(", ")} (set MONGOD / STREAMGATE_BIN, or cargo build --bin streamgate)` : undefined;
+  return prerequisite(missing.length ? `missing ${missing.join(", ")} (set MONGOD / STREAMGATE_BIN, or cargo build --bin streamgate)` : undefined);
 }
 
 /** A running mongod replica set (`rs0`, one node). */
