@@ -60,6 +60,14 @@ pub struct Config {
     /// (open streams write keep-alives, so they are not idle).
     #[serde(default = "default_idle_timeout_secs")]
     pub idle_timeout_secs: u64,
+    /// Most documents the document view's first `put` may hold (it is one event, built
+    /// before the response starts); past it the request is refused with 413.
+    #[serde(default = "default_snapshot_max_docs")]
+    pub snapshot_max_docs: usize,
+    /// Snapshot scans (`snapshot=true`, the document view) running at once on this server;
+    /// a request that finds none free within a few seconds gets 503 with `Retry-After`.
+    #[serde(default = "default_snapshot_max_scans")]
+    pub snapshot_max_scans: usize,
     /// Where the admin API stores stream definitions.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -414,6 +422,11 @@ impl Config {
         if self.ring_size == 0 {
             return Err(ConfigError::Invalid("ring_size must be at least 1".into()));
         }
+        if self.snapshot_max_scans == 0 {
+            return Err(ConfigError::Invalid(
+                "snapshot_max_scans must be at least 1".into(),
+            ));
+        }
         self.limits.validate()?;
         crate::auth::check_config(&self.auth, &self.cors).map_err(ConfigError::Invalid)?;
         for (index, stream) in self.streams.iter().enumerate() {
@@ -490,6 +503,12 @@ fn default_head_timeout_secs() -> u64 {
 }
 fn default_idle_timeout_secs() -> u64 {
     10
+}
+fn default_snapshot_max_docs() -> usize {
+    10_000
+}
+fn default_snapshot_max_scans() -> usize {
+    8
 }
 fn default_admin_db() -> String {
     "streamgate".to_owned()

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
-use mongodb::bson::{Bson, Document, doc};
+use mongodb::bson::{Bson, Document, Timestamp, doc};
 use mongodb::change_stream::event::ResumeToken;
 use serde_json::json;
 
@@ -95,6 +95,45 @@ impl Token {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The position "after every change at cluster time `at`": `82`, the 8-byte timestamp
+    /// (KeyString encodes a Timestamp big-endian, so hex order is time order), then `FF`.
+    /// Every real token of a change at `at` continues the same prefix with a KeyString type
+    /// byte (at most `F0`), so it sorts before this one; every change after `at` has a greater
+    /// timestamp, so it sorts after. It is not a token MongoDB can resume from: a cursor opened
+    /// from it uses `startAtOperationTime` just after `at` (see [`Token::start_at`]).
+    pub fn after_cluster_time(at: Timestamp) -> Token {
+        let ts = (u64::from(at.time) << 32) | u64::from(at.increment);
+        Token(Arc::from(format!("82{ts:016X}FF")))
+    }
+
+    /// The cluster time a token starts with (every resume token's first element).
+    pub fn cluster_time(&self) -> Option<Timestamp> {
+        let ts = u64::from_str_radix(self.0.get(2..18)?, 16).ok()?;
+        Some(Timestamp {
+            time: (ts >> 32) as u32,
+            increment: ts as u32,
+        })
+    }
+
+    /// For a position made by [`Token::after_cluster_time`]: the `startAtOperationTime` that
+    /// opens a change stream at the first change after it. `None` for real resume tokens.
+    pub fn start_at(&self) -> Option<Timestamp> {
+        if self.0.len() != 20 || !self.0.ends_with("FF") {
+            return None;
+        }
+        let at = self.cluster_time()?;
+        Some(match at.increment.checked_add(1) {
+            Some(increment) => Timestamp {
+                time: at.time,
+                increment,
+            },
+            None => Timestamp {
+                time: at.time.saturating_add(1),
+                increment: 0,
+            },
+        })
+    }
 }
 
 impl Ord for Token {
@@ -137,6 +176,12 @@ pub enum EventKind {
     AuthRevoked,
     /// Something went wrong for this client (see [`ErrorCode`]); the stream ends.
     Error(ErrorCode),
+    /// A current document of a `snapshot=true` stream (PROTOCOL.md §6). Not terminal.
+    Snapshot,
+    /// The snapshot is complete (`{"count":N}`); changes follow. Not terminal.
+    Ready,
+    /// A document-view event (`put` / `patch`, PROTOCOL.md §7), named by its own frame.
+    View,
 }
 
 /// Codes carried by `error` events.
@@ -174,18 +219,33 @@ impl EventKind {
             EventKind::Cancel => "cancel",
             EventKind::AuthRevoked => "auth_revoked",
             EventKind::Error(_) => "error",
+            EventKind::Snapshot => "snapshot",
+            EventKind::Ready => "ready",
+            EventKind::View => "put",
         }
     }
 
     /// Whether the stream ends after this event.
     pub fn is_terminal(self) -> bool {
-        !matches!(self, EventKind::Change | EventKind::Skipped)
+        !matches!(
+            self,
+            EventKind::Change
+                | EventKind::Skipped
+                | EventKind::Snapshot
+                | EventKind::Ready
+                | EventKind::View
+        )
     }
 
     /// WebSocket close code sent after a terminal event (see README "WebSocket close codes").
     pub fn ws_close_code(self) -> u16 {
         match self {
-            EventKind::Change | EventKind::Skipped | EventKind::Invalidate => 1000,
+            EventKind::Change
+            | EventKind::Skipped
+            | EventKind::Invalidate
+            | EventKind::Snapshot
+            | EventKind::Ready
+            | EventKind::View => 1000,
             EventKind::Cancel => 4001,
             EventKind::AuthRevoked => 4003,
             EventKind::Error(ErrorCode::SlowConsumer) => 4008,
@@ -209,6 +269,10 @@ pub struct Event {
     pub ws: Utf8Bytes,
     /// The same envelope plus `\n`, for NDJSON.
     pub ndjson: Bytes,
+    /// This change as the document view shows it (`put`/`patch`, PROTOCOL.md §7), made by
+    /// the first document-view client that needs it and shared by the others; `None` inside
+    /// when the change means nothing to the view.
+    pub view: std::sync::OnceLock<Option<Arc<Event>>>,
 }
 
 /// A change document could not be turned into an event.
@@ -256,6 +320,42 @@ impl Event {
             "ns": pick("ns"),
         });
         Event::encode(EventKind::Skipped, Some(id.clone()), &data, false)
+    }
+
+    /// An event of `kind` with `data` (snapshot documents, `ready`).
+    pub fn new(kind: EventKind, id: Option<Token>, data: &serde_json::Value) -> Event {
+        Event::encode(kind, id, data, false)
+    }
+
+    /// A document-view event: SSE `event: <name>` with `data` already encoded as JSON text
+    /// (the initial `put` is assembled from many documents without a tree in memory).
+    pub fn view(name: &str, id: Option<Token>, data_json: &str) -> Event {
+        let mut sse = String::with_capacity(data_json.len() + 128);
+        if let Some(token) = &id {
+            sse.push_str("id: ");
+            sse.push_str(token.as_str());
+            sse.push('\n');
+        }
+        sse.push_str("event: ");
+        sse.push_str(name);
+        sse.push_str("\ndata: ");
+        sse.push_str(data_json);
+        sse.push_str("\n\n");
+        let envelope = format!(
+            "{{\"event\":{},{}\"data\":{data_json}}}",
+            serde_json::Value::from(name),
+            id.as_ref()
+                .map(|t| format!("\"id\":\"{t}\","))
+                .unwrap_or_default()
+        );
+        Event {
+            kind: EventKind::View,
+            id,
+            sse: Bytes::from(sse),
+            ws: Utf8Bytes::from(envelope.as_str()),
+            ndjson: Bytes::from(envelope + "\n"),
+            view: std::sync::OnceLock::new(),
+        }
     }
 
     /// A control event (`error`, `cancel`, `auth_revoked`, …) with a `{code,message}` body.
@@ -317,6 +417,7 @@ impl Event {
             sse: Bytes::from(sse),
             ws,
             ndjson: Bytes::from(envelope),
+            view: std::sync::OnceLock::new(),
         }
     }
 }
@@ -381,6 +482,47 @@ mod tests {
         let sse = std::str::from_utf8(&event.sse).unwrap();
         assert!(sse.starts_with("id:\nevent: error\n"));
         assert!(sse.contains("\"code\":\"history_lost\""));
+    }
+
+    #[test]
+    fn a_cluster_time_position_sorts_after_every_change_at_that_time_and_before_the_next() {
+        let at = Timestamp {
+            time: 0x65A1_B2C3,
+            increment: 1,
+        };
+        let position = Token::after_cluster_time(at);
+        assert_eq!(position.as_str(), "8265A1B2C300000001FF");
+        assert_eq!(position.cluster_time(), Some(at));
+        // A change at `at` (event token) and the high-water mark at `at`: before.
+        let event_at = Token::parse("8265A1B2C3000000012B022C0100296E5A1004").unwrap();
+        let high_water = Token::parse("8265A1B2C3000000010000000000").unwrap();
+        assert!(event_at < position && high_water < position);
+        // The next increment and the next second: after.
+        let next = Token::parse("8265A1B2C3000000022B022C0100296E5A1004").unwrap();
+        let later = Token::parse("8265A1B2C4000000002B022C0100296E5A1004").unwrap();
+        assert!(position < next && position < later);
+        // It parses back from a client (it is a valid id), opens just after `at`, and real
+        // tokens are not mistaken for it.
+        assert_eq!(Token::parse(position.as_str()).unwrap(), position);
+        assert_eq!(
+            position.start_at(),
+            Some(Timestamp {
+                time: 0x65A1_B2C3,
+                increment: 2
+            })
+        );
+        assert_eq!(event_at.start_at(), None);
+        let wrap = Token::after_cluster_time(Timestamp {
+            time: 7,
+            increment: u32::MAX,
+        });
+        assert_eq!(
+            wrap.start_at(),
+            Some(Timestamp {
+                time: 8,
+                increment: 0
+            })
+        );
     }
 
     #[test]

@@ -5,25 +5,31 @@
 //! config.rs      TOML + env + CLI configuration (no I/O beyond reading the file)
 //! error.rs       ApiError → application/problem+json
 //! event.rs       Token (resume token, oplog-ordered) and Event (encoded once per wire format)
+//! routing.rs     per-client routing rules and filters (claims, routable $var bindings)
+//! backoff.rs     exponential backoff for every retry loop
 //! streams/       definition.rs (validation, $var binding) · registry.rs (definitions → workers)
-//! worker/        mod.rs (ring + broadcast hub) · cursor.rs (one cursor, retry from last token)
-//!                subscription.rs (per-client backlog → catch-up → live, exactly once)
-//! http/          router, transport negotiation, sse.rs / ws.rs / ndjson.rs, health + metrics
+//!                store.rs (admin definitions in MongoDB + the watcher applying them)
+//! worker/        mod.rs (worker, context) · hub.rs (ring read by position + live channels)
+//!                source.rs (self-reopening cursor, oversize changes) · cursor.rs (the loop)
+//!                catchup.rs (shared catch-up cursors) · subscription.rs (one client, by position)
+//! http/          server.rs (accept loop, direct SSE/NDJSON writes) · deadline.rs (write deadline)
+//!                negotiation, sse.rs / ws.rs / ndjson.rs, feed.rs, health + metrics
 //! admin/         the admin REST API (/_admin/streams, OpenAPI document) · view.rs (stats JSON)
-//! streams/store  admin definitions in MongoDB + the change-stream watcher applying them here
 //! auth/          credentials → Principal (JWT, API keys), stream rules, CORS/Origin policy
-//! limits.rs      connection limits (total, per stream/user/IP) with RAII permits
+//! limits.rs      connection limits and the upstream cursor budget, with RAII permits
 //! metrics.rs     Prometheus registry
 //! replset.rs     replica-set initiation for local runs and tests
 //! ```
-//! Data flow: MongoDB cursor → `Worker` (encode once, ring, broadcast) → `Subscription` (per
-//! client: resume hand-over, lag check) → `Feed` (batches, keep-alive, shutdown) → transport.
+//! Data flow: MongoDB cursor → `Worker` (encode once, ring, live channels) → `Subscription` (per
+//! client, by position: live, ring chunks, shared catch-up) → `Feed` (batches, keep-alive,
+//! shutdown, expiry) → transport.
 //!
 //! [`App::new`] builds everything without binding; [`App::serve`] takes an already-bound
 //! listener and a shutdown future, so tests run servers on `127.0.0.1:0`.
 
 pub mod admin;
 pub mod auth;
+pub mod backoff;
 pub mod config;
 pub mod error;
 pub mod event;
@@ -31,6 +37,8 @@ pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod replset;
+pub mod routing;
+pub mod snapshot;
 pub mod streams;
 pub mod worker;
 
@@ -152,6 +160,10 @@ impl App {
         }
         Ok(App {
             state: AppState {
+                snapshots: Arc::new(snapshot::Snapshots::new(
+                    config.snapshot_max_scans,
+                    config.snapshot_max_docs,
+                )),
                 registry,
                 store,
                 metrics,

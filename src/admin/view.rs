@@ -148,20 +148,15 @@ fn stats(workers: &[Arc<Worker>]) -> Value {
 
 /// `running` if any worker runs, else `retrying`, else `starting`; `idle` without workers.
 fn aggregate_state(states: impl Iterator<Item = WorkerState>) -> &'static str {
-    let mut best = "idle";
-    for state in states {
-        let rank = |s: &str| match s {
-            "running" => 3,
-            "retrying" => 2,
-            "starting" => 1,
-            _ => 0,
-        };
-        let name = state.as_str();
-        if rank(name) > rank(best) {
-            best = name;
-        }
-    }
-    best
+    states
+        .filter(|s| *s != WorkerState::Stopped)
+        .max_by_key(|s| match s {
+            WorkerState::Running => 3,
+            WorkerState::Retrying => 2,
+            WorkerState::Starting => 1,
+            WorkerState::Stopped => 0,
+        })
+        .map_or("idle", WorkerState::as_str)
 }
 
 fn clients_json(counts: [usize; 3]) -> Value {

@@ -267,6 +267,8 @@ impl Authenticator {
 #[derive(Deserialize)]
 struct TokenParam {
     access_token: Option<String>,
+    /// Firebase's name for it (the document view, PROTOCOL.md §7).
+    auth: Option<String>,
 }
 
 /// The middleware in front of every route: authenticates, requires the admin role on
@@ -287,7 +289,7 @@ pub async fn guard(
     let admin = path == "/_admin" || path.starts_with("/_admin/");
     let access_token = Query::<TokenParam>::try_from_uri(request.uri())
         .ok()
-        .and_then(|Query(p)| p.access_token);
+        .and_then(|Query(p)| p.access_token.or(p.auth));
     let principal = match auth.authenticate(request.headers(), access_token.as_deref()) {
         Ok(principal) => principal,
         Err(error) => return ApiError::from(error).into_response(),

@@ -16,10 +16,14 @@ use super::negotiate::Transport;
 use crate::event::{Event, EventKind};
 use crate::limits::Permit;
 use crate::metrics::{Metrics, TransportLabel};
+use crate::snapshot::Prelude;
 use crate::worker::Subscription;
 
 /// Most events written in one batch.
 const MAX_BATCH_EVENTS: usize = 256;
+
+/// Rewrites an event for a view of the stream; `None` drops it (see `http::docview`).
+pub type ViewFn = fn(&Arc<Event>) -> Option<Arc<Event>>;
 
 /// What to write next.
 pub enum Frame {
@@ -48,6 +52,11 @@ pub struct Feed {
     expiry: Option<Pin<Box<Sleep>>>,
     /// The client's connection-limit slot: held for as long as the feed lives, freed on drop.
     permit: Option<Permit>,
+    /// Events sent before the subscription's (a snapshot, PROTOCOL.md §6); `None` once it
+    /// has closed. A bounded channel: the scan behind it waits for this client.
+    prelude: Option<Prelude>,
+    /// Rewrites each event for a view (the document view); `None` from it drops the event.
+    view: Option<ViewFn>,
     done: bool,
 }
 
@@ -79,8 +88,22 @@ impl Feed {
             transport,
             expiry: expires_at.map(|at| Box::pin(tokio::time::sleep_until(at))),
             permit: None,
+            prelude: None,
+            view: None,
             done: false,
         }
+    }
+
+    /// Sends `prelude`'s events (a snapshot) before the subscription's.
+    pub fn with_prelude(mut self, prelude: Prelude) -> Feed {
+        self.prelude = Some(prelude);
+        self
+    }
+
+    /// Passes every event through `view` (the document view's `put`/`patch`).
+    pub fn with_view(mut self, view: ViewFn) -> Feed {
+        self.view = Some(view);
+        self
     }
 
     /// Holds `permit` (a connection-limit slot) until the feed is dropped.
@@ -109,7 +132,26 @@ impl Feed {
                 let revoked = Event::control(EventKind::AuthRevoked, "the access token expired", false);
                 Some(Frame::Events(vec![Arc::new(revoked)]))
             }
-            event = self.subscription.next() => {
+            // `recv` is cancel-safe: a keep-alive tick loses nothing.
+            event = next_prelude(&mut self.prelude), if self.prelude.is_some() => {
+                let Some(first) = event else {
+                    self.prelude = None;
+                    continue;
+                };
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH_EVENTS
+                    && !batch.last().is_some_and(|e| e.kind.is_terminal())
+                    && let Some(Ok(event)) = self.prelude.as_mut().map(|p| p.try_recv())
+                {
+                    batch.push(event);
+                }
+                if batch.last().is_some_and(|e| e.kind.is_terminal()) {
+                    self.done = true;
+                }
+                self.wrote = true;
+                Some(Frame::Events(batch))
+            }
+            event = self.subscription.next(), if self.prelude.is_none() => {
                 let Some(first) = event else {
                     self.done = true;
                     return None;
@@ -133,6 +175,13 @@ impl Feed {
                 Some(Frame::KeepAlive)
             }
             };
+            if let (Some(view), Some(Frame::Events(batch))) = (self.view, &frame) {
+                let batch: Vec<Arc<Event>> = batch.iter().filter_map(view).collect();
+                if batch.is_empty() {
+                    continue;
+                }
+                return Some(Frame::Events(batch));
+            }
             return frame;
         }
     }
@@ -146,6 +195,13 @@ impl Feed {
             .delivered_bytes
             .fetch_add(bytes as u64, Ordering::Relaxed);
         self.metrics.deliveries.inc_by(events as u64);
+    }
+}
+
+async fn next_prelude(prelude: &mut Option<Prelude>) -> Option<Arc<Event>> {
+    match prelude {
+        Some(prelude) => prelude.recv().await,
+        None => std::future::pending().await,
     }
 }
 

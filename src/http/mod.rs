@@ -3,11 +3,13 @@
 //! | route | module |
 //! |---|---|
 //! | `GET /{db}/{coll}/_streams/{name}` (SSE, WebSocket, NDJSON) | [`subscribe`] |
+//! | `GET /{db}/{coll}/_streams/{name}.json`, `?format=firebase` (SSE) | [`docview`] |
 //! | `GET /health/live`, `GET /health/ready`, `GET /metrics` | [`health`] |
 //! | `/_admin/streams…`, `GET /_admin/openapi.json` | [`crate::admin`] |
 
 pub mod body;
 pub mod deadline;
+pub mod docview;
 pub mod feed;
 pub mod health;
 pub mod ndjson;
@@ -49,6 +51,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Fires on shutdown; every open stream watches it.
     pub shutdown: CancellationToken,
+    /// Snapshot scans (`snapshot=true`, the document view).
+    pub snapshots: Arc<crate::snapshot::Snapshots>,
 }
 
 /// Builds the router.

@@ -1,4 +1,5 @@
-//! Newline-delimited JSON over chunked HTTP: one envelope per line, empty line as keep-alive.
+//! Newline-delimited JSON over a streaming HTTP body (close-delimited on the direct path,
+//! chunked under hyper): one envelope per line, empty line as keep-alive.
 
 use axum::response::Response;
 use bytes::Bytes;

@@ -18,10 +18,11 @@ use serde::Deserialize;
 use super::AppState;
 use super::feed::Feed;
 use super::negotiate::{Transport, negotiate};
-use super::{ndjson, sse, ws};
+use super::{docview, ndjson, sse, ws};
 use crate::auth::{Principal, cors};
 use crate::error::ApiError;
 use crate::event::Token;
+use crate::snapshot::Mode;
 use crate::streams::StreamKey;
 
 /// Largest WebSocket message we read from a client (they have nothing to say).
@@ -42,6 +43,12 @@ pub struct SubscribeParams {
     pub last_event_id: Option<String>,
     /// Auth token for clients that cannot send headers.
     pub access_token: Option<String>,
+    /// Firebase's name for `access_token` (PROTOCOL.md §7).
+    pub auth: Option<String>,
+    /// `true`: start with the current documents (PROTOCOL.md §6).
+    pub snapshot: Option<String>,
+    /// `firebase`: the document view (PROTOCOL.md §7), like the `.json` suffix.
+    pub format: Option<String>,
 }
 
 /// The subscribe handler.
@@ -56,6 +63,11 @@ pub async fn subscribe(
 ) -> Result<Response, ApiError> {
     // Set by `auth::guard` when auth is on; `None` when it is off.
     let principal = principal.map(|Extension(p)| p);
+    // `{name}.json` is the document view of `{name}` (stream names have no dots).
+    let (name, json_suffix) = match name.strip_suffix(docview::SUFFIX) {
+        Some(stem) => (stem.to_owned(), true),
+        None => (name, false),
+    };
     let key = StreamKey::new(&db, &coll, &name).map_err(|_| {
         ApiError::not_found(format!(
             "no stream is defined at /{db}/{coll}/_streams/{name}"
@@ -71,13 +83,15 @@ pub async fn subscribe(
     let Query(params) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let transport = negotiate(&headers)?;
     let resume = resume_id(&headers, &params)?;
+    let mode = start_mode(&state, &key, &params, json_suffix, transport)?;
     // Check the upgrade before any worker starts for a request that cannot be served.
     let upgrade = match transport {
         Transport::WebSocket => {
             // Browsers do not apply CORS to WebSocket: the origin check is ours.
-            let cookie = state
-                .auth
-                .credential_is_cookie(&headers, params.access_token.as_deref());
+            let cookie = state.auth.credential_is_cookie(
+                &headers,
+                params.access_token.as_deref().or(params.auth.as_deref()),
+            );
             if !cors::websocket_origin_allowed(&state.config.cors, &headers, cookie) {
                 return Err(ApiError::new(
                     StatusCode::FORBIDDEN,
@@ -103,17 +117,36 @@ pub async fn subscribe(
 
     // Per-user document filtering: the authenticated claims (`None` with auth off).
     let claims = principal.as_ref().map(|p| &p.claims);
-    let subscription = state
-        .registry
-        .subscribe(
-            &key,
-            params.avars.as_deref(),
-            resume,
-            transport as usize,
-            claims,
-        )
-        .await?;
-    let feed = Feed::new(
+    let (subscription, prelude) = match mode {
+        None => (
+            state
+                .registry
+                .subscribe(
+                    &key,
+                    params.avars.as_deref(),
+                    resume,
+                    transport as usize,
+                    claims,
+                )
+                .await?,
+            None,
+        ),
+        Some(mode) => {
+            state
+                .snapshots
+                .subscribe(
+                    &state.registry,
+                    &key,
+                    params.avars.as_deref(),
+                    resume,
+                    transport as usize,
+                    claims,
+                    mode,
+                )
+                .await?
+        }
+    };
+    let mut feed = Feed::new(
         subscription,
         state.config.keepalive(),
         state.shutdown.clone(),
@@ -122,6 +155,12 @@ pub async fn subscribe(
         principal.as_ref().and_then(Principal::deadline),
     )
     .with_permit(permit);
+    if let Some(prelude) = prelude {
+        feed = feed.with_prelude(prelude);
+    }
+    if mode == Some(Mode::View) {
+        return Ok(docview::response(feed, state.config.sse_retry_ms));
+    }
     Ok(match transport {
         Transport::Sse => sse::response(feed, state.config.sse_retry_ms),
         Transport::Ndjson => ndjson::response(feed),
@@ -140,6 +179,51 @@ pub async fn subscribe(
                 .into_response()
         }
     })
+}
+
+/// Whether the client starts with a snapshot, and in which form; the document view is SSE only.
+fn start_mode(
+    state: &AppState,
+    key: &StreamKey,
+    params: &SubscribeParams,
+    json_suffix: bool,
+    transport: Transport,
+) -> Result<Option<Mode>, ApiError> {
+    let view = match params.format.as_deref() {
+        None => json_suffix,
+        Some("firebase") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "format={other:?} is not known; the only format is \"firebase\" (the document view)"
+            )));
+        }
+    };
+    if view {
+        if transport != Transport::Sse {
+            return Err(ApiError::new(
+                StatusCode::NOT_ACCEPTABLE,
+                "Not Acceptable",
+                "the document view is served as Server-Sent Events only (Accept: text/event-stream)",
+            ));
+        }
+        return Ok(Some(Mode::View));
+    }
+    let asked = match params.snapshot.as_deref() {
+        None => false,
+        Some("true" | "1") => true,
+        Some("false" | "0") => false,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "snapshot={other:?}: expected true or false"
+            )));
+        }
+    };
+    let by_definition = params.snapshot.is_none()
+        && state
+            .registry
+            .get(key)
+            .is_some_and(|entry| entry.definition.source.snapshot);
+    Ok((asked || by_definition).then_some(Mode::Events))
 }
 
 /// `Last-Event-ID` wins over `?lastEventId=`; an empty value means "from now".

@@ -14,7 +14,7 @@ use mongodb::options::{ChangeStreamOptions, FullDocumentBeforeChangeType, FullDo
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::worker::routing::{MatchRule, RuleSource};
+use crate::routing::{MatchRule, RuleSource};
 
 /// Stages MongoDB allows after `$changeStream`.
 pub const ALLOWED_STAGES: &[&str] = &[
@@ -163,9 +163,13 @@ pub struct StreamDefinition {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// Per-user filtering: `{"<field path>": {"$claim": "<claim>"}}`, evaluated inside
-    /// Streamgate for each client from its verified token (see `worker::routing`).
+    /// Streamgate for each client from its verified token (see `crate::routing`).
     #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
     pub match_rules: Option<Value>,
+    /// Start every subscription with the current documents (`?snapshot=true` for all clients,
+    /// PROTOCOL.md §6).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub snapshot: bool,
 }
 
 impl Default for StreamDefinition {
@@ -176,6 +180,7 @@ impl Default for StreamDefinition {
             full_document_before_change: FullDocumentBeforeChange::default(),
             description: None,
             match_rules: None,
+            snapshot: false,
         }
     }
 }

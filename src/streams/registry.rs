@@ -5,7 +5,7 @@
 //! for that (stream, revision, variables). Replacing or deleting a definition ends its workers
 //! with a `cancel` event; clients reconnect and land on the new revision.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -16,10 +16,10 @@ use super::definition::{AvarsError, CompiledDefinition, StreamKey, parse_avars};
 use crate::event::{Event, EventKind, Token};
 use crate::limits::{CursorBudget, UpstreamLimit};
 use crate::metrics::Metrics;
-use crate::worker::routing::{ClientFilter, FilterError};
+use crate::routing::{ClientFilter, FilterError};
 use crate::worker::subscription::SubscribeError;
 use crate::worker::{
-    ClientGuard, Subscription, Worker, WorkerContext, WorkerKey, WorkerSettings, lock,
+    ClientGuard, Owner, Subscription, Worker, WorkerContext, WorkerKey, WorkerSettings, lock,
 };
 
 /// How long a first client waits for a new worker's cursor before getting 503.
@@ -94,9 +94,38 @@ pub enum SubscribeFailure {
     Upstream(#[from] UpstreamLimit),
 }
 
+/// The running workers by key. Guarded by a plain mutex: every critical section is a
+/// lookup/insert/remove, never an await. Client counts go up only under this lock (see
+/// `subscribe`), and a worker retires only if, under it, it still has no clients.
+#[derive(Default)]
+struct Workers {
+    map: Mutex<HashMap<WorkerKey, Arc<Worker>>>,
+}
+
+impl Owner for Workers {
+    fn retire_if_idle(&self, worker: &Arc<Worker>) -> bool {
+        let mut map = lock(&self.map);
+        if worker.client_count() != 0 {
+            return false;
+        }
+        if map.get(&worker.key).is_some_and(|w| Arc::ptr_eq(w, worker)) {
+            map.remove(&worker.key);
+        }
+        true
+    }
+
+    fn unregister(&self, worker: &Arc<Worker>) {
+        let mut map = lock(&self.map);
+        if map.get(&worker.key).is_some_and(|w| Arc::ptr_eq(w, worker)) {
+            map.remove(&worker.key);
+        }
+    }
+}
+
 /// Definitions and workers.
 pub struct Registry {
     context: Arc<WorkerContext>,
+    workers: Arc<Workers>,
     definitions: RwLock<BTreeMap<StreamKey, Arc<StreamEntry>>>,
     next_revision: Mutex<u64>,
     cancel: CancellationToken,
@@ -112,8 +141,17 @@ impl Registry {
         tracker: TaskTracker,
         metrics: Arc<Metrics>,
     ) -> Registry {
+        let workers = Arc::new(Workers::default());
         Registry {
-            context: WorkerContext::new(client, settings, metrics, tracker, budget),
+            context: WorkerContext::new(
+                client,
+                settings,
+                metrics,
+                tracker,
+                budget,
+                Arc::clone(&workers) as Arc<dyn Owner>,
+            ),
+            workers,
             definitions: RwLock::new(BTreeMap::new()),
             next_revision: Mutex::new(1),
             cancel,
@@ -208,20 +246,6 @@ impl Registry {
         applied
     }
 
-    /// Removes a definition; its clients get `cancel`. Returns whether it existed.
-    pub fn remove(&self, key: &StreamKey) -> bool {
-        let removed = self
-            .definitions
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key)
-            .is_some();
-        if removed {
-            self.cancel_workers(key, None, "the stream was deleted");
-        }
-        removed
-    }
-
     /// Removes a stored definition (never a static one); its clients get `cancel`.
     pub fn remove_stored(&self, key: &StreamKey) -> Removed {
         {
@@ -250,7 +274,7 @@ impl Registry {
 
     /// Running workers of a stream (any revision, any variables).
     pub fn workers_of(&self, key: &StreamKey) -> Vec<Arc<Worker>> {
-        lock(&self.context.map)
+        lock(&self.workers.map)
             .values()
             .filter(|w| &w.key.stream == key)
             .cloned()
@@ -259,7 +283,7 @@ impl Registry {
 
     /// Every running worker.
     pub fn all_workers(&self) -> Vec<Arc<Worker>> {
-        lock(&self.context.map).values().cloned().collect()
+        lock(&self.workers.map).values().cloned().collect()
     }
 
     /// Subscribes a client: finds or starts the worker, then attaches (resuming after `resume`).
@@ -272,6 +296,20 @@ impl Registry {
         transport: usize,
         claims: Option<&serde_json::Map<String, serde_json::Value>>,
     ) -> Result<Subscription, SubscribeFailure> {
+        let (guard, filter) = self.attach(key, avars, transport, claims).await?;
+        Ok(Subscription::start(guard, resume, filter).await?)
+    }
+
+    /// Counts a client on the stream's worker (started if needed) once its cursor is open,
+    /// without reading yet: the caller picks the position (a snapshot reads its cluster time
+    /// from the worker first). Returns the client's routing filter too.
+    pub async fn attach(
+        &self,
+        key: &StreamKey,
+        avars: Option<&str>,
+        transport: usize,
+        claims: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<(ClientGuard, Option<Arc<ClientFilter>>), SubscribeFailure> {
         let avars = parse_avars(avars)?;
         let (guard, filter) = loop {
             let entry = self
@@ -285,7 +323,7 @@ impl Registry {
                 revision: entry.revision,
                 vars: binding.vars,
             };
-            let mut map = lock(&self.context.map);
+            let mut map = lock(&self.workers.map);
             // A replace or delete between the lookup above and here would have missed a worker
             // started now for the old revision: check again under the map lock, which
             // `cancel_workers` also takes.
@@ -319,6 +357,6 @@ impl Registry {
         if !guard.worker().ready(READY_TIMEOUT).await {
             return Err(SubscribeFailure::NotReady);
         }
-        Ok(Subscription::start(guard, resume, filter).await?)
+        Ok((guard, filter))
     }
 }

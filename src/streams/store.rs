@@ -37,6 +37,7 @@ use tokio_util::task::TaskTracker;
 
 use super::definition::{CompiledDefinition, DefinitionError, StreamDefinition, StreamKey};
 use super::registry::{Applied, Origin, Registry, Removed};
+use crate::backoff::Backoff;
 use crate::worker::lock;
 
 /// First wait before the watcher starts over after an error; doubles up to [`MAX_BACKOFF`].
@@ -184,29 +185,29 @@ impl Store {
     }
 
     async fn watch_loop(self: Arc<Self>, cancel: CancellationToken) {
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
         loop {
             let result = tokio::select! {
                 _ = cancel.cancelled() => return,
                 result = self.sync_and_watch(&mut backoff) => result,
             };
+            let delay = backoff.next_delay();
             self.synced.send_replace(false);
             match result {
                 Ok(reason) => tracing::info!(reason, "definitions watcher starting over"),
                 Err(error) => {
-                    tracing::warn!(%error, retry_in = ?backoff, "definitions watcher failed; retrying")
+                    tracing::warn!(%error, retry_in = ?delay, "definitions watcher failed; retrying")
                 }
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(delay) => {}
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
     /// Watch, load, then apply changes until the stream ends (returns why) or fails.
-    async fn sync_and_watch(&self, backoff: &mut Duration) -> Result<&'static str, StoreError> {
+    async fn sync_and_watch(&self, backoff: &mut Backoff) -> Result<&'static str, StoreError> {
         let mut stream = self
             .collection
             .watch()
@@ -214,7 +215,7 @@ impl Store {
             .await?;
         self.reload().await?;
         self.synced.send_replace(true);
-        *backoff = FIRST_BACKOFF;
+        backoff.reset();
         while let Some(event) = stream.next().await {
             let event: ChangeStreamEvent<Document> = event?;
             match event.operation_type {

@@ -27,11 +27,11 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, watch};
 
 use super::hub::Hub;
-use super::routing::ClientFilter;
 use super::source::{ChangeSource, Step};
 use super::{Worker, lock};
 use crate::event::{ErrorCode, Event, EventKind, Token};
 use crate::limits::UpstreamLimit;
+use crate::routing::ClientFilter;
 
 /// Catch-up cursors one worker runs at once.
 pub const MAX_CATCH_UPS_PER_WORKER: usize = 4;

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
-use super::routing::{ClientFilter, RouteValues};
 use crate::event::{Event, Token};
+use crate::routing::{ClientFilter, RouteValues};
 
 /// Slots of the live broadcast channel. Small on purpose: lagging clients read from the ring.
 pub const LIVE_SLOTS: usize = 1024;
@@ -327,7 +327,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::worker::routing::{MatchRule, RuleSource, route_values};
+    use crate::routing::{MatchRule, RuleSource, route_values};
     use mongodb::bson::doc;
     use std::collections::BTreeMap;
 

@@ -17,17 +17,16 @@
 //!   whose socket stops taking bytes is closed by its transport (`stall_timeout_secs`).
 //! * On a resumable MongoDB error the [`source::ChangeSource`] reopens the cursor from its last
 //!   position with backoff; clients see nothing.
-//! * The worker stops itself `linger` after its last client leaves (see [`WorkerMap`]).
+//! * The worker stops itself `linger` after its last client leaves, handing itself back to its
+//!   [`Owner`] (the registry), which decides under its own lock.
 
 pub(crate) mod catchup;
 mod cursor;
 pub mod errors;
 pub(crate) mod hub;
-pub mod routing;
 pub(crate) mod source;
 pub mod subscription;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -39,10 +38,10 @@ use tokio_util::task::TaskTracker;
 use crate::event::{Event, Token};
 use crate::limits::{CursorBudget, CursorPermit};
 use crate::metrics::Metrics;
+use crate::routing::ClientFilter;
 use crate::streams::definition::{StreamKey, WatchSpec};
 use catchup::CatchUps;
 use hub::{Attachment, Hub, Routed, Scan};
-use routing::ClientFilter;
 use source::ServerFeatures;
 
 pub use hub::LIVE_SLOTS;
@@ -94,8 +93,8 @@ pub struct WorkerContext {
     pub metrics: Arc<Metrics>,
     /// Where worker and catch-up tasks run (shutdown waits for them).
     pub tracker: TaskTracker,
-    /// The registry's map of live workers.
-    pub map: WorkerMap,
+    /// Who holds the workers (the registry): a worker hands itself back when it retires.
+    pub owner: Arc<dyn Owner>,
     /// Slots for change-stream cursors (`limits.max_workers`, `max_bindings_per_stream`).
     pub budget: CursorBudget,
     /// What the server can do, asked once.
@@ -110,6 +109,7 @@ impl WorkerContext {
         metrics: Arc<Metrics>,
         tracker: TaskTracker,
         budget: CursorBudget,
+        owner: Arc<dyn Owner>,
     ) -> Arc<WorkerContext> {
         Arc::new(WorkerContext {
             client,
@@ -117,7 +117,7 @@ impl WorkerContext {
             metrics,
             tracker,
             budget,
-            map: Arc::new(Mutex::new(HashMap::new())),
+            owner,
             features: tokio::sync::OnceCell::new(),
         })
     }
@@ -148,10 +148,15 @@ impl WorkerState {
     }
 }
 
-/// The registry's map of live workers. Guarded by a plain mutex: every critical section is a
-/// lookup/insert/remove, never an await. Client counts go up only under this lock, which is
-/// what makes "retire when idle" race-free against a client arriving at the same moment.
-pub type WorkerMap = Arc<Mutex<HashMap<WorkerKey, Arc<Worker>>>>;
+/// Who holds the workers. Client counts go up only under the owner's lock (see
+/// [`ClientGuard::new`]), and the owner checks "still idle" under that same lock, which is what
+/// makes "retire when idle" race-free against a client arriving at the same moment.
+pub trait Owner: Send + Sync {
+    /// Forgets `worker` if it still has no clients; returns whether it did.
+    fn retire_if_idle(&self, worker: &Arc<Worker>) -> bool;
+    /// Forgets `worker` whatever its clients (it ended).
+    fn unregister(&self, worker: &Arc<Worker>);
+}
 
 /// Locks a std mutex, recovering from poisoning (a panic elsewhere must not take the server down).
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -186,7 +191,7 @@ pub struct Worker {
     hub: Mutex<Hub>,
     catch_ups: CatchUps,
     state: watch::Sender<WorkerState>,
-    /// Attached clients; changed only under the [`WorkerMap`] lock (increment) or by a guard's
+    /// Attached clients; changed only under the [`Owner`]'s lock (increment) or by a guard's
     /// drop (decrement, which then wakes the idle check).
     clients: AtomicUsize,
     /// Clients per transport, for stats.
@@ -267,7 +272,7 @@ impl Worker {
         lock(&self.hub).terminal.clone()
     }
 
-    /// Counts a new client. Call only while holding the [`WorkerMap`] lock.
+    /// Counts a new client. Call only while holding the [`Owner`]'s lock.
     pub(crate) fn add_client(&self) {
         self.clients.fetch_add(1, Ordering::AcqRel);
     }
@@ -363,24 +368,14 @@ impl Worker {
         self.catch_ups.notify_ended();
     }
 
-    /// Removes the worker from the map if it still has no clients. Returns whether it did.
+    /// Hands the worker back if it still has no clients. Returns whether it was.
     fn retire_if_idle(self: &Arc<Self>) -> bool {
-        let mut map = lock(&self.context.map);
-        if self.client_count() != 0 {
-            return false;
-        }
-        if map.get(&self.key).is_some_and(|w| Arc::ptr_eq(w, self)) {
-            map.remove(&self.key);
-        }
-        true
+        self.context.owner.retire_if_idle(self)
     }
 
-    /// Removes the worker from the map whatever its clients (it ended).
+    /// Hands the worker back whatever its clients (it ended).
     fn unregister(self: &Arc<Self>) {
-        let mut map = lock(&self.context.map);
-        if map.get(&self.key).is_some_and(|w| Arc::ptr_eq(w, self)) {
-            map.remove(&self.key);
-        }
+        self.context.owner.unregister(self);
     }
 
     /// The watched collection.
@@ -419,6 +414,18 @@ impl Worker {
     }
 }
 
+/// An owner that holds nothing (unit-test workers are never in a registry).
+#[cfg(test)]
+struct NoOwner;
+
+#[cfg(test)]
+impl Owner for NoOwner {
+    fn retire_if_idle(&self, worker: &Arc<Worker>) -> bool {
+        worker.client_count() == 0
+    }
+    fn unregister(&self, _: &Arc<Worker>) {}
+}
+
 /// A worker that is never spawned, on an unreachable MongoDB: unit tests publish into it.
 #[cfg(test)]
 pub(crate) async fn test_worker(ring_size: usize) -> Arc<Worker> {
@@ -453,6 +460,7 @@ pub(crate) async fn test_worker(ring_size: usize) -> Arc<Worker> {
             metrics,
             TaskTracker::new(),
             budget,
+            Arc::new(NoOwner),
         ),
         &CancellationToken::new(),
         permit,

@@ -21,42 +21,12 @@ use mongodb::change_stream::ChangeStream;
 use super::Worker;
 use super::errors::{Disposition, classify, server_code};
 use super::hub::Routed;
-use super::routing::route_values;
+use crate::backoff::Backoff;
 use crate::event::{ErrorCode, Event, Token};
+use crate::routing::route_values;
 
 /// `BSONObjectTooLarge`: a change event over 16 MB on a server that cannot split it.
 const BSON_OBJECT_TOO_LARGE: i32 = 10334;
-
-/// Exponential backoff shared by every retry loop (worker cursor, catch-ups, definitions watcher).
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    first: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    /// Starts at `first`, doubles up to `max`.
-    pub fn new(first: Duration, max: Duration) -> Backoff {
-        Backoff {
-            first,
-            max: max.max(first),
-            next: first,
-        }
-    }
-
-    /// The delay to wait now; the following one doubles.
-    pub fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
-        delay
-    }
-
-    /// Back to the first delay (after a success).
-    pub fn reset(&mut self) {
-        self.next = self.first;
-    }
-}
 
 /// What the MongoDB server can do, from its reported version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -316,7 +286,7 @@ impl ChangeSource {
 }
 
 /// `$project` keeping what a `skipped` event and routing need, dropping the large parts.
-fn probe_projection(routing: &[super::routing::MatchRule]) -> Document {
+fn probe_projection(routing: &[crate::routing::MatchRule]) -> Document {
     let mut fields = doc! {
         "_id": 1, "operationType": 1, "ns": 1, "documentKey": 1, "clusterTime": 1,
     };
@@ -335,7 +305,12 @@ async fn open(
     let spec = worker.spec();
     let mut options = spec.options();
     options.max_await_time = Some(worker.settings().max_await);
-    options.resume_after = after.and_then(Token::to_driver);
+    // A cluster-time position (a snapshot's hand-over, `Token::after_cluster_time`) is not a
+    // token MongoDB can resume from: open at the first change after that time instead.
+    match after.and_then(Token::start_at) {
+        Some(start) => options.start_at_operation_time = Some(start),
+        None => options.resume_after = after.and_then(Token::to_driver),
+    }
     let stream = worker
         .client()
         .database(&spec.db)
@@ -448,21 +423,10 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_to_max_and_resets() {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
-        assert_eq!(backoff.next_delay(), Duration::from_millis(100));
-        assert_eq!(backoff.next_delay(), Duration::from_millis(200));
-        assert_eq!(backoff.next_delay(), Duration::from_millis(350));
-        assert_eq!(backoff.next_delay(), Duration::from_millis(350));
-        backoff.reset();
-        assert_eq!(backoff.next_delay(), Duration::from_millis(100));
-    }
-
-    #[test]
     fn probe_keeps_routing_fields() {
-        let rules = vec![super::super::routing::MatchRule {
+        let rules = vec![crate::routing::MatchRule {
             field: vec!["fullDocument".into(), "tenantId".into()],
-            source: super::super::routing::RuleSource::Claim("tenant".into()),
+            source: crate::routing::RuleSource::Claim("tenant".into()),
             pre_image: true,
         }];
         let stage = probe_projection(&rules);

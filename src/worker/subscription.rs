@@ -24,9 +24,9 @@ use tokio::sync::{broadcast, watch};
 use super::Worker;
 use super::catchup::{CatchUpReader, NoCatchUp, Pull};
 use super::hub::Attachment;
-use super::routing::ClientFilter;
 use crate::event::{ErrorCode, Event, EventKind, Token};
 use crate::limits::UpstreamLimit;
+use crate::routing::ClientFilter;
 
 /// Ring entries read per chunk: bounds both the lock hold time and a lagging client's memory
 /// (`CHUNK` `Arc`s, not a copy of the ring).

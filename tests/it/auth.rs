@@ -648,8 +648,10 @@ async fn expiry_cuts_a_client_in_the_middle_of_a_long_catch_up() {
     let late = revoked_at
         .duration_since(UNIX_EPOCH + Duration::from_secs(exp))
         .unwrap_or_default();
+    // Starved, it would come only after all 100,000 changes; on time it comes within the
+    // clock granularity plus a busy machine's scheduling.
     assert!(
-        late < Duration::from_secs(2),
+        late < Duration::from_secs(5),
         "auth_revoked late by {late:?}"
     );
     assert!(

@@ -1,0 +1,163 @@
+//! The document view (PROTOCOL.md §7): `GET /{db}/{coll}/_streams/{name}.json` or
+//! `?format=firebase`, SSE only, in the shape of Firebase and Lark REST streaming.
+//!
+//! ```text
+//! event: put     data: {"path":"/","data":{"<id>":{…},…}}        first: every document
+//! event: put     data: {"path":"/<id>","data":{…}}                insert, replace
+//! event: patch   data: {"path":"/<id>","data":{"a/b":1,"c":null}} update (multi-path update)
+//! event: put     data: {"path":"/<id>","data":null}               delete
+//! event: keep-alive  data: null
+//! ```
+//!
+//! The first `put` is built by `snapshot::Snapshots` (at cluster time T, bounded by
+//! `snapshot_max_docs`); the changes after T come from the ordinary subscription and are
+//! rewritten here, once per change for all view clients (cached in [`Event::view`]). Ids are the
+//! changes' own, so `Last-Event-ID` resumes the view like any stream.
+
+use std::sync::Arc;
+
+use axum::response::Response;
+use bytes::Bytes;
+use mongodb::bson::Bson;
+use serde_json::{Map, Value, json};
+
+use super::body::{Encoding, streaming_response};
+use super::feed::Feed;
+use crate::event::{Event, EventKind};
+use crate::snapshot::id_text;
+
+/// The `.json` suffix that asks for the view (stream names cannot contain dots).
+pub const SUFFIX: &str = ".json";
+
+/// The SSE response for a document-view feed.
+pub fn response(feed: Feed, retry_ms: u64) -> Response {
+    let retry = Bytes::from(format!("retry: {retry_ms}\n\n"));
+    let encoding = Encoding {
+        preamble: Some(retry.clone()),
+        // Firebase sends keep-alive as an event, so clients can watch for it.
+        keepalive: Bytes::from_static(b"event: keep-alive\ndata: null\n\n"),
+        goodbye: Some(retry),
+        pick: |event| &event.sse,
+    };
+    streaming_response(feed.with_view(view_of), encoding, "text/event-stream")
+}
+
+/// An event as the view shows it: changes become `put`/`patch` (or nothing, for changes that
+/// do not touch a document); every other event (`cancel`, `error`, the first `put`) as it is.
+pub fn view_of(event: &Arc<Event>) -> Option<Arc<Event>> {
+    if event.kind != EventKind::Change {
+        return Some(Arc::clone(event));
+    }
+    event
+        .view
+        .get_or_init(|| {
+            let envelope: Value = serde_json::from_str(event.ws.as_str()).ok()?;
+            let (name, data) = change_to_view(&envelope["data"])?;
+            Some(Arc::new(Event::view(
+                name,
+                event.id.clone(),
+                &data.to_string(),
+            )))
+        })
+        .clone()
+}
+
+/// `(event name, data)` for a change event's JSON, `None` when it is not about one document
+/// the view can place (no `documentKey._id`, a drop, …).
+fn change_to_view(change: &Value) -> Option<(&'static str, Value)> {
+    let id = Bson::try_from(change.get("documentKey")?.get("_id")?.clone()).ok()?;
+    let path = format!("/{}", id_text(&id));
+    let full = change.get("fullDocument").filter(|d| d.is_object());
+    match change.get("operationType")?.as_str()? {
+        "insert" | "replace" => Some(("put", json!({ "path": path, "data": full? }))),
+        "delete" => Some(("put", json!({ "path": path, "data": null }))),
+        "update" => match change.get("updateDescription") {
+            Some(description) => Some((
+                "patch",
+                json!({ "path": path, "data": patch(description, full) }),
+            )),
+            // A pipeline removed the delta: the whole document, if it kept that.
+            None => Some(("put", json!({ "path": path, "data": full? }))),
+        },
+        _ => None,
+    }
+}
+
+/// Firebase's multi-path update for an `updateDescription`: each updated field at its child
+/// path (`a.b` → `a/b`), removed fields `null`, a truncated array whole (from the post-image;
+/// keys inside it dropped, since Firebase refuses a path under another one of the same update).
+fn patch(description: &Value, full: Option<&Value>) -> Value {
+    let mut data = Map::new();
+    if let Some(Value::Object(updated)) = description.get("updatedFields") {
+        for (field, value) in updated {
+            data.insert(field.replace('.', "/"), value.clone());
+        }
+    }
+    if let Some(Value::Array(removed)) = description.get("removedFields") {
+        for field in removed.iter().filter_map(Value::as_str) {
+            data.insert(field.replace('.', "/"), Value::Null);
+        }
+    }
+    if let Some(Value::Array(truncated)) = description.get("truncatedArrays") {
+        for field in truncated
+            .iter()
+            .filter_map(|t| t.get("field").and_then(Value::as_str))
+        {
+            let Some(array) = full.and_then(|d| lookup(d, field)) else {
+                continue;
+            };
+            let key = field.replace('.', "/");
+            let inner = format!("{key}/");
+            data.retain(|k, _| !k.starts_with(&inner));
+            data.insert(key, array.clone());
+        }
+    }
+    Value::Object(data)
+}
+
+/// The value at a dotted path of a JSON document (array indexes as numbers).
+fn lookup<'a>(document: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.')
+        .try_fold(document, |value, step| match value {
+            Value::Array(items) => items.get(step.parse::<usize>().ok()?),
+            other => other.get(step),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_become_puts_and_patches() {
+        let oid = "65a1b2c3d4e5f60718293a4b";
+        let insert = json!({"operationType": "insert", "documentKey": {"_id": {"$oid": oid}},
+            "fullDocument": {"_id": {"$oid": oid}, "n": 1}});
+        assert_eq!(
+            change_to_view(&insert),
+            Some((
+                "put",
+                json!({"path": format!("/{oid}"), "data": {"_id": {"$oid": oid}, "n": 1}})
+            ))
+        );
+        let update = json!({"operationType": "update", "documentKey": {"_id": 7},
+            "updateDescription": {
+                "updatedFields": {"score": 300, "f.g": 3, "arr.1": 9},
+                "removedFields": ["gone"],
+                "truncatedArrays": [{"field": "arr", "newSize": 2}]},
+            "fullDocument": {"_id": 7, "arr": [1, 9], "f": {"g": 3}, "score": 300}});
+        assert_eq!(
+            change_to_view(&update),
+            Some((
+                "patch",
+                json!({"path": "/7", "data": {"score": 300, "f/g": 3, "gone": null, "arr": [1, 9]}})
+            ))
+        );
+        let delete = json!({"operationType": "delete", "documentKey": {"_id": "k"}});
+        assert_eq!(
+            change_to_view(&delete),
+            Some(("put", json!({"path": "/k", "data": null})))
+        );
+        assert_eq!(change_to_view(&json!({"operationType": "drop"})), None);
+    }
+}
