@@ -63,6 +63,7 @@ use crate::error::ApiError;
 use crate::event::{Event, EventKind, Token};
 use crate::limits::Permit;
 use crate::metrics::{Metrics, TransportLabel};
+use crate::snapshot::{Mode, Prelude};
 use crate::streams::StreamKey;
 use crate::worker::{Subscription, Worker};
 
@@ -93,6 +94,9 @@ pub struct MultiParams {
     pub last_event_id: Option<String>,
     /// Auth token for clients that cannot send headers.
     pub access_token: Option<String>,
+    /// `true`: every stream starts with its current documents (PROTOCOL.md §6); by default, as
+    /// each stream's definition says.
+    pub snapshot: Option<String>,
     /// `rewind`, `heartbeats`, `enveloped`, `operationType`, `info`.
     #[serde(flatten)]
     pub options: RawOptions,
@@ -105,6 +109,8 @@ struct Opener {
     principal: Option<Principal>,
     ip: Option<IpAddr>,
     avars: Option<String>,
+    /// `?snapshot=` as given (`None`: as each definition says).
+    snapshot: Option<bool>,
     options: Options,
     transport: Transport,
 }
@@ -153,6 +159,7 @@ pub async fn subscribe_many(
         // The client as trusted proxies vouch for it (`auth::proxy`), else the TCP peer.
         ip: client.map(|Extension(ClientAddr(ip))| ip),
         avars: params.avars,
+        snapshot: super::subscribe::snapshot_param(params.snapshot.as_deref())?,
         options,
         transport,
         state,
@@ -270,18 +277,36 @@ impl Opener {
                 .map_err(|e| naming(key, e))?;
         }
         let claims = self.principal.as_ref().map(|p| &p.claims);
-        let rewind = rewind && start.is_none();
-        let mut subscription = state
-            .registry
-            .subscribe(
-                key,
-                self.avars.as_deref(),
-                start,
-                self.transport as usize,
-                claims,
-            )
-            .await
-            .map_err(|e| naming(key, e.into()))?;
+        let snapshot = super::subscribe::snapshot_wanted(state, key, self.snapshot);
+        let rewind = rewind && start.is_none() && !snapshot;
+        let (mut subscription, prelude) = if snapshot {
+            state
+                .snapshots
+                .subscribe(
+                    &state.registry,
+                    key,
+                    self.avars.as_deref(),
+                    start,
+                    self.transport as usize,
+                    claims,
+                    Mode::Events,
+                )
+                .await
+                .map_err(|e| naming(key, e))?
+        } else {
+            let subscription = state
+                .registry
+                .subscribe(
+                    key,
+                    self.avars.as_deref(),
+                    start,
+                    self.transport as usize,
+                    claims,
+                )
+                .await
+                .map_err(|e| naming(key, e.into()))?;
+            (subscription, None)
+        };
         if rewind {
             let narrowing = self.options.narrowing.clone();
             subscription.rewind(self.options.rewind, &|event| {
@@ -290,7 +315,13 @@ impl Opener {
         }
         // A rule change that withdraws this stream ends it (and only it) with `cancel`.
         let revocation = state.auth.watch_access(self.principal.as_ref(), key);
-        Ok(Slot::new(key.to_string(), subscription, permit, revocation))
+        Ok(Slot::new(
+            key.to_string(),
+            subscription,
+            permit,
+            prelude,
+            revocation,
+        ))
     }
 }
 
@@ -427,18 +458,31 @@ impl Slot {
         name: String,
         subscription: Subscription,
         permit: Permit,
+        prelude: Option<Prelude>,
         revocation: Option<Revocation>,
     ) -> Slot {
         let tag = tag(&name);
-        let position = subscription.position().cloned();
+        // With a snapshot still to come, no position yet: a client that reconnects before its
+        // first event starts that stream afresh (snapshot included), not after it.
+        let position = prelude
+            .is_none()
+            .then(|| subscription.position().cloned())
+            .flatten();
         let worker = Arc::clone(subscription.worker());
         let head = format!(
             "{{\"stream\":{},\"event\":\"",
             serde_json::Value::String(name.clone())
         );
         let events: EventStream = Box::pin(futures::stream::unfold(
-            (subscription, revocation),
-            |(mut subscription, mut revocation)| async move {
+            (prelude, subscription, revocation),
+            |(mut prelude, mut subscription, mut revocation)| async move {
+                // A snapshot first (its `snapshot` events and `ready`), then the changes.
+                if let Some(events) = prelude.as_mut() {
+                    match events.recv().await {
+                        Some(event) => return Some((event, (prelude, subscription, revocation))),
+                        None => prelude = None,
+                    }
+                }
                 let event = match revocation.as_mut() {
                     // `cancel` is terminal: the slot leaves the merge and is not polled again.
                     Some(revoked) => tokio::select! {
@@ -448,7 +492,7 @@ impl Slot {
                     },
                     None => subscription.next().await?,
                 };
-                Some((event, (subscription, revocation)))
+                Some((event, (prelude, subscription, revocation)))
             },
         ));
         // A placeholder parent until the slot joins a `Streams` (see `Streams::push`).
@@ -730,11 +774,11 @@ impl MultiFeed {
         let bare = !self.enveloped && event.kind == EventKind::Change;
         let mut prefix = String::with_capacity(head.len() + 2 * position.len() + 64);
         if self.transport == Transport::Sse {
+            // PROTOCOL.md §8: every stream's event is an `event: change` whose data is the
+            // envelope (its `event` member says what it is: change, snapshot, cancel, …).
             prefix.push_str("id: ");
             prefix.push_str(position);
-            prefix.push_str("\nevent: ");
-            prefix.push_str(name);
-            prefix.push_str("\ndata: ");
+            prefix.push_str("\nevent: change\ndata: ");
         }
         // `enveloped=false`: the change alone (SSE keeps its id line, which is the position).
         if bare {

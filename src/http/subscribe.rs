@@ -237,22 +237,30 @@ fn start_mode(
         }
         return Ok(Some(Mode::View));
     }
-    let asked = match params.snapshot.as_deref() {
-        None => false,
-        Some("true" | "1") => true,
-        Some("false" | "0") => false,
-        Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "snapshot={other:?}: expected true or false"
-            )));
-        }
-    };
-    let by_definition = params.snapshot.is_none()
-        && state
+    let asked = snapshot_param(params.snapshot.as_deref())?;
+    Ok(snapshot_wanted(state, key, asked).then_some(Mode::Events))
+}
+
+/// `?snapshot=`: `Some(true|false)` when given, `None` when not; anything else is a 400.
+pub(super) fn snapshot_param(raw: Option<&str>) -> Result<Option<bool>, ApiError> {
+    match raw {
+        None => Ok(None),
+        Some("true" | "1") => Ok(Some(true)),
+        Some("false" | "0") => Ok(Some(false)),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "snapshot={other:?}: expected true or false"
+        ))),
+    }
+}
+
+/// Whether a subscription to `key` starts with a snapshot: as asked, else as its definition says.
+pub(super) fn snapshot_wanted(state: &AppState, key: &StreamKey, asked: Option<bool>) -> bool {
+    asked.unwrap_or_else(|| {
+        state
             .registry
             .get(key)
-            .is_some_and(|entry| entry.definition.source.snapshot);
-    Ok((asked || by_definition).then_some(Mode::Events))
+            .is_some_and(|entry| entry.definition.source.snapshot)
+    })
 }
 
 /// `Last-Event-ID` wins over `?lastEventId=`; an empty value means "from now".

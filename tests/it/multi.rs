@@ -510,3 +510,46 @@ async fn one_stream_ending_leaves_the_others() {
     );
     m.server.stop().await;
 }
+
+/// `snapshot=true` on a connection: every stream starts with its current documents and its own
+/// `ready`, then its changes, with nothing lost or doubled between the two.
+#[tokio::test]
+async fn snapshot_then_changes_on_every_stream_of_a_connection() {
+    let m = Multi::start("multi_snapshot", |_, _| {}).await;
+    insert_seqs(&m.coll("a").await, 0..3).await;
+    insert_seqs(&m.coll("b").await, 10..12).await;
+    let mut client = m
+        .connect(Kind::Ndjson, &m.path(&["a", "b"], "snapshot=true"), None)
+        .await;
+    let mut snapshot: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    let mut ready: BTreeMap<String, i64> = BTreeMap::new();
+    while ready.len() < 2 {
+        let Next::Event(event) = client.next(WAIT).await else {
+            panic!("the snapshot ended early");
+        };
+        let stream = event.stream.clone().expect("the envelope names its stream");
+        match event.event.as_str() {
+            "snapshot" => {
+                assert!(!ready.contains_key(&stream), "snapshot after ready");
+                snapshot
+                    .entry(stream)
+                    .or_default()
+                    .push(event.data["fullDocument"]["seq"].as_i64().expect("seq"));
+            }
+            "ready" => {
+                ready.insert(stream, event.data["count"].as_i64().expect("count"));
+            }
+            other => panic!("unexpected {other} before both streams were ready"),
+        }
+    }
+    assert_eq!(snapshot[&m.stream("a")], vec![0, 1, 2]);
+    assert_eq!(snapshot[&m.stream("b")], vec![10, 11]);
+    assert_eq!(ready[&m.stream("a")], 3);
+    assert_eq!(ready[&m.stream("b")], 2);
+    insert_seqs(&m.coll("a").await, 3..4).await;
+    insert_seqs(&m.coll("b").await, 12..13).await;
+    let got = by_stream(Kind::Ndjson, &mut client, 2).await;
+    assert_eq!(got[&m.stream("a")], vec![3]);
+    assert_eq!(got[&m.stream("b")], vec![12]);
+    m.server.stop().await;
+}
