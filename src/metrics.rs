@@ -188,3 +188,33 @@ impl Metrics {
         out
     }
 }
+
+/// One connected client in `streamgate_clients{transport}`: counted when made, uncounted when
+/// dropped, however the stream ends.
+#[must_use = "the client is uncounted as soon as the gauge is dropped"]
+pub struct ClientGauge {
+    metrics: std::sync::Arc<Metrics>,
+    transport: &'static str,
+}
+
+impl ClientGauge {
+    /// Counts a client of `transport` (`sse`, `websocket`, `ndjson`).
+    pub fn new(metrics: std::sync::Arc<Metrics>, transport: &'static str) -> ClientGauge {
+        metrics
+            .clients
+            .get_or_create(&TransportLabel { transport })
+            .inc();
+        ClientGauge { metrics, transport }
+    }
+}
+
+impl Drop for ClientGauge {
+    fn drop(&mut self) {
+        self.metrics
+            .clients
+            .get_or_create(&TransportLabel {
+                transport: self.transport,
+            })
+            .dec();
+    }
+}

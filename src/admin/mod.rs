@@ -191,23 +191,7 @@ fn parse_definition(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<CompiledDefinition, ApiError> {
-    if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
-        let essence = content_type
-            .to_str()
-            .unwrap_or("")
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        if essence != "application/json" && !essence.ends_with("+json") {
-            return Err(ApiError::unsupported_media_type(
-                "a stream definition is JSON: send Content-Type: application/json",
-            ));
-        }
-    }
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    let value = json_body(headers, body, "a stream definition")?;
     if !value.is_object() {
         return Err(ApiError::bad_request(
             "the body must be a JSON object: a stream definition such as \
@@ -254,6 +238,28 @@ fn member_error(error: serde_path_to_error::Error<serde_json::Error>) -> ApiErro
 
 fn field_error(field: &str, detail: impl Into<String>) -> ApiError {
     ApiError::bad_request(detail).with_extra(json!({ "field": field }))
+}
+
+/// A request body that must be JSON (`what` names it in the errors): 415 for another content
+/// type, 400 for a body that does not parse.
+pub(crate) fn json_body(headers: &HeaderMap, body: &[u8], what: &str) -> Result<Value, ApiError> {
+    if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
+        let essence = content_type
+            .to_str()
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if essence != "application/json" && !essence.ends_with("+json") {
+            return Err(ApiError::unsupported_media_type(format!(
+                "{what} is JSON: send Content-Type: application/json"
+            )));
+        }
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))
 }
 
 #[cfg(test)]

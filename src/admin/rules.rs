@@ -200,23 +200,7 @@ async fn delete_rule(
 }
 
 fn parse_body(name: &str, headers: &HeaderMap, body: &[u8]) -> Result<StoredRule, ApiError> {
-    if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
-        let essence = content_type
-            .to_str()
-            .unwrap_or("")
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        if essence != "application/json" && !essence.ends_with("+json") {
-            return Err(ApiError::unsupported_media_type(
-                "a rule is JSON: send Content-Type: application/json",
-            ));
-        }
-    }
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    let value = super::json_body(headers, body, "a rule")?;
     let body: RuleBody = serde_path_to_error::deserialize(value).map_err(|error| {
         let field = error.path().to_string();
         let message = error.inner().to_string();

@@ -17,7 +17,7 @@ use super::options::Narrowing;
 use crate::auth::{REVOKED_MESSAGE, Revocation};
 use crate::event::{Event, EventKind, Token};
 use crate::limits::Permit;
-use crate::metrics::{Metrics, TransportLabel};
+use crate::metrics::{ClientGauge, Metrics};
 use crate::snapshot::Prelude;
 use crate::worker::Subscription;
 
@@ -39,6 +39,8 @@ pub enum Frame {
 
 /// A subscription plus the timers and signals every transport needs.
 pub struct Feed {
+    /// This client in `streamgate_clients`, for as long as the feed lives.
+    _counted: ClientGauge,
     subscription: Subscription,
     /// Ticks every keep-alive period; a tick after a period with writes sends nothing (cheaper
     /// than resetting a timer on every write, which takes the timer driver's lock).
@@ -49,7 +51,6 @@ pub struct Feed {
     /// every event for every client.
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     metrics: Arc<Metrics>,
-    transport: Transport,
     /// Fires when the client's credential expires: the feed then ends with `auth_revoked`.
     expiry: Option<Pin<Box<Sleep>>>,
     /// Resolves when a rule change withdraws the client's right: the feed then ends with
@@ -80,19 +81,14 @@ impl Feed {
         let mut keepalive =
             tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
         keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        metrics
-            .clients
-            .get_or_create(&TransportLabel {
-                transport: transport.as_str(),
-            })
-            .inc();
+        let counted = ClientGauge::new(Arc::clone(&metrics), transport.as_str());
         Feed {
+            _counted: counted,
             subscription,
             keepalive,
             wrote: false,
             shutdown: Box::pin(shutdown.cancelled_owned()),
             metrics,
-            transport,
             expiry: expires_at.map(|at| Box::pin(tokio::time::sleep_until(at))),
             revocation: None,
             permit: None,
@@ -263,16 +259,5 @@ async fn revoked(revocation: &mut Option<Revocation>) {
     match revocation {
         Some(revocation) => revocation.as_mut().await,
         None => std::future::pending().await,
-    }
-}
-
-impl Drop for Feed {
-    fn drop(&mut self) {
-        self.metrics
-            .clients
-            .get_or_create(&TransportLabel {
-                transport: self.transport.as_str(),
-            })
-            .dec();
     }
 }

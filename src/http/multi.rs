@@ -56,13 +56,14 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::AppState;
 use super::negotiate::{Transport, negotiate};
 use super::options::{Options, RawOptions, named_frame};
+use super::ws::{GOING_AWAY, MESSAGE_TOO_BIG};
+use crate::auth::Principal;
 use crate::auth::proxy::ClientAddr;
-use crate::auth::{Principal, cors};
 use crate::auth::{REVOKED_MESSAGE, Revocation};
 use crate::error::ApiError;
 use crate::event::{Event, EventKind, Token};
 use crate::limits::Permit;
-use crate::metrics::{Metrics, TransportLabel};
+use crate::metrics::{ClientGauge, Metrics};
 use crate::snapshot::{Mode, Prelude};
 use crate::streams::StreamKey;
 use crate::worker::{Subscription, Worker};
@@ -77,10 +78,6 @@ const WS_MAX_INCOMING: usize = 64 * 1024;
 const WS_BUFFER: usize = 4096;
 /// Most events written in one batch.
 const MAX_BATCH_EVENTS: usize = 256;
-/// Close code sent when the server shuts down ("going away").
-const GOING_AWAY: u16 = 1001;
-/// Close code for a client message over [`WS_MAX_INCOMING`].
-const MESSAGE_TOO_BIG: u16 = 1009;
 
 /// Query parameters of `GET /_streams`.
 #[derive(Debug, Default, Deserialize)]
@@ -136,24 +133,13 @@ pub async fn subscribe_many(
         ));
     }
     let resume = resume_position(&headers, params.last_event_id.as_deref())?;
-    let upgrade = match transport {
-        Transport::WebSocket => {
-            let cookie = state
-                .auth
-                .credential_is_cookie(&headers, params.access_token.as_deref());
-            if !cors::websocket_origin_allowed(&state.config.cors, &headers, cookie) {
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "Forbidden",
-                    "WebSocket connections from this origin are not allowed",
-                ));
-            }
-            Some(upgrade.map_err(|e| {
-                ApiError::bad_request(format!("bad WebSocket upgrade: {}", e.body_text()))
-            })?)
-        }
-        _ => None,
-    };
+    let upgrade = super::subscribe::checked_upgrade(
+        &state,
+        &headers,
+        transport,
+        params.access_token.as_deref(),
+        upgrade,
+    )?;
     let opener = Opener {
         principal,
         // The client as trusted proxies vouch for it (`auth::proxy`), else the TCP peer.
@@ -615,6 +601,8 @@ enum MultiFrame {
 
 /// A multi-stream connection's feed: merged streams, keep-alive, shutdown, token expiry.
 struct MultiFeed {
+    /// This client in `streamgate_clients`, for as long as the feed lives.
+    _counted: ClientGauge,
     streams: Streams,
     transport: Transport,
     enveloped: bool,
@@ -635,13 +623,9 @@ impl MultiFeed {
         let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let metrics = Arc::clone(&opener.state.metrics);
-        metrics
-            .clients
-            .get_or_create(&TransportLabel {
-                transport: opener.transport.as_str(),
-            })
-            .inc();
+        let counted = ClientGauge::new(Arc::clone(&metrics), opener.transport.as_str());
         MultiFeed {
+            _counted: counted,
             streams,
             transport: opener.transport,
             enveloped: opener.options.enveloped,
@@ -808,17 +792,6 @@ impl MultiFeed {
             (Transport::WebSocket, true) => b"}",
             (Transport::WebSocket, false) => b"",
         })
-    }
-}
-
-impl Drop for MultiFeed {
-    fn drop(&mut self) {
-        self.metrics
-            .clients
-            .get_or_create(&TransportLabel {
-                transport: self.transport.as_str(),
-            })
-            .dec();
     }
 }
 

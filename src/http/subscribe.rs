@@ -95,26 +95,13 @@ pub async fn subscribe(
     let resumed = resume.is_some();
     let mode = start_mode(&state, &key, &params, json_suffix, transport)?;
     // Check the upgrade before any worker starts for a request that cannot be served.
-    let upgrade = match transport {
-        Transport::WebSocket => {
-            // Browsers do not apply CORS to WebSocket: the origin check is ours.
-            let cookie = state.auth.credential_is_cookie(
-                &headers,
-                params.access_token.as_deref().or(params.auth.as_deref()),
-            );
-            if !cors::websocket_origin_allowed(&state.config.cors, &headers, cookie) {
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "Forbidden",
-                    "WebSocket connections from this origin are not allowed",
-                ));
-            }
-            Some(upgrade.map_err(|e| {
-                ApiError::bad_request(format!("bad WebSocket upgrade: {}", e.body_text()))
-            })?)
-        }
-        _ => None,
-    };
+    let upgrade = checked_upgrade(
+        &state,
+        &headers,
+        transport,
+        params.access_token.as_deref().or(params.auth.as_deref()),
+        upgrade,
+    )?;
     // The slot is held by the feed for the life of the stream (freed on drop).
     let permit = state
         .limits
@@ -239,6 +226,31 @@ fn start_mode(
     }
     let asked = snapshot_param(params.snapshot.as_deref())?;
     Ok(snapshot_wanted(state, key, asked).then_some(Mode::Events))
+}
+
+/// The WebSocket upgrade of a subscribe (`None` for other transports), checked before any
+/// worker starts: browsers do not apply CORS to WebSocket, so the origin check is ours.
+pub(super) fn checked_upgrade(
+    state: &AppState,
+    headers: &HeaderMap,
+    transport: Transport,
+    access_token: Option<&str>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Option<WebSocketUpgrade>, ApiError> {
+    if transport != Transport::WebSocket {
+        return Ok(None);
+    }
+    let cookie = state.auth.credential_is_cookie(headers, access_token);
+    if !cors::websocket_origin_allowed(&state.config.cors, headers, cookie) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "WebSocket connections from this origin are not allowed",
+        ));
+    }
+    upgrade
+        .map(Some)
+        .map_err(|e| ApiError::bad_request(format!("bad WebSocket upgrade: {}", e.body_text())))
 }
 
 /// `?snapshot=`: `Some(true|false)` when given, `None` when not; anything else is a 400.

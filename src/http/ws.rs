@@ -11,9 +11,9 @@ use futures::{Sink, SinkExt, Stream, StreamExt};
 use super::feed::{Feed, Frame};
 
 /// Close code sent when the server shuts down ("going away").
-const GOING_AWAY: u16 = 1001;
+pub(super) const GOING_AWAY: u16 = 1001;
 /// Close code sent when a client's message exceeds the size we accept (RFC 6455 §7.4.1).
-const MESSAGE_TOO_BIG: u16 = 1009;
+pub(super) const MESSAGE_TOO_BIG: u16 = 1009;
 
 /// What a client's options add to the framing (PROTOCOL.md §8).
 #[derive(Debug, Default, Clone)]

@@ -200,16 +200,7 @@ impl Snapshots {
                     .map_err(SubscribeFailure::from)?;
                 return Ok((subscription, Some(rx)));
             }
-            Err(ScanError::Fatal(message)) => {
-                return Err(ApiError::bad_request(format!(
-                    "the snapshot could not be read: {message}"
-                )));
-            }
-            Err(ScanError::TooOld(message) | ScanError::Transient(message)) => {
-                return Err(ApiError::unavailable(format!(
-                    "the snapshot could not be read: {message}"
-                )));
-            }
+            Err(error) => return Err(error.into()),
         };
         let prelude = match mode {
             Mode::Events => {
@@ -267,6 +258,20 @@ enum ScanError {
     Fatal(String),
     /// Worth another try from the last `_id`.
     Transient(String),
+}
+
+/// A snapshot that cannot start: 400 when retrying cannot help, else 503.
+impl From<ScanError> for ApiError {
+    fn from(error: ScanError) -> ApiError {
+        match error {
+            ScanError::Fatal(message) => {
+                ApiError::bad_request(format!("the snapshot could not be read: {message}"))
+            }
+            ScanError::TooOld(message) | ScanError::Transient(message) => {
+                ApiError::unavailable(format!("the snapshot could not be read: {message}"))
+            }
+        }
+    }
 }
 
 impl ScanError {
@@ -483,16 +488,7 @@ impl Scan {
         };
         match result {
             Ok(()) => {}
-            Err(ScanError::Fatal(message)) => {
-                return Err(ApiError::bad_request(format!(
-                    "the snapshot could not be read: {message}"
-                )));
-            }
-            Err(ScanError::TooOld(message) | ScanError::Transient(message)) => {
-                return Err(ApiError::unavailable(format!(
-                    "the snapshot could not be read: {message}"
-                )));
-            }
+            Err(error) => return Err(error.into()),
         }
         if too_many {
             return Err(ApiError::new(
