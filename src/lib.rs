@@ -137,6 +137,7 @@ impl App {
             tracker.clone(),
             Arc::clone(&metrics),
         ));
+        metrics.watch_workers(Arc::downgrade(&registry) as std::sync::Weak<dyn metrics::LagSource>);
         for stream in &config.streams {
             let (key, definition) = stream
                 .split()
