@@ -7,6 +7,8 @@
 //! | `PUT /_admin/streams/{db}/{coll}/{name}` | 201 created · 200 replaced · 400 · 409 static · 413 · 415 |
 //! | `DELETE /_admin/streams/{db}/{coll}/{name}` | 204 · 404 · 409 static |
 //! | `GET /_admin/openapi.json` | the OpenAPI 3.1 document of these routes |
+//! | `GET /_admin/stats` | server-wide figures for the console ([`ui`]) |
+//! | `GET /_admin/ui` | the operator console ([`ui`]) |
 //!
 //! A view ([`view::StreamView`]) is the definition ([`StreamDefinition`], the same serde type
 //! the config file and the store use) plus `db`, `coll`, `name`, `path`, `origin`, `readOnly`,
@@ -20,6 +22,7 @@
 //! PUT disturbs no one. Every error is `application/problem+json`, naming the offending `field`
 //! when there is one.
 
+pub mod ui;
 pub mod view;
 
 use axum::Json;
@@ -60,6 +63,8 @@ pub fn routes(body_limit: usize) -> Router<AppState> {
             "/_admin/openapi.json",
             get(openapi).fallback(method_not_allowed),
         )
+        .route("/_admin/stats", get(ui::stats).fallback(method_not_allowed))
+        .route("/_admin/ui", get(ui::page).fallback(method_not_allowed))
         .layer(DefaultBodyLimit::max(body_limit))
 }
 

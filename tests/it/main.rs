@@ -17,4 +17,5 @@ mod fanin;
 mod filtering;
 mod http_edge;
 mod limits;
+mod ops;
 mod snapshot;
