@@ -339,6 +339,18 @@ impl Metrics {
             "Snapshots started (snapshot=true and the document view)",
             snapshots.clone(),
         );
+        // Every known label value exists from the start (at 0), so a dashboard's rate() has a
+        // series before the first refusal or the first client of a transport.
+        for limit in ["max_connections", "per_stream", "per_user", "per_ip"] {
+            let _ = connection_refusals.get_or_create(&LimitLabel { limit });
+        }
+        for limit in ["max_workers", "max_bindings_per_stream"] {
+            let _ = upstream_refusals.get_or_create(&LimitLabel { limit });
+        }
+        for transport in ["sse", "websocket", "ndjson"] {
+            let _ = clients.get_or_create(&TransportLabel { transport });
+            let _ = bytes_written.get_or_create(&TransportLabel { transport });
+        }
         let lag = Arc::new(LagCollector::default());
         registry.register_collector(Box::new(Arc::clone(&lag)));
         Metrics {
@@ -430,6 +442,8 @@ mod tests {
         assert!(text.contains("\nstreamgate_deliveries_total 3\n"));
         assert!(text.contains("# TYPE streamgate_workers gauge\n"));
         assert!(!text.contains("# EOF"));
+        assert!(text.contains("streamgate_upstream_refusals_total{limit=\"max_workers\"} 0\n"));
+        assert!(text.contains("streamgate_clients{transport=\"ndjson\"} 0\n"));
         assert!(metrics.render().ends_with("# EOF\n"));
     }
 

@@ -113,6 +113,28 @@ async fn metrics_pass_promtool_after_traffic_and_count_refusals_and_bytes() {
     let lag = format!("streamgate_worker_lag_seconds{{stream=\"{}\"}}", f.path);
     assert!(sample(&text, &lag).is_some(), "{lag} missing:\n{text}");
     promtool_check(&text).await;
+    // Every metric the Grafana dashboard queries is one the server exports.
+    let dashboard = include_str!("../../deploy/grafana-dashboard.json");
+    let dashboard: Value = serde_json::from_str(dashboard).unwrap();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for name in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if name.starts_with("streamgate_") {
+                    let exported = text.contains(&format!("# TYPE {name} "))
+                        || ["_bucket", "_sum", "_count"].iter().any(|suffix| {
+                            name.strip_suffix(suffix).is_some_and(|base| {
+                                text.contains(&format!("# TYPE {base} histogram"))
+                            })
+                        });
+                    assert!(
+                        exported,
+                        "the dashboard queries {name}, which /metrics lacks"
+                    );
+                }
+            }
+        }
+    }
 
     // A Prometheus server asks for OpenMetrics and gets it.
     let open = reqwest::Client::new()
@@ -356,6 +378,64 @@ async fn check_config_validates_and_describes_without_connecting() {
     assert!(stderr.contains("streams[0].pipeline[0].$out"), "{stderr}");
 }
 
+#[tokio::test]
+async fn deploy_files_pass_their_linters() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let yamllint = std::process::Command::new("yamllint")
+        .args(["-s", "-c", "deploy/yamllint.yml", "deploy/kubernetes"])
+        .current_dir(root)
+        .output()
+        .expect("yamllint is installed (Debian package yamllint; scripts/test installs it)");
+    assert!(
+        yamllint.status.success(),
+        "yamllint:\n{}",
+        String::from_utf8_lossy(&yamllint.stdout)
+    );
+    let haproxy = std::process::Command::new("haproxy")
+        .args(["-c", "-f", "deploy/haproxy.cfg"])
+        .current_dir(root)
+        .output()
+        .expect("haproxy is installed (Debian package haproxy; scripts/test installs it)");
+    assert!(
+        haproxy.status.success() && !String::from_utf8_lossy(&haproxy.stderr).contains("WARNING"),
+        "haproxy -c:\n{}",
+        String::from_utf8_lossy(&haproxy.stderr)
+    );
+    // The pod's grace period covers preStop + shutdown_grace_secs + the 4 s the workers and
+    // the MongoDB client may take after it (App::serve).
+    let deployment =
+        std::fs::read_to_string(format!("{root}/deploy/kubernetes/deployment.yaml")).unwrap();
+    let configmap =
+        std::fs::read_to_string(format!("{root}/deploy/kubernetes/configmap.yaml")).unwrap();
+    let number_after = |text: &str, key: &str| -> u64 {
+        let rest = &text[text.find(key).unwrap_or_else(|| panic!("{key} missing")) + key.len()..];
+        let digits: String = rest
+            .chars()
+            .skip_while(|c| !c.is_ascii_digit())
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().unwrap()
+    };
+    let period = number_after(&deployment, "terminationGracePeriodSeconds:");
+    let pre_stop = number_after(&deployment, "\"/bin/sleep\",");
+    let grace = number_after(&configmap, "shutdown_grace_secs =");
+    assert!(
+        pre_stop + grace + 4 < period,
+        "{pre_stop} + {grace} + 4 >= {period}"
+    );
+    assert!(deployment.contains("path: /health/ready"));
+    for kind in ["Deployment", "Service", "PodDisruptionBudget", "ConfigMap"] {
+        let found = std::fs::read_dir(format!("{root}/deploy/kubernetes"))
+            .unwrap()
+            .any(|f| {
+                std::fs::read_to_string(f.unwrap().path())
+                    .unwrap()
+                    .contains(&format!("kind: {kind}\n"))
+            });
+        assert!(found, "no {kind} in deploy/kubernetes");
+    }
+}
+
 const ADMIN_KEY: &str = "sg_ops_admin_key";
 const READER_KEY: &str = "sg_ops_reader_key";
 
@@ -514,4 +594,283 @@ async fn browser_console_defines_fixes_tails_and_deletes_a_stream() {
     assert_eq!(gone.status(), 404);
     let _ = node.wait().await;
     server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fleet: deploy/haproxy.cfg in front of three streamgate processes on one replica set.
+
+/// A streamgate process on a fixed port (restartable on the same one).
+struct Instance {
+    port: u16,
+    config: tempfile::NamedTempFile,
+    child: Option<tokio::process::Child>,
+}
+
+impl Instance {
+    fn new(db: &str) -> Instance {
+        let port = mongod::free_port();
+        let mut config = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        let text = format!(
+            "listen = \"127.0.0.1:{port}\"\nmongo_uri = {:?}\nkeepalive_secs = 5\n\
+             shutdown_grace_secs = 3\nsse_retry_ms = 300\n\
+             [[streams]]\ndb = {db:?}\ncoll = \"c\"\nname = \"s\"\n",
+            mongod::shared().uri()
+        );
+        std::io::Write::write_all(&mut config, text.as_bytes()).unwrap();
+        Instance {
+            port,
+            config,
+            child: None,
+        }
+    }
+
+    async fn start(&mut self) {
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamgate"))
+            .arg("--config")
+            .arg(self.config.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let url = format!("http://127.0.0.1:{}/health/ready", self.port);
+        eventually("instance ready", WAIT, async || {
+            reqwest::get(&url).await.is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(|c| c.id())
+            .unwrap()
+            .to_string();
+        let sent = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
+    /// Sends `signal` and waits for the process to exit.
+    async fn stop(&mut self, signal: &str) -> std::process::ExitStatus {
+        self.signal(signal);
+        let mut child = self.child.take().unwrap();
+        tokio::time::timeout(WAIT, child.wait())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+}
+
+/// One SSE client through the load balancer that reconnects with `Last-Event-ID` on every
+/// failure and records the `seq` of every change, in order.
+async fn fleet_client(
+    url: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<i64>>>,
+    done: tokio_util::sync::CancellationToken,
+) -> usize {
+    use futures::StreamExt;
+    let http = reqwest::Client::new();
+    let mut last_id: Option<String> = None;
+    let mut connects = 0;
+    while !done.is_cancelled() {
+        let mut request = http.get(&url).header("accept", "text/event-stream");
+        if let Some(id) = &last_id {
+            request = request.header("last-event-id", id);
+        }
+        let response = tokio::select! {
+            _ = done.cancelled() => break,
+            response = request.send() => response,
+        };
+        match response {
+            Ok(response) if response.status() == 200 => {
+                connects += 1;
+                let mut body = response.bytes_stream();
+                let mut buffer = String::new();
+                let (mut id, mut event, mut data) = (None::<String>, String::new(), String::new());
+                loop {
+                    let chunk = tokio::select! {
+                        _ = done.cancelled() => return connects,
+                        chunk = body.next() => chunk,
+                    };
+                    let Some(Ok(chunk)) = chunk else { break };
+                    buffer.push_str(&String::from_utf8_lossy(&chunk));
+                    while let Some(end) = buffer.find('\n') {
+                        let line: String = buffer.drain(..=end).collect();
+                        let line = line.trim_end_matches(['\n', '\r']);
+                        if let Some(value) = line.strip_prefix("id: ") {
+                            id = Some(value.to_owned());
+                        } else if let Some(value) = line.strip_prefix("event: ") {
+                            event = value.to_owned();
+                        } else if let Some(value) = line.strip_prefix("data: ") {
+                            data = value.to_owned();
+                        } else if line.is_empty() && !event.is_empty() {
+                            assert_ne!(event, "error", "a fleet client got {data}");
+                            if event == "change" {
+                                let change: Value = serde_json::from_str(&data).unwrap();
+                                let seq = change["fullDocument"]["seq"].as_i64().unwrap();
+                                seen.lock().unwrap().push(seq);
+                                last_id = id.take();
+                            }
+                            event.clear();
+                        }
+                    }
+                }
+            }
+            // Refused (an instance going away) or unreachable: try again through the LB.
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    connects
+}
+
+/// 300 SSE clients through haproxy (`STREAMGATE_FLEET_CLIENTS` changes it; a debug build runs
+/// it in about 3 s), inserts flowing all along; one instance is killed with SIGKILL, then all
+/// three are restarted one by one with SIGTERM. Every client must end with every change exactly
+/// once, in order; the time until every client has the first change made after each failure is
+/// printed.
+#[tokio::test]
+async fn fleet_behind_haproxy_survives_kill_and_rolling_restart_exactly_once() {
+    use std::sync::{Arc, Mutex};
+    let clients: usize = std::env::var("STREAMGATE_FLEET_CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let mongo = mongod::shared();
+    let db = unique_db("ops_fleet");
+    let coll = mongo
+        .client()
+        .await
+        .database(&db)
+        .collection::<Document>("c");
+    let mut instances: Vec<Instance> = (0..3).map(|_| Instance::new(&db)).collect();
+    for instance in &mut instances {
+        instance.start().await;
+    }
+    let lb_port = mongod::free_port();
+    let lb = format!("127.0.0.1:{lb_port}");
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy.cfg");
+    let mut haproxy = tokio::process::Command::new("haproxy");
+    haproxy
+        .args(["-db", "-f", cfg])
+        .env("STREAMGATE_LB_BIND", &lb);
+    for (i, instance) in instances.iter().enumerate() {
+        haproxy.env(
+            format!("STREAMGATE_{}", i + 1),
+            format!("127.0.0.1:{}", instance.port),
+        );
+    }
+    let mut haproxy = haproxy
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("haproxy is installed (Debian package haproxy; scripts/test installs it)");
+    let ready = format!("http://{lb}/health/ready");
+    eventually("haproxy forwards", WAIT, async || {
+        reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+
+    let done = tokio_util::sync::CancellationToken::new();
+    let url = format!("http://{lb}/{db}/c/_streams/s");
+    let seen: Vec<Arc<Mutex<Vec<i64>>>> = (0..clients).map(|_| Arc::default()).collect();
+    let tasks: Vec<_> = seen
+        .iter()
+        .map(|seen| tokio::spawn(fleet_client(url.clone(), Arc::clone(seen), done.clone())))
+        .collect();
+    // Clients record changes in order (asserted at the end), so the last one tells.
+    let has = |seq: i64| {
+        seen.iter()
+            .all(|s| s.lock().unwrap().last().is_some_and(|last| *last >= seq))
+    };
+    // Every client has a position (the first change) before anything fails. Until then a
+    // client may still be connecting: insert seq 0 again only once all are attached.
+    eventually("every client attached", WAIT, async || {
+        let mut total = 0;
+        for instance in &instances {
+            let url = format!("http://127.0.0.1:{}/metrics", instance.port);
+            let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+            let sse = sample(&text, "streamgate_clients{transport=\"sse\"}").unwrap_or(0.0);
+            total += sse as usize;
+        }
+        total == clients
+    })
+    .await;
+    coll.insert_one(doc! { "seq": 0_i64 }).await.unwrap();
+    eventually("every client has seq 0", WAIT, async || has(0)).await;
+
+    // Inserts flow from now until the last restart is over.
+    let next_seq = Arc::new(std::sync::atomic::AtomicI64::new(1));
+    let inserting = tokio_util::sync::CancellationToken::new();
+    let inserter = tokio::spawn({
+        let (coll, next_seq, inserting) = (coll.clone(), Arc::clone(&next_seq), inserting.clone());
+        async move {
+            while !inserting.is_cancelled() {
+                let seq = next_seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                coll.insert_one(doc! { "seq": seq }).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    let current = || next_seq.load(std::sync::atomic::Ordering::SeqCst);
+    // From the signal until every client has a change inserted after it.
+    let recover = async |what: &str, instance: &mut Instance, signal: &str| {
+        let after = current() + 1;
+        let started = std::time::Instant::now();
+        let status = instance.stop(signal).await;
+        eventually(what, Duration::from_secs(60), async || has(after)).await;
+        let took = started.elapsed();
+        println!(
+            "fleet ({clients} clients): {what}: every client had the next change after {took:?}"
+        );
+        (status, took)
+    };
+    eventually("inserts flowing", WAIT, async || has(20)).await;
+
+    let mut recoveries = Vec::new();
+    let (_, took) = recover("kill -9 instance 1", &mut instances[0], "-KILL").await;
+    recoveries.push(took);
+    instances[0].start().await;
+    for (i, instance) in instances.iter_mut().enumerate() {
+        let what = format!("SIGTERM instance {} (rolling restart)", i + 1);
+        let (status, took) = recover(&what, instance, "-TERM").await;
+        assert!(status.success(), "SIGTERM exits cleanly: {status}");
+        recoveries.push(took);
+        instance.start().await;
+    }
+    inserting.cancel();
+    inserter.await.unwrap();
+    let last = current() - 1;
+    eventually(
+        "every client has every change",
+        Duration::from_secs(60),
+        async || has(last),
+    )
+    .await;
+    done.cancel();
+    let mut reconnects = 0;
+    for task in tasks {
+        reconnects += task.await.unwrap() - 1;
+    }
+    let expected: Vec<i64> = (0..=last).collect();
+    for (i, seen) in seen.iter().enumerate() {
+        // Exactly once, in order: no gap, no duplicate.
+        assert_eq!(*seen.lock().unwrap(), expected, "client {i}");
+    }
+    println!(
+        "fleet ({clients} clients): {} changes each, {reconnects} reconnects in all",
+        last + 1
+    );
+    let _ = haproxy.kill().await;
+    for instance in &mut instances {
+        let _ = instance.stop("-TERM").await;
+    }
+    for took in &recoveries {
+        assert!(*took < Duration::from_secs(30), "a recovery took {took:?}");
+    }
 }
