@@ -15,6 +15,7 @@
 //! http/          server.rs (accept loop, direct SSE/NDJSON writes) · deadline.rs (write deadline)
 //!                negotiation, sse.rs / ws.rs / ndjson.rs, feed.rs, health + metrics
 //! admin/         the admin REST API (/_admin/streams, OpenAPI document) · view.rs (stats JSON)
+//!                ui.rs (the console at /_admin/ui, /_admin/stats)
 //! auth/          credentials → Principal (JWT, API keys), stream rules, CORS/Origin policy
 //! limits.rs      connection limits and the upstream cursor budget, with RAII permits
 //! metrics.rs     Prometheus registry

@@ -5,7 +5,7 @@
 //! | `GET /{db}/{coll}/_streams/{name}` (SSE, WebSocket, NDJSON) | [`subscribe`] |
 //! | `GET /{db}/{coll}/_streams/{name}.json`, `?format=firebase` (SSE) | [`docview`] |
 //! | `GET /health/live`, `GET /health/ready`, `GET /metrics` | [`health`] |
-//! | `/_admin/streams…`, `GET /_admin/openapi.json` | [`crate::admin`] |
+//! | `/_admin/streams…`, `GET /_admin/openapi.json`, `/_admin/stats`, `/_admin/ui` | [`crate::admin`] |
 
 pub mod body;
 pub mod deadline;
