@@ -89,6 +89,22 @@ pub struct Config {
     /// Empty (default): the TCP peer is the client, and both are ignored.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// `text` (default) or `json`: one JSON object per line with stable field names
+    /// (`timestamp`, `level`, `target`, `message`, then the event's own fields). `--log-json`
+    /// (`STREAMGATE_LOG_JSON`) forces `json`.
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// `[auth]`: who may subscribe to which stream and who may use `/_admin`.
@@ -593,6 +609,15 @@ fn default_max_bindings_per_stream() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_format_is_text_or_json() {
+        assert_eq!(Config::default().log_format, LogFormat::Text);
+        let json = Config::from_toml_str("log_format = \"json\"", "<t>").unwrap();
+        assert_eq!(json.log_format, LogFormat::Json);
+        let error = Config::from_toml_str("log_format = \"xml\"", "<t>").unwrap_err();
+        assert!(error.to_string().contains("log_format"), "{error}");
+    }
 
     #[test]
     fn defaults_are_local() {

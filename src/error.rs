@@ -102,6 +102,17 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // Every refusal passes here exactly once: one debug line with its reason, so an operator
+        // can see why clients are turned away without logging every successful request.
+        let extra = self.extra.as_deref();
+        tracing::debug!(
+            status = self.status.as_u16(),
+            title = self.title,
+            detail = %self.detail,
+            limit = extra.and_then(|e| e.get("limit")).and_then(|v| v.as_str()),
+            field = extra.and_then(|e| e.get("field")).and_then(|v| v.as_str()),
+            "request refused"
+        );
         let mut body = json!({
             "type": "about:blank",
             "title": self.title,

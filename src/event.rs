@@ -269,6 +269,10 @@ pub struct Event {
     pub ws: Utf8Bytes,
     /// The same envelope plus `\n`, for NDJSON.
     pub ndjson: Bytes,
+    /// Unix ms of the change in MongoDB (its `wallTime`, else its cluster time's second): the
+    /// start of the delivery-latency clock (`metrics::Metrics::delivery_latency`). 0 for
+    /// events that are not changes.
+    pub at_ms: u64,
     /// This change as the document view shows it (`put`/`patch`, PROTOCOL.md §7), made by
     /// the first document-view client that needs it and shared by the others; `None` inside
     /// when the change means nothing to the view.
@@ -302,11 +306,17 @@ impl Event {
         } else {
             EventKind::Change
         };
+        // `wallTime` (MongoDB 6.0+, ms) unless a pipeline projected it away; the token's
+        // cluster time (whole seconds) always exists.
+        let at_ms = match change.get_datetime("wallTime") {
+            Ok(wall) => u64::try_from(wall.timestamp_millis()).unwrap_or(0),
+            Err(_) => id.cluster_time().map_or(0, |t| u64::from(t.time) * 1000),
+        };
         let data = Bson::Document(change).into_relaxed_extjson();
-        Ok(Event {
-            operation_type,
-            ..Event::encode(kind, Some(id), &data, false)
-        })
+        let mut event = Event::encode(kind, Some(id), &data, false);
+        event.at_ms = at_ms;
+        event.operation_type = operation_type;
+        Ok(event)
     }
 
     /// The event's `data` JSON alone, sliced out of the pre-encoded envelope (no copy): what
@@ -376,6 +386,7 @@ impl Event {
             sse: Bytes::from(sse),
             ws: Utf8Bytes::from(envelope.as_str()),
             ndjson: Bytes::from(envelope + "\n"),
+            at_ms: 0,
             view: std::sync::OnceLock::new(),
             operation_type: None,
         }
@@ -440,6 +451,7 @@ impl Event {
             sse: Bytes::from(sse),
             ws,
             ndjson: Bytes::from(envelope),
+            at_ms: 0,
             view: std::sync::OnceLock::new(),
             operation_type: None,
         }
@@ -471,6 +483,19 @@ mod tests {
             Err(TokenError::NotResumeToken)
         );
         assert_eq!(Token::parse("{\"x\":1}"), Err(TokenError::BadJson));
+    }
+
+    #[test]
+    fn a_change_is_timed_by_its_wall_time_else_its_cluster_time() {
+        let wall = mongodb::bson::DateTime::from_millis(1_700_000_000_123);
+        let timed = doc! { "_id": { "_data": TOKEN }, "operationType": "insert", "wallTime": wall };
+        assert_eq!(Event::from_change(timed).unwrap().at_ms, 1_700_000_000_123);
+        let projected = doc! { "_id": { "_data": TOKEN }, "operationType": "insert" };
+        assert_eq!(
+            Event::from_change(projected).unwrap().at_ms,
+            0x65A1_B2C3 * 1000
+        );
+        assert_eq!(Event::control(EventKind::Cancel, "x", false).at_ms, 0);
     }
 
     #[test]

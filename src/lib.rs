@@ -15,6 +15,7 @@
 //! http/          server.rs (accept loop, direct SSE/NDJSON writes) · deadline.rs (write deadline)
 //!                negotiation, sse.rs / ws.rs / ndjson.rs, feed.rs, health + metrics
 //! admin/         the admin REST API (/_admin/streams, OpenAPI document) · view.rs (stats JSON)
+//!                ui.rs (the console at /_admin/ui, /_admin/stats)
 //! auth/          credentials → Principal (JWT incl. JWKS URL, API keys), stream rules (config +
 //!                live ones stored in MongoDB), CORS/Origin policy, trusted proxies, resume checks
 //! limits.rs      connection limits and the upstream cursor budget, with RAII permits
@@ -143,6 +144,7 @@ impl App {
             tracker.clone(),
             Arc::clone(&metrics),
         ));
+        metrics.watch_workers(Arc::downgrade(&registry) as std::sync::Weak<dyn metrics::LagSource>);
         for stream in &config.streams {
             let (key, definition) = stream
                 .split()

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use streamgate::config::{Config, Overrides};
+use streamgate::config::{Config, LogFormat, Overrides};
 use tokio::net::{TcpListener, TcpSocket};
 use tracing_subscriber::EnvFilter;
 
@@ -32,7 +32,7 @@ struct Cli {
     /// Milliseconds a worker lingers after its last client.
     #[arg(long, env = "STREAMGATE_WORKER_LINGER_MS")]
     worker_linger_ms: Option<u64>,
-    /// Log as JSON lines instead of text.
+    /// Log as JSON lines instead of text (the same as `log_format = "json"` in the file).
     #[arg(long, env = "STREAMGATE_LOG_JSON")]
     log_json: bool,
     #[command(subcommand)]
@@ -56,21 +56,42 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:27017")]
         host: String,
     },
+    /// Validate a configuration file and print what it would serve, without binding a port or
+    /// connecting to MongoDB. Exits 1 on an invalid configuration.
+    CheckConfig {
+        /// The TOML configuration file.
+        file: PathBuf,
+    },
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    if cli.log_json {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .json()
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+    if let Some(Command::CheckConfig { file }) = &cli.command {
+        return match check_config(file).await {
+            Ok(summary) => {
+                print!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(message) => {
+                eprintln!("streamgate: {message}");
+                ExitCode::FAILURE
+            }
+        };
     }
-    match run(cli).await {
+    // The log format is in the config file: read it before logging starts (its errors are
+    // printed to stderr below either way).
+    let config = load_config(&cli);
+    let json = cli.log_json
+        || config
+            .as_ref()
+            .is_ok_and(|config| config.log_format == LogFormat::Json);
+    init_logging(json);
+    let result = match config {
+        Ok(config) => run(cli, config).await,
+        Err(message) => Err(message),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             tracing::error!("{message}");
@@ -80,25 +101,48 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+/// Text or JSON lines on stdout, filtered by `RUST_LOG` (default `info`). JSON lines have
+/// stable top-level fields: `timestamp`, `level`, `target`, `message`, then the event's own
+/// fields (`stream`, `error`, `status`, …); spans are left out so the shape never depends on
+/// where an event was logged from.
+fn init_logging(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if json {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+}
+
+/// The file's config (defaults without one) with the CLI/environment overrides, validated.
+fn load_config(cli: &Cli) -> Result<Config, String> {
+    let config = match &cli.config {
+        Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    config
+        .with_overrides(Overrides {
+            listen: cli.listen,
+            mongo_uri: cli.mongo_uri.clone(),
+            keepalive_secs: cli.keepalive_secs,
+            client_queue: cli.client_queue,
+            worker_linger_ms: cli.worker_linger_ms,
+        })
+        .map_err(|e| e.to_string())
+}
+
+async fn run(cli: Cli, config: Config) -> Result<(), String> {
     if let Some(Command::InitReplset { uri, replset, host }) = &cli.command {
         streamgate::replset::initiate(uri, replset, host, Duration::from_secs(60)).await?;
         println!("replica set {replset} ready, primary {host}");
         return Ok(());
     }
-    let config = match &cli.config {
-        Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
-        None => Config::default(),
-    };
-    let config = config
-        .with_overrides(Overrides {
-            listen: cli.listen,
-            mongo_uri: cli.mongo_uri,
-            keepalive_secs: cli.keepalive_secs,
-            client_queue: cli.client_queue,
-            worker_linger_ms: cli.worker_linger_ms,
-        })
-        .map_err(|e| e.to_string())?;
     let listen = config.listen;
     if !listen.ip().is_loopback() && !config.auth.enabled {
         tracing::warn!(%listen, "listening on a non-loopback address WITHOUT authentication: anyone who can reach this port can read every stream and change every definition; set [auth] enabled = true (docs/security.md)");
@@ -112,6 +156,8 @@ async fn run(cli: Cli) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let listener = bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    // The bound address (port 0 in the config means "any": say which one).
+    let listen = listener.local_addr().unwrap_or(listen);
     tracing::info!(%listen, "streamgate listening");
     app.serve(listener, streamgate::shutdown_signal())
         .await
@@ -131,4 +177,147 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// `streamgate check-config FILE`: parses and validates `file` (TOML, stream definitions,
+/// `[auth]` key files, the MongoDB URI's syntax) and describes what the server would serve.
+/// Binds nothing and connects to nothing (a `mongodb+srv` URI is not resolved).
+async fn check_config(file: &std::path::Path) -> Result<String, String> {
+    use std::fmt::Write as _;
+    let config = Config::from_file(file).map_err(|e| e.to_string())?;
+    config.validate().map_err(|e| e.to_string())?;
+    // Building the authenticator checks keys and rules; a JWKS URL is only fetched later.
+    streamgate::auth::Authenticator::from_config(
+        &config.auth,
+        &streamgate::metrics::Metrics::new(),
+    )
+    .map_err(|e| format!("invalid auth configuration: {e}"))?;
+    let srv = config.mongo_uri.starts_with("mongodb+srv://");
+    let pool_from_uri = if srv {
+        None
+    } else {
+        mongodb::options::ClientOptions::parse(&config.mongo_uri)
+            .await
+            .map_err(|e| format!("invalid MongoDB URI: {e}"))?
+            .max_pool_size
+    };
+    let mut out = String::new();
+    let mut warnings = Vec::new();
+    let _ = writeln!(out, "{}: valid", file.display());
+    let _ = writeln!(out, "listen        {}", config.listen);
+    let _ = writeln!(
+        out,
+        "mongo_uri     {}{}",
+        redact(&config.mongo_uri),
+        if srv { " (SRV: not resolved here)" } else { "" }
+    );
+    let auth = &config.auth;
+    if auth.enabled {
+        let _ = writeln!(
+            out,
+            "auth          on: jwt {}, {} api key(s), admin role {:?}, {} subscribe rule(s)",
+            if auth.jwt.is_some() { "yes" } else { "no" },
+            auth.api_keys.len(),
+            auth.admin_role,
+            auth.rules.len()
+        );
+        if auth.rules.is_empty() {
+            warnings.push("auth is on but [[auth.rules]] is empty: no one may subscribe".into());
+        }
+    } else {
+        let _ = writeln!(out, "auth          off");
+        if !config.listen.ip().is_loopback() {
+            warnings.push(format!(
+                "listening on {} WITHOUT authentication: anyone who can reach it reads every \
+                 stream and changes every definition",
+                config.listen
+            ));
+        }
+    }
+    let limits = &config.limits;
+    let show = |v: Option<usize>| v.map_or("unlimited".to_owned(), |v| v.to_string());
+    let _ = writeln!(
+        out,
+        "limits        connections {} (per stream {}, per user {}, per ip {}); cursors {} \
+         (per stream {})",
+        show(limits.max_connections),
+        show(limits.per_stream),
+        show(limits.per_user),
+        show(limits.per_ip),
+        limits.max_workers,
+        limits.max_bindings_per_stream
+    );
+    if let streamgate::limits::PoolSize::TooSmall { given, needed } =
+        streamgate::limits::PoolSize::for_limits(limits, pool_from_uri)
+    {
+        warnings.push(format!(
+            "mongo_uri sets maxPoolSize={given}, below the {needed} that limits.max_workers needs"
+        ));
+    }
+    let _ = writeln!(
+        out,
+        "timeouts      keep-alive {}s, stall {}s, shutdown grace {}s, worker linger {}ms",
+        config.keepalive_secs,
+        config.stall_timeout_secs,
+        config.shutdown_grace_secs,
+        config.worker_linger_ms
+    );
+    let _ = writeln!(
+        out,
+        "definitions   stored in {}.{} (admin API), shared by every instance on the cluster",
+        config.admin.database, config.admin.collection
+    );
+    let _ = writeln!(out, "static streams ({}):", config.streams.len());
+    for stream in &config.streams {
+        let (key, definition) = stream.split().map_err(|e| e.to_string())?;
+        let compiled = definition
+            .clone()
+            .compile()
+            .map_err(|e| format!("{key}: {e}"))?;
+        let stages = definition.pipeline.as_array().map_or(0, Vec::len);
+        let variables: Vec<&str> = compiled.variable_names().collect();
+        let mut notes = vec![format!("{stages} stage(s)")];
+        if !variables.is_empty() {
+            notes.push(format!("avars {}", variables.join(", ")));
+        }
+        if definition.match_rules.is_some() {
+            notes.push("match rules".into());
+        }
+        if definition.snapshot {
+            notes.push("snapshot".into());
+        }
+        let _ = writeln!(out, "  {key}  ({})", notes.join("; "));
+    }
+    let _ = writeln!(
+        out,
+        "endpoints     GET /{{db}}/{{coll}}/_streams/{{name}} (SSE, WebSocket, NDJSON; .json: \
+         document view), /_admin/streams, /_admin/ui, \
+         /_admin/openapi.json, /health/live, /health/ready, /metrics"
+    );
+    let _ = writeln!(
+        out,
+        "logs          {}",
+        match config.log_format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    );
+    for warning in warnings {
+        let _ = writeln!(out, "warning: {warning}");
+    }
+    Ok(out)
+}
+
+/// The URI with its password replaced by `****`.
+fn redact(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:****@{host}")
+        }
+        _ => uri.to_owned(),
+    }
 }

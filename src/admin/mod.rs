@@ -8,6 +8,8 @@
 //! | `DELETE /_admin/streams/{db}/{coll}/{name}` | 204 · 404 · 409 static |
 //! | `/_admin/rules…` | permission rules that change live: see [`rules`] |
 //! | `GET /_admin/openapi.json` | the OpenAPI 3.1 document of these routes |
+//! | `GET /_admin/stats` | server-wide figures for the console ([`ui`]) |
+//! | `GET /_admin/ui` | the operator console ([`ui`]) |
 //!
 //! A view ([`view::StreamView`]) is the definition ([`StreamDefinition`], the same serde type
 //! the config file and the store use) plus `db`, `coll`, `name`, `path`, `origin`, `readOnly`,
@@ -22,6 +24,7 @@
 //! when there is one.
 
 pub mod rules;
+pub mod ui;
 pub mod view;
 
 use axum::Json;
@@ -63,6 +66,8 @@ pub fn routes(body_limit: usize) -> Router<AppState> {
             get(openapi).fallback(method_not_allowed),
         )
         .merge(rules::routes())
+        .route("/_admin/stats", get(ui::stats).fallback(method_not_allowed))
+        .route("/_admin/ui", get(ui::page).fallback(method_not_allowed))
         .layer(DefaultBodyLimit::max(body_limit))
 }
 

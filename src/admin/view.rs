@@ -100,7 +100,14 @@ fn stats(workers: &[Arc<Worker>]) -> Value {
     // workers "current position" means the latest one seen).
     let mut position: Option<String> = None;
     let mut per_worker = Vec::with_capacity(workers.len());
+    let now = crate::metrics::now_ms();
+    // The worst lag of the running workers (`null` without any).
+    let mut lag: Option<f64> = None;
     for worker in workers {
+        let w_lag = (worker.state() != WorkerState::Stopped).then(|| worker.lag_seconds(now));
+        if let Some(l) = w_lag {
+            lag = Some(lag.map_or(l, |worst| worst.max(l)));
+        }
         let worker_clients: [usize; 3] =
             std::array::from_fn(|i| worker.clients_by_transport[i].load(Ordering::Relaxed));
         for (total, n) in clients.iter_mut().zip(worker_clients) {
@@ -132,6 +139,7 @@ fn stats(workers: &[Arc<Worker>]) -> Value {
             "lastEventAt": timestamp(w_last),
             "position": w_position,
             "cursorsOpened": stats.cursors_opened.load(Ordering::Relaxed),
+            "lagSeconds": w_lag,
         }));
     }
     json!({
@@ -142,6 +150,7 @@ fn stats(workers: &[Arc<Worker>]) -> Value {
         "bytesDelivered": bytes,
         "lastEventAt": timestamp(last_ms),
         "position": position,
+        "lagSeconds": lag,
         "workers": per_worker,
     })
 }

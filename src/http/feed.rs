@@ -17,7 +17,7 @@ use super::options::Narrowing;
 use crate::auth::{REVOKED_MESSAGE, Revocation};
 use crate::event::{Event, EventKind, Token};
 use crate::limits::Permit;
-use crate::metrics::{ClientGauge, Metrics};
+use crate::metrics::{ClientGauge, Metrics, TransportLabel};
 use crate::snapshot::Prelude;
 use crate::worker::Subscription;
 
@@ -51,6 +51,8 @@ pub struct Feed {
     /// every event for every client.
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     metrics: Arc<Metrics>,
+    /// The transport, for per-transport metrics (bytes written).
+    transport: Transport,
     /// Fires when the client's credential expires: the feed then ends with `auth_revoked`.
     expiry: Option<Pin<Box<Sleep>>>,
     /// Resolves when a rule change withdraws the client's right: the feed then ends with
@@ -65,6 +67,9 @@ pub struct Feed {
     view: Option<ViewFn>,
     /// `operationType=…`: changes of other types are passed over (control events never are).
     narrowing: Option<Arc<Narrowing>>,
+    /// `at_ms` of the changes in the batch last returned, until [`Feed::delivered`] times them
+    /// (reused: no allocation per batch).
+    unreported: Vec<u64>,
     done: bool,
 }
 
@@ -89,18 +94,21 @@ impl Feed {
             wrote: false,
             shutdown: Box::pin(shutdown.cancelled_owned()),
             metrics,
+            transport,
             expiry: expires_at.map(|at| Box::pin(tokio::time::sleep_until(at))),
             revocation: None,
             permit: None,
             prelude: None,
             view: None,
             narrowing: None,
+            unreported: Vec::new(),
             done: false,
         }
     }
 
     /// Sends `prelude`'s events (a snapshot) before the subscription's.
     pub fn with_prelude(mut self, prelude: Prelude) -> Feed {
+        self.metrics.snapshots.inc();
         self.prelude = Some(prelude);
         self
     }
@@ -218,6 +226,16 @@ impl Feed {
                 Some(Frame::KeepAlive)
             }
             };
+            if let Some(Frame::Events(batch)) = &frame {
+                // Timed from the changes themselves, before a view rewrites them.
+                self.unreported.clear();
+                self.unreported.extend(
+                    batch
+                        .iter()
+                        .filter(|e| e.kind == EventKind::Change && e.at_ms != 0)
+                        .map(|e| e.at_ms),
+                );
+            }
             if let (Some(view), Some(Frame::Events(batch))) = (self.view, &frame) {
                 let batch: Vec<Arc<Event>> = batch.iter().filter_map(view).collect();
                 if batch.is_empty() {
@@ -229,8 +247,9 @@ impl Feed {
         }
     }
 
-    /// Records a written batch in stats and metrics (per batch, not per event: a lagging
-    /// client's large batches cost one update).
+    /// Records a batch handed to the socket in stats and metrics (counters per batch, not per
+    /// event: a lagging client's large batches cost one update), and each change's delivery
+    /// latency (call it when the batch's bytes have been handed to the socket).
     pub fn delivered(&mut self, events: usize, bytes: usize) {
         let stats = &self.subscription.worker().stats;
         stats.delivered.fetch_add(events as u64, Ordering::Relaxed);
@@ -238,6 +257,21 @@ impl Feed {
             .delivered_bytes
             .fetch_add(bytes as u64, Ordering::Relaxed);
         self.metrics.deliveries.inc_by(events as u64);
+        self.metrics
+            .bytes_written
+            .get_or_create(&TransportLabel {
+                transport: self.transport.as_str(),
+            })
+            .inc_by(bytes as u64);
+        if !self.unreported.is_empty() {
+            let now = crate::metrics::now_ms();
+            for at in self.unreported.drain(..) {
+                // A MongoDB clock ahead of ours reads as 0, not as a huge unsigned number.
+                self.metrics
+                    .delivery_latency
+                    .observe_ms(now.saturating_sub(at));
+            }
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 //! | `GET /{db}/{coll}/_streams/{name}.json`, `?format=firebase` (SSE) | [`docview`] |
 //! | `GET /_streams?streams=…` (many streams on one connection) | [`multi`] |
 //! | `GET /health/live`, `GET /health/ready`, `GET /metrics` | [`health`] |
-//! | `/_admin/streams…`, `/_admin/rules…`, `GET /_admin/openapi.json` | [`crate::admin`] |
+//! | `/_admin/streams…`, `/_admin/rules…`, `GET /_admin/openapi.json`, `/_admin/stats`, `/_admin/ui` | [`crate::admin`] |
 
 pub mod body;
 pub mod deadline;

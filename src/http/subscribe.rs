@@ -111,7 +111,16 @@ pub async fn subscribe(
             // The client as trusted proxies vouch for it (`auth::proxy`), else the TCP peer.
             client.map(|Extension(ClientAddr(ip))| ip),
         )
-        .map_err(|exceeded| state.limits.refusal(exceeded))?;
+        .map_err(|exceeded| {
+            state
+                .metrics
+                .connection_refusals
+                .get_or_create(&crate::metrics::LimitLabel {
+                    limit: exceeded.as_str(),
+                })
+                .inc();
+            state.limits.refusal(exceeded)
+        })?;
 
     // Per-user document filtering: the authenticated claims (`None` with auth off).
     let claims = principal.as_ref().map(|p| &p.claims);

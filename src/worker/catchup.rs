@@ -409,7 +409,13 @@ async fn run(worker: &Arc<Worker>, catch_up: &Arc<CatchUp>) {
                 lock(&catch_up.state).hub.position = Some(token.clone());
                 token
             }
-            Step::Quiet(None) | Step::Retrying(_) => continue,
+            Step::Quiet(None) => continue,
+            Step::Retrying(error) => {
+                // Like the worker's own cursor (worker/cursor.rs): every retry is a warning.
+                tracing::warn!(stream = %worker.key.stream, %error, "catch-up cursor lost, retrying");
+                worker.metrics().worker_retries.inc();
+                continue;
+            }
             Step::Invalidated(event) => {
                 catch_up.set_status(Status::Ended(Arc::new(event)));
                 return;

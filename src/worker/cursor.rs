@@ -87,7 +87,11 @@ impl Worker {
                 self.state.send_replace(WorkerState::Running);
             }
             Step::Change(routed) => self.publish(routed),
-            Step::Quiet(Some(token)) => lock(&self.hub).position = Some(token),
+            Step::Quiet(Some(token)) => {
+                lock(&self.hub).position = Some(token);
+                // An empty batch: the cursor has read everything MongoDB holds, as of now.
+                self.read_through(crate::metrics::now_ms());
+            }
             Step::Quiet(None) => {}
             Step::Invalidated(event) => {
                 tracing::info!(stream = %self.key.stream, "collection invalidated");

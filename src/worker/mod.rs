@@ -179,6 +179,10 @@ pub struct WorkerStats {
     /// Change-stream cursors opened by this worker: its own (first open and every reopen) and
     /// its catch-ups'.
     pub cursors_opened: AtomicU64,
+    /// Unix ms of the oplog time this worker has read through: the `wallTime` of its last
+    /// change, or when an empty batch showed it at the head (the worker's creation before
+    /// either). `now − this` is its lag (`streamgate_worker_lag_seconds`).
+    pub read_through_ms: AtomicU64,
 }
 
 /// One change-stream cursor and its fan-out.
@@ -226,7 +230,11 @@ impl Worker {
             clients_by_transport: Default::default(),
             idle: Notify::new(),
             cancel: parent_cancel.child_token(),
-            stats: WorkerStats::default(),
+            // A new worker opens "from now": it is not behind until time passes unread.
+            stats: WorkerStats {
+                read_through_ms: AtomicU64::new(now_ms()),
+                ..WorkerStats::default()
+            },
             _permit: permit,
         })
     }
@@ -255,6 +263,19 @@ impl Worker {
     /// The latest resume position (for stats).
     pub fn position(&self) -> Option<Token> {
         lock(&self.hub).position.clone()
+    }
+
+    /// Seconds this worker trails the oplog at `now_ms` (see [`WorkerStats::read_through_ms`]).
+    pub fn lag_seconds(&self, now_ms: u64) -> f64 {
+        let through = self.stats.read_through_ms.load(Ordering::Relaxed);
+        now_ms.saturating_sub(through) as f64 / 1000.0
+    }
+
+    /// Records that the worker has read the oplog through `at_ms` (never moves back).
+    pub(crate) fn read_through(&self, at_ms: u64) {
+        self.stats
+            .read_through_ms
+            .fetch_max(at_ms, Ordering::Relaxed);
     }
 
     /// Live partitions (distinct client filters) of a filtered stream.
@@ -336,10 +357,12 @@ impl Worker {
 
     /// Records a change and sends it to every attached client it is for.
     fn publish(&self, routed: Routed) {
+        let at_ms = routed.event.at_ms;
         lock(&self.hub).publish(routed);
         self.metrics().events_received.inc();
         self.stats.events.fetch_add(1, Ordering::Relaxed);
         self.stats.last_event_ms.store(now_ms(), Ordering::Relaxed);
+        self.read_through(at_ms);
     }
 
     /// Publishes a change as if MongoDB had sent it (unit tests of the layers above).

@@ -18,5 +18,6 @@ mod filtering;
 mod http_edge;
 mod limits;
 mod multi;
+mod ops;
 mod security;
 mod snapshot;
