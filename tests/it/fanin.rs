@@ -306,3 +306,71 @@ async fn a_catch_up_past_max_workers_is_a_503_naming_it() {
     assert_eq!(seqs(&resumed.changes(1, WAIT).await), vec![9]);
     f.server.stop().await;
 }
+
+#[tokio::test]
+async fn clients_past_the_catch_up_slots_wait_for_one_and_miss_nothing() {
+    // Six resuming clients, each older than the last: the first four hold the worker's four
+    // catch-up slots (their readers are not reading yet, so the catch-ups stay busy); the two
+    // oldest must wait for a slot, then get every missed event exactly once.
+    let f = Fixture::start("fanin_slots", |config| config.ring_size = 10).await;
+    let mut first = f.connect(Kind::Sse).await;
+    f.insert_seqs(0..6).await;
+    let ids: Vec<String> = first
+        .changes(6, WAIT)
+        .await
+        .into_iter()
+        .map(|e| e.id.expect("id"))
+        .collect();
+    // `first` stays connected (unread) so the worker does not linger out during the inserts.
+    // More than a catch-up reads ahead of its slowest reader (4,096), plus what sockets hold.
+    const N: i64 = 8006;
+    let padding = "x".repeat(512);
+    for chunk in (6..N).collect::<Vec<_>>().chunks(500) {
+        f.coll
+            .insert_many(chunk.iter().map(|seq| doc! { "seq": seq, "pad": &padding }))
+            .await
+            .unwrap();
+    }
+    let worker = f
+        .server
+        .registry
+        .workers_of(&f.key())
+        .pop()
+        .expect("worker");
+    let mut clients = Vec::new();
+    for at in [5, 4, 3, 2] {
+        clients.push((at, f.resume(Kind::Ndjson, &ids[at]).await));
+    }
+    eventually("four catch-ups busy", WAIT, async || {
+        worker.catch_up_count() == 4
+    })
+    .await;
+    for at in [1, 0] {
+        clients.push((at, f.resume(Kind::Sse, &ids[at]).await));
+    }
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|(at, mut client)| {
+            tokio::spawn(async move {
+                let from = at as i64 + 1;
+                let events = client.changes((N - from) as usize, WAIT * 3).await;
+                (from, seqs(&events))
+            })
+        })
+        .collect();
+    for reader in readers {
+        let (from, got) = reader.await.unwrap();
+        assert_eq!(
+            got,
+            (from..N).collect::<Vec<_>>(),
+            "client resuming at {from}"
+        );
+    }
+    let opened = f.server.metrics.catchups.get();
+    assert!(
+        (5..=6).contains(&opened),
+        "{opened} catch-ups for 6 positions"
+    );
+    drop(first);
+    f.server.stop().await;
+}
