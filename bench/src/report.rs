@@ -318,9 +318,12 @@ impl Report {
                 n(u.connections_after)
             );
             println!(
-                "server         cursors opened {}, catch-ups {}, slow consumers {}",
+                "server         cursors opened {}, catch-ups {} (joined {}), lag recoveries {}, \
+                 slow consumers {}",
                 n(u.server_cursors_opened),
                 n(u.server_catchups),
+                n(u.server_catchups_joined),
+                n(u.server_lag_recoveries),
                 n(u.server_slow_consumers)
             );
         }

@@ -6,6 +6,7 @@
 //!   `$changeStream`: the idle ones between two `getMore`s and the ones inside a `getMore`.
 //! * Connections: `serverStatus` `connections.current` (the tool's own few included).
 //! * Server: `streamgate_cursors_opened_total`, `streamgate_catchups_total`,
+//!   `streamgate_catchups_joined_total`, `streamgate_lag_recoveries_total`,
 //!   `streamgate_slow_consumers_total` from `/metrics`, when the server exports them.
 //!
 //! A [`Probe`] samples mongod every 500 ms during a scenario, so short-lived catch-up cursors
@@ -129,6 +130,11 @@ pub struct ServerCounters {
     pub cursors_opened: Option<f64>,
     /// `streamgate_catchups_total`.
     pub catchups: Option<f64>,
+    /// `streamgate_catchups_joined_total` (clients served by a catch-up another one opened).
+    pub catchups_joined: Option<f64>,
+    /// `streamgate_lag_recoveries_total` (clients lapped by the live channel, read on from
+    /// the ring).
+    pub lag_recoveries: Option<f64>,
     /// `streamgate_slow_consumers_total`.
     pub slow_consumers: Option<f64>,
     /// `streamgate_clients` (every transport).
@@ -144,6 +150,8 @@ impl ServerCounters {
         ServerCounters {
             cursors_opened: metric_sum(&text, "streamgate_cursors_opened_total"),
             catchups: metric_sum(&text, "streamgate_catchups_total"),
+            catchups_joined: metric_sum(&text, "streamgate_catchups_joined_total"),
+            lag_recoveries: metric_sum(&text, "streamgate_lag_recoveries_total"),
             slow_consumers: metric_sum(&text, "streamgate_slow_consumers_total"),
             clients: metric_sum(&text, "streamgate_clients"),
         }
@@ -220,6 +228,11 @@ impl Probe {
             connections_after: after.connections,
             server_cursors_opened: delta(before.server.cursors_opened, after.server.cursors_opened),
             server_catchups: delta(before.server.catchups, after.server.catchups),
+            server_catchups_joined: delta(
+                before.server.catchups_joined,
+                after.server.catchups_joined,
+            ),
+            server_lag_recoveries: delta(before.server.lag_recoveries, after.server.lag_recoveries),
             server_slow_consumers: delta(before.server.slow_consumers, after.server.slow_consumers),
         }
     }
@@ -245,6 +258,10 @@ pub struct Upstream {
     pub server_cursors_opened: Option<u64>,
     /// `streamgate_catchups_total` increase.
     pub server_catchups: Option<u64>,
+    /// `streamgate_catchups_joined_total` increase.
+    pub server_catchups_joined: Option<u64>,
+    /// `streamgate_lag_recoveries_total` increase.
+    pub server_lag_recoveries: Option<u64>,
     /// `streamgate_slow_consumers_total` increase.
     pub server_slow_consumers: Option<u64>,
 }
