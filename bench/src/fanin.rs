@@ -128,7 +128,7 @@ async fn start(ctx: &Ctx, streams: &[StreamSpec]) -> Result<Server, String> {
             streams,
             client_queue: None,
             dir: &ctx.dir,
-            env: &[],
+            env: &ctx.cli.server_env(),
             wrapper: &[],
         },
         Duration::from_secs(30),
@@ -496,7 +496,31 @@ async fn restart_storm(ctx: &Ctx, n: usize) -> Result<Report, String> {
     shared.stop.cancel();
     let results = join_clients(handles).await?;
     finish(&mut report, &shared, &results, storm_started_us);
+    print_incomplete_positions(&results, positions, live_first + STORM_LIVE);
     Ok(report)
+}
+
+/// Which resume positions the clients that missed events held (client i holds position
+/// i mod `positions`), on stderr: a loss that hits whole positions points at how the server
+/// served those ids, not at single clients.
+fn print_incomplete_positions(results: &[ClientResult], positions: usize, events: u64) {
+    let mut by_position: std::collections::BTreeMap<usize, (usize, u64, u64)> =
+        std::collections::BTreeMap::new();
+    for r in results.iter().filter(|r| r.lost > 0) {
+        let entry = by_position
+            .entry(r.index % positions)
+            .or_insert((0, u64::MAX, 0));
+        entry.0 += 1;
+        entry.1 = entry.1.min(r.unique);
+        entry.2 = entry.2.max(r.unique);
+    }
+    for (at, (clients, min, max)) in by_position {
+        let expected = events.saturating_sub(at as u64 + 1);
+        eprintln!(
+            "bench: position {at}: {clients} client(s) incomplete, received {min}..{max} of \
+             {expected} events"
+        );
+    }
 }
 
 /// Runs the matrix's `live` measurement against a default-config server, with the upstream
@@ -603,9 +627,20 @@ async fn stall(ctx: &Ctx) -> Result<Report, String> {
     let reader = vec![(Arc::clone(&target), Expect::range(0, events), None)];
     let handles = spawn_clients(ctx, reader, &Arc::new(Semaphore::new(1)), &shared);
     wait_connected(&shared, 1, Duration::from_secs(30)).await;
-    let stalled = client::stalled_sse(&target, STALL_RCVBUF).await?;
-    let client_port = stalled.local_addr().map_err(|e| e.to_string())?.port();
-    report.connected = shared.connected.load(Ordering::Acquire) + 1;
+    // The control run has no stalled client: the same events for the whole bound, so its RSS
+    // shows what the ring alone costs.
+    let stalled = if cli.stall_control {
+        report.scenario = format!("stall control (1 reading, no stalled client, {rate}/s 2 KB)");
+        report.clients = 1;
+        None
+    } else {
+        Some(client::stalled_sse(&target, STALL_RCVBUF).await?)
+    };
+    let client_port = match &stalled {
+        Some(s) => Some(s.local_addr().map_err(|e| e.to_string())?.port()),
+        None => None,
+    };
+    report.connected = shared.connected.load(Ordering::Acquire) + usize::from(stalled.is_some());
 
     let mut outcome = Stall {
         bound_secs: bound.as_secs_f64(),
@@ -628,6 +663,11 @@ async fn stall(ctx: &Ctx) -> Result<Report, String> {
     let cpu0 = Cpu::read(ctx, Some(server.pid()));
     while stalled_at.elapsed() < bound {
         let at = stalled_at.elapsed().as_secs_f64();
+        outcome.rss_max_kib = outcome.rss_max_kib.max(env::rss_kib(server.pid()));
+        let Some(client_port) = client_port else {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            continue;
+        };
         let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
         match env::tcp_socket(&table, server.addr.port(), client_port) {
             Some(socket) => {
@@ -648,7 +688,6 @@ async fn stall(ctx: &Ctx) -> Result<Report, String> {
         {
             outcome.client_gone_secs.get_or_insert(at);
         }
-        outcome.rss_max_kib = outcome.rss_max_kib.max(env::rss_kib(server.pid()));
         if outcome.socket_closed_secs.is_some() && outcome.client_gone_secs.is_some() {
             break;
         }

@@ -159,6 +159,26 @@ struct Cli {
     /// stall: bound on the wait for the server to close the stalled client, seconds.
     #[arg(long, default_value_t = 75.0)]
     stall_secs: f64,
+    /// stall: the control run, without the stalled client (the reader and the inserts for the
+    /// whole `--stall-secs`), to tell the ring's memory from the stalled client's.
+    #[arg(long)]
+    stall_control: bool,
+    /// `RUST_LOG` of the servers the tool starts (default `warn`), e.g. `streamgate=debug`.
+    #[arg(long)]
+    server_log: Option<String>,
+    /// Keep the run's directory (server configs and logs, mongod's data) and print its path.
+    #[arg(long)]
+    keep: bool,
+}
+
+impl Cli {
+    /// Extra environment for the servers the tool starts.
+    fn server_env(&self) -> Vec<(String, String)> {
+        self.server_log
+            .iter()
+            .map(|level| ("RUST_LOG".to_owned(), level.clone()))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -424,7 +444,11 @@ async fn main_async(cli: Cli) -> Result<(), String> {
     let Ctx { clients_rt, .. } = ctx;
     clients_rt.shutdown_background();
     drop(_mongod);
-    let _ = std::fs::remove_dir_all(&dir);
+    if cli.keep {
+        eprintln!("bench: kept {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     outcome
 }
 
@@ -501,7 +525,7 @@ async fn place(ctx: &Ctx, index: usize, scenario: &Scenario) -> Result<Place, St
             streams: &specs,
             client_queue: Some(client_queue),
             dir: &ctx.dir,
-            env: &[],
+            env: &cli.server_env(),
             wrapper: &wrapper,
         },
         ready_timeout,

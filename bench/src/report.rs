@@ -309,18 +309,22 @@ impl Report {
             let n = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
             println!(
                 "mongod         change-stream cursors {} before → peak {} → {} at the end; \
-                 connections {} → peak {} → {}",
+                 connections {} → peak {} → {}; {} getMore/s",
                 n(u.cursors_before),
                 n(u.cursors_peak),
                 n(u.cursors_after),
                 n(u.connections_before),
                 n(u.connections_peak),
-                n(u.connections_after)
+                n(u.connections_after),
+                u.getmores_per_sec.map_or("-".into(), |v| format!("{v:.0}"))
             );
             println!(
-                "server         cursors opened {}, catch-ups {}, slow consumers {}",
+                "server         cursors opened {}, catch-ups {} (joined {}), lag recoveries {}, \
+                 slow consumers {}",
                 n(u.server_cursors_opened),
                 n(u.server_catchups),
+                n(u.server_catchups_joined),
+                n(u.server_lag_recoveries),
                 n(u.server_slow_consumers)
             );
         }

@@ -6,6 +6,7 @@
 //!   `$changeStream`: the idle ones between two `getMore`s and the ones inside a `getMore`.
 //! * Connections: `serverStatus` `connections.current` (the tool's own few included).
 //! * Server: `streamgate_cursors_opened_total`, `streamgate_catchups_total`,
+//!   `streamgate_catchups_joined_total`, `streamgate_lag_recoveries_total`,
 //!   `streamgate_slow_consumers_total` from `/metrics`, when the server exports them.
 //!
 //! A [`Probe`] samples mongod every 500 ms during a scenario, so short-lived catch-up cursors
@@ -85,11 +86,7 @@ pub async fn change_stream_cursors(mongo: &mongodb::Client) -> Result<u64, Strin
 
 /// mongod's `connections.current`.
 pub async fn mongod_connections(mongo: &mongodb::Client) -> Result<u64, String> {
-    let status = mongo
-        .database("admin")
-        .run_command(doc! { "serverStatus": 1 })
-        .await
-        .map_err(|e| format!("serverStatus: {e}"))?;
+    let status = server_status(mongo).await?;
     status
         .get_document("connections")
         .ok()
@@ -97,6 +94,30 @@ pub async fn mongod_connections(mongo: &mongodb::Client) -> Result<u64, String> 
         .and_then(as_i64)
         .map(|n| n.max(0) as u64)
         .ok_or_else(|| "serverStatus has no connections.current".into())
+}
+
+/// mongod's `metrics.commands.getMore.total`: every idle change-stream cursor costs a `getMore`
+/// per `maxAwaitTimeMS` and, while anything is written, one per wake-up, so this rate shows
+/// what N cursors cost mongod.
+pub async fn mongod_getmores(mongo: &mongodb::Client) -> Result<u64, String> {
+    let status = server_status(mongo).await?;
+    status
+        .get_document("metrics")
+        .and_then(|m| m.get_document("commands"))
+        .and_then(|c| c.get_document("getMore"))
+        .ok()
+        .and_then(|g| g.get("total"))
+        .and_then(as_i64)
+        .map(|n| n.max(0) as u64)
+        .ok_or_else(|| "serverStatus has no metrics.commands.getMore.total".into())
+}
+
+async fn server_status(mongo: &mongodb::Client) -> Result<Document, String> {
+    mongo
+        .database("admin")
+        .run_command(doc! { "serverStatus": 1 })
+        .await
+        .map_err(|e| format!("serverStatus: {e}"))
 }
 
 /// The sum of every series of metric `name` in a Prometheus text exposition (`None` if the
@@ -129,6 +150,11 @@ pub struct ServerCounters {
     pub cursors_opened: Option<f64>,
     /// `streamgate_catchups_total`.
     pub catchups: Option<f64>,
+    /// `streamgate_catchups_joined_total` (clients served by a catch-up another one opened).
+    pub catchups_joined: Option<f64>,
+    /// `streamgate_lag_recoveries_total` (clients lapped by the live channel, read on from
+    /// the ring).
+    pub lag_recoveries: Option<f64>,
     /// `streamgate_slow_consumers_total`.
     pub slow_consumers: Option<f64>,
     /// `streamgate_clients` (every transport).
@@ -144,6 +170,8 @@ impl ServerCounters {
         ServerCounters {
             cursors_opened: metric_sum(&text, "streamgate_cursors_opened_total"),
             catchups: metric_sum(&text, "streamgate_catchups_total"),
+            catchups_joined: metric_sum(&text, "streamgate_catchups_joined_total"),
+            lag_recoveries: metric_sum(&text, "streamgate_lag_recoveries_total"),
             slow_consumers: metric_sum(&text, "streamgate_slow_consumers_total"),
             clients: metric_sum(&text, "streamgate_clients"),
         }
@@ -157,6 +185,10 @@ pub struct Snapshot {
     pub cursors: Option<u64>,
     /// mongod connections.
     pub connections: Option<u64>,
+    /// mongod's `getMore` commands so far.
+    pub getmores: Option<u64>,
+    /// When it was taken.
+    pub at: Option<std::time::Instant>,
     /// The server's counters.
     pub server: ServerCounters,
 }
@@ -167,6 +199,8 @@ impl Snapshot {
         Snapshot {
             cursors: change_stream_cursors(mongo).await.ok(),
             connections: mongod_connections(mongo).await.ok(),
+            getmores: mongod_getmores(mongo).await.ok(),
+            at: Some(std::time::Instant::now()),
             server: ServerCounters::read(server).await,
         }
     }
@@ -218,8 +252,19 @@ impl Probe {
             connections_before: before.connections,
             connections_peak: peaks.connections.max(after.connections),
             connections_after: after.connections,
+            getmores_per_sec: match (before.getmores, after.getmores, before.at, after.at) {
+                (Some(a), Some(b), Some(t0), Some(t1)) if t1 > t0 => {
+                    Some(b.saturating_sub(a) as f64 / t1.duration_since(t0).as_secs_f64())
+                }
+                _ => None,
+            },
             server_cursors_opened: delta(before.server.cursors_opened, after.server.cursors_opened),
             server_catchups: delta(before.server.catchups, after.server.catchups),
+            server_catchups_joined: delta(
+                before.server.catchups_joined,
+                after.server.catchups_joined,
+            ),
+            server_lag_recoveries: delta(before.server.lag_recoveries, after.server.lag_recoveries),
             server_slow_consumers: delta(before.server.slow_consumers, after.server.slow_consumers),
         }
     }
@@ -241,10 +286,17 @@ pub struct Upstream {
     pub connections_peak: Option<u64>,
     /// mongod connections at the end.
     pub connections_after: Option<u64>,
+    /// mongod `getMore` commands per second between the two snapshots (the tool's own
+    /// `$currentOp` samples are aggregates, not `getMore`s).
+    pub getmores_per_sec: Option<f64>,
     /// `streamgate_cursors_opened_total` increase over the scenario.
     pub server_cursors_opened: Option<u64>,
     /// `streamgate_catchups_total` increase.
     pub server_catchups: Option<u64>,
+    /// `streamgate_catchups_joined_total` increase.
+    pub server_catchups_joined: Option<u64>,
+    /// `streamgate_lag_recoveries_total` increase.
+    pub server_lag_recoveries: Option<u64>,
     /// `streamgate_slow_consumers_total` increase.
     pub server_slow_consumers: Option<u64>,
 }
