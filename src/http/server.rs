@@ -166,7 +166,10 @@ fn limit_unsent(_tcp: &TcpStream) -> std::io::Result<()> {
 
 /// Peeks at the request head; returns it when it is a stream subscription we answer directly.
 async fn stream_request(tcp: &TcpStream, peer: SocketAddr) -> Option<(usize, Request<Body>)> {
-    let mut buffer = [0u8; MAX_DIRECT_HEAD];
+    // On the heap, freed on return: an array here would live in the connection task's future,
+    // which is sized for its largest state and kept for the connection's whole life (4 KiB of
+    // every idle client's memory).
+    let mut buffer = vec![0u8; MAX_DIRECT_HEAD];
     tcp.readable().await.ok()?;
     let peeked = tcp.peek(&mut buffer).await.ok()?;
     let mut headers = [httparse::EMPTY_HEADER; MAX_DIRECT_HEADERS];
