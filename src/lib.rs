@@ -7,6 +7,7 @@
 //! event.rs       Token (resume token, oplog-ordered) and Event (encoded once per wire format)
 //! routing.rs     per-client routing rules and filters (claims, routable $var bindings)
 //! backoff.rs     exponential backoff for every retry loop
+//! sync.rs        lock helpers (poison-recovering), one way to take a lock
 //! streams/       definition.rs (validation, $var binding) · registry.rs (definitions → workers)
 //!                store.rs (admin definitions in MongoDB + the watcher applying them)
 //! worker/        mod.rs (worker, context) · hub.rs (ring read by position + live channels)
@@ -42,6 +43,7 @@ pub mod replset;
 pub mod routing;
 pub mod snapshot;
 pub mod streams;
+pub mod sync;
 pub mod worker;
 
 use std::future::Future;

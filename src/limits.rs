@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::http::StatusCode;
 
@@ -110,7 +110,7 @@ impl Limits {
 
     fn lock(&self) -> MutexGuard<'_, Counters> {
         // The counters stay consistent even if a holder panicked: every update is one step.
-        self.counters.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.counters)
     }
 
     /// Takes a slot for a stream of `stream` opened by `user` (if authenticated) from `ip`.
@@ -287,7 +287,7 @@ struct BudgetInner {
 impl BudgetInner {
     fn lock(&self) -> MutexGuard<'_, CursorCounts> {
         // Every update is one consistent step, so a poisoned lock's data is still valid.
-        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.counts)
     }
 
     /// Publishes the counts; called under the lock so the gauges never go backwards in time.

@@ -20,7 +20,7 @@
 //! * TLS is rustls (ring) with the system's CA certificates; `http://` is accepted only for a
 //!   loopback host (keys fetched in clear text over a network could be replaced).
 
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::http::{HeaderMap, Request, Uri, header};
@@ -194,10 +194,7 @@ impl RemoteJwks {
     }
 
     fn current(&self) -> Option<Arc<Vec<Key>>> {
-        self.keys
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        crate::sync::read(&self.keys).clone()
     }
 
     /// The set to verify a token naming `kid` with. An unknown `kid` triggers one fetch unless
@@ -238,7 +235,7 @@ impl RemoteJwks {
         match result {
             Ok((keys, lifetime)) => {
                 let count = keys.len();
-                *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(keys));
+                *crate::sync::write(&self.keys) = Some(Arc::new(keys));
                 self.loaded.send_replace(true);
                 self.fetches.get_or_create(&label("ok")).inc();
                 tracing::debug!(url = %self.url, trigger, keys = count, ?lifetime, "JWKS fetched");

@@ -23,7 +23,7 @@
 //! its usual course (the worker retries), rather than refusing valid ids.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -148,7 +148,7 @@ impl ResumeCheck {
 
     /// Refuses a time from the future; `Ok(false)` when MongoDB could not be asked.
     async fn check_time(&self, time: Timestamp) -> Result<bool, ApiError> {
-        let known = *self.latest.lock().unwrap_or_else(PoisonError::into_inner);
+        let known = *crate::sync::lock(&self.latest);
         if known.is_some_and(|latest| time <= latest) {
             return Ok(true);
         }
@@ -156,7 +156,7 @@ impl ResumeCheck {
             return Ok(false);
         };
         {
-            let mut latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut latest = crate::sync::lock(&self.latest);
             if latest.is_none_or(|l| now > l) {
                 *latest = Some(now);
             }
@@ -176,12 +176,7 @@ impl ResumeCheck {
 
     async fn check_collection(&self, key: &StreamKey, uuid: [u8; 16]) -> Result<(), ApiError> {
         let cache_key = (key.db.clone(), key.coll.clone());
-        let cached = self
-            .uuids
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&cache_key)
-            .copied();
+        let cached = crate::sync::lock(&self.uuids).get(&cache_key).copied();
         if cached == Some(uuid) {
             return Ok(());
         }
@@ -189,10 +184,7 @@ impl ResumeCheck {
         let Some(actual) = self.collection_uuid(&key.db, &key.coll).await else {
             return Ok(());
         };
-        self.uuids
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(cache_key, actual);
+        crate::sync::lock(&self.uuids).insert(cache_key, actual);
         if actual != uuid {
             return Err(ApiError::bad_request(format!(
                 "the event id belongs to another collection (UUID {}), not {}.{} (UUID {}): \

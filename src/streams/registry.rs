@@ -165,18 +165,12 @@ impl Registry {
 
     /// Looks up a definition.
     pub fn get(&self, key: &StreamKey) -> Option<Arc<StreamEntry>> {
-        self.definitions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .cloned()
+        crate::sync::read(&self.definitions).get(key).cloned()
     }
 
     /// Every definition, ordered by key.
     pub fn list(&self) -> Vec<Arc<StreamEntry>> {
-        self.definitions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        crate::sync::read(&self.definitions)
             .values()
             .cloned()
             .collect()
@@ -198,11 +192,7 @@ impl Registry {
             origin,
             revision,
         });
-        let previous = self
-            .definitions
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), entry);
+        let previous = crate::sync::write(&self.definitions).insert(key.clone(), entry);
         if previous.is_some() {
             self.cancel_workers(
                 &key,
@@ -217,7 +207,7 @@ impl Registry {
     /// nothing (no new revision, no `cancel`), and a static definition is never overridden.
     pub fn put_stored(&self, key: StreamKey, definition: CompiledDefinition) -> Applied {
         let (applied, revision) = {
-            let mut definitions = self.definitions.write().unwrap_or_else(|p| p.into_inner());
+            let mut definitions = crate::sync::write(&self.definitions);
             let applied = match definitions.get(&key) {
                 None => Applied::Created,
                 Some(current) if current.origin == Origin::Static => return Applied::Static,
@@ -249,7 +239,7 @@ impl Registry {
     /// Removes a stored definition (never a static one); its clients get `cancel`.
     pub fn remove_stored(&self, key: &StreamKey) -> Removed {
         {
-            let mut definitions = self.definitions.write().unwrap_or_else(|p| p.into_inner());
+            let mut definitions = crate::sync::write(&self.definitions);
             match definitions.get(key) {
                 None => return Removed::Absent,
                 Some(current) if current.origin == Origin::Static => return Removed::Static,

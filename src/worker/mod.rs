@@ -28,7 +28,7 @@ pub(crate) mod source;
 pub mod subscription;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{Notify, watch};
@@ -158,12 +158,7 @@ pub trait Owner: Send + Sync {
     fn unregister(&self, worker: &Arc<Worker>);
 }
 
-/// Locks a std mutex, recovering from poisoning (a panic elsewhere must not take the server down).
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+pub(crate) use crate::sync::lock;
 
 /// Counters for the admin API and metrics.
 #[derive(Debug, Default)]
