@@ -5,6 +5,7 @@
 //! config.rs      TOML + env + CLI configuration (no I/O beyond reading the file)
 //! error.rs       ApiError → application/problem+json
 //! event.rs       Token (resume token, oplog-ordered) and Event (encoded once per wire format)
+//! path.rs        dotted paths into BSON and JSON (one walker)
 //! routing.rs     per-client routing rules and filters (claims, routable $var bindings)
 //! backoff.rs     exponential backoff for every retry loop
 //! sync.rs        lock helpers (poison-recovering), one way to take a lock
@@ -39,6 +40,7 @@ pub mod event;
 pub mod http;
 pub mod limits;
 pub mod metrics;
+pub mod path;
 pub mod replset;
 pub mod routing;
 pub mod snapshot;

@@ -89,14 +89,10 @@ pub fn route_values(rules: &[MatchRule], change: &Document) -> RouteValues {
         .into()
 }
 
-/// The value at a dotted path (already split), if every step is a document.
+/// The value at a dotted path (already split) of a change document.
 fn lookup<'a>(doc: &'a Document, path: &[String]) -> Option<&'a Bson> {
-    let (last, parents) = path.split_last()?;
-    let mut current = doc;
-    for segment in parents {
-        current = current.get_document(segment).ok()?;
-    }
-    current.get(last)
+    let (first, rest) = path.split_first()?;
+    crate::path::walk(doc.get(first)?, rest)
 }
 
 /// Why a client cannot be routed.

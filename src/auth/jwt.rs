@@ -383,12 +383,9 @@ fn single(key: DecodingKey) -> Key {
 
 /// Roles at `path` in `claims`: an array of strings, or one space-separated string.
 fn roles_from(claims: &Map<String, Value>, path: &[String]) -> Vec<String> {
-    let mut value = None;
-    let mut object = Some(claims);
-    for part in path {
-        value = object.and_then(|o| o.get(part));
-        object = value.and_then(Value::as_object);
-    }
+    let value = path
+        .split_first()
+        .and_then(|(first, rest)| crate::path::walk(claims.get(first)?, rest));
     match value {
         Some(Value::Array(items)) => items
             .iter()

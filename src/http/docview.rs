@@ -118,11 +118,7 @@ fn patch(description: &Value, full: Option<&Value>) -> Value {
 
 /// The value at a dotted path of a JSON document (array indexes as numbers).
 fn lookup<'a>(document: &'a Value, path: &str) -> Option<&'a Value> {
-    path.split('.')
-        .try_fold(document, |value, step| match value {
-            Value::Array(items) => items.get(step.parse::<usize>().ok()?),
-            other => other.get(step),
-        })
+    crate::path::walk(document, path.split('.'))
 }
 
 #[cfg(test)]
