@@ -46,6 +46,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use super::deadline::Deadline;
+use super::negotiate::{Transport, negotiate};
 use crate::auth::proxy::{TrustedProxies, read_proxy_header};
 
 /// Largest request head we answer directly; longer ones go through hyper.
@@ -186,28 +187,19 @@ async fn stream_request(tcp: &TcpStream, peer: SocketAddr) -> Option<(usize, Req
     if !path.contains("/_streams/") && path != "/_streams" && !path.starts_with("/_streams?") {
         return None;
     }
-    let header_has = |name: &str, needle: &str| {
-        parsed.headers.iter().any(|h| {
-            h.name.eq_ignore_ascii_case(name)
-                && std::str::from_utf8(h.value)
-                    .is_ok_and(|v| v.to_ascii_lowercase().contains(needle))
-        })
-    };
-    let streams =
-        header_has("accept", "text/event-stream") || header_has("accept", "application/x-ndjson");
-    if !streams
-        || parsed
-            .headers
-            .iter()
-            .any(|h| h.name.eq_ignore_ascii_case("upgrade"))
-    {
-        return None;
-    }
     let mut request = Request::get(path).body(Body::empty()).ok()?;
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
         let value = HeaderValue::from_bytes(h.value).ok()?;
         request.headers_mut().append(name, value);
+    }
+    // The router's own negotiation decides: SSE and NDJSON are written here, WebSocket (and
+    // anything it refuses, answered by the router) go to hyper.
+    if !matches!(
+        negotiate(request.headers()),
+        Ok(Transport::Sse | Transport::Ndjson)
+    ) {
+        return None;
     }
     request.extensions_mut().insert(ConnectInfo(peer));
     Some((head_len, request))
