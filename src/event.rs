@@ -236,24 +236,6 @@ impl EventKind {
                 | EventKind::View
         )
     }
-
-    /// WebSocket close code sent after a terminal event (see README "WebSocket close codes").
-    pub fn ws_close_code(self) -> u16 {
-        match self {
-            EventKind::Change
-            | EventKind::Skipped
-            | EventKind::Invalidate
-            | EventKind::Snapshot
-            | EventKind::Ready
-            | EventKind::View => 1000,
-            EventKind::Cancel => 4001,
-            EventKind::AuthRevoked => 4003,
-            EventKind::Error(ErrorCode::SlowConsumer) => 4008,
-            EventKind::Error(ErrorCode::HistoryLost) => 4010,
-            EventKind::Error(ErrorCode::Shutdown) => 1001,
-            EventKind::Error(ErrorCode::Upstream) => 4000,
-        }
-    }
 }
 
 /// One event, pre-encoded for every transport.

@@ -670,7 +670,7 @@ impl MultiFeed {
                     return Some(MultiFrame::Events {
                         chunks: vec![bytes],
                         ends: vec![1],
-                        close: Some(revoked.kind.ws_close_code()),
+                        close: Some(super::ws::close_code(revoked.kind)),
                     });
                 }
                 (index, event) = std::future::poll_fn(|cx| self.streams.poll_event(Some(cx))) => {

@@ -1,5 +1,5 @@
 //! WebSocket transport: one text frame per envelope, pings as keep-alive, close codes for
-//! terminal events (`EventKind::ws_close_code`; 1001 on shutdown).
+//! terminal events (`close_code`; 1001 on shutdown).
 //!
 //! [`serve`] is generic over the sink and stream halves so it can be driven by channels in
 //! unit tests as well as by a real socket.
@@ -9,6 +9,7 @@ use bytes::Bytes;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 
 use super::feed::{Feed, Frame};
+use crate::event::{ErrorCode, EventKind};
 
 /// Close code sent when the server shuts down ("going away").
 pub(super) const GOING_AWAY: u16 = 1001;
@@ -115,7 +116,7 @@ async fn write_batch<W: Sink<Message> + Unpin>(
         if event.kind.is_terminal() {
             sink.flush().await?;
             feed.delivered(batch.len(), bytes);
-            close(sink, event.kind.ws_close_code(), event.kind.name()).await?;
+            close(sink, close_code(event.kind), event.kind.name()).await?;
             return Ok(false);
         }
     }
@@ -135,6 +136,24 @@ async fn close<W: Sink<Message> + Unpin>(
     })))
     .await?;
     Ok(false)
+}
+
+/// WebSocket close code sent after a terminal event (see README "WebSocket close codes").
+pub(super) fn close_code(kind: EventKind) -> u16 {
+    match kind {
+        EventKind::Change
+        | EventKind::Skipped
+        | EventKind::Invalidate
+        | EventKind::Snapshot
+        | EventKind::Ready
+        | EventKind::View => 1000,
+        EventKind::Cancel => 4001,
+        EventKind::AuthRevoked => 4003,
+        EventKind::Error(ErrorCode::SlowConsumer) => 4008,
+        EventKind::Error(ErrorCode::HistoryLost) => 4010,
+        EventKind::Error(ErrorCode::Shutdown) => GOING_AWAY,
+        EventKind::Error(ErrorCode::Upstream) => 4000,
+    }
 }
 
 #[cfg(test)]
