@@ -27,7 +27,7 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use mongodb::bson::{DateTime, Document, doc};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Mutex, watch};
+use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -94,7 +94,7 @@ pub struct RuleStore {
     /// Serialises reloads, so an older read never replaces a newer one.
     reload: Mutex<()>,
     /// `true` once the watcher has loaded the collection and is watching it.
-    synced: watch::Sender<bool>,
+    synced: crate::sync::SyncFlag,
 }
 
 impl RuleStore {
@@ -109,7 +109,7 @@ impl RuleStore {
             collection: client.database(database).collection(collection),
             auth,
             reload: Mutex::new(()),
-            synced: watch::channel(false).0,
+            synced: crate::sync::SyncFlag::default(),
         })
     }
 
@@ -176,16 +176,12 @@ impl RuleStore {
 
     /// Waits until the watcher has loaded the rules, at most `timeout`; returns whether it did.
     pub async fn wait_synced(&self, timeout: Duration) -> bool {
-        let mut synced = self.synced.subscribe();
-        matches!(
-            tokio::time::timeout(timeout, synced.wait_for(|s| *s)).await,
-            Ok(Ok(_))
-        )
+        self.synced.wait(timeout).await
     }
 
     /// Whether the watcher is currently loaded and watching.
     pub fn is_synced(&self) -> bool {
-        *self.synced.borrow()
+        self.synced.get()
     }
 
     async fn watch_loop(self: Arc<Self>, cancel: CancellationToken) {
@@ -195,7 +191,7 @@ impl RuleStore {
                 _ = cancel.cancelled() => return,
                 result = self.sync_and_watch(&mut backoff) => result,
             };
-            self.synced.send_replace(false);
+            self.synced.set(false);
             match result {
                 Ok(reason) => tracing::info!(reason, "rules watcher starting over"),
                 Err(error) => {
@@ -217,7 +213,7 @@ impl RuleStore {
     ) -> Result<&'static str, mongodb::error::Error> {
         let mut stream = self.collection.watch().await?;
         self.reload().await?;
-        self.synced.send_replace(true);
+        self.synced.set(true);
         *backoff = FIRST_BACKOFF;
         while let Some(event) = stream.next().await {
             let mut ended = is_end(&event?);

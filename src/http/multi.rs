@@ -39,7 +39,7 @@ use axum::Extension;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocketUpgrade};
+use axum::extract::ws::{Message, Utf8Bytes, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -56,7 +56,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::AppState;
 use super::negotiate::{Transport, negotiate};
 use super::options::{Options, RawOptions, named_frame};
-use super::ws::{GOING_AWAY, MESSAGE_TOO_BIG};
+use super::ws::{GOING_AWAY, MESSAGE_TOO_BIG, close};
 use crate::auth::Principal;
 use crate::auth::proxy::ClientAddr;
 use crate::auth::{REVOKED_MESSAGE, Revocation};
@@ -956,19 +956,6 @@ async fn write_messages<W: Sink<Message> + Unpin>(
         Some(code) => close(sink, code, "stream ended").await,
         None => Ok(true),
     }
-}
-
-async fn close<W: Sink<Message> + Unpin>(
-    sink: &mut W,
-    code: u16,
-    reason: &'static str,
-) -> Result<bool, W::Error> {
-    sink.send(Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(reason),
-    })))
-    .await?;
-    Ok(false)
 }
 
 /// `{"event":"error","data":{code,message,op,stream}}`: the answer to an operation we refused.

@@ -125,7 +125,8 @@ async fn write_batch<W: Sink<Message> + Unpin>(
     Ok(true)
 }
 
-async fn close<W: Sink<Message> + Unpin>(
+/// Sends a close frame; `Ok(false)`: the connection is over.
+pub(super) async fn close<W: Sink<Message> + Unpin>(
     sink: &mut W,
     code: u16,
     reason: &'static str,

@@ -31,7 +31,6 @@ use futures::StreamExt;
 use mongodb::bson::{DateTime, Document, Timestamp, doc};
 use mongodb::change_stream::event::{ChangeStreamEvent, OperationType};
 use mongodb::options::FullDocumentType;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -94,7 +93,7 @@ pub struct Store {
     /// registry update are one step. Never held across an await.
     applied: Mutex<HashMap<StreamKey, Timestamp>>,
     /// `true` once the watcher has loaded the collection and is watching it.
-    synced: watch::Sender<bool>,
+    synced: crate::sync::SyncFlag,
 }
 
 impl Store {
@@ -107,7 +106,7 @@ impl Store {
             collection,
             registry,
             applied: Mutex::new(HashMap::new()),
-            synced: watch::channel(false).0,
+            synced: crate::sync::SyncFlag::default(),
         })
     }
 
@@ -172,16 +171,12 @@ impl Store {
     /// Waits until the watcher has loaded the stored definitions, at most `timeout`.
     /// Returns whether it did.
     pub async fn wait_synced(&self, timeout: Duration) -> bool {
-        let mut synced = self.synced.subscribe();
-        matches!(
-            tokio::time::timeout(timeout, synced.wait_for(|s| *s)).await,
-            Ok(Ok(_))
-        )
+        self.synced.wait(timeout).await
     }
 
     /// Whether the watcher is currently loaded and watching.
     pub fn is_synced(&self) -> bool {
-        *self.synced.borrow()
+        self.synced.get()
     }
 
     async fn watch_loop(self: Arc<Self>, cancel: CancellationToken) {
@@ -192,7 +187,7 @@ impl Store {
                 result = self.sync_and_watch(&mut backoff) => result,
             };
             let delay = backoff.next_delay();
-            self.synced.send_replace(false);
+            self.synced.set(false);
             match result {
                 Ok(reason) => tracing::info!(reason, "definitions watcher starting over"),
                 Err(error) => {
@@ -214,7 +209,7 @@ impl Store {
             .full_document(FullDocumentType::UpdateLookup)
             .await?;
         self.reload().await?;
-        self.synced.send_replace(true);
+        self.synced.set(true);
         backoff.reset();
         while let Some(event) = stream.next().await {
             let event: ChangeStreamEvent<Document> = event?;
