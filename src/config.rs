@@ -320,6 +320,38 @@ pub struct CorsConfig {
     pub allow_credentials: bool,
 }
 
+impl CorsConfig {
+    /// Checks `[cors]` (no I/O): origins are scheme and host, and `*` never with credentials.
+    pub fn check(&self) -> Result<(), String> {
+        for origin in &self.allowed_origins {
+            if origin == "*" {
+                if self.allow_credentials {
+                    return Err(
+                        "cors: `*` cannot be combined with allow_credentials; list the origins"
+                            .into(),
+                    );
+                }
+                continue;
+            }
+            let rest = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"));
+            let valid = rest.is_some_and(|host| {
+                !host.is_empty()
+                    && !host.contains('/')
+                    && axum::http::HeaderValue::from_str(origin).is_ok()
+            });
+            if !valid {
+                return Err(format!(
+                    "cors.allowed_origins: {origin:?} is not an origin like https://app.example.com \
+                     (scheme and host, optional port, no path)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Storage of dynamic stream definitions.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -481,9 +513,9 @@ impl Config {
             ));
         }
         self.limits.validate()?;
-        crate::auth::check_config(&self.auth, &self.cors).map_err(ConfigError::Invalid)?;
-        crate::auth::proxy::TrustedProxies::parse(&self.trusted_proxies)
-            .map_err(ConfigError::Invalid)?;
+        // `[auth]` and `trusted_proxies` are checked where they are built (`App::new`,
+        // `streamgate check-config`), so configuration does not depend on authentication.
+        self.cors.check().map_err(ConfigError::Invalid)?;
         for (index, stream) in self.streams.iter().enumerate() {
             let (_, definition) = stream
                 .split()
@@ -609,6 +641,19 @@ fn default_max_bindings_per_stream() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cors_wildcard_with_credentials_is_refused() {
+        let cors = |origins: &[&str], credentials: bool| CorsConfig {
+            allowed_origins: origins.iter().map(|s| s.to_string()).collect(),
+            allow_credentials: credentials,
+        };
+        assert!(cors(&["*"], true).check().is_err());
+        assert!(cors(&["*"], false).check().is_ok());
+        assert!(cors(&["https://a.example"], true).check().is_ok());
+        assert!(cors(&["https://a.example/"], false).check().is_err());
+        assert!(cors(&["a.example"], false).check().is_err());
+    }
 
     #[test]
     fn log_format_is_text_or_json() {

@@ -17,33 +17,6 @@ use crate::config::CorsConfig;
 /// How long browsers may cache a preflight answer.
 const PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(600);
 
-/// Checks `[cors]` (no I/O).
-pub fn check(config: &CorsConfig) -> Result<(), String> {
-    for origin in &config.allowed_origins {
-        if origin == "*" {
-            if config.allow_credentials {
-                return Err(
-                    "cors: `*` cannot be combined with allow_credentials; list the origins".into(),
-                );
-            }
-            continue;
-        }
-        let rest = origin
-            .strip_prefix("https://")
-            .or_else(|| origin.strip_prefix("http://"));
-        let valid = rest.is_some_and(|host| {
-            !host.is_empty() && !host.contains('/') && HeaderValue::from_str(origin).is_ok()
-        });
-        if !valid {
-            return Err(format!(
-                "cors.allowed_origins: {origin:?} is not an origin like https://app.example.com \
-                 (scheme and host, optional port, no path)"
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// The CORS layer for HTTP routes; `None` when no other origin is allowed.
 pub fn layer(config: &CorsConfig) -> Option<CorsLayer> {
     if config.allowed_origins.is_empty() {
@@ -113,15 +86,6 @@ mod tests {
             allowed_origins: origins.iter().map(|s| s.to_string()).collect(),
             allow_credentials: credentials,
         }
-    }
-
-    #[test]
-    fn wildcard_with_credentials_is_refused() {
-        assert!(check(&config(&["*"], true)).is_err());
-        assert!(check(&config(&["*"], false)).is_ok());
-        assert!(check(&config(&["https://a.example"], true)).is_ok());
-        assert!(check(&config(&["https://a.example/"], false)).is_err());
-        assert!(check(&config(&["a.example"], false)).is_err());
     }
 
     #[test]

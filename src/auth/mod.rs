@@ -47,7 +47,7 @@ use tokio_util::task::TaskTracker;
 
 use self::jwt::JwtVerifier;
 use self::rules::{Rule, Rules};
-use crate::config::{AuthConfig, CorsConfig};
+use crate::config::AuthConfig;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::streams::StreamKey;
@@ -409,12 +409,6 @@ pub async fn guard(
     }
     request.extensions_mut().insert(principal);
     next.run(request).await
-}
-
-/// Checks `[auth]` and `[cors]` without I/O (key files are read at startup).
-pub fn check_config(auth: &AuthConfig, cors: &CorsConfig) -> Result<(), String> {
-    check_auth(auth)?;
-    cors::check(cors)
 }
 
 fn check_auth(config: &AuthConfig) -> Result<(), String> {
