@@ -41,7 +41,8 @@ async fn browser_eventsource_resumes_across_streamgate_restart() {
         .expect("node is installed");
     let mut lines = BufReader::new(node.stdout.take().unwrap()).lines();
     let mut next = async || -> Value {
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        // Generous: Chromium's first start on a loaded 2-core runner can take tens of seconds.
+        let line = tokio::time::timeout(Duration::from_secs(90), lines.next_line())
             .await
             .expect("browser reported in time")
             .unwrap()
@@ -130,7 +131,8 @@ async fn browser_one_eventsource_three_streams() {
         .expect("node is installed");
     let mut lines = BufReader::new(node.stdout.take().unwrap()).lines();
     let mut next = async || -> Value {
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        // Generous: Chromium's first start on a loaded 2-core runner can take tens of seconds.
+        let line = tokio::time::timeout(Duration::from_secs(90), lines.next_line())
             .await
             .expect("browser reported in time")
             .unwrap()
