@@ -26,6 +26,19 @@ pub async fn initiate(
     options.direct_connection = Some(true);
     options.server_selection_timeout = Some(Duration::from_secs(5));
     let client = Client::with_options(options).map_err(|e| e.to_string())?;
+    let result = initiate_with(&client, set_name, host, timeout).await;
+    // Ends the client's sessions while the runtime still runs: a client dropped as a short-lived
+    // process exits spawns that work onto a runtime going away, and the driver panics there.
+    client.shutdown().await;
+    result
+}
+
+async fn initiate_with(
+    client: &Client,
+    set_name: &str,
+    host: &str,
+    timeout: Duration,
+) -> Result<(), String> {
     let admin = client.database("admin");
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
