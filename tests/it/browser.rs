@@ -6,13 +6,12 @@
 //! `scripts/test` installs them and runs it explicitly (`cargo test --test it browser --
 //! --ignored`); once it runs, a missing browser or node is a failure.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use mongodb::bson::{Document, doc};
-use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use serde_json::json;
 
+use crate::harness::browser::BrowserScript;
 use crate::harness::server::{self, TestServer};
 use crate::harness::{mongod, unique_db};
 
@@ -30,26 +29,12 @@ async fn browser_eventsource_resumes_across_streamgate_restart() {
     let addr = listener.local_addr().unwrap();
     let first = TestServer::start_on(config.clone(), listener).await;
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/eventsource.mjs");
-    let mut node = tokio::process::Command::new("node")
-        .arg(script)
-        .arg(format!("http://{addr}"))
-        .arg(format!("/{db}/c/_streams/s"))
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node is installed");
-    let mut lines = BufReader::new(node.stdout.take().unwrap()).lines();
-    let mut next = async || -> Value {
-        // Generous: Chromium's first start on a loaded 2-core runner can take tens of seconds.
-        let line = tokio::time::timeout(Duration::from_secs(90), lines.next_line())
-            .await
-            .expect("browser reported in time")
-            .unwrap()
-            .expect("browser still running");
-        serde_json::from_str(&line).unwrap()
-    };
-    assert_eq!(next().await["type"], "open");
+    let mut browser = BrowserScript::start(
+        "eventsource.mjs",
+        &[&format!("http://{addr}"), &format!("/{db}/c/_streams/s")],
+        Duration::from_secs(90),
+    );
+    assert_eq!(browser.next().await["type"], "open");
 
     let coll = mongo
         .client()
@@ -61,7 +46,7 @@ async fn browser_eventsource_resumes_across_streamgate_restart() {
     }
     let mut seqs = Vec::new();
     while seqs.len() < 5 {
-        let event = next().await;
+        let event = browser.next().await;
         assert_eq!(event["type"], "change", "{event}");
         seqs.push(event["seq"].as_i64().unwrap());
     }
@@ -75,7 +60,7 @@ async fn browser_eventsource_resumes_across_streamgate_restart() {
     // The browser reconnects on its own (retry: 500) with Last-Event-ID.
     let mut reopened = false;
     while seqs.len() < 10 {
-        let event = next().await;
+        let event = browser.next().await;
         match event["type"].as_str() {
             Some("open") => reopened = true,
             Some("change") => seqs.push(event["seq"].as_i64().unwrap()),
@@ -87,12 +72,12 @@ async fn browser_eventsource_resumes_across_streamgate_restart() {
         coll.insert_one(doc! { "seq": seq }).await.unwrap();
     }
     while seqs.len() < 12 {
-        let event = next().await;
+        let event = browser.next().await;
         assert_eq!(event["type"], "change", "{event}");
         seqs.push(event["seq"].as_i64().unwrap());
     }
     assert_eq!(seqs, (0..12).collect::<Vec<_>>());
-    let _ = node.kill().await;
+    browser.stop().await;
     second.stop().await;
 }
 
@@ -120,26 +105,15 @@ async fn browser_one_eventsource_three_streams() {
     let addr = listener.local_addr().unwrap();
     let first = TestServer::start_on(config.clone(), listener).await;
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/eventsource.mjs");
-    let mut node = tokio::process::Command::new("node")
-        .arg(script)
-        .arg(format!("http://{addr}"))
-        .arg(format!("/_streams?streams={}", paths.join(",")))
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node is installed");
-    let mut lines = BufReader::new(node.stdout.take().unwrap()).lines();
-    let mut next = async || -> Value {
-        // Generous: Chromium's first start on a loaded 2-core runner can take tens of seconds.
-        let line = tokio::time::timeout(Duration::from_secs(90), lines.next_line())
-            .await
-            .expect("browser reported in time")
-            .unwrap()
-            .expect("browser still running");
-        serde_json::from_str(&line).unwrap()
-    };
-    assert_eq!(next().await["type"], "open");
+    let mut browser = BrowserScript::start(
+        "eventsource.mjs",
+        &[
+            &format!("http://{addr}"),
+            &format!("/_streams?streams={}", paths.join(",")),
+        ],
+        Duration::from_secs(90),
+    );
+    assert_eq!(browser.next().await["type"], "open");
     let client = mongo.client().await;
     let insert = async |range: std::ops::Range<i64>| {
         for seq in range {
@@ -158,7 +132,7 @@ async fn browser_one_eventsource_three_streams() {
         let mut reopened = false;
         let mut seen = 0;
         while seen < n {
-            let event = next().await;
+            let event = browser.next().await;
             match event["type"].as_str() {
                 Some("open") => reopened = true,
                 Some("change") => {
@@ -189,6 +163,6 @@ async fn browser_one_eventsource_three_streams() {
     for path in &paths {
         assert_eq!(got[path], (0..7).collect::<Vec<_>>(), "{path}");
     }
-    let _ = node.kill().await;
+    browser.stop().await;
     second.stop().await;
 }

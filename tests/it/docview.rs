@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use mongodb::bson::{Bson, doc};
 use serde_json::{Map, Value};
 
+use crate::harness::browser::BrowserScript;
 use crate::harness::clients::{Client, Envelope, Kind, Next};
 use crate::harness::fixture::Fixture;
 use crate::snapshot::{random_writes, seed, shaping_pipeline};
@@ -250,9 +251,6 @@ async fn keep_alive_is_an_event_in_the_view() {
 #[tokio::test]
 #[ignore = "needs Chromium, node and tests/browser/node_modules: scripts/test installs them and runs it"]
 async fn browser_eventsource_renders_the_initial_put_and_a_later_patch() {
-    use std::process::Stdio;
-    use tokio::io::{AsyncBufReadExt, BufReader};
-
     let f = Fixture::start("browser_docview", |_| {}).await;
     f.coll
         .insert_many(vec![
@@ -261,25 +259,8 @@ async fn browser_eventsource_renders_the_initial_put_and_a_later_patch() {
         ])
         .await
         .unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/docview.mjs");
-    let mut node = tokio::process::Command::new("node")
-        .arg(script)
-        .arg(f.server.url(""))
-        .arg(&f.path)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node is installed");
-    let mut lines = BufReader::new(node.stdout.take().unwrap()).lines();
-    let mut next = async || -> Value {
-        let line = tokio::time::timeout(WAIT, lines.next_line())
-            .await
-            .expect("browser reported in time")
-            .unwrap()
-            .expect("browser still running");
-        serde_json::from_str(&line).unwrap()
-    };
-    let put = next().await;
+    let mut browser = BrowserScript::start("docview.mjs", &[&f.server.url(""), &f.path], WAIT);
+    let put = browser.next().await;
     assert_eq!(put["type"], "put", "{put}");
     assert_eq!(
         put["rows"],
@@ -289,11 +270,11 @@ async fn browser_eventsource_renders_the_initial_put_and_a_later_patch() {
         .update_one(doc! {"_id": "b"}, doc! {"$set": {"score": 300}})
         .await
         .unwrap();
-    let patch = next().await;
+    let patch = browser.next().await;
     assert_eq!(patch["type"], "patch", "{patch}");
     assert_eq!(
         patch["rows"],
         serde_json::json!([["a", "Ada", "1"], ["b", "Bob", "300"]])
     );
-    let _ = node.kill().await;
+    browser.stop().await;
 }

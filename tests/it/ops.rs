@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use sha2::Digest;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+use crate::harness::browser::BrowserScript;
 use crate::harness::clients::{Client, Kind};
 use crate::harness::eventually;
 use crate::harness::fixture::{Fixture, seqs};
@@ -538,34 +539,20 @@ async fn browser_console_defines_fixes_tails_and_deletes_a_stream() {
     let mut config = server::config(mongo);
     auth_config(&mut config);
     let server = TestServer::start(config).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/console.mjs");
-    let mut node = tokio::process::Command::new("node")
-        .arg(script)
-        .arg(server.url(""))
-        .arg(ADMIN_KEY)
-        .arg(&db)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node is installed");
-    let mut lines = BufReader::new(node.stdout.take().unwrap()).lines();
-    let mut next = async || -> Value {
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .expect("the browser reported in time")
-            .unwrap()
-            .expect("the browser script is still running");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
-    };
+    let mut browser = BrowserScript::start(
+        "console.mjs",
+        &[&server.url(""), ADMIN_KEY, &db],
+        Duration::from_secs(60),
+    );
 
-    let error = next().await;
+    let error = browser.next().await;
     assert_eq!(error["type"], "field-error", "{error}");
     assert!(error["text"].as_str().unwrap().contains("$out"), "{error}");
-    let created = next().await;
+    let created = browser.next().await;
     assert_eq!(created["type"], "created", "{created}");
     let path = format!("/{db}/orders/_streams/fresh");
     assert_eq!(created["path"], path.as_str());
-    let tailing = next().await;
+    let tailing = browser.next().await;
     assert_eq!(tailing["type"], "tailing", "{tailing}");
 
     let coll = mongo
@@ -576,14 +563,14 @@ async fn browser_console_defines_fixes_tails_and_deletes_a_stream() {
     coll.insert_one(doc! { "item": "tea", "by": "ada" })
         .await
         .unwrap();
-    let tail = next().await;
+    let tail = browser.next().await;
     assert_eq!(tail["type"], "tail", "{tail}");
     assert!(
         tail["text"].as_str().unwrap().contains("\"item\":\"tea\""),
         "{tail}"
     );
 
-    let deleted = next().await;
+    let deleted = browser.next().await;
     assert_eq!(deleted["type"], "deleted", "{deleted}");
     let gone = reqwest::Client::new()
         .get(server.url(&format!("/_admin/streams/{db}/orders/fresh")))
@@ -592,7 +579,7 @@ async fn browser_console_defines_fixes_tails_and_deletes_a_stream() {
         .await
         .unwrap();
     assert_eq!(gone.status(), 404);
-    let _ = node.wait().await;
+    browser.wait().await;
     server.stop().await;
 }
 

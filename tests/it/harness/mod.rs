@@ -1,6 +1,7 @@
 //! Shared test harness: real mongod replica sets, in-process servers, transport clients.
 #![allow(dead_code)] // harness items are used by some test modules, not all
 
+pub mod browser;
 pub mod clients;
 pub mod fixture;
 pub mod mongod;
