@@ -107,6 +107,22 @@ impl Token {
         Token(Arc::from(format!("82{ts:016X}FF")))
     }
 
+    /// The position "before every change at cluster time `at`" (after every earlier one): a
+    /// cursor opened at `at` covers everything after it.
+    pub fn before_cluster_time(at: Timestamp) -> Token {
+        let earlier = match at.increment.checked_sub(1) {
+            Some(increment) => Timestamp {
+                time: at.time,
+                increment,
+            },
+            None => Timestamp {
+                time: at.time.saturating_sub(1),
+                increment: u32::MAX,
+            },
+        };
+        Token::after_cluster_time(earlier)
+    }
+
     /// The cluster time a token starts with (every resume token's first element).
     pub fn cluster_time(&self) -> Option<Timestamp> {
         let ts = u64::from_str_radix(self.0.get(2..18)?, 16).ok()?;

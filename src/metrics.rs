@@ -202,6 +202,8 @@ pub struct Metrics {
     pub clients: Family<TransportLabel, Gauge>,
     /// Running workers (open or reopening cursors).
     pub workers: Gauge,
+    /// Running database feeds (one shared cursor each, see `worker::feed`).
+    pub database_feeds: Gauge,
     /// Change-stream cursors opened, reconnects and catch-ups included.
     pub cursors_opened: Counter,
     /// Change events received from MongoDB.
@@ -254,6 +256,12 @@ impl Metrics {
         registry.register("clients", "Connected clients by transport", clients.clone());
         let workers = Gauge::default();
         registry.register("workers", "Running change-stream workers", workers.clone());
+        let database_feeds = Gauge::default();
+        registry.register(
+            "database_feeds",
+            "Running database feeds: change-stream cursors shared by the workers of a database",
+            database_feeds.clone(),
+        );
         let cursors_opened = Counter::default();
         registry.register(
             "cursors_opened",
@@ -383,6 +391,7 @@ impl Metrics {
             oversize_skipped,
             clients,
             workers,
+            database_feeds,
             cursors_opened,
             events_received,
             deliveries,

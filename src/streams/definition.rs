@@ -116,7 +116,7 @@ impl DefinitionError {
 }
 
 /// `fullDocument` option of a change stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum FullDocument {
     /// Only deltas for updates.
@@ -131,7 +131,7 @@ pub enum FullDocument {
 }
 
 /// `fullDocumentBeforeChange` option of a change stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum FullDocumentBeforeChange {
     /// No pre-image.

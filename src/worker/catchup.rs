@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, watch};
 
 use super::hub::Hub;
-use super::source::{ChangeSource, Step};
+use super::source::{Step, WorkerSource};
 use super::{Worker, lock};
 use crate::event::{ErrorCode, Event, EventKind, Token};
 use crate::limits::UpstreamLimit;
@@ -353,7 +353,7 @@ impl Worker {
 
 /// The catch-up's cursor loop.
 async fn run(worker: &Arc<Worker>, catch_up: &Arc<CatchUp>) {
-    let mut source = ChangeSource::new(Arc::clone(worker), Some(catch_up.start.clone()));
+    let mut source = WorkerSource::new(worker, Some(catch_up.start.clone()));
     let cancel = worker.cancel_token().clone();
     loop {
         // Back-pressure: wait for the slowest reader; stop when nobody reads any more.
@@ -417,7 +417,7 @@ async fn run(worker: &Arc<Worker>, catch_up: &Arc<CatchUp>) {
                 continue;
             }
             Step::Invalidated(event) => {
-                catch_up.set_status(Status::Ended(Arc::new(event)));
+                catch_up.set_status(Status::Ended(event));
                 return;
             }
             Step::Failed(code, message) => {

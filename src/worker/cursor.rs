@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::source::{ChangeSource, ServerFeatures, Step};
+use super::feed::Membership;
+use super::hub::Routed;
+use super::source::{ServerFeatures, Step, WorkerSource};
 use super::{Worker, WorkerState, lock};
 use crate::event::{ErrorCode, Event, EventKind};
 
@@ -29,7 +31,10 @@ impl Worker {
             .copied()
             .unwrap_or_default();
         let _ = self.features.set(features);
-        let mut source = ChangeSource::new(Arc::clone(&self), None);
+        let mut source = match self.context.feeds.join(&self.context, &self) {
+            Some(membership) => Upstream::Shared(membership),
+            None => Upstream::Own(Box::new(WorkerSource::new(&self, None))),
+        };
         let mut idle_since: Option<Instant> = None;
         loop {
             if self.cancel_token().is_cancelled() || self.lingered_out(&mut idle_since) {
@@ -41,7 +46,7 @@ impl Worker {
                 // The last client left: start the linger clock now, not after the next batch.
                 _ = self.idle.notified(), if idle_since.is_none() => continue,
                 _ = sleep_until(linger_end) => continue,
-                step = source.next() => step,
+                step = source.next(&self) => step,
             };
             if let Flow::Stop = self.apply(step) {
                 break;
@@ -95,7 +100,7 @@ impl Worker {
             Step::Quiet(None) => {}
             Step::Invalidated(event) => {
                 tracing::info!(stream = %self.key.stream, "collection invalidated");
-                self.end(Arc::new(event));
+                self.end(event);
                 return Flow::Stop;
             }
             Step::Retrying(error) => {
@@ -118,6 +123,30 @@ impl Worker {
             message,
             false,
         )));
+    }
+}
+
+/// Where a worker's changes come from.
+enum Upstream {
+    /// A cursor of its own.
+    Own(Box<WorkerSource>),
+    /// Its database's shared cursor.
+    Shared(Membership),
+}
+
+impl Upstream {
+    /// The next step (cancel-safe). A feed that cannot serve the worker is replaced by a
+    /// cursor of its own, from now (the worker had not been served yet).
+    async fn next(&mut self, worker: &Arc<Worker>) -> Step<Routed> {
+        loop {
+            match self {
+                Upstream::Own(source) => return source.next().await,
+                Upstream::Shared(membership) => match membership.next().await {
+                    Some(step) => return step,
+                    None => *self = Upstream::Own(Box::new(WorkerSource::new(worker, None))),
+                },
+            }
+        }
     }
 }
 

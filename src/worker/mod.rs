@@ -23,6 +23,7 @@
 pub(crate) mod catchup;
 mod cursor;
 pub mod errors;
+pub(crate) mod feed;
 pub(crate) mod hub;
 pub(crate) mod source;
 pub mod subscription;
@@ -99,6 +100,8 @@ pub struct WorkerContext {
     pub budget: CursorBudget,
     /// What the server can do, asked once.
     features: tokio::sync::OnceCell<ServerFeatures>,
+    /// Database cursors shared by workers whose pipelines only filter.
+    pub(crate) feeds: feed::Feeds,
 }
 
 impl WorkerContext {
@@ -119,6 +122,7 @@ impl WorkerContext {
             budget,
             owner,
             features: tokio::sync::OnceCell::new(),
+            feeds: feed::Feeds::default(),
         })
     }
 }

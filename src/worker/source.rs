@@ -17,13 +17,14 @@ use std::time::Duration;
 
 use mongodb::bson::{Document, doc};
 use mongodb::change_stream::ChangeStream;
+use mongodb::options::ChangeStreamOptions;
 
 use super::Worker;
 use super::errors::{Disposition, classify, server_code};
 use super::hub::Routed;
 use crate::backoff::Backoff;
-use crate::event::{ErrorCode, Event, Token};
-use crate::routing::route_values;
+use crate::event::{EncodeError, ErrorCode, Event, EventKind, Token};
+use crate::routing::{MatchRule, route_values};
 
 /// `BSONObjectTooLarge`: a change event over 16 MB on a server that cannot split it.
 const BSON_OBJECT_TOO_LARGE: i32 = 10334;
@@ -78,21 +79,150 @@ impl ServerFeatures {
 /// How long a worker waits for `buildInfo` before opening its cursor anyway.
 const DETECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// One step of a source.
+/// One step of a source: `C` is a [`RawChange`] straight from the cursor, or a [`Routed`]
+/// change encoded for one worker.
 #[derive(Debug)]
-pub enum Step {
+pub enum Step<C = Routed> {
     /// A cursor was (re)opened; its start position (for a first open: "now").
     Opened(Option<Token>),
-    /// A change (or a `skipped` placeholder), encoded once, with its routing values.
-    Change(Routed),
+    /// A change (or a `skipped` placeholder).
+    Change(C),
     /// An empty batch; the post-batch token, if it moved.
     Quiet(Option<Token>),
     /// An `invalidate` (or a cursor the server closed): the stream is over.
-    Invalidated(Event),
+    Invalidated(Arc<Event>),
     /// A transient error; the source backed off and will reopen on the next call.
     Retrying(String),
     /// An error retrying cannot fix (history lost, bad pipeline, bad token).
     Failed(ErrorCode, String),
+}
+
+/// A change as the cursor returned it, before encoding: a database feed routes it by `ns` and
+/// computes each worker's routing values from it.
+#[derive(Debug)]
+pub struct RawChange {
+    /// The change's resume token.
+    pub id: Token,
+    /// The change document (for a skipped change: the probe's small projection of it).
+    pub doc: Document,
+    /// Whether this stands for a change over 16 MB that was skipped.
+    pub skipped: bool,
+}
+
+impl RawChange {
+    /// The collection the change is about (`ns.coll`); `None` for database-wide events.
+    pub fn coll(&self) -> Option<&str> {
+        self.doc.get_document("ns").ok()?.get_str("coll").ok()
+    }
+
+    /// `operationType`.
+    pub fn operation_type(&self) -> &str {
+        self.doc.get_str("operationType").unwrap_or("")
+    }
+
+    /// Routes and encodes the change for a worker with `rules`.
+    pub fn route(self, rules: &[MatchRule]) -> Step<Routed> {
+        let values = route_values(rules, &self.doc);
+        let id = self.id.clone();
+        match self.encode() {
+            Ok(event) => Step::Change(Routed {
+                id,
+                event: Arc::new(event),
+                values,
+            }),
+            Err(error) => Step::Failed(ErrorCode::Upstream, error.to_string()),
+        }
+    }
+
+    /// The event clients get for this change.
+    pub fn encode(self) -> Result<Event, EncodeError> {
+        if self.skipped {
+            Ok(Event::skipped(&self.id, &self.doc))
+        } else {
+            Event::from_change(self.doc)
+        }
+    }
+}
+
+/// What a [`ChangeSource`] watches, and what it needs to do so.
+pub struct Watch {
+    /// The MongoDB client.
+    pub client: mongodb::Client,
+    /// Database watched.
+    pub db: String,
+    /// Collection watched; `None` watches the whole database (a database feed).
+    pub coll: Option<String>,
+    /// The pipeline (without `$changeStreamSplitLargeEvent`, added here when the server has it).
+    pub pipeline: Vec<Document>,
+    /// Driver options without a position (`fullDocument…`, `maxAwaitTimeMS`).
+    pub options: ChangeStreamOptions,
+    /// Fields an oversize probe must keep (routing fields, `ns`).
+    pub probe_fields: Vec<String>,
+    /// What the server can do.
+    pub features: ServerFeatures,
+    /// Upper bound of the reopen backoff.
+    pub max_backoff: Duration,
+    /// Name in logs.
+    pub label: String,
+    /// Called for every cursor opened (stats).
+    pub on_open: Arc<dyn Fn() + Send + Sync>,
+    /// Called for every change skipped as oversize (metrics).
+    pub on_skip: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl Watch {
+    /// A worker's own collection cursor (and its catch-ups').
+    pub fn of_worker(worker: &Arc<Worker>) -> Watch {
+        let spec = worker.spec();
+        let mut options = spec.options();
+        options.max_await_time = Some(worker.settings().max_await);
+        let counted = Arc::clone(worker);
+        let skipped = Arc::clone(worker);
+        Watch {
+            client: worker.client().clone(),
+            db: spec.db.clone(),
+            coll: Some(spec.coll.clone()),
+            pipeline: spec.pipeline.clone(),
+            options,
+            probe_fields: spec.routing.iter().map(|r| r.field.join(".")).collect(),
+            features: worker.features(),
+            max_backoff: worker.settings().max_backoff,
+            label: worker.key.stream.to_string(),
+            on_open: Arc::new(move || counted.count_cursor_opened()),
+            on_skip: Arc::new(move || {
+                skipped.metrics().oversize_skipped.inc();
+            }),
+        }
+    }
+}
+
+/// A worker's cursor: a [`ChangeSource`] whose changes are routed and encoded with the
+/// worker's rules.
+pub struct WorkerSource {
+    source: ChangeSource,
+    rules: Vec<MatchRule>,
+}
+
+impl WorkerSource {
+    /// The worker's own cursor from `after` (or "now").
+    pub fn new(worker: &Arc<Worker>, after: Option<Token>) -> WorkerSource {
+        WorkerSource {
+            source: ChangeSource::new(Watch::of_worker(worker), after),
+            rules: worker.spec().routing.clone(),
+        }
+    }
+
+    /// The next step (cancel-safe, like [`ChangeSource::next`]).
+    pub async fn next(&mut self) -> Step<Routed> {
+        match self.source.next().await {
+            Step::Change(raw) => raw.route(&self.rules),
+            Step::Opened(start) => Step::Opened(start),
+            Step::Quiet(token) => Step::Quiet(token),
+            Step::Invalidated(event) => Step::Invalidated(event),
+            Step::Retrying(error) => Step::Retrying(error),
+            Step::Failed(code, message) => Step::Failed(code, message),
+        }
+    }
 }
 
 /// Fragments of a split change being reassembled.
@@ -102,12 +232,17 @@ struct Fragments {
     received: i32,
 }
 
-/// A self-reopening change-stream cursor over a worker's collection and pipeline.
+/// A self-reopening change-stream cursor over a collection (or a database) and a pipeline.
 pub struct ChangeSource {
-    worker: Arc<Worker>,
+    watch: Watch,
     cursor: Option<ChangeStream<Document>>,
     /// Resume after this when (re)opening; `None` = from now (first open of a fresh worker).
     position: Option<Token>,
+    /// Open at the cluster time of `position` rather than after it as a token: the position
+    /// came from another filter (a database feed whose collections changed), so this cursor
+    /// may not see its event. The consumer skips what it already has. Cleared by the first
+    /// position this cursor reports itself.
+    by_time: bool,
     backoff: Backoff,
     fragments: Option<Fragments>,
     /// Whether the last open failed (the next call waits out the backoff first).
@@ -116,22 +251,34 @@ pub struct ChangeSource {
 
 impl ChangeSource {
     /// A source that will open `after` (or at "now").
-    pub fn new(worker: Arc<Worker>, after: Option<Token>) -> ChangeSource {
-        let settings = worker.settings();
-        let backoff = Backoff::new(Duration::from_millis(100), settings.max_backoff);
+    pub fn new(watch: Watch, after: Option<Token>) -> ChangeSource {
+        let backoff = Backoff::new(Duration::from_millis(100), watch.max_backoff);
         ChangeSource {
-            worker,
+            watch,
             cursor: None,
             position: after,
+            by_time: false,
             backoff,
             fragments: None,
             failed: false,
         }
     }
 
+    /// A source that opens at the cluster time of `at` (every change at that time included).
+    pub fn at_time_of(watch: Watch, at: Token) -> ChangeSource {
+        let mut source = ChangeSource::new(watch, Some(at));
+        source.by_time = true;
+        source
+    }
+
+    /// Where the source stands: its last change or post-batch token.
+    pub fn position(&self) -> Option<&Token> {
+        self.position.as_ref()
+    }
+
     /// The next step. Cancel-safe: dropping the future loses nothing (the driver keeps an
     /// in-flight `getMore` inside the cursor; an open or a backoff sleep is simply redone).
-    pub async fn next(&mut self) -> Step {
+    pub async fn next(&mut self) -> Step<RawChange> {
         if self.failed {
             tokio::time::sleep(self.backoff.next_delay()).await;
             self.failed = false;
@@ -148,17 +295,18 @@ impl ChangeSource {
                 if !cursor.is_alive() {
                     // The server closed the cursor after an invalidate our pipeline filtered out.
                     self.cursor = None;
-                    return Step::Invalidated(Event::control(
-                        crate::event::EventKind::Invalidate,
+                    return Step::Invalidated(Arc::new(Event::control(
+                        EventKind::Invalidate,
                         "the collection was dropped or renamed",
                         false,
-                    ));
+                    )));
                 }
                 let token = cursor.resume_token().as_ref().and_then(Token::from_driver);
                 if self.fragments.is_none()
                     && let Some(token) = &token
                 {
                     self.position = Some(token.clone());
+                    self.by_time = false;
                 }
                 Step::Quiet(if self.fragments.is_none() {
                     token
@@ -178,10 +326,10 @@ impl ChangeSource {
     }
 
     fn splits(&self) -> bool {
-        self.worker.features().split_large_events
+        self.watch.features.split_large_events
     }
 
-    fn on_error(&mut self, error: &mongodb::error::Error) -> Step {
+    fn on_error<C>(&mut self, error: &mongodb::error::Error) -> Step<C> {
         match classify(error) {
             Disposition::Retry => {
                 self.failed = true;
@@ -192,12 +340,12 @@ impl ChangeSource {
         }
     }
 
-    async fn open(&mut self) -> Result<Option<Token>, Step> {
-        let mut pipeline = self.worker.spec().pipeline.clone();
+    async fn open(&mut self) -> Result<Option<Token>, Step<RawChange>> {
+        let mut pipeline = self.watch.pipeline.clone();
         if self.splits() {
             pipeline.push(doc! { "$changeStreamSplitLargeEvent": {} });
         }
-        match open(&self.worker, pipeline, self.position.as_ref()).await {
+        match open(&self.watch, pipeline, self.position.as_ref(), self.by_time).await {
             Ok(cursor) => {
                 let start = cursor.resume_token().as_ref().and_then(Token::from_driver);
                 if self.position.is_none() {
@@ -211,8 +359,8 @@ impl ChangeSource {
         }
     }
 
-    /// Encodes a change, reassembling split fragments first.
-    fn change(&mut self, change: Document) -> Step {
+    /// Takes a change, reassembling split fragments first.
+    fn change(&mut self, change: Document) -> Step<RawChange> {
         let change = match reassemble(&mut self.fragments, change) {
             Assembled::Whole(change) => change,
             Assembled::Partial => return Step::Quiet(None),
@@ -224,32 +372,35 @@ impl ChangeSource {
                 return Step::Retrying(format!("split event fragment {fragment} out of order"));
             }
         };
-        let values = route_values(&self.worker.spec().routing, &change);
-        match Event::from_change(change) {
-            Ok(event) if event.kind == crate::event::EventKind::Invalidate => {
-                self.cursor = None;
-                Step::Invalidated(event)
-            }
-            Ok(event) => match event.id.clone() {
-                Some(id) => {
-                    self.position = Some(id.clone());
-                    Step::Change(Routed {
-                        id,
-                        event: Arc::new(event),
-                        values,
-                    })
-                }
-                None => Step::Failed(ErrorCode::Upstream, "change without id".into()),
-            },
-            Err(error) => Step::Failed(ErrorCode::Upstream, error.to_string()),
+        if change.get_str("operationType") == Ok("invalidate") {
+            self.cursor = None;
+            return match Event::from_change(change) {
+                Ok(event) => Step::Invalidated(Arc::new(event)),
+                Err(error) => Step::Failed(ErrorCode::Upstream, error.to_string()),
+            };
         }
+        let id = change
+            .get_document("_id")
+            .ok()
+            .and_then(Token::from_resume_document);
+        let Some(id) = id else {
+            return Step::Failed(ErrorCode::Upstream, EncodeError::MissingId.to_string());
+        };
+        self.position = Some(id.clone());
+        self.by_time = false;
+        Step::Change(RawChange {
+            id,
+            doc: change,
+            skipped: false,
+        })
     }
 
     /// Finds the change that was too large and replaces it with a `skipped` event.
-    async fn skip_oversize(&mut self) -> Step {
-        let mut pipeline = self.worker.spec().pipeline.clone();
-        pipeline.push(probe_projection(&self.worker.spec().routing));
-        let probe = match open(&self.worker, pipeline, self.position.as_ref()).await {
+    async fn skip_oversize(&mut self) -> Step<RawChange> {
+        let mut pipeline = self.watch.pipeline.clone();
+        pipeline.push(probe_projection(&self.watch.probe_fields));
+        let opened = open(&self.watch, pipeline, self.position.as_ref(), self.by_time).await;
+        let probe = match opened {
             Ok(probe) => probe,
             Err(error) => return self.on_error(&error),
         };
@@ -266,7 +417,6 @@ impl ChangeSource {
                 Err(error) => return self.on_error(&error),
             }
         };
-        let values = route_values(&self.worker.spec().routing, &found);
         let id = match found.get_document("_id") {
             Ok(id) => Token::from_resume_document(id),
             Err(_) => None,
@@ -274,53 +424,62 @@ impl ChangeSource {
         let Some(id) = id else {
             return Step::Failed(ErrorCode::Upstream, "oversize change without id".into());
         };
-        tracing::warn!(stream = %self.worker.key.stream, id = %id, "change over 16 MB skipped");
-        self.worker.metrics().oversize_skipped.inc();
+        tracing::warn!(stream = %self.watch.label, id = %id, "change over 16 MB skipped");
+        (self.watch.on_skip)();
         self.position = Some(id.clone());
-        Step::Change(Routed {
-            event: Arc::new(Event::skipped(&id, &found)),
+        self.by_time = false;
+        Step::Change(RawChange {
             id,
-            values,
+            doc: found,
+            skipped: true,
         })
     }
 }
 
 /// `$project` keeping what a `skipped` event and routing need, dropping the large parts.
-fn probe_projection(routing: &[crate::routing::MatchRule]) -> Document {
+fn probe_projection(fields_kept: &[String]) -> Document {
     let mut fields = doc! {
         "_id": 1, "operationType": 1, "ns": 1, "documentKey": 1, "clusterTime": 1,
     };
-    for rule in routing {
-        fields.insert(rule.field.join("."), 1);
+    for field in fields_kept {
+        fields.insert(field.as_str(), 1);
     }
     doc! { "$project": fields }
 }
 
-/// Opens a change stream on the worker's collection with `pipeline`, after `after`.
+/// Opens a change stream on the watched collection or database with `pipeline`, after
+/// `after` (at its cluster time when `by_time`).
 async fn open(
-    worker: &Worker,
+    watch: &Watch,
     pipeline: Vec<Document>,
     after: Option<&Token>,
+    by_time: bool,
 ) -> mongodb::error::Result<ChangeStream<Document>> {
-    let spec = worker.spec();
-    let mut options = spec.options();
-    options.max_await_time = Some(worker.settings().max_await);
+    let mut options = watch.options.clone();
     // A cluster-time position (a snapshot's hand-over, `Token::after_cluster_time`) is not a
     // token MongoDB can resume from: open at the first change after that time instead.
-    match after.and_then(Token::start_at) {
+    let start_at = match after {
+        Some(after) if by_time => after.cluster_time(),
+        Some(after) => after.start_at(),
+        None => None,
+    };
+    match start_at {
         Some(start) => options.start_at_operation_time = Some(start),
         None => options.resume_after = after.and_then(Token::to_driver),
     }
-    let stream = worker
-        .client()
-        .database(&spec.db)
-        .collection::<Document>(&spec.coll)
-        .watch()
-        .pipeline(pipeline)
-        .with_options(options)
-        .await?
-        .with_type::<Document>();
-    worker.count_cursor_opened();
+    let db = watch.client.database(&watch.db);
+    let stream = match &watch.coll {
+        Some(coll) => {
+            db.collection::<Document>(coll)
+                .watch()
+                .pipeline(pipeline)
+                .with_options(options)
+                .await?
+        }
+        None => db.watch().pipeline(pipeline).with_options(options).await?,
+    }
+    .with_type::<Document>();
+    (watch.on_open)();
     Ok(stream)
 }
 
@@ -424,12 +583,7 @@ mod tests {
 
     #[test]
     fn probe_keeps_routing_fields() {
-        let rules = vec![crate::routing::MatchRule {
-            field: vec!["fullDocument".into(), "tenantId".into()],
-            source: crate::routing::RuleSource::Claim("tenant".into()),
-            pre_image: true,
-        }];
-        let stage = probe_projection(&rules);
+        let stage = probe_projection(&["fullDocument.tenantId".to_owned()]);
         let fields = stage.get_document("$project").unwrap();
         assert!(fields.contains_key("fullDocument.tenantId"));
         assert!(fields.contains_key("documentKey"));

@@ -1,0 +1,607 @@
+//! Database feeds: one change-stream cursor per database for every worker that can share it.
+//!
+//! Every open change stream makes MongoDB read each new oplog entry, so 200 streams on 200
+//! collections cost 200 `getMore`s per write and per `maxAwaitTimeMS`, however idle each stream
+//! is. Workers whose pipeline is only `$match` stages (most streams) instead join a [`Feed`]:
+//! ONE `db.watch()` cursor per database and change-stream options, whose `$match` is the `$or`
+//! of each member's collection and conditions. The feed routes every change by `ns.coll` to
+//! the members on that collection, in oplog order; each member's worker publishes it as if it
+//! had read it from a cursor of its own (same ids, same events, same exactly-once rules).
+//!
+//! * **Join.** A worker joins pending; the feed reopens its cursor with the new `$or` at the
+//!   cluster time T of where it stood (`startAtOperationTime`, since the old position may be a
+//!   change the new filter does not match as a token). The new member covers everything from T
+//!   on (its start position is "before T"); members already served skip what they had (ids up
+//!   to the old position). Joins that arrive together share one reopen.
+//! * **Positions.** Members get the ids of their own collection's changes and the feed's
+//!   high-water marks (post-batch tokens that are not a change), never another collection's
+//!   change id: a client resuming with one would be refused as `other_collection`.
+//! * **Ends.** A database feed sees no `invalidate` when one collection is dropped or renamed,
+//!   only the `drop`/`rename` change: the feed turns that into the change (for members that take
+//!   every change) followed by an `invalidate` with the same id, as a collection stream would.
+//! * **Failure.** A cursor MongoDB refuses to open right after members joined is likely refused
+//!   for one of their `$match`es: those members fall back to cursors of their own (which then
+//!   report the error to their clients alone), and the feed reopens without them. Any other
+//!   failure (history lost, `dropDatabase`'s `invalidate`) ends every member with it.
+//! * **Leave.** A member leaves when its worker stops (its [`Membership`] drops); the feed
+//!   stops with its last member.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use mongodb::bson::{Document, doc};
+use tokio::sync::{Notify, mpsc};
+
+use super::hub::Routed;
+use super::source::{ChangeSource, RawChange, Step, Watch};
+use super::{Worker, WorkerContext, lock};
+use crate::event::{ErrorCode, Event, EventKind, Token};
+use crate::routing::{MatchRule, route_values};
+use crate::streams::definition::{FullDocument, FullDocumentBeforeChange, WatchSpec};
+
+/// Steps a member's worker may trail its feed by before the feed waits for it (a worker only
+/// moves steps into its hub, so this is reached only in a burst).
+const MEMBER_QUEUE: usize = 1024;
+
+/// Feeds by database and options; part of the [`WorkerContext`].
+#[derive(Default)]
+pub(crate) struct Feeds {
+    feeds: Mutex<HashMap<FeedKey, Arc<Feed>>>,
+}
+
+/// What workers must have in common to share a cursor.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct FeedKey {
+    db: String,
+    full_document: FullDocument,
+    full_document_before_change: FullDocumentBeforeChange,
+}
+
+/// One database cursor and the workers it feeds.
+pub(crate) struct Feed {
+    key: FeedKey,
+    state: Mutex<State>,
+    /// Members joined or left.
+    changed: Notify,
+}
+
+struct State {
+    members: Vec<Member>,
+    next_id: u64,
+    /// Members joined since the cursor opened: reopen with the new filter.
+    reopen: bool,
+    /// The feed's task ended; a joiner starts a new feed.
+    stopped: bool,
+}
+
+struct Member {
+    id: u64,
+    coll: String,
+    pipeline: Vec<Document>,
+    rules: Vec<MatchRule>,
+    /// Joined since the cursor last opened: not served yet.
+    pending: bool,
+    /// Served before the last reopen by time: skip changes at or before this.
+    through: Option<Token>,
+    tx: mpsc::Sender<Step<Routed>>,
+}
+
+/// A worker's place in a feed; leaving (drop) removes it.
+pub(crate) struct Membership {
+    feed: Arc<Feed>,
+    id: u64,
+    rx: mpsc::Receiver<Step<Routed>>,
+}
+
+impl Membership {
+    /// The next step for this worker (cancel-safe). `None`: the feed cannot serve this worker
+    /// (MongoDB refused its `$match`): it must open a cursor of its own.
+    pub async fn next(&mut self) -> Option<Step<Routed>> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        let mut state = lock(&self.feed.state);
+        state.members.retain(|m| m.id != self.id);
+        if state.members.is_empty() {
+            drop(state);
+            self.feed.changed.notify_one();
+        }
+    }
+}
+
+/// Whether a worker with `spec` can share a database cursor: its pipeline only filters.
+pub(crate) fn shareable(spec: &WatchSpec) -> bool {
+    spec.pipeline
+        .iter()
+        .all(|stage| stage.len() == 1 && stage.get_document("$match").is_ok())
+}
+
+impl Feeds {
+    /// Joins `worker` to its database's feed, starting one if needed. `None` when the worker's
+    /// pipeline cannot be shared.
+    pub fn join(&self, context: &Arc<WorkerContext>, worker: &Arc<Worker>) -> Option<Membership> {
+        let spec = worker.spec();
+        if !shareable(spec) {
+            return None;
+        }
+        let key = FeedKey {
+            db: spec.db.clone(),
+            full_document: spec.full_document,
+            full_document_before_change: spec.full_document_before_change,
+        };
+        let (tx, rx) = mpsc::channel(MEMBER_QUEUE);
+        let member = Member {
+            id: 0,
+            coll: spec.coll.clone(),
+            pipeline: spec.pipeline.clone(),
+            rules: spec.routing.clone(),
+            pending: true,
+            through: None,
+            tx,
+        };
+        let mut feeds = lock(&self.feeds);
+        if let Some(feed) = feeds.get(&key) {
+            let mut state = lock(&feed.state);
+            if !state.stopped {
+                if state
+                    .members
+                    .iter()
+                    .any(|m| m.coll == member.coll && m.pipeline != member.pipeline)
+                {
+                    // One filter per collection keeps routing by `ns.coll` exact.
+                    return None;
+                }
+                let id = state.add(member);
+                drop(state);
+                feed.changed.notify_one();
+                return Some(Membership {
+                    feed: Arc::clone(feed),
+                    id,
+                    rx,
+                });
+            }
+        }
+        let mut state = State {
+            members: Vec::new(),
+            next_id: 1,
+            reopen: true,
+            stopped: false,
+        };
+        let id = state.add(member);
+        let feed = Arc::new(Feed {
+            key: key.clone(),
+            state: Mutex::new(state),
+            changed: Notify::new(),
+        });
+        feeds.insert(key, Arc::clone(&feed));
+        drop(feeds);
+        let mut template = Watch::of_worker(worker);
+        // Counted for the feed, not the first member: the closures must not keep it alive.
+        let metrics = Arc::clone(&context.metrics);
+        template.on_open = Arc::new(move || {
+            metrics.cursors_opened.inc();
+        });
+        let metrics = Arc::clone(&context.metrics);
+        template.on_skip = Arc::new(move || {
+            metrics.oversize_skipped.inc();
+        });
+        let task = FeedTask {
+            feed: Arc::clone(&feed),
+            context: Arc::clone(context),
+            template,
+        };
+        context.metrics.database_feeds.inc();
+        let metrics = Arc::clone(&context.metrics);
+        context.tracker.spawn(async move {
+            task.run().await;
+            metrics.database_feeds.dec();
+        });
+        Some(Membership { feed, id, rx })
+    }
+}
+
+impl State {
+    fn add(&mut self, mut member: Member) -> u64 {
+        member.id = self.next_id;
+        self.next_id += 1;
+        self.reopen = true;
+        let id = member.id;
+        self.members.push(member);
+        id
+    }
+}
+
+/// The feed's cursor loop and what it needs.
+struct FeedTask {
+    feed: Arc<Feed>,
+    context: Arc<WorkerContext>,
+    /// The first member's watch: client, options, features (shared by every member).
+    template: Watch,
+}
+
+/// A step to send to one member.
+type Outbox = Vec<(mpsc::Sender<Step<Routed>>, Step<Routed>)>;
+
+impl FeedTask {
+    async fn run(self) {
+        tracing::info!(db = %self.feed.key.db, "database feed started");
+        let mut source: Option<ChangeSource> = None;
+        // Start position of pending members after a reopen by time ("before T").
+        let mut pending_start: Option<Token> = None;
+        // Whether members joined since the last successful open (a refusal may be theirs).
+        let mut joined = false;
+        // Id of the last change read (a post-batch token equal to it is not a high-water mark).
+        let mut last_change: Option<Token> = None;
+        loop {
+            if self.stop_if_empty() {
+                break;
+            }
+            let reopen = std::mem::take(&mut lock(&self.feed.state).reopen);
+            if reopen || source.is_none() {
+                let position = source.as_ref().and_then(|s| s.position().cloned());
+                pending_start = position
+                    .as_ref()
+                    .and_then(Token::cluster_time)
+                    .map(Token::before_cluster_time);
+                source = Some(self.reopen(position));
+                joined = true;
+            }
+            let Some(cursor) = source.as_mut() else {
+                continue;
+            };
+            let changed = self.feed.changed.notified();
+            let step = tokio::select! {
+                _ = changed => continue,
+                step = cursor.next() => step,
+            };
+            let outbox = match step {
+                Step::Opened(start) => {
+                    joined = false;
+                    self.opened(pending_start.take().or(start))
+                }
+                Step::Change(raw) => {
+                    last_change = Some(raw.id.clone());
+                    self.route(raw)
+                }
+                Step::Quiet(Some(token)) if Some(&token) != last_change.as_ref() => {
+                    self.high_water_mark(&token)
+                }
+                Step::Quiet(_) => continue,
+                Step::Retrying(error) => {
+                    tracing::warn!(db = %self.feed.key.db, %error, "database feed cursor lost, retrying");
+                    self.context.metrics.worker_retries.inc();
+                    self.to_served(|| Step::Retrying(error.clone()))
+                }
+                Step::Invalidated(event) => {
+                    self.end(|| Step::Invalidated(Arc::clone(&event))).await;
+                    break;
+                }
+                Step::Failed(code, message) => {
+                    if joined && code == ErrorCode::Upstream && self.refuse_pending_filters() {
+                        tracing::warn!(db = %self.feed.key.db, %message, "database feed refused a new member's $match; it opens its own cursor");
+                        // Reopen from where the feed stood, without them.
+                        let position = source.as_ref().and_then(|s| s.position().cloned());
+                        source = Some(self.reopen(position));
+                        continue;
+                    }
+                    tracing::error!(db = %self.feed.key.db, code = code.as_str(), %message, "database feed failed");
+                    self.end(|| Step::Failed(code, message.clone())).await;
+                    break;
+                }
+            };
+            send(outbox).await;
+        }
+        tracing::info!(db = %self.feed.key.db, "database feed stopped");
+    }
+
+    /// A source for the current members: from now, or at the cluster time of `position`.
+    fn reopen(&self, position: Option<Token>) -> ChangeSource {
+        let mut state = lock(&self.feed.state);
+        for member in state.members.iter_mut().filter(|m| !m.pending) {
+            member.through.clone_from(&position);
+        }
+        let watch = Watch {
+            client: self.template.client.clone(),
+            db: self.template.db.clone(),
+            coll: None,
+            pipeline: vec![doc! { "$match": filter(&state.members) }],
+            options: self.template.options.clone(),
+            probe_fields: probe_fields(&state.members),
+            features: self.template.features,
+            max_backoff: self.template.max_backoff,
+            label: format!("{} (database feed)", self.template.db),
+            on_open: Arc::clone(&self.template.on_open),
+            on_skip: Arc::clone(&self.template.on_skip),
+        };
+        drop(state);
+        match position {
+            Some(position) => ChangeSource::at_time_of(watch, position),
+            None => ChangeSource::new(watch, None),
+        }
+    }
+
+    /// The cursor is open: pending members start at `start`, the others learn it is running.
+    fn opened(&self, start: Option<Token>) -> Outbox {
+        let mut state = lock(&self.feed.state);
+        state
+            .members
+            .iter_mut()
+            .map(|member| {
+                let step = if member.pending {
+                    member.pending = false;
+                    Step::Opened(start.clone())
+                } else {
+                    Step::Opened(None)
+                };
+                (member.tx.clone(), step)
+            })
+            .collect()
+    }
+
+    /// Routes a change to the members on its collection.
+    fn route(&self, raw: RawChange) -> Outbox {
+        let mut state = lock(&self.feed.state);
+        let Some(coll) = raw.coll() else {
+            return Vec::new(); // `dropDatabase`: each collection's `drop` came before it.
+        };
+        let served = |m: &Member| {
+            !m.pending && m.coll == coll && m.through.as_ref().is_none_or(|t| &raw.id > t)
+        };
+        let targets: Vec<(mpsc::Sender<Step<Routed>>, Vec<MatchRule>, bool)> = state
+            .members
+            .iter()
+            .filter(|m| served(m))
+            .map(|m| (m.tx.clone(), m.rules.clone(), m.pipeline.is_empty()))
+            .collect();
+        if targets.is_empty() {
+            return Vec::new();
+        }
+        let ends = matches!(raw.operation_type(), "drop" | "rename");
+        if ends {
+            // The collection is gone: its members end, as a collection stream's would.
+            state.members.retain(|m| !served(m));
+        }
+        drop(state);
+        let id = raw.id.clone();
+        let invalidate = ends.then(|| Arc::new(invalidate_after(&raw)));
+        let values: Vec<_> = targets
+            .iter()
+            .map(|(_, rules, _)| route_values(rules, &raw.doc))
+            .collect();
+        let event = match raw.encode() {
+            Ok(event) => Arc::new(event),
+            Err(error) => {
+                let message = error.to_string();
+                return targets
+                    .into_iter()
+                    .map(|(tx, _, _)| (tx, Step::Failed(ErrorCode::Upstream, message.clone())))
+                    .collect();
+            }
+        };
+        let mut outbox = Vec::with_capacity(targets.len() * 2);
+        for ((tx, _, takes_all), values) in targets.into_iter().zip(values) {
+            if !ends || takes_all {
+                let routed = Routed {
+                    id: id.clone(),
+                    event: Arc::clone(&event),
+                    values,
+                };
+                outbox.push((tx.clone(), Step::Change(routed)));
+            }
+            if let Some(invalidate) = &invalidate {
+                outbox.push((tx, Step::Invalidated(Arc::clone(invalidate))));
+            }
+        }
+        outbox
+    }
+
+    /// A post-batch token that is not a change: every served member has read through it.
+    fn high_water_mark(&self, token: &Token) -> Outbox {
+        let state = lock(&self.feed.state);
+        state
+            .members
+            .iter()
+            .filter(|m| !m.pending && m.through.as_ref().is_none_or(|t| token > t))
+            .map(|m| (m.tx.clone(), Step::Quiet(Some(token.clone()))))
+            .collect()
+    }
+
+    /// `step` for every served member.
+    fn to_served(&self, step: impl Fn() -> Step<Routed>) -> Outbox {
+        let state = lock(&self.feed.state);
+        state
+            .members
+            .iter()
+            .filter(|m| !m.pending)
+            .map(|m| (m.tx.clone(), step()))
+            .collect()
+    }
+
+    /// After a refused open: pending members with a `$match` leave (their workers open their
+    /// own cursors). `false` when there were none (the refusal is the feed's own).
+    fn refuse_pending_filters(&self) -> bool {
+        let mut state = lock(&self.feed.state);
+        let before = state.members.len();
+        state
+            .members
+            .retain(|m| !m.pending || m.pipeline.is_empty());
+        state.members.len() != before
+    }
+
+    /// Ends every member with `step` and stops the feed.
+    async fn end(&self, step: impl Fn() -> Step<Routed>) {
+        let members = {
+            let mut feeds = lock(&self.context.feeds.feeds);
+            let mut state = lock(&self.feed.state);
+            state.stopped = true;
+            remove_if_current(&mut feeds, &self.feed);
+            std::mem::take(&mut state.members)
+        };
+        send(members.into_iter().map(|m| (m.tx, step())).collect()).await;
+    }
+
+    /// Stops the feed if it still has no members (checked under the feeds' lock, so a worker
+    /// joining now either joins before this or starts a new feed). Returns whether it did.
+    fn stop_if_empty(&self) -> bool {
+        let mut feeds = lock(&self.context.feeds.feeds);
+        let mut state = lock(&self.feed.state);
+        if !state.members.is_empty() {
+            return false;
+        }
+        state.stopped = true;
+        remove_if_current(&mut feeds, &self.feed);
+        true
+    }
+}
+
+/// Removes `feed` from the map unless another feed has taken its key.
+fn remove_if_current(feeds: &mut HashMap<FeedKey, Arc<Feed>>, feed: &Arc<Feed>) {
+    if feeds.get(&feed.key).is_some_and(|f| Arc::ptr_eq(f, feed)) {
+        feeds.remove(&feed.key);
+    }
+}
+
+/// Delivers an outbox in order (waits for a member that trails by [`MEMBER_QUEUE`]; a member
+/// that left is skipped).
+async fn send(outbox: Outbox) {
+    for (tx, step) in outbox {
+        let _ = tx.send(step).await;
+    }
+}
+
+/// The feed's `$match`: each collection with its members' conditions, plus the `drop` and
+/// `rename` that end a collection whose members filter (they must learn it ended).
+fn filter(members: &[Member]) -> Document {
+    let mut clauses: Vec<Document> = Vec::new();
+    let mut filtered_colls: Vec<&str> = Vec::new();
+    for member in members {
+        let mut all = vec![doc! { "ns.coll": &member.coll }];
+        for stage in &member.pipeline {
+            if let Ok(condition) = stage.get_document("$match") {
+                all.push(condition.clone());
+            }
+        }
+        let clause = if all.len() == 1 {
+            all.remove(0)
+        } else {
+            filtered_colls.push(&member.coll);
+            doc! { "$and": all }
+        };
+        if !clauses.contains(&clause) {
+            clauses.push(clause);
+        }
+    }
+    filtered_colls.sort_unstable();
+    filtered_colls.dedup();
+    if !filtered_colls.is_empty() {
+        clauses.push(doc! {
+            "ns.coll": { "$in": filtered_colls },
+            "operationType": { "$in": ["drop", "rename"] },
+        });
+    }
+    doc! { "$or": clauses }
+}
+
+/// Fields an oversize probe keeps: `ns` (to route the skipped change) and every member's
+/// routing fields.
+fn probe_fields(members: &[Member]) -> Vec<String> {
+    let mut fields: Vec<String> = members
+        .iter()
+        .flat_map(|m| m.rules.iter().map(|r| r.field.join(".")))
+        .collect();
+    fields.sort_unstable();
+    fields.dedup();
+    fields
+}
+
+/// The `invalidate` a collection stream sends after its collection's `drop` or `rename`.
+fn invalidate_after(change: &RawChange) -> Event {
+    let mut invalidate = doc! { "_id": change.doc.get("_id").cloned().unwrap_or_default(), "operationType": "invalidate" };
+    for key in ["clusterTime", "wallTime"] {
+        if let Some(value) = change.doc.get(key) {
+            invalidate.insert(key, value.clone());
+        }
+    }
+    Event::from_change(invalidate).unwrap_or_else(|_| {
+        Event::control(
+            EventKind::Invalidate,
+            "the collection was dropped or renamed",
+            false,
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(coll: &str, pipeline: Vec<Document>, pending: bool) -> Member {
+        Member {
+            id: 0,
+            coll: coll.into(),
+            pipeline,
+            rules: Vec::new(),
+            pending,
+            through: None,
+            tx: mpsc::channel(1).0,
+        }
+    }
+
+    #[test]
+    fn only_filtering_pipelines_are_shared() {
+        let spec = |pipeline| WatchSpec {
+            db: "d".into(),
+            coll: "c".into(),
+            pipeline,
+            full_document: FullDocument::Default,
+            full_document_before_change: FullDocumentBeforeChange::Off,
+            routing: Vec::new(),
+        };
+        assert!(shareable(&spec(vec![])));
+        assert!(shareable(&spec(vec![
+            doc! {"$match": {"operationType": "insert"}},
+            doc! {"$match": {"fullDocument.x": 1}},
+        ])));
+        assert!(!shareable(&spec(vec![doc! {"$project": {"x": 1}}])));
+        assert!(!shareable(&spec(vec![
+            doc! {"$match": {"x": 1}, "$project": {"x": 1}}
+        ])));
+    }
+
+    #[test]
+    fn filter_is_the_or_of_each_collection_with_its_conditions() {
+        let members = vec![
+            member("a", vec![], false),
+            member("a", vec![], true),
+            member(
+                "b",
+                vec![doc! {"$match": {"operationType": "insert"}}],
+                false,
+            ),
+        ];
+        let filter = filter(&members);
+        assert_eq!(
+            filter,
+            doc! { "$or": [
+                { "ns.coll": "a" },
+                { "$and": [ { "ns.coll": "b" }, { "operationType": "insert" } ] },
+                { "ns.coll": { "$in": ["b"] }, "operationType": { "$in": ["drop", "rename"] } },
+            ] }
+        );
+    }
+
+    #[test]
+    fn an_invalidate_follows_a_drop_with_its_id() {
+        let drop = RawChange {
+            id: Token::parse("826B083BE7000000152B").unwrap(),
+            doc: doc! { "_id": {"_data": "826B083BE7000000152B"}, "operationType": "drop", "ns": {"db": "d", "coll": "c"} },
+            skipped: false,
+        };
+        let event = invalidate_after(&drop);
+        assert_eq!(event.kind, EventKind::Invalidate);
+        assert_eq!(event.id, Some(drop.id.clone()));
+    }
+}
