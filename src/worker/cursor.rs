@@ -143,7 +143,10 @@ impl Upstream {
                 Upstream::Own(source) => return source.next().await,
                 Upstream::Shared(membership) => match membership.next().await {
                     Some(step) => return step,
-                    None => *self = Upstream::Own(Box::new(WorkerSource::new(worker, None))),
+                    None => {
+                        tracing::warn!(stream = %worker.key.stream, "the database feed cannot serve this stream; opening its own cursor");
+                        *self = Upstream::Own(Box::new(WorkerSource::new(worker, None)));
+                    }
                 },
             }
         }

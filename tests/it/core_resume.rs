@@ -3,42 +3,13 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures::StreamExt;
-use mongodb::bson::{Document, doc};
-
 use crate::harness::clients::Kind;
 use crate::harness::fixture::{Fixture, insert_seqs, resume, seqs};
+use crate::harness::mongod::change_stream_cursors;
 use crate::harness::server::TestServer;
 use crate::harness::{eventually, mongod};
 
 const WAIT: Duration = Duration::from_secs(15);
-
-/// Change-stream cursors MongoDB holds open on `db.coll`, from `$currentOp`.
-async fn change_stream_cursors(mongo: &mongodb::Client, db: &str, coll: &str) -> usize {
-    let pipeline = vec![
-        doc! { "$currentOp": { "idleCursors": true, "allUsers": true } },
-        // A collection's own cursor, or its database's shared feed (`ns: "<db>.$cmd"`).
-        doc! { "$match": {
-            "ns": { "$in": [format!("{db}.{coll}"), format!("{db}.$cmd")] },
-            "cursor.originatingCommand.pipeline.0.$changeStream": { "$exists": true },
-        } },
-    ];
-    let ops: Vec<Document> = mongo
-        .database("admin")
-        .aggregate(pipeline)
-        .await
-        .unwrap()
-        .map(|d| d.unwrap())
-        .collect()
-        .await;
-    let mut ids: Vec<i64> = ops
-        .iter()
-        .filter_map(|op| op.get_document("cursor").ok()?.get_i64("cursorId").ok())
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    ids.len()
-}
 
 #[tokio::test]
 async fn mixed_clients_share_one_cursor_and_worker_lingers_then_stops() {

@@ -14,6 +14,7 @@ mod core_resume;
 mod core_transports;
 mod docview;
 mod fanin;
+mod feeds;
 mod filtering;
 mod http_edge;
 mod limits;

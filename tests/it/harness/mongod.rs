@@ -11,6 +11,9 @@ use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+use futures::StreamExt;
+use mongodb::bson::{Document, doc};
+
 /// A running single-node replica set.
 pub struct MongoD {
     port: u16,
@@ -233,4 +236,52 @@ impl Drop for MongoD {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Change-stream cursors MongoDB holds open on `db.coll`, from `$currentOp`: the collection's
+/// own, or its database's shared feed (`ns: "<db>.$cmd"`).
+pub async fn change_stream_cursors(mongo: &mongodb::Client, db: &str, coll: &str) -> usize {
+    let ns = doc! { "$in": [format!("{db}.{coll}"), format!("{db}.$cmd")] };
+    cursors_on(mongo, ns.into()).await
+}
+
+/// Change-stream cursors MongoDB holds open on any collection of `db`, or on `db` itself.
+pub async fn database_change_stream_cursors(mongo: &mongodb::Client, db: &str) -> usize {
+    let ns = doc! { "$regex": format!("^{}\\.", regex_escape(db)) };
+    cursors_on(mongo, ns.into()).await
+}
+
+fn regex_escape(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let escape = !c.is_ascii_alphanumeric() && c != '_';
+            escape.then_some('\\').into_iter().chain([c])
+        })
+        .collect()
+}
+
+/// Change-stream cursors (`$currentOp`) whose `ns` matches `ns`.
+async fn cursors_on(mongo: &mongodb::Client, ns: mongodb::bson::Bson) -> usize {
+    let pipeline = vec![
+        doc! { "$currentOp": { "idleCursors": true, "allUsers": true } },
+        doc! { "$match": {
+            "ns": ns,
+            "cursor.originatingCommand.pipeline.0.$changeStream": { "$exists": true },
+        } },
+    ];
+    let ops: Vec<Document> = mongo
+        .database("admin")
+        .aggregate(pipeline)
+        .await
+        .unwrap()
+        .map(|d| d.unwrap())
+        .collect()
+        .await;
+    let mut ids: Vec<i64> = ops
+        .iter()
+        .filter_map(|op| op.get_document("cursor").ok()?.get_i64("cursorId").ok())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids.len()
 }

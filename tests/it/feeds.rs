@@ -1,0 +1,180 @@
+//! Database feeds (issue 8): the streams of one database whose pipelines only filter share ONE
+//! change-stream cursor, routed by collection; joins, drops and refused filters stay exact.
+
+use std::time::Duration;
+
+use mongodb::bson::{Document, doc};
+use serde_json::json;
+
+use crate::harness::clients::{Client, Kind, Next};
+use crate::harness::fixture::{Fixture, insert_seqs, seqs};
+use crate::harness::mongod::{self, change_stream_cursors, database_change_stream_cursors};
+use crate::harness::server;
+
+const WAIT: Duration = Duration::from_secs(20);
+const QUIET: Duration = Duration::from_millis(700);
+
+async fn connect(f: &Fixture, coll: &str, name: &str, kind: Kind) -> Client {
+    let path = format!("/{}/{coll}/_streams/{name}", f.db);
+    Client::connect(kind, &f.server.url(""), &path, None)
+        .await
+        .unwrap()
+}
+
+async fn coll(f: &Fixture, name: &str) -> mongodb::Collection<Document> {
+    mongod::shared()
+        .client()
+        .await
+        .database(&f.db)
+        .collection::<Document>(name)
+}
+
+async fn expect_quiet(client: &mut Client) {
+    match client.next(QUIET).await {
+        Next::Timeout => {}
+        other => panic!("expected nothing, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn streams_of_a_database_share_one_cursor_and_joins_lose_nothing() {
+    let f = Fixture::start("feeds_share", |config| {
+        let db = config.streams[0].db.clone();
+        for c in ["c1", "c2", "c3"] {
+            config.streams.push(server::stream(&db, c, "s", json!([])));
+        }
+        config.streams.push(server::stream(
+            &db,
+            "c4",
+            "inserts",
+            json!([{ "$match": { "operationType": "insert" } }]),
+        ));
+    })
+    .await;
+    let mut first = f.connect(Kind::Sse).await;
+    // A writer on `c` while three more streams join (each join reopens the shared cursor).
+    const N: i64 = 300;
+    let writer = {
+        let c = f.coll.clone();
+        tokio::spawn(async move {
+            for seq in 0..N {
+                c.insert_one(doc! { "seq": seq }).await.unwrap();
+                if seq % 10 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        })
+    };
+    let mut c1 = connect(&f, "c1", "s", Kind::Ws).await;
+    let mut c2 = connect(&f, "c2", "s", Kind::Ndjson).await;
+    let mut inserts = connect(&f, "c4", "inserts", Kind::Sse).await;
+    writer.await.unwrap();
+    assert_eq!(
+        seqs(&first.changes(N as usize, WAIT).await),
+        (0..N).collect::<Vec<_>>(),
+        "the reader of `c` across three reopens"
+    );
+    expect_quiet(&mut first).await;
+
+    // Each stream sees its own collection only, and `inserts` only its filter's changes.
+    insert_seqs(&coll(&f, "c1").await, 0..3).await;
+    insert_seqs(&coll(&f, "c2").await, 10..12).await;
+    let c4 = coll(&f, "c4").await;
+    insert_seqs(&c4, 20..22).await;
+    c4.update_one(doc! { "seq": 20 }, doc! { "$set": { "x": 1 } })
+        .await
+        .unwrap();
+    insert_seqs(&c4, 22..23).await;
+    assert_eq!(seqs(&c1.changes(3, WAIT).await), vec![0, 1, 2]);
+    assert_eq!(seqs(&c2.changes(2, WAIT).await), vec![10, 11]);
+    assert_eq!(seqs(&inserts.changes(3, WAIT).await), vec![20, 21, 22]);
+    for client in [&mut first, &mut c1, &mut c2, &mut inserts] {
+        expect_quiet(client).await;
+    }
+
+    // Five streams on five collections: one cursor on MongoDB (the database's), none of a
+    // collection's own.
+    let mongo = mongod::shared().client().await;
+    assert_eq!(database_change_stream_cursors(&mongo, &f.db).await, 1);
+    for c in ["c", "c1", "c2", "c4"] {
+        assert_eq!(change_stream_cursors(&mongo, &f.db, c).await, 1, "{c}");
+    }
+    assert_eq!(f.server.metrics.database_feeds.get(), 1);
+    f.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_dropped_collection_ends_its_streams_and_the_others_go_on() {
+    let f = Fixture::start("feeds_drop", |config| {
+        let db = config.streams[0].db.clone();
+        config
+            .streams
+            .push(server::stream(&db, "gone", "s", json!([])));
+        config.streams.push(server::stream(
+            &db,
+            "gone",
+            "inserts",
+            json!([{ "$match": { "operationType": "insert" } }]),
+        ));
+    })
+    .await;
+    let mut stays = f.connect(Kind::Sse).await;
+    let mut all = connect(&f, "gone", "s", Kind::Sse).await;
+    let gone = coll(&f, "gone").await;
+    insert_seqs(&gone, 0..1).await;
+    assert_eq!(seqs(&all.changes(1, WAIT).await), vec![0]);
+    // Same collection, another filter: a cursor of its own (one filter per collection).
+    let mut filtered = connect(&f, "gone", "inserts", Kind::Ws).await;
+    assert_eq!(f.server.metrics.database_feeds.get(), 1);
+    let mongo = mongod::shared().client().await;
+    assert_eq!(database_change_stream_cursors(&mongo, &f.db).await, 2);
+    gone.drop().await.unwrap();
+
+    let drop_event = all.expect_event(WAIT).await;
+    assert_eq!(drop_event.data["operationType"], "drop");
+    let invalidate = all.expect_event(WAIT).await;
+    assert_eq!(invalidate.event, "invalidate");
+    assert!(invalidate.id.is_some());
+    assert!(matches!(all.next(WAIT).await, Next::End(_)));
+    // The filtered stream gets no `drop` (its filter takes inserts only), just the end.
+    let end = filtered.expect_event(WAIT).await;
+    assert_eq!(end.event, "invalidate");
+
+    insert_seqs(&f.coll, 0..3).await;
+    assert_eq!(seqs(&stays.changes(3, WAIT).await), vec![0, 1, 2]);
+    expect_quiet(&mut stays).await;
+    f.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_match_mongodb_refuses_fails_its_stream_alone() {
+    let f = Fixture::start("feeds_refused", |config| {
+        let db = config.streams[0].db.clone();
+        // An invalid regular expression: MongoDB refuses the pipeline when the cursor opens.
+        config.streams.push(server::stream(
+            &db,
+            "bad",
+            "s",
+            json!([{ "$match": { "fullDocument.name": { "$regex": "(" } } }]),
+        ));
+    })
+    .await;
+    let mut good = f.connect(Kind::Sse).await;
+    insert_seqs(&f.coll, 0..2).await;
+    assert_eq!(seqs(&good.changes(2, WAIT).await), vec![0, 1]);
+
+    let path = format!("/{}/bad/_streams/s", f.db);
+    match Client::connect(Kind::Sse, &f.server.url(""), &path, None).await {
+        Ok(mut bad) => {
+            let error = bad.expect_event(WAIT).await;
+            assert_eq!(error.event, "error", "{error:?}");
+        }
+        Err(refused) => assert_ne!(refused.status, 500, "{refused:?}"),
+    }
+    // The shared cursor went on for the good stream, without a gap.
+    assert_eq!(f.server.metrics.database_feeds.get(), 1);
+    insert_seqs(&f.coll, 2..5).await;
+    assert_eq!(seqs(&good.changes(3, WAIT).await), vec![2, 3, 4]);
+    expect_quiet(&mut good).await;
+    f.server.stop().await;
+}
