@@ -73,6 +73,7 @@ macro_rules! settings {
                             Ok(())
                         },
                         default: || Scalar::show(&$name::default().$key),
+                        bare: <$ty as Scalar>::BARE,
                     },
                 )*
             ];
@@ -186,7 +187,8 @@ settings! {
     /// from the environment or a flag creates the table.
     pub struct JwtConfig in "auth.jwt", |c| c.auth.jwt.get_or_insert_with(JwtConfig::default);
     keys {
-        /// Shared secret for HS256/384/512 tokens.
+        /// Shared secret for HS256/384/512 tokens (rather in the file or the environment than
+        /// as a flag, which `ps` shows).
         pub hs256_secret: Option<String> = None,
         /// PEM file holding an RSA or EC public key (RS*/PS*/ES* tokens).
         pub public_key_pem_file: Option<PathBuf> = None,
@@ -408,6 +410,8 @@ pub struct Key {
     set: fn(&mut Config, &str) -> Result<(), String>,
     /// Its default, as it is written in the environment (empty: unset).
     default: fn() -> String,
+    /// The value of its flag given without one (`--auth-enabled` is `--auth-enabled=true`).
+    bare: Option<&'static str>,
 }
 
 impl Key {
@@ -461,6 +465,8 @@ pub fn keys() -> impl Iterator<Item = &'static Key> {
 
 /// A setting's value as the environment and flags write it: parsed from text, shown as text.
 trait Scalar: Sized {
+    /// The value a flag given bare stands for; `None`: the flag needs a value.
+    const BARE: Option<&'static str> = None;
     /// Reads the value; the error says what was expected.
     fn parse(text: &str) -> Result<Self, String>;
     /// Writes the value (empty: unset).
@@ -486,8 +492,20 @@ macro_rules! scalar_from_str {
 scalar_from_str! {
     u64 => "a whole number",
     usize => "a whole number",
-    bool => "true or false",
     SocketAddr => "an address like 127.0.0.1:8080",
+}
+
+/// A switch: `--auth-enabled` alone turns it on (`--auth-enabled=false` turns it off).
+impl Scalar for bool {
+    const BARE: Option<&'static str> = Some("true");
+    fn parse(text: &str) -> Result<Self, String> {
+        text.trim()
+            .parse()
+            .map_err(|_| format!("expected true or false, got {text:?}"))
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
 }
 
 impl Scalar for String {
@@ -607,12 +625,20 @@ pub fn flags() -> Vec<clap::Arg> {
             // `-h` shows the first sentence, `--help` the whole doc comment.
             let first = summary.split_inclusive(". ").next().unwrap_or(&summary);
             let env = key.env();
-            clap::Arg::new(key.path())
+            let arg = clap::Arg::new(key.path())
                 .long(key.flag())
                 .value_name("VALUE")
                 .help_heading(heading)
                 .help(format!("{} [env: {env}]", first.trim_end()))
-                .long_help(format!("{summary}\n[env: {env}] [default: {default}]"))
+                .long_help(format!("{summary}\n[env: {env}] [default: {default}]"));
+            match key.bare {
+                // `=` required, so a switch never swallows the subcommand after it.
+                Some(bare) => arg
+                    .num_args(0..=1)
+                    .require_equals(true)
+                    .default_missing_value(bare),
+                None => arg,
+            }
         })
         .collect()
 }
@@ -971,6 +997,21 @@ mod tests {
         assert_eq!(config.admin.body_limit, 100);
         assert_eq!(config.auth.jwt.unwrap().audience.as_deref(), Some("api"));
         assert_eq!(config.cors.allowed_origins, ["https://a.example"]);
+        // A switch alone is on, and `=false` turns off what the file turned on.
+        let config = load(
+            "[cors]\nallow_credentials = true\n",
+            &[],
+            &["--auth-enabled"],
+        )
+        .unwrap();
+        assert!(config.auth.enabled);
+        let config = load(
+            "[cors]\nallow_credentials = true\n",
+            &[],
+            &["--cors-allow-credentials=false"],
+        )
+        .unwrap();
+        assert!(!config.cors.allow_credentials);
     }
 
     #[test]
