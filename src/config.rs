@@ -1,8 +1,14 @@
-//! Configuration: a TOML file, then `STREAMGATE_*` environment variables, then CLI flags.
+//! Configuration: defaults, then a TOML file, then `STREAMGATE_*` environment variables, then
+//! CLI flags; each layer wins over the one before it.
 //!
-//! Parsing never binds a socket or connects to MongoDB. The environment and CLI layer is the
-//! [`Overrides`] struct (filled by clap in `main.rs`), so tests build configs without touching
-//! the process environment.
+//! Every setting is declared once, in a [`settings!`] block below: its name, type, default and
+//! documentation. That one declaration yields the serde struct (unknown keys are errors that
+//! name the key and line), the struct's `Default`, and a [`Key`] that gives the setting its
+//! environment variable (`STREAMGATE_<SECTION>_<KEY>`) and flag (`--<section>-<key>`). The
+//! README's configuration table is generated from the same keys (a test keeps it in step).
+//!
+//! Parsing never binds a socket or connects to MongoDB, and the environment is passed in (a
+//! lookup function, see [`Overrides::collect`]), so tests never touch the process environment.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,84 +22,126 @@ use crate::streams::definition::{DefinitionError, StreamDefinition, StreamKey};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Default MongoDB URI: the single-node replica set `scripts/mongo-local` starts.
 pub const DEFAULT_MONGO_URI: &str = "mongodb://127.0.0.1:27017/?replicaSet=rs0";
+/// Prefix of every setting's environment variable.
+pub const ENV_PREFIX: &str = "STREAMGATE_";
 
-/// The whole server configuration.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Config {
-    /// Address the HTTP server listens on.
-    #[serde(default = "default_listen")]
-    pub listen: SocketAddr,
-    /// MongoDB connection string; must reach a replica set (change streams need one).
-    #[serde(default = "default_mongo_uri")]
-    pub mongo_uri: String,
-    /// Seconds between keep-alives (SSE comment, NDJSON empty line, WebSocket ping).
-    #[serde(default = "default_keepalive_secs")]
-    pub keepalive_secs: u64,
-    /// Deprecated and ignored: clients are no longer cut by how many events they are behind
-    /// (a client that keeps reading is served from the ring and shared catch-ups; one whose
-    /// socket stalls is closed after `stall_timeout_secs`). Still accepted so old configs load.
-    #[serde(default = "default_client_queue")]
-    pub client_queue: usize,
-    /// Recent events each worker keeps in memory to serve resumes without a new cursor.
-    #[serde(default = "default_ring_size")]
-    pub ring_size: usize,
-    /// Milliseconds a worker keeps its cursor open after its last client leaves.
-    #[serde(default = "default_worker_linger_ms")]
-    pub worker_linger_ms: u64,
-    /// Seconds open streams get to close on SIGTERM/SIGINT before the process exits anyway.
-    #[serde(default = "default_shutdown_grace_secs")]
-    pub shutdown_grace_secs: u64,
-    /// The `retry:` hint (ms) sent to SSE clients at the start and on shutdown.
-    #[serde(default = "default_sse_retry_ms")]
-    pub sse_retry_ms: u64,
-    /// Seconds a client's socket may accept no bytes while the server has some to write to
-    /// it (a stream falling behind, a response, a WebSocket frame); then it is closed. Any
-    /// progress restarts the clock, so a slow but steady reader is never cut by it.
-    #[serde(default = "default_stall_timeout_secs")]
-    pub stall_timeout_secs: u64,
-    /// Seconds a connection may take to send a complete request head (from accept, or for a
-    /// kept-alive connection from the end of the previous response); then it is closed.
-    #[serde(default = "default_head_timeout_secs")]
-    pub head_timeout_secs: u64,
-    /// Seconds a kept-alive HTTP connection may move no bytes either way before it is closed
-    /// (open streams write keep-alives, so they are not idle).
-    #[serde(default = "default_idle_timeout_secs")]
-    pub idle_timeout_secs: u64,
-    /// Most documents the document view's first `put` may hold (it is one event, built
-    /// before the response starts); past it the request is refused with 413.
-    #[serde(default = "default_snapshot_max_docs")]
-    pub snapshot_max_docs: usize,
-    /// Snapshot scans (`snapshot=true`, the document view) running at once on this server;
-    /// a request that finds none free within a few seconds gets 503 with `Retry-After`.
-    #[serde(default = "default_snapshot_max_scans")]
-    pub snapshot_max_scans: usize,
-    /// Where the admin API stores stream definitions.
-    #[serde(default)]
-    pub admin: AdminConfig,
-    /// Static stream definitions (read-only in the admin API).
-    #[serde(default)]
-    pub streams: Vec<StreamConfig>,
-    /// Authentication and permissions (off by default; see `docs/security.md`).
-    #[serde(default)]
-    pub auth: AuthConfig,
-    /// Connection limits (unlimited by default).
-    #[serde(default)]
-    pub limits: LimitsConfig,
-    /// Cross-origin access for browsers (same-origin only by default).
-    #[serde(default)]
-    pub cors: CorsConfig,
-    /// Peers (CIDRs such as `10.0.0.0/8`, or single addresses) whose word on the client's
-    /// address is taken: from them only, the PROXY protocol header (v1/v2) and
-    /// `X-Forwarded-For` (rightmost untrusted hop) name the client for limits, logs and metrics.
-    /// Empty (default): the TCP peer is the client, and both are ignored.
-    #[serde(default)]
-    pub trusted_proxies: Vec<String>,
-    /// `text` (default) or `json`: one JSON object per line with stable field names
-    /// (`timestamp`, `level`, `target`, `message`, then the event's own fields). `--log-json`
-    /// (`STREAMGATE_LOG_JSON`) forces `json`.
-    #[serde(default)]
-    pub log_format: LogFormat,
+/// Declares one table of the configuration: `keys` are the settings (each gets an environment
+/// variable and a flag), `tables` the nested tables and arrays of tables (file only). Each field
+/// is written once, with its doc comment, type and default; `|c| place` says where the table
+/// sits in a [`Config`] `c` (so a key's setter can reach it).
+macro_rules! settings {
+    (
+        $(#[doc = $sdoc:literal])*
+        pub struct $name:ident in $section:literal, |$c:ident| $place:expr;
+        keys {
+            $(
+                $(#[doc = $doc:literal])*
+                pub $key:ident: $ty:ty = $default:expr,
+            )*
+        }
+        tables {
+            $(
+                $(#[doc = $tdoc:literal])*
+                pub $table:ident: $tty:ty = $tdefault:expr,
+            )*
+        }
+    ) => {
+        $(#[doc = $sdoc])*
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct $name {
+            $( $(#[doc = $doc])* pub $key: $ty, )*
+            $( $(#[doc = $tdoc])* pub $table: $tty, )*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name { $( $key: $default, )* $( $table: $tdefault, )* }
+            }
+        }
+
+        impl $name {
+            /// The settings of this table, in declaration order.
+            pub const KEYS: &'static [Key] = &[
+                $(
+                    Key {
+                        section: $section,
+                        name: stringify!($key),
+                        doc: concat!($($doc, "\n",)* ""),
+                        set: |$c, text| {
+                            ($place).$key = <$ty as Scalar>::parse(text)?;
+                            Ok(())
+                        },
+                        default: || Scalar::show(&$name::default().$key),
+                        bare: <$ty as Scalar>::BARE,
+                    },
+                )*
+            ];
+        }
+    };
+}
+
+settings! {
+    /// The whole server configuration.
+    pub struct Config in "", |c| c;
+    keys {
+        /// Address the HTTP server listens on.
+        pub listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)),
+        /// MongoDB connection string; must reach a replica set (change streams need one).
+        pub mongo_uri: String = DEFAULT_MONGO_URI.to_owned(),
+        /// Seconds between keep-alives (SSE comment, NDJSON empty line, WebSocket ping).
+        pub keepalive_secs: u64 = 15,
+        /// Deprecated and ignored: clients are no longer cut by how many events they are behind
+        /// (a client that keeps reading is served from the ring and shared catch-ups; one whose
+        /// socket stalls is closed after `stall_timeout_secs`). Still accepted so old configs load.
+        pub client_queue: usize = 4096,
+        /// Recent events each worker keeps in memory to serve resumes without a new cursor (and
+        /// clients reading behind the live channel).
+        pub ring_size: usize = 10_000,
+        /// Milliseconds a worker keeps its cursor open after its last client leaves.
+        pub worker_linger_ms: u64 = 5_000,
+        /// Seconds open streams get to close on SIGTERM/SIGINT before the process exits anyway.
+        pub shutdown_grace_secs: u64 = 10,
+        /// The `retry:` hint (ms) sent to SSE clients at the start and on shutdown.
+        pub sse_retry_ms: u64 = 2_000,
+        /// Seconds a client's socket may accept no bytes while the server has some to write to
+        /// it (a stream falling behind, a response, a WebSocket frame); then it is closed. Any
+        /// progress restarts the clock, so a slow but steady reader is never cut by it.
+        pub stall_timeout_secs: u64 = 30,
+        /// Seconds a connection may take to send a complete request head (from accept, or for a
+        /// kept-alive connection from the end of the previous response); then it is closed.
+        pub head_timeout_secs: u64 = 30,
+        /// Seconds a kept-alive HTTP connection may move no bytes either way before it is closed
+        /// (open streams write keep-alives, so they are not idle).
+        pub idle_timeout_secs: u64 = 10,
+        /// Most documents the document view's first `put` may hold (it is one event, built
+        /// before the response starts); past it the request is refused with 413.
+        pub snapshot_max_docs: usize = 10_000,
+        /// Snapshot scans (`snapshot=true`, the document view) running at once on this server;
+        /// a request that finds none free within a few seconds gets 503 with `Retry-After`.
+        pub snapshot_max_scans: usize = 8,
+        /// Peers (CIDRs such as `10.0.0.0/8`, or single addresses) whose word on the client's
+        /// address is taken: from them only, the PROXY protocol header (v1/v2) and
+        /// `X-Forwarded-For` (rightmost untrusted hop) name the client for limits, logs and
+        /// metrics. Empty: the TCP peer is the client, and both are ignored.
+        pub trusted_proxies: Vec<String> = Vec::new(),
+        /// `text` or `json`: one JSON object per line with stable field names (`timestamp`,
+        /// `level`, `target`, `message`, then the event's own fields). `--log-json`
+        /// (`STREAMGATE_LOG_JSON`) forces `json`.
+        pub log_format: LogFormat = LogFormat::Text,
+    }
+    tables {
+        /// Where the admin API stores stream definitions.
+        pub admin: AdminConfig = AdminConfig::default(),
+        /// Authentication and permissions (off by default; see `docs/security.md`).
+        pub auth: AuthConfig = AuthConfig::default(),
+        /// Connection limits (unlimited by default).
+        pub limits: LimitsConfig = LimitsConfig::default(),
+        /// Cross-origin access for browsers (same-origin only by default).
+        pub cors: CorsConfig = CorsConfig::default(),
+        /// Static stream definitions (read-only in the admin API).
+        pub streams: Vec<StreamConfig> = Vec::new(),
+    }
 }
 
 /// How log lines are written.
@@ -107,96 +155,72 @@ pub enum LogFormat {
     Json,
 }
 
-/// `[auth]`: who may subscribe to which stream and who may use `/_admin`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthConfig {
-    /// Require a valid credential on subscribe and admin requests. Off by default so a local
-    /// run needs no setup; Streamgate warns loudly when it listens beyond loopback without it.
-    #[serde(default)]
-    pub enabled: bool,
-    /// JWT bearer tokens (`[auth.jwt]`); absent: JWTs are not accepted.
-    #[serde(default)]
-    pub jwt: Option<JwtConfig>,
-    /// Static API keys for services, stored as SHA-256 hashes (`[[auth.api_keys]]`).
-    #[serde(default)]
-    pub api_keys: Vec<ApiKeyConfig>,
-    /// Cookie that may carry the token (after `Authorization: Bearer` and `?access_token=`).
-    #[serde(default = "default_cookie_name")]
-    pub cookie_name: String,
-    /// Role required for every `/_admin` request.
-    #[serde(default = "default_admin_role")]
-    pub admin_role: String,
-    /// Subscribe permissions; a stream no rule grants is refused with 403. These are static;
-    /// rules managed through `/_admin/rules` are stored in MongoDB and add to them.
-    #[serde(default)]
-    pub rules: Vec<RuleConfig>,
-    /// Collection (in `admin.database`) holding the rules managed through `/_admin/rules`.
-    #[serde(default = "default_rules_collection")]
-    pub rules_collection: String,
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        AuthConfig {
-            enabled: false,
-            jwt: None,
-            api_keys: Vec::new(),
-            cookie_name: default_cookie_name(),
-            admin_role: default_admin_role(),
-            rules: Vec::new(),
-            rules_collection: default_rules_collection(),
-        }
+settings! {
+    /// `[auth]`: who may subscribe to which stream and who may use `/_admin`.
+    pub struct AuthConfig in "auth", |c| c.auth;
+    keys {
+        /// Require a valid credential on subscribe and admin requests. Off by default so a local
+        /// run needs no setup; Streamgate warns loudly when it listens beyond loopback without it.
+        pub enabled: bool = false,
+        /// Cookie that may carry the token (after `Authorization: Bearer` and `?access_token=`).
+        pub cookie_name: String = "streamgate_token".to_owned(),
+        /// Role required for every `/_admin` request.
+        pub admin_role: String = "admin".to_owned(),
+        /// Collection (in `admin.database`) holding the permission rules managed through
+        /// `/_admin/rules`, shared by every instance; they add to `[[auth.rules]]`.
+        pub rules_collection: String = "rules".to_owned(),
+    }
+    tables {
+        /// JWT bearer tokens (`[auth.jwt]`); absent: JWTs are not accepted.
+        pub jwt: Option<JwtConfig> = None,
+        /// Static API keys for services, stored as SHA-256 hashes (`[[auth.api_keys]]`).
+        pub api_keys: Vec<ApiKeyConfig> = Vec::new(),
+        /// Subscribe permissions; a stream no rule grants is refused with 403. These are static;
+        /// rules managed through `/_admin/rules` are stored in MongoDB and add to them.
+        pub rules: Vec<RuleConfig> = Vec::new(),
     }
 }
 
-/// `[auth.jwt]`: how bearer JWTs are verified. Exactly one key source must be given:
-/// `hs256_secret`, `public_key_pem_file`, `jwks_file` or `jwks_url`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JwtConfig {
-    /// Shared secret for HS256/384/512 tokens.
-    #[serde(default)]
-    pub hs256_secret: Option<String>,
-    /// PEM file holding an RSA or EC public key (RS*/PS*/ES* tokens).
-    #[serde(default)]
-    pub public_key_pem_file: Option<PathBuf>,
-    /// JWKS file (`{"keys":[…]}`); the token's `kid` picks the key.
-    #[serde(default)]
-    pub jwks_file: Option<PathBuf>,
-    /// JWKS URL of an identity provider (`https://…/.well-known/jwks.json`; `http://` only for
-    /// a loopback host). Fetched at startup (readiness waits for it), refreshed when its HTTP
-    /// cache lifetime ends and, rate-limited, when a token names an unknown `kid`; a failed
-    /// fetch keeps the last good set.
-    #[serde(default)]
-    pub jwks_url: Option<String>,
-    /// Seconds a fetched JWKS is kept when the response has no `Cache-Control: max-age` or
-    /// `Expires`.
-    #[serde(default = "default_jwks_refresh_secs")]
-    pub jwks_refresh_secs: u64,
-    /// Least seconds between two fetches of `jwks_url` caused by unknown `kid`s (so forged
-    /// `kid`s cannot make us hammer the provider); also the shortest cache lifetime honoured
-    /// and the first retry delay after a failed fetch.
-    #[serde(default = "default_jwks_min_refresh_secs")]
-    pub jwks_min_refresh_secs: u64,
-    /// Accepted `alg` values (e.g. `["RS256"]`); empty: every algorithm of the key's family.
-    /// Algorithms of another family than the key are refused at startup.
-    #[serde(default)]
-    pub algorithms: Vec<String>,
-    /// Required `iss`, if set.
-    #[serde(default)]
-    pub issuer: Option<String>,
-    /// Required `aud` (the token's `aud` must contain it), if set.
-    #[serde(default)]
-    pub audience: Option<String>,
-    /// Claim holding the roles: an array of strings or a space-separated string; dots walk
-    /// into objects (`realm_access.roles`).
-    #[serde(default = "default_roles_claim")]
-    pub roles_claim: String,
-    /// Clock-skew allowance in seconds for `exp` and `nbf`; a live stream is then cut at
-    /// `exp + leeway_secs`.
-    #[serde(default)]
-    pub leeway_secs: u64,
+settings! {
+    /// `[auth.jwt]`: how bearer JWTs are verified. Exactly one key source must be given:
+    /// `hs256_secret`, `public_key_pem_file`, `jwks_file` or `jwks_url`. Setting any of its keys
+    /// from the environment or a flag creates the table.
+    pub struct JwtConfig in "auth.jwt", |c| c.auth.jwt.get_or_insert_with(JwtConfig::default);
+    keys {
+        /// Shared secret for HS256/384/512 tokens (rather in the file or the environment than
+        /// as a flag, which `ps` shows).
+        pub hs256_secret: Option<String> = None,
+        /// PEM file holding an RSA or EC public key (RS*/PS*/ES* tokens).
+        pub public_key_pem_file: Option<PathBuf> = None,
+        /// JWKS file (`{"keys":[…]}`); the token's `kid` picks the key.
+        pub jwks_file: Option<PathBuf> = None,
+        /// JWKS URL of an identity provider (`https://…/.well-known/jwks.json`; `http://` only
+        /// for a loopback host). Fetched at startup (readiness waits for it), refreshed when its
+        /// HTTP cache lifetime ends and, rate-limited, when a token names an unknown `kid`; a
+        /// failed fetch keeps the last good set.
+        pub jwks_url: Option<String> = None,
+        /// Accepted `alg` values (e.g. `["RS256"]`); empty: every algorithm of the key's family.
+        /// Algorithms of another family than the key are refused at startup.
+        pub algorithms: Vec<String> = Vec::new(),
+        /// Seconds a fetched JWKS is kept when the response has no `Cache-Control: max-age` or
+        /// `Expires`.
+        pub jwks_refresh_secs: u64 = 300,
+        /// Least seconds between two fetches of `jwks_url` caused by unknown `kid`s (so forged
+        /// `kid`s cannot make us hammer the provider); also the shortest cache lifetime honoured
+        /// and the first retry delay after a failed fetch.
+        pub jwks_min_refresh_secs: u64 = 10,
+        /// Required `iss`, if set.
+        pub issuer: Option<String> = None,
+        /// Required `aud` (the token's `aud` must contain it), if set.
+        pub audience: Option<String> = None,
+        /// Claim holding the roles: an array of strings or a space-separated string; dots walk
+        /// into objects (`realm_access.roles`).
+        pub roles_claim: String = "roles".to_owned(),
+        /// Clock-skew allowance in seconds for `exp` and `nbf`; a live stream is then cut at
+        /// `exp + leeway_secs`.
+        pub leeway_secs: u64 = 0,
+    }
+    tables {}
 }
 
 /// `[[auth.api_keys]]`: a static key for a service. The key itself never appears in the
@@ -223,60 +247,41 @@ pub struct RuleConfig {
     pub streams: Vec<String>,
 }
 
-/// `[limits]`: open streams allowed (absent: unlimited; over a limit a request gets 429 with
-/// `Retry-After`; a slot is held for the whole life of a stream), and upstream work allowed
-/// (MongoDB change-stream cursors, always bounded; over a limit a subscribe gets 503 with
-/// `Retry-After`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsConfig {
-    /// Open streams in total.
-    #[serde(default)]
-    pub max_connections: Option<usize>,
-    /// Open streams per stream definition (all variable values together).
-    #[serde(default)]
-    pub per_stream: Option<usize>,
-    /// Open streams per authenticated subject (not applied when auth is off).
-    #[serde(default)]
-    pub per_user: Option<usize>,
-    /// Open streams per client IP address (the TCP peer).
-    #[serde(default)]
-    pub per_ip: Option<usize>,
-    /// The `Retry-After` value sent with 429 and with an upstream 503, in seconds.
-    #[serde(default = "default_retry_after_secs")]
-    pub retry_after_secs: u64,
-    /// MongoDB change-stream cursors open at once, catch-up cursors included. Each one holds a
-    /// pooled connection during its `getMore` (up to `max_await`), so the driver's pool is
-    /// sized from this. Default 1000: ten times the 100 definitions a large deployment runs,
-    /// well under a mongod's usual connection ceiling (its open-files limit, often 64k, shared
-    /// by every instance), and about 1 GB of mongod memory (~1 MB per connection) per instance.
-    #[serde(default = "default_max_workers")]
-    pub max_workers: usize,
-    /// Distinct cursors one stream definition may hold: one per binding of `$var` values that
-    /// cannot be routed in-process. Clients choose `avars`, so without a bound one client could
-    /// open cursors at will. Default 100: room for many bindings while no single stream can
-    /// take more than a tenth of the default `max_workers`.
-    #[serde(default = "default_max_bindings_per_stream")]
-    pub max_bindings_per_stream: usize,
-    /// Streams one `GET /_streams` connection may carry (query list plus WebSocket
-    /// `subscribe`s). Each stream also takes its own slot of the limits above.
-    #[serde(default = "default_max_streams_per_connection")]
-    pub max_streams_per_connection: usize,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        LimitsConfig {
-            max_connections: None,
-            per_stream: None,
-            per_user: None,
-            per_ip: None,
-            retry_after_secs: default_retry_after_secs(),
-            max_workers: default_max_workers(),
-            max_bindings_per_stream: default_max_bindings_per_stream(),
-            max_streams_per_connection: default_max_streams_per_connection(),
-        }
+settings! {
+    /// `[limits]`: open streams allowed (absent: unlimited; over a limit a request gets 429 with
+    /// `Retry-After`; a slot is held for the whole life of a stream), and upstream work allowed
+    /// (MongoDB change-stream cursors, always bounded; over a limit a subscribe gets 503 with
+    /// `Retry-After`).
+    pub struct LimitsConfig in "limits", |c| c.limits;
+    keys {
+        /// Open streams in total (unset: unlimited).
+        pub max_connections: Option<usize> = None,
+        /// Open streams per stream definition, all variable values together (unset: unlimited).
+        pub per_stream: Option<usize> = None,
+        /// Open streams per authenticated subject; not applied when auth is off (unset:
+        /// unlimited).
+        pub per_user: Option<usize> = None,
+        /// Open streams per client IP address (unset: unlimited).
+        pub per_ip: Option<usize> = None,
+        /// The `Retry-After` value sent with 429 and with an upstream 503, in seconds.
+        pub retry_after_secs: u64 = 5,
+        /// MongoDB change-stream cursors open at once, catch-up cursors included. Each one holds
+        /// a pooled connection during its `getMore` (up to `max_await`), so the driver's pool is
+        /// sized from this. Default 1000: ten times the 100 definitions a large deployment runs,
+        /// well under a mongod's usual connection ceiling (its open-files limit, often 64k,
+        /// shared by every instance), and about 1 GB of mongod memory (~1 MB per connection) per
+        /// instance.
+        pub max_workers: usize = 1_000,
+        /// Distinct cursors one stream definition may hold: one per binding of `$var` values
+        /// that cannot be routed in-process. Clients choose `avars`, so without a bound one
+        /// client could open cursors at will. Default 100: room for many bindings while no
+        /// single stream can take more than a tenth of the default `max_workers`.
+        pub max_bindings_per_stream: usize = 100,
+        /// Streams one `GET /_streams` connection may carry (query list plus WebSocket
+        /// `subscribe`s). Each stream also takes its own slot of the limits above.
+        pub max_streams_per_connection: usize = 100,
     }
+    tables {}
 }
 
 /// Largest accepted `max_workers`: each cursor may need its own connection to the primary, and
@@ -306,18 +311,18 @@ impl LimitsConfig {
     }
 }
 
-/// `[cors]`: which other origins browsers may use Streamgate from (HTTP via CORS headers,
-/// WebSocket via an `Origin` check).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CorsConfig {
-    /// Exact origins (`https://app.example.com`); `*` allows any origin, but only without
-    /// credentials. Empty: same-origin only.
-    #[serde(default)]
-    pub allowed_origins: Vec<String>,
-    /// Let browsers send cookies (`Access-Control-Allow-Credentials: true`).
-    #[serde(default)]
-    pub allow_credentials: bool,
+settings! {
+    /// `[cors]`: which other origins browsers may use Streamgate from (HTTP via CORS headers,
+    /// WebSocket via an `Origin` check).
+    pub struct CorsConfig in "cors", |c| c.cors;
+    keys {
+        /// Exact origins (`https://app.example.com`); `*` allows any origin, but only without
+        /// credentials. Empty: same-origin only.
+        pub allowed_origins: Vec<String> = Vec::new(),
+        /// Let browsers send cookies (`Access-Control-Allow-Credentials: true`).
+        pub allow_credentials: bool = false,
+    }
+    tables {}
 }
 
 impl CorsConfig {
@@ -352,29 +357,18 @@ impl CorsConfig {
     }
 }
 
-/// Storage of dynamic stream definitions.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdminConfig {
-    /// Database holding the definitions collection.
-    #[serde(default = "default_admin_db")]
-    pub database: String,
-    /// Collection holding one document per stream definition.
-    #[serde(default = "default_admin_coll")]
-    pub collection: String,
-    /// Largest accepted admin request body, in bytes.
-    #[serde(default = "default_admin_body_limit")]
-    pub body_limit: usize,
-}
-
-impl Default for AdminConfig {
-    fn default() -> Self {
-        AdminConfig {
-            database: default_admin_db(),
-            collection: default_admin_coll(),
-            body_limit: default_admin_body_limit(),
-        }
+settings! {
+    /// `[admin]`: where the admin API stores dynamic stream definitions.
+    pub struct AdminConfig in "admin", |c| c.admin;
+    keys {
+        /// Database holding the definitions collection (and the rules collection).
+        pub database: String = "streamgate".to_owned(),
+        /// Collection holding one document per stream definition.
+        pub collection: String = "streams".to_owned(),
+        /// Largest accepted admin request body, in bytes.
+        pub body_limit: usize = 64 * 1024,
     }
+    tables {}
 }
 
 /// One `[[streams]]` table of the config file: where the stream is served, plus the same
@@ -402,19 +396,251 @@ impl StreamConfig {
     }
 }
 
-/// Values from the environment or the command line; each `Some` wins over the file.
-#[derive(Debug, Clone, Default)]
+/// One setting: where it sits in the file, and (derived from that) its environment variable
+/// and flag. Declared by [`settings!`]; [`keys`] lists them all.
+#[derive(Debug)]
+pub struct Key {
+    /// Dotted table it sits in: `""` (top level), `"limits"`, `"auth.jwt"`.
+    pub section: &'static str,
+    /// Its name in that table.
+    pub name: &'static str,
+    /// Its documentation (the field's doc comment, one line per source line).
+    pub doc: &'static str,
+    /// Parses a value from the environment or a flag into its place in a config.
+    set: fn(&mut Config, &str) -> Result<(), String>,
+    /// Its default, as it is written in the environment (empty: unset).
+    default: fn() -> String,
+    /// The value of its flag given without one (`--auth-enabled` is `--auth-enabled=true`).
+    bare: Option<&'static str>,
+}
+
+impl Key {
+    /// The dotted path: `listen`, `limits.max_workers`.
+    pub fn path(&self) -> String {
+        if self.section.is_empty() {
+            self.name.to_owned()
+        } else {
+            format!("{}.{}", self.section, self.name)
+        }
+    }
+
+    /// `STREAMGATE_` and the path in capitals, dots as underscores: `STREAMGATE_LIMITS_MAX_WORKERS`.
+    pub fn env(&self) -> String {
+        format!(
+            "{ENV_PREFIX}{}",
+            self.path().replace('.', "_").to_uppercase()
+        )
+    }
+
+    /// The long flag without its dashes: the path with dots and underscores as dashes
+    /// (`limits-max-workers`).
+    pub fn flag(&self) -> String {
+        self.path().replace(['.', '_'], "-")
+    }
+
+    /// The default, as it would be written in the environment (empty: unset).
+    pub fn default_value(&self) -> String {
+        (self.default)()
+    }
+
+    /// The doc comment as one line.
+    pub fn summary(&self) -> String {
+        self.doc.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+}
+
+/// Every setting, table by table in file order.
+pub fn keys() -> impl Iterator<Item = &'static Key> {
+    [
+        Config::KEYS,
+        AdminConfig::KEYS,
+        AuthConfig::KEYS,
+        JwtConfig::KEYS,
+        LimitsConfig::KEYS,
+        CorsConfig::KEYS,
+    ]
+    .into_iter()
+    .flatten()
+}
+
+/// A setting's value as the environment and flags write it: parsed from text, shown as text.
+trait Scalar: Sized {
+    /// The value a flag given bare stands for; `None`: the flag needs a value.
+    const BARE: Option<&'static str> = None;
+    /// Reads the value; the error says what was expected.
+    fn parse(text: &str) -> Result<Self, String>;
+    /// Writes the value (empty: unset).
+    fn show(&self) -> String;
+}
+
+/// [`Scalar`] through `FromStr`/`Display`, with what a value must look like.
+macro_rules! scalar_from_str {
+    ($($ty:ty => $expected:literal),* $(,)?) => {$(
+        impl Scalar for $ty {
+            fn parse(text: &str) -> Result<Self, String> {
+                text.trim()
+                    .parse()
+                    .map_err(|_| format!("expected {}, got {text:?}", $expected))
+            }
+            fn show(&self) -> String {
+                self.to_string()
+            }
+        }
+    )*};
+}
+
+scalar_from_str! {
+    u64 => "a whole number",
+    usize => "a whole number",
+    SocketAddr => "an address like 127.0.0.1:8080",
+}
+
+/// A switch: `--auth-enabled` alone turns it on (`--auth-enabled=false` turns it off).
+impl Scalar for bool {
+    const BARE: Option<&'static str> = Some("true");
+    fn parse(text: &str) -> Result<Self, String> {
+        text.trim()
+            .parse()
+            .map_err(|_| format!("expected true or false, got {text:?}"))
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl Scalar for String {
+    fn parse(text: &str) -> Result<Self, String> {
+        Ok(text.to_owned())
+    }
+    fn show(&self) -> String {
+        self.clone()
+    }
+}
+
+impl Scalar for PathBuf {
+    fn parse(text: &str) -> Result<Self, String> {
+        Ok(PathBuf::from(text))
+    }
+    fn show(&self) -> String {
+        self.display().to_string()
+    }
+}
+
+/// A list is written comma-separated (`10.0.0.0/8,192.168.0.1`); spaces around items are
+/// dropped.
+impl Scalar for Vec<String> {
+    fn parse(text: &str) -> Result<Self, String> {
+        Ok(text
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(str::to_owned)
+            .collect())
+    }
+    fn show(&self) -> String {
+        self.join(",")
+    }
+}
+
+/// An optional setting given any value is set.
+impl<T: Scalar> Scalar for Option<T> {
+    fn parse(text: &str) -> Result<Self, String> {
+        T::parse(text).map(Some)
+    }
+    fn show(&self) -> String {
+        self.as_ref().map_or_else(String::new, T::show)
+    }
+}
+
+impl Scalar for LogFormat {
+    fn parse(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("expected text or json, got {text:?}")),
+        }
+    }
+    fn show(&self) -> String {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+        .to_owned()
+    }
+}
+
+/// Where an override came from; a flag wins over the environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A `STREAMGATE_*` environment variable.
+    Env,
+    /// A command-line flag.
+    Flag,
+}
+
+/// Values from the environment and the command line, in the order they apply (environment
+/// first, so a flag wins).
+#[derive(Debug, Default)]
 pub struct Overrides {
-    /// `--listen` / `STREAMGATE_LISTEN`.
-    pub listen: Option<SocketAddr>,
-    /// `--mongo-uri` / `STREAMGATE_MONGO_URI`.
-    pub mongo_uri: Option<String>,
-    /// `--keepalive-secs` / `STREAMGATE_KEEPALIVE_SECS`.
-    pub keepalive_secs: Option<u64>,
-    /// `--client-queue` / `STREAMGATE_CLIENT_QUEUE`.
-    pub client_queue: Option<usize>,
-    /// `--worker-linger-ms` / `STREAMGATE_WORKER_LINGER_MS`.
-    pub worker_linger_ms: Option<u64>,
+    values: Vec<(&'static Key, Source, String)>,
+}
+
+impl Overrides {
+    /// Every key's environment variable (through `env`, so tests need not touch the process
+    /// environment; an empty value counts as unset), then every flag given in `flags` (matches
+    /// of a command that has [`flags`]'s arguments).
+    pub fn collect(env: impl Fn(&str) -> Option<String>, flags: &clap::ArgMatches) -> Overrides {
+        let mut values = Vec::new();
+        for key in keys() {
+            if let Some(value) = env(&key.env()).filter(|value| !value.is_empty()) {
+                values.push((key, Source::Env, value));
+            }
+        }
+        for key in keys() {
+            if let Ok(Some(value)) = flags.try_get_one::<String>(&key.path()) {
+                values.push((key, Source::Flag, value.clone()));
+            }
+        }
+        Overrides { values }
+    }
+}
+
+/// One optional `--<section>-<key> VALUE` argument per setting, for the binary's CLI (without
+/// clap's `env`: [`Overrides::collect`] reads the environment itself). Help is grouped by table.
+pub fn flags() -> Vec<clap::Arg> {
+    keys()
+        .map(|key| {
+            let heading = if key.section.is_empty() {
+                "Settings (override the file)".to_owned()
+            } else {
+                format!("Settings [{}]", key.section)
+            };
+            let default = key.default_value();
+            let default = if default.is_empty() {
+                "unset".to_owned()
+            } else {
+                default
+            };
+            let summary = key.summary();
+            // `-h` shows the first sentence, `--help` the whole doc comment.
+            let first = summary.split_inclusive(". ").next().unwrap_or(&summary);
+            let env = key.env();
+            let arg = clap::Arg::new(key.path())
+                .long(key.flag())
+                .value_name("VALUE")
+                .help_heading(heading)
+                .help(format!("{} [env: {env}]", first.trim_end()))
+                .long_help(format!("{summary}\n[env: {env}] [default: {default}]"));
+            match key.bare {
+                // `=` required, so a switch never swallows the subcommand after it.
+                Some(bare) => arg
+                    .num_args(0..=1)
+                    .require_equals(true)
+                    .default_missing_value(bare),
+                None => arg,
+            }
+        })
+        .collect()
 }
 
 /// The configuration could not be used.
@@ -436,16 +662,19 @@ pub enum ConfigError {
         /// toml's message, which quotes the line.
         message: String,
     },
+    /// An environment variable or flag has a value its setting cannot take.
+    #[error("invalid {origin} (setting {key}): {message}")]
+    Override {
+        /// `STREAMGATE_…` or `--…`.
+        origin: String,
+        /// The setting's dotted path.
+        key: String,
+        /// What was expected.
+        message: String,
+    },
     /// A value parsed but makes no sense.
     #[error("invalid config: {0}")]
     Invalid(String),
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        // An empty document takes every serde default; this cannot fail.
-        Config::from_toml_str("", "<defaults>").unwrap_or_else(|_| unreachable!())
-    }
 }
 
 impl Config {
@@ -467,22 +696,18 @@ impl Config {
         Config::from_toml_str(&text, &path.display().to_string())
     }
 
-    /// Applies environment/CLI overrides, then checks the result.
+    /// Applies environment/CLI overrides (a flag after the environment, so it wins), then
+    /// checks the result.
     pub fn with_overrides(mut self, overrides: Overrides) -> Result<Config, ConfigError> {
-        if let Some(v) = overrides.listen {
-            self.listen = v;
-        }
-        if let Some(v) = overrides.mongo_uri {
-            self.mongo_uri = v;
-        }
-        if let Some(v) = overrides.keepalive_secs {
-            self.keepalive_secs = v;
-        }
-        if let Some(v) = overrides.client_queue {
-            self.client_queue = v;
-        }
-        if let Some(v) = overrides.worker_linger_ms {
-            self.worker_linger_ms = v;
+        for (key, source, value) in overrides.values {
+            (key.set)(&mut self, &value).map_err(|message| ConfigError::Override {
+                origin: match source {
+                    Source::Env => key.env(),
+                    Source::Flag => format!("--{}", key.flag()),
+                },
+                key: key.path(),
+                message,
+            })?;
         }
         self.validate()?;
         Ok(self)
@@ -558,89 +783,25 @@ impl Config {
     }
 }
 
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 8080))
-}
-fn default_mongo_uri() -> String {
-    DEFAULT_MONGO_URI.to_owned()
-}
-fn default_keepalive_secs() -> u64 {
-    15
-}
-fn default_client_queue() -> usize {
-    4096
-}
-fn default_ring_size() -> usize {
-    10_000
-}
-fn default_worker_linger_ms() -> u64 {
-    5_000
-}
-fn default_shutdown_grace_secs() -> u64 {
-    10
-}
-fn default_sse_retry_ms() -> u64 {
-    2_000
-}
-fn default_stall_timeout_secs() -> u64 {
-    30
-}
-fn default_head_timeout_secs() -> u64 {
-    30
-}
-fn default_idle_timeout_secs() -> u64 {
-    10
-}
-fn default_snapshot_max_docs() -> usize {
-    10_000
-}
-fn default_snapshot_max_scans() -> usize {
-    8
-}
-fn default_admin_db() -> String {
-    "streamgate".to_owned()
-}
-fn default_admin_coll() -> String {
-    "streams".to_owned()
-}
-fn default_admin_body_limit() -> usize {
-    64 * 1024
-}
-fn default_cookie_name() -> String {
-    "streamgate_token".to_owned()
-}
-fn default_rules_collection() -> String {
-    "rules".to_owned()
-}
-fn default_jwks_refresh_secs() -> u64 {
-    300
-}
-fn default_jwks_min_refresh_secs() -> u64 {
-    10
-}
-fn default_admin_role() -> String {
-    "admin".to_owned()
-}
-fn default_roles_claim() -> String {
-    "roles".to_owned()
-}
-fn default_retry_after_secs() -> u64 {
-    5
-}
-fn default_max_workers() -> usize {
-    1_000
-}
-fn default_max_streams_per_connection() -> usize {
-    100
-}
-
-fn default_max_bindings_per_stream() -> usize {
-    100
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
+
+    /// Defaults, then `file`, then the environment `env`, then the command line `args`.
+    fn load(file: &str, env: &[(&str, &str)], args: &[&str]) -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let matches = clap::Command::new("streamgate")
+            .args(flags())
+            .try_get_matches_from(std::iter::once("streamgate").chain(args.iter().copied()))
+            .unwrap();
+        let overrides = Overrides::collect(|name| env.get(name).cloned(), &matches);
+        Config::from_toml_str(file, "x.toml")?.with_overrides(overrides)
+    }
 
     #[test]
     fn cors_wildcard_with_credentials_is_refused() {
@@ -662,6 +823,8 @@ mod tests {
         assert_eq!(json.log_format, LogFormat::Json);
         let error = Config::from_toml_str("log_format = \"xml\"", "<t>").unwrap_err();
         assert!(error.to_string().contains("log_format"), "{error}");
+        let json = load("", &[("STREAMGATE_LOG_FORMAT", "json")], &[]).unwrap();
+        assert_eq!(json.log_format, LogFormat::Json);
     }
 
     #[test]
@@ -670,6 +833,9 @@ mod tests {
         assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(config.mongo_uri, DEFAULT_MONGO_URI);
         assert_eq!(config.keepalive_secs, 15);
+        // An empty file is the defaults.
+        let empty = Config::from_toml_str("", "x").unwrap();
+        assert_eq!(format!("{empty:?}"), format!("{config:?}"));
     }
 
     #[test]
@@ -682,21 +848,31 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named_with_its_line() {
-        let err = Config::from_toml_str("listen = \"127.0.0.1:1\"\nlisen = 3\n", "x.toml")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("lisen"), "{err}");
-        assert!(err.contains("line 2"), "{err}");
+        for (text, unknown, line) in [
+            ("listen = \"127.0.0.1:1\"\nlisen = 3\n", "lisen", "line 2"),
+            (
+                "[limits]\nmax_workers = 5\nmax_wrkers = 3\n",
+                "max_wrkers",
+                "line 3",
+            ),
+            (
+                "[auth.jwt]\nhs256_secret = \"s\"\n\nissuerr = \"i\"\n",
+                "issuerr",
+                "line 4",
+            ),
+        ] {
+            let err = Config::from_toml_str(text, "x.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(unknown), "{err}");
+            assert!(err.contains(line), "{err}");
+        }
     }
 
     #[test]
     fn bad_stream_is_named() {
         let text = "[[streams]]\ndb='a'\ncoll='b'\nname='c'\npipeline=[{ '$group' = {} }]\n";
-        let err = Config::from_toml_str(text, "x")
-            .unwrap()
-            .with_overrides(Overrides::default())
-            .unwrap_err()
-            .to_string();
+        let err = load(text, &[], &[]).unwrap_err().to_string();
         assert!(err.contains("streams[0].pipeline[0].$group"), "{err}");
     }
 
@@ -755,16 +931,213 @@ mod tests {
     }
 
     #[test]
-    fn overrides_win() {
-        let config = Config::from_toml_str("keepalive_secs = 3", "x")
-            .unwrap()
-            .with_overrides(Overrides {
-                keepalive_secs: Some(7),
-                mongo_uri: Some("mongodb://h/?replicaSet=x".into()),
-                ..Overrides::default()
-            })
-            .unwrap();
-        assert_eq!(config.keepalive_secs, 7);
+    fn the_file_sets_keys_of_every_table() {
+        let config = load(
+            "ring_size = 7\n[limits]\nper_ip = 3\n[auth.jwt]\nleeway_secs = 2\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.ring_size, 7);
+        assert_eq!(config.limits.per_ip, Some(3));
+        assert_eq!(config.auth.jwt.map(|jwt| jwt.leeway_secs), Some(2));
+    }
+
+    #[test]
+    fn the_environment_sets_keys_of_every_table() {
+        let config = load(
+            "",
+            &[
+                ("STREAMGATE_RING_SIZE", "7"),
+                ("STREAMGATE_SHUTDOWN_GRACE_SECS", "3"),
+                ("STREAMGATE_SSE_RETRY_MS", "500"),
+                ("STREAMGATE_LIMITS_PER_IP", "3"),
+                ("STREAMGATE_TRUSTED_PROXIES", "10.0.0.0/8, 192.168.0.1"),
+                ("STREAMGATE_AUTH_JWT_HS256_SECRET", "s3cret"),
+                ("STREAMGATE_AUTH_ENABLED", "true"),
+                // Empty counts as unset (a templated variable with no value).
+                ("STREAMGATE_ADMIN_DATABASE", ""),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.ring_size, 7);
+        assert_eq!(config.shutdown_grace_secs, 3);
+        assert_eq!(config.sse_retry_ms, 500);
+        assert_eq!(config.limits.per_ip, Some(3));
+        assert_eq!(config.trusted_proxies, ["10.0.0.0/8", "192.168.0.1"]);
+        assert!(config.auth.enabled);
+        // Setting a key of `[auth.jwt]` creates the table with its other defaults.
+        let jwt = config.auth.jwt.unwrap();
+        assert_eq!(jwt.hs256_secret.as_deref(), Some("s3cret"));
+        assert_eq!(jwt.jwks_refresh_secs, 300);
+        assert_eq!(config.admin.database, "streamgate");
+    }
+
+    #[test]
+    fn flags_set_keys_of_every_table() {
+        let config = load(
+            "",
+            &[],
+            &[
+                "--ring-size",
+                "7",
+                "--limits-per-ip=3",
+                "--admin-body-limit",
+                "100",
+                "--auth-jwt-audience",
+                "api",
+                "--cors-allowed-origins",
+                "https://a.example",
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.ring_size, 7);
+        assert_eq!(config.limits.per_ip, Some(3));
+        assert_eq!(config.admin.body_limit, 100);
+        assert_eq!(config.auth.jwt.unwrap().audience.as_deref(), Some("api"));
+        assert_eq!(config.cors.allowed_origins, ["https://a.example"]);
+        // A switch alone is on, and `=false` turns off what the file turned on.
+        let config = load(
+            "[cors]\nallow_credentials = true\n",
+            &[],
+            &["--auth-enabled"],
+        )
+        .unwrap();
+        assert!(config.auth.enabled);
+        let config = load(
+            "[cors]\nallow_credentials = true\n",
+            &[],
+            &["--cors-allow-credentials=false"],
+        )
+        .unwrap();
+        assert!(!config.cors.allow_credentials);
+    }
+
+    #[test]
+    fn a_flag_beats_the_environment_beats_the_file_beats_the_default() {
+        let file = "keepalive_secs = 3\nring_size = 3\nsse_retry_ms = 3\n";
+        let env = [
+            ("STREAMGATE_KEEPALIVE_SECS", "2"),
+            ("STREAMGATE_RING_SIZE", "2"),
+        ];
+        let config = load(file, &env, &["--keepalive-secs", "1"]).unwrap();
+        assert_eq!(config.keepalive_secs, 1, "flag over env and file");
+        assert_eq!(config.ring_size, 2, "env over file");
+        assert_eq!(config.sse_retry_ms, 3, "file over default");
+        assert_eq!(config.shutdown_grace_secs, 10, "default");
+        let config = load("", &[], &["--mongo-uri", "mongodb://h/?replicaSet=x"]).unwrap();
         assert_eq!(config.mongo_uri, "mongodb://h/?replicaSet=x");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable_or_flag() {
+        let err = load("", &[("STREAMGATE_LIMITS_MAX_WORKERS", "many")], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("STREAMGATE_LIMITS_MAX_WORKERS"), "{err}");
+        assert!(err.contains("limits.max_workers"), "{err}");
+        assert!(err.contains("a whole number"), "{err}");
+        let err = load("", &[], &["--listen", "nowhere"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--listen"), "{err}");
+        // Overrides are validated like the file.
+        let err = load("", &[("STREAMGATE_RING_SIZE", "0")], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ring_size must be at least 1"), "{err}");
+    }
+
+    #[test]
+    fn every_key_has_an_env_var_and_a_flag() {
+        let keys: Vec<&Key> = keys().collect();
+        assert!(keys.len() >= 40, "{} keys", keys.len());
+        let mut envs = std::collections::HashSet::new();
+        let mut flag_names = std::collections::HashSet::new();
+        let command = clap::Command::new("streamgate").args(flags());
+        for key in &keys {
+            let env = key.env();
+            assert!(env.starts_with(ENV_PREFIX), "{env}");
+            assert!(envs.insert(env.clone()), "{env} twice");
+            assert!(flag_names.insert(key.flag()), "--{} twice", key.flag());
+            let arg = command
+                .get_arguments()
+                .find(|arg| arg.get_long() == Some(key.flag().as_str()))
+                .unwrap_or_else(|| panic!("no flag for {}", key.path()));
+            assert!(arg.get_help().unwrap().to_string().contains(&env));
+            assert!(!key.doc.trim().is_empty(), "{} has no doc", key.path());
+            // Its default, written back through the variable and the flag, loads.
+            let default = key.default_value();
+            if !default.is_empty() {
+                let flag = format!("--{}={default}", key.flag());
+                let config = load("", &[(env.as_str(), default.as_str())], &[&flag]);
+                assert!(config.is_ok(), "{}: {config:?}", key.path());
+            }
+        }
+        // The names that existed before every key had one still work.
+        for old in [
+            "STREAMGATE_LISTEN",
+            "STREAMGATE_MONGO_URI",
+            "STREAMGATE_KEEPALIVE_SECS",
+            "STREAMGATE_CLIENT_QUEUE",
+            "STREAMGATE_WORKER_LINGER_MS",
+        ] {
+            assert!(envs.contains(old), "{old}");
+            let flag = old[ENV_PREFIX.len()..].to_lowercase().replace('_', "-");
+            assert!(flag_names.contains(&flag), "--{flag}");
+        }
+    }
+
+    /// The README's table of settings, as [`keys`] declare them.
+    fn settings_table() -> String {
+        let mut table = String::from("| key | environment | flag | default | meaning |\n");
+        table.push_str("|---|---|---|---|---|\n");
+        for key in keys() {
+            let default = key.default_value();
+            let default = if default.is_empty() {
+                "unset".to_owned()
+            } else {
+                format!("`{default}`")
+            };
+            table.push_str(&format!(
+                "| `{}` | `{}` | `--{}` | {default} | {} |\n",
+                key.path(),
+                key.env(),
+                key.flag(),
+                key.summary().replace('|', "\\|")
+            ));
+        }
+        table
+    }
+
+    /// The table between the README's markers is the one [`keys`] make. `BLESS=1 cargo test
+    /// --lib readme_settings_table` rewrites it.
+    #[test]
+    fn readme_settings_table_matches_the_declarations() {
+        const START: &str = "<!-- settings table: generated from src/config.rs -->\n";
+        const END: &str = "<!-- end of settings table -->";
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+        let readme = std::fs::read_to_string(path).unwrap();
+        let start = readme
+            .find(START)
+            .expect("README lacks the table's start marker")
+            + START.len();
+        let end = start
+            + readme[start..]
+                .find(END)
+                .expect("README lacks the end marker");
+        let expected = settings_table();
+        if readme[start..end] != expected {
+            if std::env::var_os("BLESS").is_some() {
+                let updated = format!("{}{expected}{}", &readme[..start], &readme[end..]);
+                std::fs::write(path, updated).unwrap();
+            } else {
+                panic!(
+                    "README.md's settings table differs from src/config.rs; rerun with BLESS=1 \
+                     to rewrite it. Expected:\n{expected}"
+                );
+            }
+        }
     }
 }

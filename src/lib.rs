@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //! ```text
-//! config.rs      TOML + env + CLI configuration (no I/O beyond reading the file)
+//! config.rs      settings declared once → TOML, env and CLI layers (no I/O beyond reading the file)
 //! error.rs       ApiError → application/problem+json
 //! event.rs       Token (resume token, oplog-ordered) and Event (encoded once per wire format)
 //! path.rs        dotted paths into BSON and JSON (one walker)

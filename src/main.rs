@@ -5,33 +5,21 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use streamgate::config::{Config, LogFormat, Overrides};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use streamgate::config::{self, Config, LogFormat, Overrides};
 use tokio::net::{TcpListener, TcpSocket};
 use tracing_subscriber::EnvFilter;
 
 /// MongoDB change streams as live SSE / WebSocket / NDJSON feeds.
+///
+/// Every setting of the file can also be given as a flag or an environment variable (see the
+/// settings below): a flag wins over the environment, which wins over the file.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
     /// TOML configuration file.
     #[arg(long, env = "STREAMGATE_CONFIG")]
     config: Option<PathBuf>,
-    /// Listen address (overrides the file).
-    #[arg(long, env = "STREAMGATE_LISTEN")]
-    listen: Option<SocketAddr>,
-    /// MongoDB URI; must reach a replica set (overrides the file).
-    #[arg(long, env = "STREAMGATE_MONGO_URI")]
-    mongo_uri: Option<String>,
-    /// Keep-alive period in seconds.
-    #[arg(long, env = "STREAMGATE_KEEPALIVE_SECS")]
-    keepalive_secs: Option<u64>,
-    /// Events a client may lag before `slow_consumer`.
-    #[arg(long, env = "STREAMGATE_CLIENT_QUEUE")]
-    client_queue: Option<usize>,
-    /// Milliseconds a worker lingers after its last client.
-    #[arg(long, env = "STREAMGATE_WORKER_LINGER_MS")]
-    worker_linger_ms: Option<u64>,
     /// Log as JSON lines instead of text (the same as `log_format = "json"` in the file).
     #[arg(long, env = "STREAMGATE_LOG_JSON")]
     log_json: bool,
@@ -66,7 +54,16 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The settings' flags come from the configuration's declarations, not from `Cli`.
+    let matches = Cli::command().args(config::flags()).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    let overrides = Overrides::collect(
+        |name| std::env::var_os(name).map(|value| value.to_string_lossy().into_owned()),
+        &matches,
+    );
     if let Some(Command::CheckConfig { file }) = &cli.command {
         return match check_config(file).await {
             Ok(summary) => {
@@ -81,7 +78,7 @@ async fn main() -> ExitCode {
     }
     // The log format is in the config file: read it before logging starts (its errors are
     // printed to stderr below either way).
-    let config = load_config(&cli);
+    let config = load_config(&cli, overrides);
     let json = cli.log_json
         || config
             .as_ref()
@@ -120,21 +117,13 @@ fn init_logging(json: bool) {
     }
 }
 
-/// The file's config (defaults without one) with the CLI/environment overrides, validated.
-fn load_config(cli: &Cli) -> Result<Config, String> {
+/// The file's config (defaults without one) with the environment and flag overrides, validated.
+fn load_config(cli: &Cli, overrides: Overrides) -> Result<Config, String> {
     let config = match &cli.config {
         Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
         None => Config::default(),
     };
-    config
-        .with_overrides(Overrides {
-            listen: cli.listen,
-            mongo_uri: cli.mongo_uri.clone(),
-            keepalive_secs: cli.keepalive_secs,
-            client_queue: cli.client_queue,
-            worker_linger_ms: cli.worker_linger_ms,
-        })
-        .map_err(|e| e.to_string())
+    config.with_overrides(overrides).map_err(|e| e.to_string())
 }
 
 async fn run(cli: Cli, config: Config) -> Result<(), String> {

@@ -73,11 +73,14 @@ pub struct WorkerSettings {
     pub max_backoff: Duration,
 }
 
+/// The configuration's defaults (declared once, in `config.rs`) for what is configurable; the
+/// rest is fixed here.
 impl Default for WorkerSettings {
     fn default() -> Self {
+        let config = crate::config::Config::default();
         WorkerSettings {
-            ring_size: 10_000,
-            linger: Duration::from_secs(5),
+            ring_size: config.ring_size,
+            linger: config.worker_linger(),
             max_await: Duration::from_millis(500),
             max_backoff: Duration::from_secs(5),
         }

@@ -379,6 +379,73 @@ async fn check_config_validates_and_describes_without_connecting() {
     assert!(stderr.contains("streams[0].pipeline[0].$out"), "{stderr}");
 }
 
+/// The binary layers its settings: an environment variable over the file (a bad one stops it,
+/// naming the setting), a flag over the variable; `--help` lists every setting's flag and
+/// variable.
+#[tokio::test]
+async fn the_binary_takes_settings_from_the_environment_and_flags_over_the_file() {
+    let bin = env!("CARGO_BIN_EXE_streamgate");
+    let db = unique_db("ops_settings");
+    let file = config_file(&db, "[limits]\nmax_workers = 10");
+    let start = |flags: &[&str]| {
+        tokio::process::Command::new(bin)
+            .arg("--config")
+            .arg(file.path())
+            .args(flags)
+            .env("STREAMGATE_LIMITS_MAX_WORKERS", "0")
+            .env("STREAMGATE_LOG_FORMAT", "json")
+            .env_remove("STREAMGATE_LOG_JSON")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    // The variable wins over the file's 10, and 0 is refused.
+    let output = tokio::time::timeout(WAIT, start(&[]).wait_with_output())
+        .await
+        .expect("exits")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("limits.max_workers must be 1 to"),
+        "{stderr}"
+    );
+    // The flag wins over the variable: the server starts (and logs JSON, from the environment).
+    let mut child = start(&["--limits-max-workers=5"]);
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let listening = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("streamgate listening") {
+                return line;
+            }
+        }
+        panic!("streamgate exited before listening");
+    })
+    .await
+    .expect("listening in time");
+    assert!(
+        serde_json::from_str::<Value>(&listening).is_ok(),
+        "{listening}"
+    );
+    child.kill().await.unwrap();
+
+    let help = std::process::Command::new(bin)
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for expected in [
+        "--ring-size",
+        "STREAMGATE_RING_SIZE",
+        "--auth-jwt-jwks-url",
+        "STREAMGATE_AUTH_JWT_JWKS_URL",
+    ] {
+        assert!(help.contains(expected), "{expected} missing:\n{help}");
+    }
+}
+
 #[tokio::test]
 async fn deploy_files_pass_their_linters() {
     let root = env!("CARGO_MANIFEST_DIR");
