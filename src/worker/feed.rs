@@ -28,6 +28,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use mongodb::bson::{Document, doc};
 use tokio::sync::{Notify, mpsc};
@@ -42,6 +43,9 @@ use crate::streams::definition::{FullDocument, FullDocumentBeforeChange, WatchSp
 /// Steps a member's worker may trail its feed by before the feed waits for it (a worker only
 /// moves steps into its hub, so this is reached only in a burst).
 const MEMBER_QUEUE: usize = 1024;
+
+/// `maxAwaitTimeMS` of a feed's `getMore` (at most the workers' `max_await`).
+const FEED_MAX_AWAIT: Duration = Duration::from_millis(100);
 
 /// Feeds by database and options; part of the [`WorkerContext`].
 #[derive(Default)]
@@ -179,6 +183,11 @@ impl Feeds {
         feeds.insert(key, Arc::clone(&feed));
         drop(feeds);
         let mut template = Watch::of_worker(worker);
+        // One cursor for a whole database can afford short waits (10 getMore/s when idle), and
+        // a reopen for a join cancels the waiting `getMore`, whose server cursor and
+        // connection live until that wait ends: short waits keep a burst of joins from
+        // piling up such cursors.
+        template.options.max_await_time = Some(worker.settings().max_await.min(FEED_MAX_AWAIT));
         // Counted for the feed, not the first member: the closures must not keep it alive.
         let metrics = Arc::clone(&context.metrics);
         template.on_open = Arc::new(move || {
