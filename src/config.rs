@@ -100,6 +100,10 @@ settings! {
         pub ring_size: usize = 10_000,
         /// Milliseconds a worker keeps its cursor open after its last client leaves.
         pub worker_linger_ms: u64 = 5_000,
+        /// Streams whose pipeline only filters (`$match` stages, or none) share one
+        /// change-stream cursor per database, routed by collection. `false` gives every stream
+        /// a cursor of its own (one `getMore` loop on MongoDB per stream).
+        pub shared_database_cursors: bool = true,
         /// Seconds open streams get to close on SIGTERM/SIGINT before the process exits anyway.
         pub shutdown_grace_secs: u64 = 10,
         /// The `retry:` hint (ms) sent to SSE clients at the start and on shutdown.

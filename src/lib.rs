@@ -137,6 +137,7 @@ impl App {
         let settings = WorkerSettings {
             ring_size: config.ring_size,
             linger: config.worker_linger(),
+            shared_database_cursors: config.shared_database_cursors,
             ..WorkerSettings::default()
         };
         let budget = crate::limits::CursorBudget::new(&config.limits, &metrics);

@@ -30,6 +30,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt;
 use mongodb::bson::{Document, doc};
 use tokio::sync::{Notify, mpsc};
 
@@ -40,9 +41,12 @@ use crate::event::{ErrorCode, Event, EventKind, Token};
 use crate::routing::{MatchRule, route_values};
 use crate::streams::definition::{FullDocument, FullDocumentBeforeChange, WatchSpec};
 
-/// Steps a member's worker may trail its feed by before the feed waits for it (a worker only
+/// Batches a member's worker may trail its feed by before the feed waits for it (a worker only
 /// moves steps into its hub, so this is reached only in a burst).
-const MEMBER_QUEUE: usize = 1024;
+const MEMBER_QUEUE: usize = 16;
+
+/// Steps read without waiting (what the driver already holds) that go out as one batch.
+const BATCH: usize = 1024;
 
 /// `maxAwaitTimeMS` of a feed's `getMore` (at most the workers' `max_await`).
 const FEED_MAX_AWAIT: Duration = Duration::from_millis(100);
@@ -87,21 +91,26 @@ struct Member {
     pending: bool,
     /// Served before the last reopen by time: skip changes at or before this.
     through: Option<Token>,
-    tx: mpsc::Sender<Step<Routed>>,
+    tx: mpsc::Sender<Batch>,
 }
 
 /// A worker's place in a feed; leaving (drop) removes it.
 pub(crate) struct Membership {
     feed: Arc<Feed>,
     id: u64,
-    rx: mpsc::Receiver<Step<Routed>>,
+    rx: mpsc::Receiver<Batch>,
+    /// The rest of the batch being applied.
+    held: std::collections::VecDeque<Step<Routed>>,
 }
 
 impl Membership {
     /// The next step for this worker (cancel-safe). `None`: the feed cannot serve this worker
     /// (MongoDB refused its `$match`): it must open a cursor of its own.
     pub async fn next(&mut self) -> Option<Step<Routed>> {
-        self.rx.recv().await
+        if self.held.is_empty() {
+            self.held.extend(self.rx.recv().await?);
+        }
+        self.held.pop_front()
     }
 }
 
@@ -128,7 +137,7 @@ impl Feeds {
     /// pipeline cannot be shared.
     pub fn join(&self, context: &Arc<WorkerContext>, worker: &Arc<Worker>) -> Option<Membership> {
         let spec = worker.spec();
-        if !shareable(spec) {
+        if !worker.settings().shared_database_cursors || !shareable(spec) {
             return None;
         }
         let key = FeedKey {
@@ -165,6 +174,7 @@ impl Feeds {
                     feed: Arc::clone(feed),
                     id,
                     rx,
+                    held: Default::default(),
                 });
             }
         }
@@ -208,7 +218,12 @@ impl Feeds {
             task.run().await;
             metrics.database_feeds.dec();
         });
-        Some(Membership { feed, id, rx })
+        Some(Membership {
+            feed,
+            id,
+            rx,
+            held: Default::default(),
+        })
     }
 }
 
@@ -231,19 +246,11 @@ struct FeedTask {
     template: Watch,
 }
 
-/// A step to send to one member.
-type Outbox = Vec<(mpsc::Sender<Step<Routed>>, Step<Routed>)>;
-
 impl FeedTask {
     async fn run(self) {
         tracing::info!(db = %self.feed.key.db, "database feed started");
         let mut source: Option<ChangeSource> = None;
-        // Start position of pending members after a reopen by time ("before T").
-        let mut pending_start: Option<Token> = None;
-        // Whether members joined since the last successful open (a refusal may be theirs).
-        let mut joined = false;
-        // Id of the last change read (a post-batch token equal to it is not a high-water mark).
-        let mut last_change: Option<Token> = None;
+        let mut read = Reading::default();
         loop {
             if self.stop_if_empty() {
                 break;
@@ -251,59 +258,81 @@ impl FeedTask {
             let reopen = std::mem::take(&mut lock(&self.feed.state).reopen);
             if reopen || source.is_none() {
                 let position = source.as_ref().and_then(|s| s.position().cloned());
-                pending_start = position
+                read.pending_start = position
                     .as_ref()
                     .and_then(Token::cluster_time)
                     .map(Token::before_cluster_time);
                 source = Some(self.reopen(position));
-                joined = true;
+                read.joined = true;
             }
             let Some(cursor) = source.as_mut() else {
                 continue;
             };
             let changed = self.feed.changed.notified();
-            let step = tokio::select! {
+            let first = tokio::select! {
                 _ = changed => continue,
                 step = cursor.next() => step,
             };
-            let outbox = match step {
-                Step::Opened(start) => {
-                    joined = false;
-                    self.opened(pending_start.take().or(start))
+            // Everything the driver already holds goes out together: a member's worker then
+            // publishes a batch back to back, as it would from a cursor of its own, instead of
+            // waking its clients once per change.
+            let mut outbox = Outbox::default();
+            let mut end = self.take(first, &mut read, &mut outbox);
+            while end.is_none() && outbox.steps < BATCH {
+                match cursor.next().now_or_never() {
+                    Some(step) => end = self.take(step, &mut read, &mut outbox),
+                    None => break,
                 }
-                Step::Change(raw) => {
-                    last_change = Some(raw.id.clone());
-                    self.route(raw)
+            }
+            outbox.send().await;
+            match end {
+                None => {}
+                Some(End::Refused(message)) => {
+                    tracing::warn!(db = %self.feed.key.db, %message, "database feed refused a new member's $match; it opens its own cursor");
+                    // Reopen from where the feed stood, without them.
+                    let position = cursor.position().cloned();
+                    source = Some(self.reopen(position));
                 }
-                Step::Quiet(Some(token)) if Some(&token) != last_change.as_ref() => {
-                    self.high_water_mark(&token)
-                }
-                Step::Quiet(_) => continue,
-                Step::Retrying(error) => {
-                    tracing::warn!(db = %self.feed.key.db, %error, "database feed cursor lost, retrying");
-                    self.context.metrics.worker_retries.inc();
-                    self.to_served(|| Step::Retrying(error.clone()))
-                }
-                Step::Invalidated(event) => {
-                    self.end(|| Step::Invalidated(Arc::clone(&event))).await;
+                Some(End::With(step)) => {
+                    self.end(|| clone_terminal(&step)).await;
                     break;
                 }
-                Step::Failed(code, message) => {
-                    if joined && code == ErrorCode::Upstream && self.refuse_pending_filters() {
-                        tracing::warn!(db = %self.feed.key.db, %message, "database feed refused a new member's $match; it opens its own cursor");
-                        // Reopen from where the feed stood, without them.
-                        let position = source.as_ref().and_then(|s| s.position().cloned());
-                        source = Some(self.reopen(position));
-                        continue;
-                    }
-                    tracing::error!(db = %self.feed.key.db, code = code.as_str(), %message, "database feed failed");
-                    self.end(|| Step::Failed(code, message.clone())).await;
-                    break;
-                }
-            };
-            send(outbox).await;
+            }
         }
         tracing::info!(db = %self.feed.key.db, "database feed stopped");
+    }
+
+    /// Adds what `step` means for the members to `outbox`; `Some` when the feed must reopen
+    /// without the newly joined filters, or end.
+    fn take(&self, step: Step<RawChange>, read: &mut Reading, outbox: &mut Outbox) -> Option<End> {
+        match step {
+            Step::Opened(start) => {
+                read.joined = false;
+                self.opened(read.pending_start.take().or(start), outbox);
+            }
+            Step::Change(raw) => {
+                read.last_change = Some(raw.id.clone());
+                self.route(raw, outbox);
+            }
+            Step::Quiet(Some(token)) if Some(&token) != read.last_change.as_ref() => {
+                self.high_water_mark(&token, outbox);
+            }
+            Step::Quiet(_) => {}
+            Step::Retrying(error) => {
+                tracing::warn!(db = %self.feed.key.db, %error, "database feed cursor lost, retrying");
+                self.context.metrics.worker_retries.inc();
+                self.to_served(|| Step::Retrying(error.clone()), outbox);
+            }
+            Step::Invalidated(event) => return Some(End::With(Step::Invalidated(event))),
+            Step::Failed(code, message) => {
+                if read.joined && code == ErrorCode::Upstream && self.refuse_pending_filters() {
+                    return Some(End::Refused(message));
+                }
+                tracing::error!(db = %self.feed.key.db, code = code.as_str(), %message, "database feed failed");
+                return Some(End::With(Step::Failed(code, message)));
+            }
+        }
+        None
     }
 
     /// A source for the current members: from now, or at the cluster time of `position`.
@@ -333,40 +362,41 @@ impl FeedTask {
     }
 
     /// The cursor is open: pending members start at `start`, the others learn it is running.
-    fn opened(&self, start: Option<Token>) -> Outbox {
+    fn opened(&self, start: Option<Token>, outbox: &mut Outbox) {
         let mut state = lock(&self.feed.state);
-        state
-            .members
-            .iter_mut()
-            .map(|member| {
-                let step = if member.pending {
-                    member.pending = false;
-                    Step::Opened(start.clone())
-                } else {
-                    Step::Opened(None)
-                };
-                (member.tx.clone(), step)
-            })
-            .collect()
+        for member in &mut state.members {
+            let step = if member.pending {
+                member.pending = false;
+                Step::Opened(start.clone())
+            } else {
+                Step::Opened(None)
+            };
+            outbox.push(member.id, &member.tx, step);
+        }
     }
 
     /// Routes a change to the members on its collection.
-    fn route(&self, raw: RawChange) -> Outbox {
+    fn route(&self, raw: RawChange, outbox: &mut Outbox) {
         let mut state = lock(&self.feed.state);
         let Some(coll) = raw.coll() else {
-            return Vec::new(); // `dropDatabase`: each collection's `drop` came before it.
+            return; // `dropDatabase`: each collection's `drop` came before it.
         };
         let served = |m: &Member| {
             !m.pending && m.coll == coll && m.through.as_ref().is_none_or(|t| &raw.id > t)
         };
-        let targets: Vec<(mpsc::Sender<Step<Routed>>, Vec<MatchRule>, bool)> = state
+        let targets: Vec<Target> = state
             .members
             .iter()
             .filter(|m| served(m))
-            .map(|m| (m.tx.clone(), m.rules.clone(), m.pipeline.is_empty()))
+            .map(|m| Target {
+                id: m.id,
+                tx: m.tx.clone(),
+                values: route_values(&m.rules, &raw.doc),
+                takes_all: m.pipeline.is_empty(),
+            })
             .collect();
         if targets.is_empty() {
-            return Vec::new();
+            return;
         }
         let ends = matches!(raw.operation_type(), "drop" | "rename");
         if ends {
@@ -376,57 +406,49 @@ impl FeedTask {
         drop(state);
         let id = raw.id.clone();
         let invalidate = ends.then(|| Arc::new(invalidate_after(&raw)));
-        let values: Vec<_> = targets
-            .iter()
-            .map(|(_, rules, _)| route_values(rules, &raw.doc))
-            .collect();
         let event = match raw.encode() {
             Ok(event) => Arc::new(event),
             Err(error) => {
                 let message = error.to_string();
-                return targets
-                    .into_iter()
-                    .map(|(tx, _, _)| (tx, Step::Failed(ErrorCode::Upstream, message.clone())))
-                    .collect();
+                for target in targets {
+                    let step = Step::Failed(ErrorCode::Upstream, message.clone());
+                    outbox.push(target.id, &target.tx, step);
+                }
+                return;
             }
         };
-        let mut outbox = Vec::with_capacity(targets.len() * 2);
-        for ((tx, _, takes_all), values) in targets.into_iter().zip(values) {
-            if !ends || takes_all {
+        for target in targets {
+            if !ends || target.takes_all {
                 let routed = Routed {
                     id: id.clone(),
                     event: Arc::clone(&event),
-                    values,
+                    values: target.values,
                 };
-                outbox.push((tx.clone(), Step::Change(routed)));
+                outbox.push(target.id, &target.tx, Step::Change(routed));
             }
             if let Some(invalidate) = &invalidate {
-                outbox.push((tx, Step::Invalidated(Arc::clone(invalidate))));
+                let step = Step::Invalidated(Arc::clone(invalidate));
+                outbox.push(target.id, &target.tx, step);
             }
         }
-        outbox
     }
 
     /// A post-batch token that is not a change: every served member has read through it.
-    fn high_water_mark(&self, token: &Token) -> Outbox {
+    fn high_water_mark(&self, token: &Token, outbox: &mut Outbox) {
         let state = lock(&self.feed.state);
-        state
-            .members
-            .iter()
-            .filter(|m| !m.pending && m.through.as_ref().is_none_or(|t| token > t))
-            .map(|m| (m.tx.clone(), Step::Quiet(Some(token.clone()))))
-            .collect()
+        for m in &state.members {
+            if !m.pending && m.through.as_ref().is_none_or(|t| token > t) {
+                outbox.push(m.id, &m.tx, Step::Quiet(Some(token.clone())));
+            }
+        }
     }
 
     /// `step` for every served member.
-    fn to_served(&self, step: impl Fn() -> Step<Routed>) -> Outbox {
+    fn to_served(&self, step: impl Fn() -> Step<Routed>, outbox: &mut Outbox) {
         let state = lock(&self.feed.state);
-        state
-            .members
-            .iter()
-            .filter(|m| !m.pending)
-            .map(|m| (m.tx.clone(), step()))
-            .collect()
+        for m in state.members.iter().filter(|m| !m.pending) {
+            outbox.push(m.id, &m.tx, step());
+        }
     }
 
     /// After a refused open: pending members with a `$match` leave (their workers open their
@@ -449,7 +471,11 @@ impl FeedTask {
             remove_if_current(&mut feeds, &self.feed);
             std::mem::take(&mut state.members)
         };
-        send(members.into_iter().map(|m| (m.tx, step())).collect()).await;
+        let mut outbox = Outbox::default();
+        for member in members {
+            outbox.push(member.id, &member.tx, step());
+        }
+        outbox.send().await;
     }
 
     /// Stops the feed if it still has no members (checked under the feeds' lock, so a worker
@@ -473,11 +499,71 @@ fn remove_if_current(feeds: &mut HashMap<FeedKey, Arc<Feed>>, feed: &Arc<Feed>) 
     }
 }
 
-/// Delivers an outbox in order (waits for a member that trails by [`MEMBER_QUEUE`]; a member
-/// that left is skipped).
-async fn send(outbox: Outbox) {
-    for (tx, step) in outbox {
-        let _ = tx.send(step).await;
+/// Steps for members, in order per member, sent as one batch each.
+#[derive(Default)]
+struct Outbox {
+    batches: Vec<(mpsc::Sender<Batch>, Batch)>,
+    /// Member id → index in `batches`.
+    index: HashMap<u64, usize>,
+    /// Steps held, over all members.
+    steps: usize,
+}
+
+impl Outbox {
+    fn push(&mut self, member: u64, tx: &mpsc::Sender<Batch>, step: Step<Routed>) {
+        let at = *self.index.entry(member).or_insert_with(|| {
+            self.batches.push((tx.clone(), Vec::new()));
+            self.batches.len() - 1
+        });
+        self.batches[at].1.push(step);
+        self.steps += 1;
+    }
+
+    /// Delivers every member's batch (waits for a member that trails by [`MEMBER_QUEUE`]
+    /// batches; a member that left is skipped).
+    async fn send(self) {
+        for (tx, batch) in self.batches {
+            let _ = tx.send(batch).await;
+        }
+    }
+}
+
+/// Steps for one member, applied back to back.
+type Batch = Vec<Step<Routed>>;
+
+/// One member's share of a change.
+struct Target {
+    id: u64,
+    tx: mpsc::Sender<Batch>,
+    values: crate::routing::RouteValues,
+    takes_all: bool,
+}
+
+/// What the feed's loop remembers between steps.
+#[derive(Default)]
+struct Reading {
+    /// Start position of pending members after a reopen by time ("before T").
+    pending_start: Option<Token>,
+    /// Members joined since the last successful open (a refusal may be theirs).
+    joined: bool,
+    /// Id of the last change read (a post-batch token equal to it is not a high-water mark).
+    last_change: Option<Token>,
+}
+
+/// How a batch ended the feed's reading.
+enum End {
+    /// MongoDB refused the new members' filters: reopen without them.
+    Refused(String),
+    /// Every member ends with this step.
+    With(Step<Routed>),
+}
+
+/// The terminal step for one more member (`Step` is not `Clone`; its parts are).
+fn clone_terminal(step: &Step<Routed>) -> Step<Routed> {
+    match step {
+        Step::Invalidated(event) => Step::Invalidated(Arc::clone(event)),
+        Step::Failed(code, message) => Step::Failed(*code, message.clone()),
+        _ => Step::Failed(ErrorCode::Upstream, "database feed ended".into()),
     }
 }
 

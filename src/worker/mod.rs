@@ -71,6 +71,8 @@ pub struct WorkerSettings {
     pub max_await: Duration,
     /// Upper bound of the reconnect backoff.
     pub max_backoff: Duration,
+    /// Whether `$match`-only streams share their database's cursor (`worker::feed`).
+    pub shared_database_cursors: bool,
 }
 
 /// The configuration's defaults (declared once, in `config.rs`) for what is configurable; the
@@ -83,6 +85,7 @@ impl Default for WorkerSettings {
             linger: config.worker_linger(),
             max_await: Duration::from_millis(500),
             max_backoff: Duration::from_secs(5),
+            shared_database_cursors: config.shared_database_cursors,
         }
     }
 }
