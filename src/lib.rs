@@ -17,7 +17,9 @@
 //! http/          server.rs (accept loop, direct SSE/NDJSON writes) · deadline.rs (write deadline)
 //!                negotiation, sse.rs / ws.rs / ndjson.rs, feed.rs, health + metrics
 //! admin/         the admin REST API (/_admin/streams, OpenAPI document) · view.rs (stats JSON)
-//!                ui.rs (the console at /_admin/ui, /_admin/stats)
+//!                ui.rs (the console at /_admin/ui, /_admin/stats); looks down to http/
+//! router.rs      the router: http/'s routes + admin/'s, behind the auth middleware (the
+//!                only module that knows both)
 //! auth/          credentials → Principal (JWT incl. JWKS URL, API keys), stream rules (config +
 //!                live ones stored in MongoDB), CORS/Origin policy, trusted proxies, resume checks
 //! limits.rs      connection limits and the upstream cursor budget, with RAII permits
@@ -42,6 +44,7 @@ pub mod limits;
 pub mod metrics;
 pub mod path;
 pub mod replset;
+pub mod router;
 pub mod routing;
 pub mod snapshot;
 pub mod streams;
@@ -234,7 +237,7 @@ impl App {
     ) -> Result<(), StartError> {
         let token = self.state.shutdown.clone();
         let grace = self.state.config.shutdown_grace();
-        let router = http::router(self.state.clone());
+        let router = router::router(self.state.clone());
         tokio::spawn({
             let token = token.clone();
             async move {
