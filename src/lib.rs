@@ -3,7 +3,6 @@
 //! # Layout
 //! ```text
 //! config.rs      TOML + env + CLI configuration (no I/O beyond reading the file)
-//! error.rs       ApiError → application/problem+json
 //! event.rs       Token (resume token, oplog-ordered) and Event (encoded once per wire format)
 //! path.rs        dotted paths into BSON and JSON (one walker)
 //! routing.rs     per-client routing rules and filters (claims, routable $var bindings)
@@ -15,6 +14,8 @@
 //!                source.rs (self-reopening cursor, oversize changes) · cursor.rs (the loop)
 //!                catchup.rs (shared catch-up cursors) · subscription.rs (one client, by position)
 //! http/          server.rs (accept loop, direct SSE/NDJSON writes) · deadline.rs (write deadline)
+//!                error.rs (ApiError → application/problem+json, from every lower layer's
+//!                error type) · guard.rs (the authentication middleware)
 //!                negotiation, sse.rs / ws.rs / ndjson.rs, feed.rs, health + metrics
 //! admin/         the admin REST API (/_admin/streams, OpenAPI document) · view.rs (stats JSON)
 //!                ui.rs (the console at /_admin/ui, /_admin/stats); looks down to http/
@@ -37,7 +38,6 @@ pub mod admin;
 pub mod auth;
 pub mod backoff;
 pub mod config;
-pub mod error;
 pub mod event;
 pub mod http;
 pub mod limits;

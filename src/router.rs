@@ -38,10 +38,10 @@ pub fn router(state: AppState) -> Router {
         .route("/_streams", get(http::multi::subscribe_many))
         .merge(traced)
         // Authenticates every route but the probes, and requires the admin role on
-        // `/_admin…` whatever the method or sub-path (see `auth::guard`).
+        // `/_admin…` whatever the method or sub-path (see `http::guard`).
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state.auth),
-            crate::auth::guard,
+            http::guard::guard,
         ))
         // Outside the guard: preflights are answered without a credential, and 401/403
         // carry CORS headers so the browser lets the page read them.

@@ -37,8 +37,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
 
-use crate::error::ApiError;
 use crate::http::AppState;
+use crate::http::error::ApiError;
 use crate::streams::definition::CompiledDefinition;
 use crate::streams::{Origin, Put, StreamDefinition, StreamKey};
 use view::StreamView;

@@ -15,7 +15,9 @@
 pub mod body;
 pub mod deadline;
 pub mod docview;
+pub mod error;
 pub mod feed;
+pub mod guard;
 pub mod health;
 pub mod multi;
 pub mod ndjson;

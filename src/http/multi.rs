@@ -60,8 +60,8 @@ use super::ws::{GOING_AWAY, MESSAGE_TOO_BIG, close};
 use crate::auth::Principal;
 use crate::auth::proxy::ClientAddr;
 use crate::auth::{REVOKED_MESSAGE, Revocation};
-use crate::error::ApiError;
 use crate::event::{Event, EventKind, Token};
+use crate::http::error::ApiError;
 use crate::limits::Permit;
 use crate::metrics::{ClientGauge, Metrics};
 use crate::snapshot::{Mode, Prelude};
@@ -217,7 +217,8 @@ fn stream_key(path: &str) -> Result<StreamKey, ApiError> {
 }
 
 /// Prefixes an error's detail with the stream it is about, and names it in the body.
-fn naming(key: &StreamKey, mut error: ApiError) -> ApiError {
+fn naming(key: &StreamKey, error: impl Into<ApiError>) -> ApiError {
+    let mut error = error.into();
     let stream = key.to_string();
     if !error.detail.contains(&stream) {
         error.detail = format!("{stream}: {}", error.detail);
@@ -290,7 +291,7 @@ impl Opener {
                     claims,
                 )
                 .await
-                .map_err(|e| naming(key, e.into()))?;
+                .map_err(|e| naming(key, e))?;
             (subscription, None)
         };
         if rewind {

@@ -3,7 +3,7 @@
 use axum::http::{HeaderMap, StatusCode, header};
 use serde_json::json;
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 /// The three ways to subscribe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

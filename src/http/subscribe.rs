@@ -21,8 +21,8 @@ use super::options::{Options, RawOptions, named_frame};
 use super::{docview, ndjson, sse, ws};
 use crate::auth::proxy::ClientAddr;
 use crate::auth::{Principal, cors};
-use crate::error::ApiError;
 use crate::event::Token;
+use crate::http::error::ApiError;
 use crate::snapshot::Mode;
 use crate::streams::StreamKey;
 
@@ -65,7 +65,7 @@ pub async fn subscribe(
     client: Option<Extension<ClientAddr>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    // Set by `auth::guard` when auth is on; `None` when it is off.
+    // Set by `http::guard` when auth is on; `None` when it is off.
     let principal = principal.map(|Extension(p)| p);
     // `{name}.json` is the document view of `{name}` (stream names have no dots).
     let (name, json_suffix) = match name.strip_suffix(docview::SUFFIX) {
