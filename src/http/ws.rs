@@ -27,12 +27,14 @@ pub struct Extras {
     pub bare: bool,
 }
 
-/// Text bytes we encoded ourselves as a text message.
+/// Text bytes we encoded ourselves (an event's envelope or `data`, an `info` or heartbeat
+/// message) as a text message, sharing the bytes (no copy). `try_from` checks the UTF-8, which
+/// our encodings (built from `str`s) always pass; a lossy copy is only the never-taken
+/// fallback, so a request cannot make this panic.
 pub(crate) fn text(bytes: &Bytes) -> Message {
-    // Our encodings are built from `str`s, so this never falls back.
-    Message::Text(Utf8Bytes::from(
-        std::str::from_utf8(bytes).unwrap_or_default(),
-    ))
+    let text = Utf8Bytes::try_from(bytes.clone())
+        .unwrap_or_else(|_| Utf8Bytes::from(String::from_utf8_lossy(bytes).as_ref()));
+    Message::Text(text)
 }
 
 /// Runs one WebSocket client until its feed ends, it closes, or the server shuts down.
@@ -111,8 +113,9 @@ async fn write_batch<W: Sink<Message> + Unpin>(
             sink.feed(text(&data)).await?;
             continue;
         }
-        bytes += event.ws.len();
-        sink.feed(Message::Text(event.ws.clone())).await?;
+        let envelope = event.envelope();
+        bytes += envelope.len();
+        sink.feed(text(&envelope)).await?;
         if event.kind.is_terminal() {
             sink.flush().await?;
             feed.delivered(batch.len(), bytes);
