@@ -15,7 +15,8 @@
 //!                catchup.rs (shared catch-up cursors) · subscription.rs (one client, by position)
 //! http/          server.rs (accept loop, direct SSE/NDJSON writes) · deadline.rs (write deadline)
 //!                error.rs (ApiError → application/problem+json, from every lower layer's
-//!                error type) · guard.rs (the authentication middleware)
+//!                error type) · guard.rs (the authentication middleware) · clients.rs
+//!                (clients per transport and worker: the worker counts clients, not transports)
 //!                negotiation, sse.rs / ws.rs / ndjson.rs, feed.rs, health + metrics
 //! admin/         the admin REST API (/_admin/streams, OpenAPI document) · view.rs (stats JSON)
 //!                ui.rs (the console at /_admin/ui, /_admin/stats); looks down to http/
@@ -213,6 +214,7 @@ impl App {
                 limits,
                 config: Arc::new(config),
                 shutdown,
+                clients: Arc::default(),
             },
             tracker,
         })

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::time::{Interval, MissedTickBehavior, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use super::clients::TransportCount;
 use super::negotiate::Transport;
 use super::options::Narrowing;
 use crate::auth::{REVOKED_MESSAGE, Revocation};
@@ -60,6 +61,9 @@ pub struct Feed {
     revocation: Option<Revocation>,
     /// The client's connection-limit slot: held for as long as the feed lives, freed on drop.
     permit: Option<Permit>,
+    /// This client in its worker's per-transport count (the admin API's stream view), for as
+    /// long as the feed lives.
+    count: Option<TransportCount>,
     /// Events sent before the subscription's (a snapshot, PROTOCOL.md §6); `None` once it
     /// has closed. A bounded channel: the scan behind it waits for this client.
     prelude: Option<Prelude>,
@@ -98,6 +102,7 @@ impl Feed {
             expiry: expires_at.map(|at| Box::pin(tokio::time::sleep_until(at))),
             revocation: None,
             permit: None,
+            count: None,
             prelude: None,
             view: None,
             narrowing: None,
@@ -142,6 +147,13 @@ impl Feed {
     /// `Authenticator::watch_access`).
     pub fn with_revocation(mut self, revocation: Option<Revocation>) -> Feed {
         self.revocation = revocation;
+        self
+    }
+
+    /// Holds `count` (this client in its worker's per-transport count) until the feed is
+    /// dropped.
+    pub fn with_count(mut self, count: TransportCount) -> Feed {
+        self.count = Some(count);
         self
     }
 

@@ -13,6 +13,7 @@
 //! so nothing here imports `admin`.
 
 pub mod body;
+pub mod clients;
 pub mod deadline;
 pub mod docview;
 pub mod error;
@@ -66,4 +67,6 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Snapshot scans (`snapshot=true`, the document view).
     pub snapshots: Arc<crate::snapshot::Snapshots>,
+    /// Clients per transport and worker, for the admin API's stream views.
+    pub clients: Arc<clients::TransportClients>,
 }

@@ -54,6 +54,7 @@ use tokio::time::{Interval, MissedTickBehavior, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::AppState;
+use super::clients::TransportCount;
 use super::negotiate::{Transport, negotiate};
 use super::options::{Options, RawOptions, named_frame};
 use super::ws::{GOING_AWAY, MESSAGE_TOO_BIG, close};
@@ -274,7 +275,6 @@ impl Opener {
                     key,
                     self.avars.as_deref(),
                     start,
-                    self.transport as usize,
                     claims,
                     Mode::Events,
                 )
@@ -283,13 +283,7 @@ impl Opener {
         } else {
             let subscription = state
                 .registry
-                .subscribe(
-                    key,
-                    self.avars.as_deref(),
-                    start,
-                    self.transport as usize,
-                    claims,
-                )
+                .subscribe(key, self.avars.as_deref(), start, claims)
                 .await
                 .map_err(|e| naming(key, e))?;
             (subscription, None)
@@ -302,10 +296,11 @@ impl Opener {
         }
         // A rule change that withdraws this stream ends it (and only it) with `cancel`.
         let revocation = state.auth.watch_access(self.principal.as_ref(), key);
+        let count = state.clients.count(subscription.worker(), self.transport);
         Ok(Slot::new(
             key.to_string(),
             subscription,
-            permit,
+            (permit, count),
             prelude,
             revocation,
         ))
@@ -436,15 +431,16 @@ struct Slot {
     /// Events delivered in the current batch (flushed to the worker's stats per batch).
     delivered: u64,
     delivered_bytes: u64,
-    /// This stream's connection-limit slot.
-    _permit: Permit,
+    /// This stream's connection-limit slot and its client in the worker's per-transport
+    /// count, both held for as long as the slot lives.
+    _held: (Permit, TransportCount),
 }
 
 impl Slot {
     fn new(
         name: String,
         subscription: Subscription,
-        permit: Permit,
+        held: (Permit, TransportCount),
         prelude: Option<Prelude>,
         revocation: Option<Revocation>,
     ) -> Slot {
@@ -499,7 +495,7 @@ impl Slot {
             flag,
             delivered: 0,
             delivered_bytes: 0,
-            _permit: permit,
+            _held: held,
         }
     }
 

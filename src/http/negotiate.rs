@@ -9,15 +9,15 @@ use crate::http::error::ApiError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     /// Server-Sent Events (`Accept: text/event-stream`).
-    Sse = 0,
+    Sse,
     /// WebSocket (`Upgrade: websocket`).
-    WebSocket = 1,
+    WebSocket,
     /// Newline-delimited JSON (`Accept: application/x-ndjson`).
-    Ndjson = 2,
+    Ndjson,
 }
 
 impl Transport {
-    /// Every transport, in index order.
+    /// Every transport, in the order stats list them.
     pub const ALL: [Transport; 3] = [Transport::Sse, Transport::WebSocket, Transport::Ndjson];
 
     /// Name used in metrics and stats.

@@ -128,13 +128,7 @@ pub async fn subscribe(
         None => (
             state
                 .registry
-                .subscribe(
-                    &key,
-                    params.avars.as_deref(),
-                    resume,
-                    transport as usize,
-                    claims,
-                )
+                .subscribe(&key, params.avars.as_deref(), resume, claims)
                 .await?,
             None,
         ),
@@ -146,13 +140,14 @@ pub async fn subscribe(
                     &key,
                     params.avars.as_deref(),
                     resume,
-                    transport as usize,
                     claims,
                     mode,
                 )
                 .await?
         }
     };
+    // This client in its worker's per-transport count, for as long as the feed lives.
+    let count = state.clients.count(subscription.worker(), transport);
     let mut feed = Feed::new(
         subscription,
         state.config.keepalive(),
@@ -162,6 +157,7 @@ pub async fn subscribe(
         principal.as_ref().and_then(Principal::deadline),
     )
     .with_permit(permit)
+    .with_count(count)
     .with_narrowing(options.narrowing.clone())
     .with_revocation(state.auth.watch_access(principal.as_ref(), &key));
     if let Some(prelude) = prelude {

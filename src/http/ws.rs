@@ -180,7 +180,7 @@ mod tests {
     }
 
     async fn feed(worker: &Arc<Worker>, shutdown: &CancellationToken) -> Feed {
-        let guard = ClientGuard::new(Arc::clone(worker), Transport::WebSocket as usize);
+        let guard = ClientGuard::new(Arc::clone(worker));
         let subscription = Subscription::start(guard, None, None).await.unwrap();
         Feed::new(
             subscription,

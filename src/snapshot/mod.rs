@@ -144,20 +144,17 @@ impl Snapshots {
         key: &StreamKey,
         avars: Option<&str>,
         resume: Option<Token>,
-        transport: usize,
         claims: Option<&serde_json::Map<String, serde_json::Value>>,
         mode: Mode,
     ) -> Result<(Subscription, Option<Prelude>), SnapshotError> {
         let snapshot_resume = resume.as_ref().and_then(SnapshotId::decode);
         if let Some(resume) = resume.filter(|_| snapshot_resume.is_none()) {
             return Ok((
-                registry
-                    .subscribe(key, avars, Some(resume), transport, claims)
-                    .await?,
+                registry.subscribe(key, avars, Some(resume), claims).await?,
                 None,
             ));
         }
-        let (guard, filter) = registry.attach(key, avars, transport, claims).await?;
+        let (guard, filter) = registry.attach(key, avars, claims).await?;
         let worker = Arc::clone(guard.worker());
         // The document view's `put` is one event: a partial snapshot cannot be resumed there.
         let from = snapshot_resume.filter(|_| mode == Mode::Events);

@@ -193,8 +193,6 @@ pub struct Worker {
     /// Attached clients; changed only under the [`Owner`]'s lock (increment) or by a guard's
     /// drop (decrement, which then wakes the idle check).
     clients: AtomicUsize,
-    /// Clients per transport, for stats.
-    pub clients_by_transport: [AtomicUsize; 3],
     idle: Notify,
     cancel: CancellationToken,
     /// Counters.
@@ -222,7 +220,6 @@ impl Worker {
             catch_ups: CatchUps::default(),
             state,
             clients: AtomicUsize::new(0),
-            clients_by_transport: Default::default(),
             idle: Notify::new(),
             cancel: parent_cancel.child_token(),
             // A new worker opens "from now": it is not behind until time passes unread.
