@@ -8,6 +8,7 @@
 //! routing.rs     per-client routing rules and filters (claims, routable $var bindings)
 //! backoff.rs     exponential backoff for every retry loop
 //! sync.rs        lock helpers (poison-recovering), one way to take a lock
+//! watcher.rs     one watcher loop (watch, load, follow; backoff) for the two MongoDB stores
 //! streams/       definition.rs (validation, $var binding) · registry.rs (definitions → workers)
 //!                store.rs (admin definitions in MongoDB + the watcher applying them)
 //! worker/        mod.rs (worker, context) · hub.rs (ring read by position + live channels)
@@ -50,6 +51,7 @@ pub mod routing;
 pub mod snapshot;
 pub mod streams;
 pub mod sync;
+pub mod watcher;
 pub mod worker;
 
 use std::future::Future;
@@ -65,6 +67,7 @@ use crate::config::Config;
 use crate::http::AppState;
 use crate::metrics::Metrics;
 use crate::streams::{Origin, Registry, Store};
+use crate::watcher::Watched;
 use crate::worker::WorkerSettings;
 
 /// Startup failed.
