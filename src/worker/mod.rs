@@ -320,17 +320,6 @@ impl Worker {
         lock(&self.hub).read(after, filter, max_scan)
     }
 
-    /// The last `n` events at or before `through` for a client (see `Hub::last_entries`).
-    pub(crate) fn recent(
-        &self,
-        n: usize,
-        through: Option<&Token>,
-        filter: Option<&ClientFilter>,
-        keep: &dyn Fn(&Event) -> bool,
-    ) -> Vec<Arc<Event>> {
-        lock(&self.hub).last_entries(n, through, filter, keep)
-    }
-
     /// Whether the ring covers a client at `after`.
     pub(crate) fn covers(&self, after: &Token) -> bool {
         lock(&self.hub).covers(after)

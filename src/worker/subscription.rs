@@ -155,10 +155,13 @@ impl Subscription {
         if n == 0 {
             return;
         }
-        let events =
-            self.guard
-                .worker
-                .recent(n, self.cursor_pos.as_ref(), self.filter.as_deref(), keep);
+        let through = self.cursor_pos.as_ref();
+        let events = super::lock(&self.guard.worker.hub).last_entries(
+            n,
+            through,
+            self.filter.as_deref(),
+            keep,
+        );
         for event in events.into_iter().rev() {
             self.backlog.push_front(event);
         }
