@@ -450,18 +450,24 @@ mod tests {
         assert_eq!(bearer(&headers), None);
     }
 
-    #[test]
-    fn api_keys_match_by_hash() {
-        let config: AuthConfig = toml::from_str(
+    /// Auth on with one API key, `svc` (the key is `secret`), then `rest`: more members of
+    /// the key, or further tables.
+    fn with_api_key(rest: &str) -> AuthConfig {
+        toml::from_str(&format!(
             r#"
             enabled = true
             [[api_keys]]
             name = "svc"
             sha256 = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"
-            roles = ["reader"]
-            "#,
-        )
-        .unwrap();
+            {rest}
+            "#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn api_keys_match_by_hash() {
+        let config = with_api_key(r#"roles = ["reader"]"#);
         let auth = Authenticator::from_config(&config, &Metrics::new()).unwrap();
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -535,18 +541,13 @@ mod tests {
 
     #[test]
     fn stored_rules_add_to_config_rules_and_withdrawal_is_watched() {
-        let config: AuthConfig = toml::from_str(
+        let config = with_api_key(
             r#"
-            enabled = true
-            [[api_keys]]
-            name = "svc"
-            sha256 = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"
             [[rules]]
             roles = ["static"]
             streams = ["/a/b/_streams/*"]
             "#,
-        )
-        .unwrap();
+        );
         let auth = Authenticator::from_config(&config, &Metrics::new()).unwrap();
         let key = StreamKey::new("a", "b", "s").unwrap();
         let reader = principal(&["reader"]);
