@@ -100,6 +100,13 @@ impl ApiError {
         )
     }
 
+    /// A refusal by a limit: `limit` names its config key in the body, `Retry-After` says
+    /// when to try again.
+    pub fn limit(mut self, limit: &str, retry_after_secs: u64) -> ApiError {
+        self.retry_after = Some(retry_after_secs);
+        self.with_extra(json!({ "limit": limit }))
+    }
+
     /// Adds members to the problem body.
     pub fn with_extra(mut self, extra: serde_json::Value) -> ApiError {
         self.extra = Some(Box::new(extra));
@@ -181,28 +188,24 @@ impl From<UpstreamLimit> for ApiError {
     /// 503 (the server, not this client, is at capacity) with `Retry-After`, like the 429 of
     /// the connection limits, and `limit` naming the config key that was reached.
     fn from(refused: UpstreamLimit) -> ApiError {
-        let mut error = ApiError::new(
+        ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "Service Unavailable",
             refused.to_string(),
         )
-        .with_extra(json!({ "limit": refused.limit.as_str() }));
-        error.retry_after = Some(refused.retry_after_secs);
-        error
+        .limit(refused.limit.as_str(), refused.retry_after_secs)
     }
 }
 
 impl From<ConnectionRefused> for ApiError {
     /// 429 with `Retry-After` and `limit` naming the config key that was reached.
     fn from(refused: ConnectionRefused) -> ApiError {
-        let mut error = ApiError::new(
+        ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "Too Many Requests",
             refused.to_string(),
         )
-        .with_extra(json!({ "limit": refused.limit.as_str() }));
-        error.retry_after = Some(refused.retry_after_secs);
-        error
+        .limit(refused.limit.as_str(), refused.retry_after_secs)
     }
 }
 
