@@ -194,7 +194,9 @@ impl Feed {
             _ = expired(&mut self.expiry) => {
                 self.last_event(EventKind::AuthRevoked, "the access token expired")
             }
-            _ = revoked(&mut self.revocation) => self.last_event(EventKind::Cancel, REVOKED_MESSAGE),
+            _ = revoked(&mut self.revocation) => {
+                self.last_event(EventKind::Cancel, REVOKED_MESSAGE)
+            }
             event = next_prelude(&mut self.prelude), if self.prelude.is_some() => {
                 self.prelude_batch(event)
             }

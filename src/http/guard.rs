@@ -24,8 +24,9 @@ struct TokenParam {
     auth: Option<String>,
 }
 
-/// The middleware in front of every route (see [`crate::auth`] for the whole flow): authenticates, requires the admin role on
-/// `/_admin`, and stores the [`Principal`](crate::auth::Principal) in the request extensions. Stream permissions are
+/// The middleware in front of every route (see [`crate::auth`] for the whole flow):
+/// authenticates, requires the admin role on `/_admin`, and stores the
+/// [`Principal`](crate::auth::Principal) in the request extensions. Stream permissions are
 /// checked by the subscribe handler, which knows the stream.
 ///
 /// It goes by path rather than being attached to particular routes, so a route added later
