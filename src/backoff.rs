@@ -1,9 +1,9 @@
 //! Exponential backoff: one type for every retry loop (the worker's cursor, shared catch-ups,
-//! the definitions watcher).
+//! the store watchers of `watcher.rs`).
 
 use std::time::Duration;
 
-/// Exponential backoff shared by every retry loop (worker cursor, catch-ups, definitions watcher).
+/// Exponential backoff shared by every retry loop (worker cursor, catch-ups, store watchers).
 #[derive(Debug, Clone)]
 pub struct Backoff {
     first: Duration,

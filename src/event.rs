@@ -1,8 +1,11 @@
 //! Events as they travel from a worker to its clients.
 //!
-//! A change is encoded **once**, when the worker receives it: the SSE frame, the WebSocket text
-//! and the NDJSON line are all built here and then shared (`Arc<Event>`, `Bytes` clones) by every
-//! client of the worker. No transport does per-client JSON work for a change.
+//! A change is encoded **once**, when the worker receives it: the SSE frame and the JSON
+//! envelope (the NDJSON line; without its `\n`, the WebSocket text) are built here and then
+//! shared (`Arc<Event>`, `Bytes` clones) by every client of the worker. No transport does
+//! per-client JSON work for a change. Nothing here knows a transport's types or codes: the
+//! encodings are plain UTF-8 `Bytes`, and `http/` frames them (WebSocket close codes live in
+//! `http/ws.rs`).
 //!
 //! Event ids are MongoDB resume tokens (`_data` hex strings). Their byte order is the oplog order,
 //! so [`Token`] compares them as strings to decide "before/after" during resume hand-overs.
@@ -11,7 +14,6 @@ use std::cmp::Ordering;
 use std::fmt;
 use std::sync::Arc;
 
-use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use mongodb::bson::{Bson, Document, Timestamp, doc};
 use mongodb::change_stream::event::ResumeToken;
@@ -263,9 +265,8 @@ pub struct Event {
     pub id: Option<Token>,
     /// Complete SSE frame, blank line included.
     pub sse: Bytes,
-    /// The JSON envelope `{"event","id","data"}` as a WebSocket text payload.
-    pub ws: Utf8Bytes,
-    /// The same envelope plus `\n`, for NDJSON.
+    /// The JSON envelope `{"event","id","data"}` plus `\n`, for NDJSON; without the `\n`
+    /// ([`Event::envelope`]) it is the WebSocket text. UTF-8 (built from a `String`).
     pub ndjson: Bytes,
     /// Unix ms of the change in MongoDB (its `wallTime`, else its cluster time's second): the
     /// start of the delivery-latency clock (`metrics::Metrics::delivery_latency`). 0 for
@@ -315,6 +316,12 @@ impl Event {
         event.at_ms = at_ms;
         event.operation_type = operation_type;
         Ok(event)
+    }
+
+    /// The JSON envelope `{"event","id","data"}` alone (the NDJSON line without its `\n`),
+    /// sliced out of the pre-encoded line (no copy): the WebSocket text payload.
+    pub fn envelope(&self) -> Bytes {
+        self.ndjson.slice(..self.ndjson.len().saturating_sub(1))
     }
 
     /// The event's `data` JSON alone, sliced out of the pre-encoded envelope (no copy): what
@@ -382,7 +389,6 @@ impl Event {
             kind: EventKind::View,
             id,
             sse: Bytes::from(sse),
-            ws: Utf8Bytes::from(envelope.as_str()),
             ndjson: Bytes::from(envelope + "\n"),
             at_ms: 0,
             view: std::sync::OnceLock::new(),
@@ -441,13 +447,11 @@ impl Event {
         envelope.push_str(",\"data\":");
         envelope.push_str(&data_json);
         envelope.push('}');
-        let ws = Utf8Bytes::from(envelope.as_str());
         envelope.push('\n');
         Event {
             kind,
             id,
             sse: Bytes::from(sse),
-            ws,
             ndjson: Bytes::from(envelope),
             at_ms: 0,
             view: std::sync::OnceLock::new(),
@@ -516,11 +520,14 @@ mod tests {
         assert!(sse.starts_with(&format!("id: {TOKEN}\nevent: change\ndata: {{")));
         assert!(sse.ends_with("}\n\n"));
         assert!(!sse.contains("_data"));
-        let envelope: serde_json::Value = serde_json::from_str(event.ws.as_str()).unwrap();
+        let envelope: serde_json::Value = serde_json::from_slice(&event.envelope()).unwrap();
         assert_eq!(envelope["event"], "change");
         assert_eq!(envelope["id"], TOKEN);
         assert_eq!(envelope["data"]["fullDocument"]["n"], 2);
-        assert_eq!(&event.ndjson[..event.ndjson.len() - 1], event.ws.as_bytes());
+        assert_eq!(
+            &event.ndjson[..event.ndjson.len() - 1],
+            &event.envelope()[..]
+        );
         assert_eq!(event.operation_type.as_deref(), Some("insert"));
         let data: serde_json::Value = serde_json::from_slice(&event.data()).unwrap();
         assert_eq!(data, envelope["data"]);

@@ -3,21 +3,26 @@
 //! # Layout
 //! ```text
 //! config.rs      settings declared once → TOML, env and CLI layers (no I/O beyond reading the file)
-//! error.rs       ApiError → application/problem+json
 //! event.rs       Token (resume token, oplog-ordered) and Event (encoded once per wire format)
 //! path.rs        dotted paths into BSON and JSON (one walker)
 //! routing.rs     per-client routing rules and filters (claims, routable $var bindings)
 //! backoff.rs     exponential backoff for every retry loop
 //! sync.rs        lock helpers (poison-recovering), one way to take a lock
+//! watcher.rs     one watcher loop (watch, load, follow; backoff) for the two MongoDB stores
 //! streams/       definition.rs (validation, $var binding) · registry.rs (definitions → workers)
 //!                store.rs (admin definitions in MongoDB + the watcher applying them)
 //! worker/        mod.rs (worker, context) · hub.rs (ring read by position + live channels)
 //!                source.rs (self-reopening cursor, oversize changes) · cursor.rs (the loop)
 //!                catchup.rs (shared catch-up cursors) · subscription.rs (one client, by position)
 //! http/          server.rs (accept loop, direct SSE/NDJSON writes) · deadline.rs (write deadline)
+//!                error.rs (ApiError → application/problem+json, from every lower layer's
+//!                error type) · guard.rs (the authentication middleware) · clients.rs
+//!                (clients per transport and worker: the worker counts clients, not transports)
 //!                negotiation, sse.rs / ws.rs / ndjson.rs, feed.rs, health + metrics
 //! admin/         the admin REST API (/_admin/streams, OpenAPI document) · view.rs (stats JSON)
-//!                ui.rs (the console at /_admin/ui, /_admin/stats)
+//!                ui.rs (the console at /_admin/ui, /_admin/stats); looks down to http/
+//! router.rs      the router: http/'s routes + admin/'s, behind the auth middleware (the
+//!                only module that knows both)
 //! auth/          credentials → Principal (JWT incl. JWKS URL, API keys), stream rules (config +
 //!                live ones stored in MongoDB), CORS/Origin policy, trusted proxies, resume checks
 //! limits.rs      connection limits and the upstream cursor budget, with RAII permits
@@ -35,17 +40,18 @@ pub mod admin;
 pub mod auth;
 pub mod backoff;
 pub mod config;
-pub mod error;
 pub mod event;
 pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod path;
 pub mod replset;
+pub mod router;
 pub mod routing;
 pub mod snapshot;
 pub mod streams;
 pub mod sync;
+pub mod watcher;
 pub mod worker;
 
 use std::future::Future;
@@ -61,6 +67,7 @@ use crate::config::Config;
 use crate::http::AppState;
 use crate::metrics::Metrics;
 use crate::streams::{Origin, Registry, Store};
+use crate::watcher::Watched;
 use crate::worker::WorkerSettings;
 
 /// Startup failed.
@@ -211,6 +218,7 @@ impl App {
                 limits,
                 config: Arc::new(config),
                 shutdown,
+                clients: Arc::default(),
             },
             tracker,
         })
@@ -235,7 +243,7 @@ impl App {
     ) -> Result<(), StartError> {
         let token = self.state.shutdown.clone();
         let grace = self.state.config.shutdown_grace();
-        let router = http::router(self.state.clone());
+        let router = router::router(self.state.clone());
         tokio::spawn({
             let token = token.clone();
             async move {

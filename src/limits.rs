@@ -3,7 +3,8 @@
 //! A subscribe request takes a [`Permit`] before its subscription (and so before any worker)
 //! starts; the permit travels inside the client's `Feed` and gives its slot back when dropped,
 //! whichever way the stream ends (client gone, shutdown, terminal event, failed upgrade).
-//! Over a limit the request is answered 429 with `Retry-After` at once: nothing waits.
+//! Over a limit the request is refused at once ([`ConnectionRefused`], which the HTTP layer
+//! answers 429 with `Retry-After`): nothing waits.
 //!
 //! All counters sit behind one mutex so a permit is taken or refused atomically across the
 //! four dimensions. It is held for a few map operations per connect/disconnect, which is
@@ -25,14 +26,11 @@ use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use axum::http::StatusCode;
-
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::config::LimitsConfig;
-use crate::error::ApiError;
 use crate::metrics::{LimitLabel, Metrics};
 use crate::streams::StreamKey;
 
@@ -59,6 +57,17 @@ impl LimitExceeded {
             LimitExceeded::Ip => "per_ip",
         }
     }
+}
+
+/// A connection refused by a limit: which one, and when to try again. The HTTP layer answers
+/// it 429 with `Retry-After` and a problem body naming the limit (`http::error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("connection limit reached ({}); retry later", self.limit.as_str())]
+pub struct ConnectionRefused {
+    /// Which limit.
+    pub limit: LimitExceeded,
+    /// `limits.retry_after_secs`, for `Retry-After`.
+    pub retry_after_secs: u64,
 }
 
 #[derive(Default)]
@@ -168,19 +177,12 @@ impl Limits {
         })
     }
 
-    /// The 429 for a refused connection, with `Retry-After`.
-    pub fn refusal(&self, exceeded: LimitExceeded) -> ApiError {
-        let mut error = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "Too Many Requests",
-            format!(
-                "connection limit reached ({}); retry later",
-                exceeded.as_str()
-            ),
-        )
-        .with_extra(serde_json::json!({ "limit": exceeded.as_str() }));
-        error.retry_after = Some(self.config.retry_after_secs);
-        error
+    /// The refusal of a connection over `exceeded`, with the `Retry-After` to send.
+    pub fn refusal(&self, exceeded: LimitExceeded) -> ConnectionRefused {
+        ConnectionRefused {
+            limit: exceeded,
+            retry_after_secs: self.config.retry_after_secs,
+        }
     }
 }
 
@@ -233,7 +235,7 @@ impl CursorLimit {
 }
 
 /// A cursor refused by an upstream limit. Subscribe answers it 503 with `Retry-After` and a
-/// problem body naming the limit (`From<UpstreamLimit> for ApiError`).
+/// problem body naming the limit (`From<UpstreamLimit> for ApiError` in `http::error`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}", self.describe())]
 pub struct UpstreamLimit {

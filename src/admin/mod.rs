@@ -37,8 +37,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
 
-use crate::error::ApiError;
 use crate::http::AppState;
+use crate::http::error::ApiError;
 use crate::streams::definition::CompiledDefinition;
 use crate::streams::{Origin, Put, StreamDefinition, StreamKey};
 use view::StreamView;
@@ -77,7 +77,7 @@ async fn list_streams(State(state): State<AppState>) -> Json<Value> {
     let streams: Vec<StreamView> = registry
         .list()
         .iter()
-        .map(|entry| view::stream(entry, &registry.workers_of(&entry.key)))
+        .map(|entry| view::stream(entry, &registry.workers_of(&entry.key), &state.clients))
         .collect();
     Json(json!({ "streams": streams }))
 }
@@ -89,7 +89,11 @@ async fn get_stream(
 ) -> Result<Json<StreamView>, ApiError> {
     let key = existing_key(path)?;
     let entry = state.registry.get(&key).ok_or_else(|| not_found(&key))?;
-    Ok(Json(view::stream(&entry, &state.registry.workers_of(&key))))
+    Ok(Json(view::stream(
+        &entry,
+        &state.registry.workers_of(&key),
+        &state.clients,
+    )))
 }
 
 /// `PUT /_admin/streams/{db}/{coll}/{name}`: validate, store, apply.
@@ -121,7 +125,11 @@ async fn put_stream(
     let entry = state.registry.get(&key).ok_or_else(|| {
         ApiError::conflict(format!("{key} was deleted while it was being stored"))
     })?;
-    let body = Json(view::stream(&entry, &state.registry.workers_of(&key)));
+    let body = Json(view::stream(
+        &entry,
+        &state.registry.workers_of(&key),
+        &state.clients,
+    ));
     Ok(match put {
         Put::Created => {
             let location = format!("/_admin/streams/{}/{}/{}", key.db, key.coll, key.name);

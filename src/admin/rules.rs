@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::auth::store::{PutRule, StoredRule, valid_name};
-use crate::error::ApiError;
 use crate::http::AppState;
+use crate::http::error::ApiError;
 
 /// A rule as the API shows it.
 #[derive(Debug, Serialize)]

@@ -11,6 +11,7 @@ use serde::de::{Deserializer, IgnoredAny};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::http::clients::{PerTransport, TransportClients};
 use crate::http::negotiate::Transport;
 use crate::streams::{Origin, StreamDefinition, StreamEntry};
 use crate::worker::{Worker, WorkerState};
@@ -65,7 +66,11 @@ fn read_only<'de, D: Deserializer<'de>, T: Default>(input: D) -> Result<T, D::Er
 }
 
 /// The full view of a stream: `db`, `coll`, `name`, the definition members, and `stats`.
-pub fn stream(entry: &StreamEntry, workers: &[Arc<Worker>]) -> StreamView {
+pub fn stream(
+    entry: &StreamEntry,
+    workers: &[Arc<Worker>],
+    clients: &TransportClients,
+) -> StreamView {
     let mut definition = entry.definition.source.clone();
     // A definition without stages shows `[]`, whichever way it was written.
     if definition.pipeline.is_null() {
@@ -88,13 +93,14 @@ pub fn stream(entry: &StreamEntry, workers: &[Arc<Worker>]) -> StreamView {
             .variable_names()
             .map(str::to_owned)
             .collect(),
-        stats: stats(workers),
+        stats: stats(workers, clients),
     }
 }
 
-/// Aggregate stats over `workers`, plus one entry per worker.
-fn stats(workers: &[Arc<Worker>]) -> Value {
-    let mut clients = [0usize; 3];
+/// Aggregate stats over `workers`, plus one entry per worker; client counts per transport
+/// from `by_transport`.
+fn stats(workers: &[Arc<Worker>], by_transport: &TransportClients) -> Value {
+    let mut clients = PerTransport::default();
     let (mut received, mut delivered, mut bytes, mut last_ms) = (0u64, 0u64, 0u64, 0u64);
     // The freshest position among running workers (positions are per cursor; with several
     // workers "current position" means the latest one seen).
@@ -108,11 +114,8 @@ fn stats(workers: &[Arc<Worker>]) -> Value {
         if let Some(l) = w_lag {
             lag = Some(lag.map_or(l, |worst| worst.max(l)));
         }
-        let worker_clients: [usize; 3] =
-            std::array::from_fn(|i| worker.clients_by_transport[i].load(Ordering::Relaxed));
-        for (total, n) in clients.iter_mut().zip(worker_clients) {
-            *total += n;
-        }
+        let worker_clients = by_transport.of(worker);
+        clients.add(worker_clients);
         let stats = &worker.stats;
         let w_received = stats.events.load(Ordering::Relaxed);
         let w_delivered = stats.delivered.load(Ordering::Relaxed);
@@ -168,15 +171,15 @@ fn aggregate_state(states: impl Iterator<Item = WorkerState>) -> &'static str {
         .map_or("idle", WorkerState::as_str)
 }
 
-fn clients_json(counts: [usize; 3]) -> Value {
+fn clients_json(counts: PerTransport) -> Value {
     let mut object = serde_json::Map::new();
     for transport in Transport::ALL {
         object.insert(
             transport.as_str().to_owned(),
-            Value::from(counts[transport as usize]),
+            Value::from(counts.get(transport)),
         );
     }
-    object.insert("total".into(), Value::from(counts.iter().sum::<usize>()));
+    object.insert("total".into(), Value::from(counts.total()));
     Value::Object(object)
 }
 
@@ -212,7 +215,11 @@ mod tests {
     #[test]
     fn clients_by_transport_and_total() {
         assert_eq!(
-            clients_json([1, 2, 3]),
+            clients_json(PerTransport {
+                sse: 1,
+                websocket: 2,
+                ndjson: 3
+            }),
             json!({"sse": 1, "websocket": 2, "ndjson": 3, "total": 6})
         );
     }

@@ -1,7 +1,7 @@
 //! Authentication and authorization.
 //!
 //! ```text
-//! request ─► guard (middleware, whole router)
+//! request ─► http::guard (middleware, whole router)
 //!              auth off, or /health/*, /metrics ─► through, no Principal
 //!              credential: Authorization: Bearer > ?access_token= > cookie
 //!                none / invalid / expired ─► 401 + WWW-Authenticate
@@ -33,11 +33,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use axum::extract::{Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use axum::http::{HeaderMap, header};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -48,7 +44,6 @@ use tokio_util::task::TaskTracker;
 use self::jwt::JwtVerifier;
 use self::rules::{Rule, Rules};
 use crate::config::AuthConfig;
-use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::streams::StreamKey;
 
@@ -58,17 +53,6 @@ pub const REVOKED_MESSAGE: &str = "security rules revoked read access";
 /// Resolves when a client's right to its stream is withdrawn (see
 /// [`Authenticator::watch_access`]).
 pub type Revocation = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// Challenge sent with a 401 when no credential was given.
-const CHALLENGE: &str = r#"Bearer realm="streamgate""#;
-/// Challenge sent with a 401 for a credential that was refused (RFC 6750 §3.1).
-const CHALLENGE_INVALID: &str = r#"Bearer realm="streamgate", error="invalid_token""#;
-/// Challenge sent with a 401 for an expired token.
-const CHALLENGE_EXPIRED: &str =
-    r#"Bearer realm="streamgate", error="invalid_token", error_description="token expired""#;
-
-/// Paths served without a credential: probes and Prometheus scrapes (no stream data).
-const PUBLIC_PATHS: &[&str] = &["/health/live", "/health/ready", "/metrics"];
 
 /// Who is making a request, once authenticated.
 #[derive(Debug, Clone)]
@@ -100,7 +84,8 @@ impl Principal {
     }
 }
 
-/// Why a request has no principal.
+/// Why a request has no principal, or its principal may not do what it asked. The HTTP
+/// layer answers it (401 with a challenge, 403, 503: `http::error`).
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     /// No credential in the header, the query or the cookie.
@@ -115,35 +100,9 @@ pub enum AuthError {
     /// The JWKS URL has not been fetched successfully yet: nothing can be verified (503).
     #[error("the token signing keys are not loaded yet")]
     KeysUnavailable,
-}
-
-impl From<AuthError> for ApiError {
-    fn from(error: AuthError) -> ApiError {
-        let (detail, challenge) = match &error {
-            AuthError::KeysUnavailable => {
-                return ApiError::unavailable(
-                    "the token signing keys are not loaded yet (auth.jwt.jwks_url); retry shortly",
-                );
-            }
-            AuthError::Missing => (
-                "a credential is required: send `Authorization: Bearer <token>`, \
-                 `?access_token=<token>` or the auth cookie",
-                CHALLENGE,
-            ),
-            AuthError::Expired => ("the access token expired", CHALLENGE_EXPIRED),
-            AuthError::Invalid(reason) => {
-                tracing::debug!(%reason, "credential refused");
-                ("the credential is not valid", CHALLENGE_INVALID)
-            }
-        };
-        let mut api = ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", detail);
-        api.www_authenticate = Some(challenge);
-        api
-    }
-}
-
-fn forbidden(detail: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::FORBIDDEN, "Forbidden", detail)
+    /// Authenticated, but without the right to what was asked (403); the detail says what.
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 /// A configured API key: only its hash is kept.
@@ -338,7 +297,7 @@ impl Authenticator {
         &self,
         principal: Option<&Principal>,
         key: &StreamKey,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), AuthError> {
         if !self.enabled {
             return Ok(());
         }
@@ -346,69 +305,23 @@ impl Authenticator {
         if self.allows(&principal.roles, key) {
             Ok(())
         } else {
-            Err(forbidden(format!("you may not subscribe to {key}")))
+            Err(AuthError::Forbidden(format!(
+                "you may not subscribe to {key}"
+            )))
         }
     }
 
     /// May this principal use `/_admin`?
-    pub fn authorize_admin(&self, principal: &Principal) -> Result<(), ApiError> {
+    pub fn authorize_admin(&self, principal: &Principal) -> Result<(), AuthError> {
         if principal.has_role(&self.admin_role) {
             Ok(())
         } else {
-            Err(forbidden(format!(
+            Err(AuthError::Forbidden(format!(
                 "the admin API needs the {:?} role",
                 self.admin_role
             )))
         }
     }
-}
-
-/// `?access_token=` of any request.
-#[derive(Deserialize)]
-struct TokenParam {
-    access_token: Option<String>,
-    /// Firebase's name for it (the document view, PROTOCOL.md §7).
-    auth: Option<String>,
-}
-
-/// The middleware in front of every route: authenticates, requires the admin role on
-/// `/_admin`, and stores the [`Principal`] in the request extensions. Stream permissions are
-/// checked by the subscribe handler, which knows the stream.
-///
-/// It goes by path rather than being attached to particular routes, so a route added later
-/// (any admin method or sub-path) is covered without anyone remembering to.
-pub async fn guard(
-    State(auth): State<Arc<Authenticator>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let path = request.uri().path();
-    if !auth.enabled || PUBLIC_PATHS.contains(&path) {
-        return next.run(request).await;
-    }
-    let admin = path == "/_admin" || path.starts_with("/_admin/");
-    let access_token = Query::<TokenParam>::try_from_uri(request.uri())
-        .ok()
-        .and_then(|Query(p)| p.access_token.or(p.auth));
-    let principal = match auth
-        .authenticate(request.headers(), access_token.as_deref())
-        .await
-    {
-        Ok(principal) => principal,
-        Err(error) => {
-            let client = request
-                .extensions()
-                .get::<proxy::ClientAddr>()
-                .map(|proxy::ClientAddr(ip)| *ip);
-            tracing::debug!(?client, %error, "request refused by authentication");
-            return ApiError::from(error).into_response();
-        }
-    };
-    if admin && let Err(error) = auth.authorize_admin(&principal) {
-        return error.into_response();
-    }
-    request.extensions_mut().insert(principal);
-    next.run(request).await
 }
 
 fn check_auth(config: &AuthConfig) -> Result<(), String> {
@@ -537,18 +450,24 @@ mod tests {
         assert_eq!(bearer(&headers), None);
     }
 
-    #[test]
-    fn api_keys_match_by_hash() {
-        let config: AuthConfig = toml::from_str(
+    /// Auth on with one API key, `svc` (the key is `secret`), then `rest`: more members of
+    /// the key, or further tables.
+    fn with_api_key(rest: &str) -> AuthConfig {
+        toml::from_str(&format!(
             r#"
             enabled = true
             [[api_keys]]
             name = "svc"
             sha256 = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"
-            roles = ["reader"]
-            "#,
-        )
-        .unwrap();
+            {rest}
+            "#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn api_keys_match_by_hash() {
+        let config = with_api_key(r#"roles = ["reader"]"#);
         let auth = Authenticator::from_config(&config, &Metrics::new()).unwrap();
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -622,18 +541,13 @@ mod tests {
 
     #[test]
     fn stored_rules_add_to_config_rules_and_withdrawal_is_watched() {
-        let config: AuthConfig = toml::from_str(
+        let config = with_api_key(
             r#"
-            enabled = true
-            [[api_keys]]
-            name = "svc"
-            sha256 = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"
             [[rules]]
             roles = ["static"]
             streams = ["/a/b/_streams/*"]
             "#,
-        )
-        .unwrap();
+        );
         let auth = Authenticator::from_config(&config, &Metrics::new()).unwrap();
         let key = StreamKey::new("a", "b", "s").unwrap();
         let reader = principal(&["reader"]);

@@ -28,9 +28,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use mongodb::bson::{Timestamp, doc};
-use serde_json::json;
 
-use crate::error::ApiError;
 use crate::event::Token;
 use crate::streams::StreamKey;
 
@@ -123,6 +121,17 @@ pub struct ResumeCheck {
     uuids: Mutex<HashMap<(String, String), [u8; 16]>>,
 }
 
+/// A resume id that cannot be a position of the stream's collection. The HTTP layer answers
+/// it 400 with `reason` in the problem body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{detail}")]
+pub struct ResumeRefused {
+    /// Stable, machine-readable: `future_cluster_time` or `other_collection`.
+    pub reason: &'static str,
+    /// For a human: what is wrong with the id.
+    pub detail: String,
+}
+
 impl ResumeCheck {
     /// A checker asking `client`. Does no I/O.
     pub fn new(client: mongodb::Client) -> ResumeCheck {
@@ -133,8 +142,8 @@ impl ResumeCheck {
         }
     }
 
-    /// `Ok` unless `token` cannot be a position of `key`'s collection; the 400 names why.
-    pub async fn check(&self, key: &StreamKey, token: &Token) -> Result<(), ApiError> {
+    /// `Ok` unless `token` cannot be a position of `key`'s collection; the refusal says why.
+    pub async fn check(&self, key: &StreamKey, token: &Token) -> Result<(), ResumeRefused> {
         let Some(decoded) = decode(token) else {
             return Ok(());
         };
@@ -147,7 +156,7 @@ impl ResumeCheck {
     }
 
     /// Refuses a time from the future; `Ok(false)` when MongoDB could not be asked.
-    async fn check_time(&self, time: Timestamp) -> Result<bool, ApiError> {
+    async fn check_time(&self, time: Timestamp) -> Result<bool, ResumeRefused> {
         let known = *crate::sync::lock(&self.latest);
         if known.is_some_and(|latest| time <= latest) {
             return Ok(true);
@@ -163,18 +172,20 @@ impl ResumeCheck {
         }
         let allowance = u32::try_from(FUTURE_ALLOWANCE.as_secs()).unwrap_or(u32::MAX);
         if time.time > now.time.saturating_add(allowance) {
-            return Err(ApiError::bad_request(format!(
-                "the event id is not a position this cluster has reached: its cluster time \
-                 ({}) is later than the cluster's current time ({}); it was not issued for \
-                 this deployment",
-                time.time, now.time
-            ))
-            .with_extra(json!({ "reason": "future_cluster_time" })));
+            return Err(ResumeRefused {
+                reason: "future_cluster_time",
+                detail: format!(
+                    "the event id is not a position this cluster has reached: its cluster \
+                     time ({}) is later than the cluster's current time ({}); it was not \
+                     issued for this deployment",
+                    time.time, now.time
+                ),
+            });
         }
         Ok(true)
     }
 
-    async fn check_collection(&self, key: &StreamKey, uuid: [u8; 16]) -> Result<(), ApiError> {
+    async fn check_collection(&self, key: &StreamKey, uuid: [u8; 16]) -> Result<(), ResumeRefused> {
         let cache_key = (key.db.clone(), key.coll.clone());
         let cached = crate::sync::lock(&self.uuids).get(&cache_key).copied();
         if cached == Some(uuid) {
@@ -186,15 +197,17 @@ impl ResumeCheck {
         };
         crate::sync::lock(&self.uuids).insert(cache_key, actual);
         if actual != uuid {
-            return Err(ApiError::bad_request(format!(
-                "the event id belongs to another collection (UUID {}), not {}.{} (UUID {}): \
-                 resume with an id this stream sent",
-                hex::encode(uuid),
-                key.db,
-                key.coll,
-                hex::encode(actual)
-            ))
-            .with_extra(json!({ "reason": "other_collection" })));
+            return Err(ResumeRefused {
+                reason: "other_collection",
+                detail: format!(
+                    "the event id belongs to another collection (UUID {}), not {}.{} (UUID \
+                     {}): resume with an id this stream sent",
+                    hex::encode(uuid),
+                    key.db,
+                    key.coll,
+                    hex::encode(actual)
+                ),
+            });
         }
         Ok(())
     }

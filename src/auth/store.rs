@@ -22,22 +22,18 @@
 //!   other rules stay in force.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use mongodb::bson::{DateTime, Document, doc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::Authenticator;
 use super::rules::{Rule, Rules};
+use crate::backoff::Backoff;
+use crate::sync::SyncFlag;
+use crate::watcher::Watched;
 
-/// First wait before the watcher starts over after an error; doubles up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// Longest wait between two attempts of the watcher.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Longest rule name.
 const MAX_NAME: usize = 64;
 
@@ -168,67 +164,6 @@ impl RuleStore {
         Ok(result.deleted_count > 0)
     }
 
-    /// Starts the watcher on `tracker`; it stops when `cancel` fires.
-    pub fn spawn_watcher(self: &Arc<Self>, tracker: &TaskTracker, cancel: CancellationToken) {
-        let store = Arc::clone(self);
-        tracker.spawn(async move { store.watch_loop(cancel).await });
-    }
-
-    /// Waits until the watcher has loaded the rules, at most `timeout`; returns whether it did.
-    pub async fn wait_synced(&self, timeout: Duration) -> bool {
-        self.synced.wait(timeout).await
-    }
-
-    /// Whether the watcher is currently loaded and watching.
-    pub fn is_synced(&self) -> bool {
-        self.synced.get()
-    }
-
-    async fn watch_loop(self: Arc<Self>, cancel: CancellationToken) {
-        let mut backoff = FIRST_BACKOFF;
-        loop {
-            let result = tokio::select! {
-                _ = cancel.cancelled() => return,
-                result = self.sync_and_watch(&mut backoff) => result,
-            };
-            self.synced.set(false);
-            match result {
-                Ok(reason) => tracing::info!(reason, "rules watcher starting over"),
-                Err(error) => {
-                    tracing::warn!(%error, retry_in = ?backoff, "rules watcher failed; retrying")
-                }
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-        }
-    }
-
-    /// Watch, load, then reload on every change until the stream ends (returns why) or fails.
-    async fn sync_and_watch(
-        &self,
-        backoff: &mut Duration,
-    ) -> Result<&'static str, mongodb::error::Error> {
-        let mut stream = self.collection.watch().await?;
-        self.reload().await?;
-        self.synced.set(true);
-        *backoff = FIRST_BACKOFF;
-        while let Some(event) = stream.next().await {
-            let mut ended = is_end(&event?);
-            // Take whatever else is already here: one reload covers them all.
-            while let Some(Some(event)) = stream.next().now_or_never() {
-                ended |= is_end(&event?);
-            }
-            if ended {
-                return Ok("the rules collection was dropped or renamed");
-            }
-            self.reload().await?;
-        }
-        Ok("the change stream ended")
-    }
-
     /// Reads every stored rule and puts the set in force.
     async fn reload(&self) -> Result<(), mongodb::error::Error> {
         let _turn = self.reload.lock().await;
@@ -247,6 +182,38 @@ impl RuleStore {
         self.auth.set_stored_rules(Rules::new(compiled));
         tracing::debug!(rules = count, "stored permission rules loaded");
         Ok(())
+    }
+}
+
+impl Watched for RuleStore {
+    const WHAT: &'static str = "rules";
+    type Error = mongodb::error::Error;
+
+    fn synced_flag(&self) -> &SyncFlag {
+        &self.synced
+    }
+
+    /// Watch, load, then reload on every change until the stream ends (returns why) or fails.
+    async fn sync_and_watch(
+        &self,
+        backoff: &mut Backoff,
+    ) -> Result<&'static str, mongodb::error::Error> {
+        let mut stream = self.collection.watch().await?;
+        self.reload().await?;
+        self.synced.set(true);
+        backoff.reset();
+        while let Some(event) = stream.next().await {
+            let mut ended = is_end(&event?);
+            // Take whatever else is already here: one reload covers them all.
+            while let Some(Some(event)) = stream.next().now_or_never() {
+                ended |= is_end(&event?);
+            }
+            if ended {
+                return Ok("the rules collection was dropped or renamed");
+            }
+            self.reload().await?;
+        }
+        Ok("the change stream ended")
     }
 }
 

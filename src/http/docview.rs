@@ -52,7 +52,7 @@ pub fn view_of(event: &Arc<Event>) -> Option<Arc<Event>> {
     event
         .view
         .get_or_init(|| {
-            let envelope: Value = serde_json::from_str(event.ws.as_str()).ok()?;
+            let envelope: Value = serde_json::from_slice(&event.envelope()).ok()?;
             let (name, data) = change_to_view(&envelope["data"])?;
             Some(Arc::new(Event::view(
                 name,

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::time::{Interval, MissedTickBehavior, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use super::clients::TransportCount;
 use super::negotiate::Transport;
 use super::options::Narrowing;
 use crate::auth::{REVOKED_MESSAGE, Revocation};
@@ -60,6 +61,9 @@ pub struct Feed {
     revocation: Option<Revocation>,
     /// The client's connection-limit slot: held for as long as the feed lives, freed on drop.
     permit: Option<Permit>,
+    /// This client in its worker's per-transport count (the admin API's stream view), for as
+    /// long as the feed lives.
+    count: Option<TransportCount>,
     /// Events sent before the subscription's (a snapshot, PROTOCOL.md §6); `None` once it
     /// has closed. A bounded channel: the scan behind it waits for this client.
     prelude: Option<Prelude>,
@@ -98,6 +102,7 @@ impl Feed {
             expiry: expires_at.map(|at| Box::pin(tokio::time::sleep_until(at))),
             revocation: None,
             permit: None,
+            count: None,
             prelude: None,
             view: None,
             narrowing: None,
@@ -145,6 +150,13 @@ impl Feed {
         self
     }
 
+    /// Holds `count` (this client in its worker's per-transport count) until the feed is
+    /// dropped.
+    pub fn with_count(mut self, count: TransportCount) -> Feed {
+        self.count = Some(count);
+        self
+    }
+
     /// Holds `permit` (a connection-limit slot) until the feed is dropped.
     pub fn with_permit(mut self, permit: Permit) -> Feed {
         self.permit = Some(permit);
@@ -157,94 +169,115 @@ impl Feed {
             return None;
         }
         loop {
-            let frame = tokio::select! {
+            match self.wait().await {
+                Step::Again => {}
+                Step::End => return None,
+                Step::Frame(Frame::Events(batch)) => {
+                    if let Some(batch) = self.prepare(batch) {
+                        return Some(Frame::Events(batch));
+                    }
+                }
+                Step::Frame(frame) => return Some(frame),
+            }
+        }
+    }
+
+    /// Waits for whatever comes first. The order is the priority: shutdown; then the expiry
+    /// and the revocation, timers rather than checks on the next event (an idle stream is cut
+    /// on time too) polled before the subscription (one that is always ready, a long
+    /// catch-up, must not starve them); then events (`recv` is cancel-safe: a keep-alive tick
+    /// loses nothing); then the keep-alive.
+    async fn wait(&mut self) -> Step {
+        tokio::select! {
             biased;
-            _ = self.shutdown.as_mut() => {
-                self.done = true;
-                Some(Frame::Shutdown)
-            }
-            // A timer, not a check on the next event: an idle stream is cut on time too. Polled
-            // before the subscription: a subscription that is always ready (a long catch-up)
-            // must not starve it.
+            _ = self.shutdown.as_mut() => self.last(Frame::Shutdown),
             _ = expired(&mut self.expiry) => {
-                self.done = true;
-                let revoked = Event::control(EventKind::AuthRevoked, "the access token expired", false);
-                Some(Frame::Events(vec![Arc::new(revoked)]))
+                self.last_event(EventKind::AuthRevoked, "the access token expired")
             }
-            // Polled before the subscription for the same reason as the expiry.
             _ = revoked(&mut self.revocation) => {
-                self.done = true;
-                let cancel = Event::control(EventKind::Cancel, REVOKED_MESSAGE, false);
-                Some(Frame::Events(vec![Arc::new(cancel)]))
+                self.last_event(EventKind::Cancel, REVOKED_MESSAGE)
             }
-            // `recv` is cancel-safe: a keep-alive tick loses nothing.
             event = next_prelude(&mut self.prelude), if self.prelude.is_some() => {
-                let Some(first) = event else {
-                    self.prelude = None;
-                    continue;
-                };
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH_EVENTS
-                    && !batch.last().is_some_and(|e| e.kind.is_terminal())
-                    && let Some(Ok(event)) = self.prelude.as_mut().map(|p| p.try_recv())
-                {
-                    batch.push(event);
-                }
-                if batch.last().is_some_and(|e| e.kind.is_terminal()) {
-                    self.done = true;
-                }
-                self.wrote = true;
-                Some(Frame::Events(batch))
+                self.prelude_batch(event)
             }
             event = self.subscription.next(), if self.prelude.is_none() => {
-                let Some(first) = event else {
-                    self.done = true;
-                    return None;
-                };
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH_EVENTS
-                    && !batch.last().is_some_and(|e| e.kind.is_terminal())
-                {
-                    match self.subscription.try_next() {
-                        Some(event) => batch.push(event),
-                        None => break,
-                    }
-                }
-                if let Some(narrowing) = &self.narrowing {
-                    batch.retain(|event| narrowing.keeps(event));
-                    if batch.is_empty() {
-                        continue;
-                    }
-                }
-                self.wrote = true;
-                Some(Frame::Events(batch))
+                self.subscription_batch(event)
             }
-            _ = self.keepalive.tick() => {
-                if std::mem::take(&mut self.wrote) {
-                    continue;
-                }
-                Some(Frame::KeepAlive)
-            }
-            };
-            if let Some(Frame::Events(batch)) = &frame {
-                // Timed from the changes themselves, before a view rewrites them.
-                self.unreported.clear();
-                self.unreported.extend(
-                    batch
-                        .iter()
-                        .filter(|e| e.kind == EventKind::Change && e.at_ms != 0)
-                        .map(|e| e.at_ms),
-                );
-            }
-            if let (Some(view), Some(Frame::Events(batch))) = (self.view, &frame) {
-                let batch: Vec<Arc<Event>> = batch.iter().filter_map(view).collect();
-                if batch.is_empty() {
-                    continue;
-                }
-                return Some(Frame::Events(batch));
-            }
-            return frame;
+            _ = self.keepalive.tick() => self.keepalive(),
         }
+    }
+
+    /// Ends the feed with `frame`.
+    fn last(&mut self, frame: Frame) -> Step {
+        self.done = true;
+        Step::Frame(frame)
+    }
+
+    /// Ends the feed with a control event of `kind`.
+    fn last_event(&mut self, kind: EventKind, message: &str) -> Step {
+        let event = Arc::new(Event::control(kind, message, false));
+        self.last(Frame::Events(vec![event]))
+    }
+
+    /// A batch of the prelude (the snapshot) starting with `first`; a closed prelude hands
+    /// over to the subscription.
+    fn prelude_batch(&mut self, first: Option<Arc<Event>>) -> Step {
+        let (Some(first), Some(prelude)) = (first, self.prelude.as_mut()) else {
+            self.prelude = None;
+            return Step::Again;
+        };
+        let batch = gather(first, || prelude.try_recv().ok());
+        if ends(&batch) {
+            self.done = true;
+        }
+        self.wrote = true;
+        Step::Frame(Frame::Events(batch))
+    }
+
+    /// A batch of the subscription starting with `first`, narrowed (`operationType=…`); its
+    /// end (`None`) ends the feed.
+    fn subscription_batch(&mut self, first: Option<Arc<Event>>) -> Step {
+        let Some(first) = first else {
+            self.done = true;
+            return Step::End;
+        };
+        let subscription = &mut self.subscription;
+        let mut batch = gather(first, || subscription.try_next());
+        if let Some(narrowing) = &self.narrowing {
+            batch.retain(|event| narrowing.keeps(event));
+            if batch.is_empty() {
+                return Step::Again;
+            }
+        }
+        self.wrote = true;
+        Step::Frame(Frame::Events(batch))
+    }
+
+    /// A keep-alive, unless something was written since the last tick.
+    fn keepalive(&mut self) -> Step {
+        if std::mem::take(&mut self.wrote) {
+            Step::Again
+        } else {
+            Step::Frame(Frame::KeepAlive)
+        }
+    }
+
+    /// Notes the batch's change times for [`Feed::delivered`] (from the changes themselves,
+    /// before a view rewrites them), then applies the view; `None` when the view leaves
+    /// nothing to write.
+    fn prepare(&mut self, batch: Vec<Arc<Event>>) -> Option<Vec<Arc<Event>>> {
+        self.unreported.clear();
+        self.unreported.extend(
+            batch
+                .iter()
+                .filter(|e| e.kind == EventKind::Change && e.at_ms != 0)
+                .map(|e| e.at_ms),
+        );
+        let Some(view) = self.view else {
+            return Some(batch);
+        };
+        let batch: Vec<Arc<Event>> = batch.iter().filter_map(view).collect();
+        (!batch.is_empty()).then_some(batch)
     }
 
     /// Records a batch handed to the socket in stats and metrics (counters per batch, not per
@@ -273,6 +306,35 @@ impl Feed {
             }
         }
     }
+}
+
+/// What one wait for the next frame produced.
+enum Step {
+    /// A frame to return (events still go through [`Feed::prepare`]).
+    Frame(Frame),
+    /// Nothing to write (a closed prelude, a batch narrowing emptied, a keep-alive period
+    /// with writes): wait again.
+    Again,
+    /// The subscription ended: so does the feed.
+    End,
+}
+
+/// `first` and the events already waiting behind it (`more`), up to [`MAX_BATCH_EVENTS`] and
+/// never past a terminal event.
+fn gather(first: Arc<Event>, mut more: impl FnMut() -> Option<Arc<Event>>) -> Vec<Arc<Event>> {
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH_EVENTS && !ends(&batch) {
+        match more() {
+            Some(event) => batch.push(event),
+            None => break,
+        }
+    }
+    batch
+}
+
+/// Whether `batch` ends with a terminal event.
+fn ends(batch: &[Arc<Event>]) -> bool {
+    batch.last().is_some_and(|e| e.kind.is_terminal())
 }
 
 async fn next_prelude(prelude: &mut Option<Prelude>) -> Option<Arc<Event>> {

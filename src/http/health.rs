@@ -10,6 +10,7 @@ use mongodb::bson::{Document, doc};
 use serde_json::json;
 
 use super::AppState;
+use crate::watcher::Watched;
 
 /// How long readiness waits for MongoDB to answer `hello`.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);

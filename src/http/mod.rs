@@ -1,4 +1,5 @@
-//! HTTP surface. Endpoints:
+//! HTTP surface: the stream and probe handlers, the transports, the socket layer and the
+//! state every handler reaches ([`AppState`]). Endpoints:
 //!
 //! | route | module |
 //! |---|---|
@@ -6,12 +7,18 @@
 //! | `GET /{db}/{coll}/_streams/{name}.json`, `?format=firebase` (SSE) | [`docview`] |
 //! | `GET /_streams?streams=…` (many streams on one connection) | [`multi`] |
 //! | `GET /health/live`, `GET /health/ready`, `GET /metrics` | [`health`] |
-//! | `/_admin/streams…`, `/_admin/rules…`, `GET /_admin/openapi.json`, `/_admin/stats`, `/_admin/ui` | [`crate::admin`] |
+//!
+//! The admin API ([`crate::admin`]) sits above this module (it uses [`AppState`] and the
+//! problem type); [`crate::router`] is the one place that assembles both into the router,
+//! so nothing here imports `admin`.
 
 pub mod body;
+pub mod clients;
 pub mod deadline;
 pub mod docview;
+pub mod error;
 pub mod feed;
+pub mod guard;
 pub mod health;
 pub mod multi;
 pub mod ndjson;
@@ -24,12 +31,7 @@ pub mod ws;
 
 use std::sync::Arc;
 
-use axum::Router;
-use axum::middleware;
-use axum::routing::get;
 use tokio_util::sync::CancellationToken;
-use tower::util::option_layer;
-use tower_http::trace::TraceLayer;
 
 use crate::auth::Authenticator;
 use crate::auth::proxy::TrustedProxies;
@@ -65,35 +67,6 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Snapshot scans (`snapshot=true`, the document view).
     pub snapshots: Arc<crate::snapshot::Snapshots>,
-}
-
-/// Builds the router.
-pub fn router(state: AppState) -> Router {
-    // Request tracing wraps every body frame in a span; that is noise (and 2.7% of CPU at
-    // saturation) for long-lived streams, so the stream route is left out of it.
-    let traced = Router::new()
-        .route("/health/live", get(health::live))
-        .route("/health/ready", get(health::ready))
-        .route("/metrics", get(health::metrics))
-        .merge(crate::admin::routes(state.config.admin.body_limit))
-        .layer(TraceLayer::new_for_http());
-    Router::new()
-        .route("/{db}/{coll}/_streams/{name}", get(subscribe::subscribe))
-        .route("/_streams", get(multi::subscribe_many))
-        .merge(traced)
-        // Authenticates every route but the probes, and requires the admin role on
-        // `/_admin…` whatever the method or sub-path (see `auth::guard`).
-        .layer(middleware::from_fn_with_state(
-            Arc::clone(&state.auth),
-            crate::auth::guard,
-        ))
-        // Outside the guard: preflights are answered without a credential, and 401/403
-        // carry CORS headers so the browser lets the page read them.
-        .layer(option_layer(crate::auth::cors::layer(&state.config.cors)))
-        // Outermost: the client's address (behind trusted proxies) for limits and logs.
-        .layer(middleware::from_fn_with_state(
-            Arc::clone(&state.trusted),
-            crate::auth::proxy::client_addr,
-        ))
-        .with_state(state)
+    /// Clients per transport and worker, for the admin API's stream views.
+    pub clients: Arc<clients::TransportClients>,
 }

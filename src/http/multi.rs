@@ -35,11 +35,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use axum::Extension;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{Message, Utf8Bytes, WebSocketUpgrade};
+use axum::extract::ws::{Message, Utf8Bytes};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -54,14 +52,15 @@ use tokio::time::{Interval, MissedTickBehavior, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::AppState;
+use super::clients::TransportCount;
 use super::negotiate::{Transport, negotiate};
 use super::options::{Options, RawOptions, named_frame};
+use super::subscribe::Caller;
 use super::ws::{GOING_AWAY, MESSAGE_TOO_BIG, close};
 use crate::auth::Principal;
-use crate::auth::proxy::ClientAddr;
 use crate::auth::{REVOKED_MESSAGE, Revocation};
-use crate::error::ApiError;
 use crate::event::{Event, EventKind, Token};
+use crate::http::error::ApiError;
 use crate::limits::Permit;
 use crate::metrics::{ClientGauge, Metrics};
 use crate::snapshot::{Mode, Prelude};
@@ -74,8 +73,6 @@ const POSITION_VERSION: u8 = 1;
 const MAX_POSITION_LEN: usize = 256 * 1024;
 /// Largest WebSocket message we read from a client: a `subscribe` with a composite id.
 const WS_MAX_INCOMING: usize = 64 * 1024;
-/// WebSocket buffer sizes (see `subscribe.rs` for why they are small).
-const WS_BUFFER: usize = 4096;
 /// Most events written in one batch.
 const MAX_BATCH_EVENTS: usize = 256;
 
@@ -116,14 +113,11 @@ struct Opener {
 pub async fn subscribe_many(
     State(state): State<AppState>,
     query: Result<Query<MultiParams>, QueryRejection>,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-    principal: Option<Extension<Principal>>,
-    client: Option<Extension<ClientAddr>>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Result<Response, ApiError> {
-    let principal = principal.map(|Extension(p)| p);
+    let headers = &caller.headers;
     let Query(params) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let transport = negotiate(&headers)?;
+    let transport = negotiate(headers)?;
     let options = Options::parse(&params.options)?;
     let max = state.config.limits.max_streams_per_connection;
     let names = stream_list(params.streams.as_deref(), max)?;
@@ -132,18 +126,17 @@ pub async fn subscribe_many(
             "streams: give at least one stream path, e.g. ?streams=/db/coll/_streams/name",
         ));
     }
-    let resume = resume_position(&headers, params.last_event_id.as_deref())?;
+    let resume = resume_position(headers, params.last_event_id.as_deref())?;
     let upgrade = super::subscribe::checked_upgrade(
         &state,
-        &headers,
+        headers,
         transport,
         params.access_token.as_deref(),
-        upgrade,
+        caller.upgrade,
     )?;
     let opener = Opener {
-        principal,
-        // The client as trusted proxies vouch for it (`auth::proxy`), else the TCP peer.
-        ip: client.map(|Extension(ClientAddr(ip))| ip),
+        principal: caller.principal,
+        ip: caller.ip,
         avars: params.avars,
         snapshot: super::subscribe::snapshot_param(params.snapshot.as_deref())?,
         options,
@@ -166,15 +159,9 @@ pub async fn subscribe_many(
             let Some(upgrade) = upgrade else {
                 return Err(ApiError::bad_request("missing WebSocket upgrade"));
             };
-            upgrade
-                .max_message_size(WS_MAX_INCOMING)
-                .read_buffer_size(WS_BUFFER)
-                .write_buffer_size(WS_BUFFER)
-                .on_upgrade(move |socket| async move {
-                    let (sink, incoming) = socket.split();
-                    serve_ws(sink, incoming, feed, info, opener).await;
-                })
-                .into_response()
+            super::ws::accept(upgrade, WS_MAX_INCOMING, move |sink, incoming| {
+                serve_ws(sink, incoming, feed, info, opener)
+            })
         }
     })
 }
@@ -217,7 +204,8 @@ fn stream_key(path: &str) -> Result<StreamKey, ApiError> {
 }
 
 /// Prefixes an error's detail with the stream it is about, and names it in the body.
-fn naming(key: &StreamKey, mut error: ApiError) -> ApiError {
+fn naming(key: &StreamKey, error: impl Into<ApiError>) -> ApiError {
+    let mut error = error.into();
     let stream = key.to_string();
     if !error.detail.contains(&stream) {
         error.detail = format!("{stream}: {}", error.detail);
@@ -273,7 +261,6 @@ impl Opener {
                     key,
                     self.avars.as_deref(),
                     start,
-                    self.transport as usize,
                     claims,
                     Mode::Events,
                 )
@@ -282,15 +269,9 @@ impl Opener {
         } else {
             let subscription = state
                 .registry
-                .subscribe(
-                    key,
-                    self.avars.as_deref(),
-                    start,
-                    self.transport as usize,
-                    claims,
-                )
+                .subscribe(key, self.avars.as_deref(), start, claims)
                 .await
-                .map_err(|e| naming(key, e.into()))?;
+                .map_err(|e| naming(key, e))?;
             (subscription, None)
         };
         if rewind {
@@ -301,10 +282,11 @@ impl Opener {
         }
         // A rule change that withdraws this stream ends it (and only it) with `cancel`.
         let revocation = state.auth.watch_access(self.principal.as_ref(), key);
+        let count = state.clients.count(subscription.worker(), self.transport);
         Ok(Slot::new(
             key.to_string(),
             subscription,
-            permit,
+            (permit, count),
             prelude,
             revocation,
         ))
@@ -376,23 +358,15 @@ fn segment(tag: u32, position: Option<&Token>) -> String {
 /// `Last-Event-ID` wins over `?lastEventId=`; empty means "from now"; anything else must be a
 /// composite position.
 fn resume_position(headers: &HeaderMap, param: Option<&str>) -> Result<Option<Position>, ApiError> {
-    let header = match headers.get("last-event-id") {
-        Some(value) => Some(
-            value
-                .to_str()
-                .map_err(|_| ApiError::bad_request("Last-Event-ID is not valid text"))?,
-        ),
-        None => None,
+    let Some(raw) = super::subscribe::last_event_id(headers, param)? else {
+        return Ok(None);
     };
-    match header.or(param).map(str::trim) {
-        None | Some("") => Ok(None),
-        Some(raw) => Position::decode(raw).map(Some).ok_or_else(|| {
-            ApiError::bad_request(
-                "Last-Event-ID is not a /_streams position (the id of an event of this \
-                 connection, as sent)",
-            )
-        }),
-    }
+    Position::decode(raw).map(Some).ok_or_else(|| {
+        ApiError::bad_request(
+            "Last-Event-ID is not a /_streams position (the id of an event of this connection, \
+             as sent)",
+        )
+    })
 }
 
 /// Marks its stream as having news and wakes the connection's task.
@@ -435,15 +409,16 @@ struct Slot {
     /// Events delivered in the current batch (flushed to the worker's stats per batch).
     delivered: u64,
     delivered_bytes: u64,
-    /// This stream's connection-limit slot.
-    _permit: Permit,
+    /// This stream's connection-limit slot and its client in the worker's per-transport
+    /// count, both held for as long as the slot lives.
+    _held: (Permit, TransportCount),
 }
 
 impl Slot {
     fn new(
         name: String,
         subscription: Subscription,
-        permit: Permit,
+        held: (Permit, TransportCount),
         prelude: Option<Prelude>,
         revocation: Option<Revocation>,
     ) -> Slot {
@@ -498,7 +473,7 @@ impl Slot {
             flag,
             delivered: 0,
             delivered_bytes: 0,
-            _permit: permit,
+            _held: held,
         }
     }
 

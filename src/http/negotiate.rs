@@ -3,21 +3,21 @@
 use axum::http::{HeaderMap, StatusCode, header};
 use serde_json::json;
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 /// The three ways to subscribe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     /// Server-Sent Events (`Accept: text/event-stream`).
-    Sse = 0,
+    Sse,
     /// WebSocket (`Upgrade: websocket`).
-    WebSocket = 1,
+    WebSocket,
     /// Newline-delimited JSON (`Accept: application/x-ndjson`).
-    Ndjson = 2,
+    Ndjson,
 }
 
 impl Transport {
-    /// Every transport, in index order.
+    /// Every transport, in the order stats list them.
     pub const ALL: [Transport; 3] = [Transport::Sse, Transport::WebSocket, Transport::Ndjson];
 
     /// Name used in metrics and stats.

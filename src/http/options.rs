@@ -12,8 +12,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use super::negotiate::Transport;
-use crate::error::ApiError;
 use crate::event::{Event, EventKind};
+use crate::http::error::ApiError;
 
 /// Largest `rewind`: the default ring size (what a worker can hold in memory at most).
 pub const MAX_REWIND: usize = 10_000;

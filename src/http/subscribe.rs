@@ -4,13 +4,15 @@
 //! malformed or unusable resume id, no transport, foreign WebSocket origin, connection limit)
 //! fails here, before the response starts and before any worker starts.
 
-use axum::Extension;
+use std::convert::Infallible;
+use std::net::IpAddr;
+
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
+use axum::response::Response;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -21,18 +23,13 @@ use super::options::{Options, RawOptions, named_frame};
 use super::{docview, ndjson, sse, ws};
 use crate::auth::proxy::ClientAddr;
 use crate::auth::{Principal, cors};
-use crate::error::ApiError;
 use crate::event::Token;
+use crate::http::error::ApiError;
 use crate::snapshot::Mode;
 use crate::streams::StreamKey;
 
 /// Largest WebSocket message we read from a client (they have nothing to say).
 const WS_MAX_INCOMING: usize = 4096;
-
-/// WebSocket read/write buffer sizes. tungstenite's 128 KiB defaults cost 135 KiB per idle
-/// client and a 128 KiB memset on every read (51% of server CPU at 1,000 clients, measured);
-/// clients send us nothing but pings and closes, and we flush after every batch.
-const WS_BUFFER: usize = 4096;
 
 /// Query parameters of a subscribe request.
 #[derive(Debug, Default, Deserialize)]
@@ -55,18 +52,43 @@ pub struct SubscribeParams {
     pub options: RawOptions,
 }
 
+/// What both subscribe handlers (this one and [`super::multi`]'s) take from a request besides
+/// its path and query. Never refuses: each part is checked where it is used.
+pub struct Caller {
+    /// The WebSocket upgrade, or why the request is not one (see [`checked_upgrade`]).
+    pub upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    /// Set by `http::guard` when auth is on; `None` when it is off.
+    pub principal: Option<Principal>,
+    /// The client as trusted proxies vouch for it (`auth::proxy`), else the TCP peer.
+    pub ip: Option<IpAddr>,
+    /// The request headers.
+    pub headers: HeaderMap,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Caller, Infallible> {
+        Ok(Caller {
+            upgrade: WebSocketUpgrade::from_request_parts(parts, state).await,
+            principal: parts.extensions.get::<Principal>().cloned(),
+            ip: parts
+                .extensions
+                .get::<ClientAddr>()
+                .map(|ClientAddr(ip)| *ip),
+            headers: parts.headers.clone(),
+        })
+    }
+}
+
 /// The subscribe handler.
 pub async fn subscribe(
     State(state): State<AppState>,
     Path((db, coll, name)): Path<(String, String, String)>,
     query: Result<Query<SubscribeParams>, QueryRejection>,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-    principal: Option<Extension<Principal>>,
-    client: Option<Extension<ClientAddr>>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Result<Response, ApiError> {
-    // Set by `auth::guard` when auth is on; `None` when it is off.
-    let principal = principal.map(|Extension(p)| p);
+    let (principal, headers) = (caller.principal, caller.headers);
     // `{name}.json` is the document view of `{name}` (stream names have no dots).
     let (name, json_suffix) = match name.strip_suffix(docview::SUFFIX) {
         Some(stem) => (stem.to_owned(), true),
@@ -100,7 +122,7 @@ pub async fn subscribe(
         &headers,
         transport,
         params.access_token.as_deref().or(params.auth.as_deref()),
-        upgrade,
+        caller.upgrade,
     )?;
     // The slot is held by the feed for the life of the stream (freed on drop).
     let permit = state
@@ -108,8 +130,7 @@ pub async fn subscribe(
         .try_acquire(
             &key,
             principal.as_ref().map(|p| p.subject.as_str()),
-            // The client as trusted proxies vouch for it (`auth::proxy`), else the TCP peer.
-            client.map(|Extension(ClientAddr(ip))| ip),
+            caller.ip,
         )
         .map_err(|exceeded| {
             state
@@ -128,13 +149,7 @@ pub async fn subscribe(
         None => (
             state
                 .registry
-                .subscribe(
-                    &key,
-                    params.avars.as_deref(),
-                    resume,
-                    transport as usize,
-                    claims,
-                )
+                .subscribe(&key, params.avars.as_deref(), resume, claims)
                 .await?,
             None,
         ),
@@ -146,13 +161,14 @@ pub async fn subscribe(
                     &key,
                     params.avars.as_deref(),
                     resume,
-                    transport as usize,
                     claims,
                     mode,
                 )
                 .await?
         }
     };
+    // This client in its worker's per-transport count, for as long as the feed lives.
+    let count = state.clients.count(subscription.worker(), transport);
     let mut feed = Feed::new(
         subscription,
         state.config.keepalive(),
@@ -162,6 +178,7 @@ pub async fn subscribe(
         principal.as_ref().and_then(Principal::deadline),
     )
     .with_permit(permit)
+    .with_count(count)
     .with_narrowing(options.narrowing.clone())
     .with_revocation(state.auth.watch_access(principal.as_ref(), &key));
     if let Some(prelude) = prelude {
@@ -193,15 +210,9 @@ pub async fn subscribe(
                 heartbeat: options.heartbeat(Transport::WebSocket),
                 bare: !options.enveloped,
             };
-            upgrade
-                .max_message_size(WS_MAX_INCOMING)
-                .read_buffer_size(WS_BUFFER)
-                .write_buffer_size(WS_BUFFER)
-                .on_upgrade(move |socket| async move {
-                    let (sink, incoming) = socket.split();
-                    ws::serve(sink, incoming, feed, extras).await;
-                })
-                .into_response()
+            ws::accept(upgrade, WS_MAX_INCOMING, move |sink, incoming| {
+                ws::serve(sink, incoming, feed, extras)
+            })
         }
     })
 }
@@ -284,8 +295,12 @@ pub(super) fn snapshot_wanted(state: &AppState, key: &StreamKey, asked: Option<b
     })
 }
 
-/// `Last-Event-ID` wins over `?lastEventId=`; an empty value means "from now".
-fn resume_id(headers: &HeaderMap, params: &SubscribeParams) -> Result<Option<Token>, ApiError> {
+/// The resume id asked for, trimmed: `Last-Event-ID` wins over `?lastEventId=` (`param`);
+/// `None` when neither is given or it is empty ("from now").
+pub(super) fn last_event_id<'a>(
+    headers: &'a HeaderMap,
+    param: Option<&'a str>,
+) -> Result<Option<&'a str>, ApiError> {
     let header = match headers.get("last-event-id") {
         Some(value) => Some(
             value
@@ -294,11 +309,15 @@ fn resume_id(headers: &HeaderMap, params: &SubscribeParams) -> Result<Option<Tok
         ),
         None => None,
     };
-    let raw = header.or(params.last_event_id.as_deref()).map(str::trim);
-    match raw {
-        None | Some("") => Ok(None),
-        Some(raw) => Token::parse(raw)
-            .map(Some)
-            .map_err(|e| ApiError::bad_request(e.to_string())),
-    }
+    Ok(header
+        .or(param)
+        .map(str::trim)
+        .filter(|raw| !raw.is_empty()))
+}
+
+/// The resume id as a token (see [`last_event_id`]).
+fn resume_id(headers: &HeaderMap, params: &SubscribeParams) -> Result<Option<Token>, ApiError> {
+    last_event_id(headers, params.last_event_id.as_deref())?
+        .map(|raw| Token::parse(raw).map_err(|e| ApiError::bad_request(e.to_string())))
+        .transpose()
 }

@@ -38,7 +38,6 @@ use mongodb::{ClientSession, SessionCursor};
 use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use crate::error::ApiError;
 use crate::event::{ErrorCode, Event, EventKind, Token};
 use crate::routing::{ClientFilter, route_values};
 use crate::streams::registry::SubscribeFailure;
@@ -145,20 +144,17 @@ impl Snapshots {
         key: &StreamKey,
         avars: Option<&str>,
         resume: Option<Token>,
-        transport: usize,
         claims: Option<&serde_json::Map<String, serde_json::Value>>,
         mode: Mode,
-    ) -> Result<(Subscription, Option<Prelude>), ApiError> {
+    ) -> Result<(Subscription, Option<Prelude>), SnapshotError> {
         let snapshot_resume = resume.as_ref().and_then(SnapshotId::decode);
         if let Some(resume) = resume.filter(|_| snapshot_resume.is_none()) {
             return Ok((
-                registry
-                    .subscribe(key, avars, Some(resume), transport, claims)
-                    .await?,
+                registry.subscribe(key, avars, Some(resume), claims).await?,
                 None,
             ));
         }
-        let (guard, filter) = registry.attach(key, avars, transport, claims).await?;
+        let (guard, filter) = registry.attach(key, avars, claims).await?;
         let worker = Arc::clone(guard.worker());
         // The document view's `put` is one event: a partial snapshot cannot be resumed there.
         let from = snapshot_resume.filter(|_| mode == Mode::Events);
@@ -168,12 +164,7 @@ impl Snapshots {
             {
                 Ok(Ok(slot)) => slot,
                 _ => {
-                    let mut error = ApiError::unavailable(
-                        "every snapshot scan slot is busy (snapshot_max_scans); retry shortly",
-                    )
-                    .with_extra(json!({ "limit": "snapshot_max_scans" }));
-                    error.retry_after = Some(2);
-                    return Err(error);
+                    return Err(SnapshotError::SlotsBusy);
                 }
             };
         let mut scan = Scan {
@@ -260,15 +251,41 @@ enum ScanError {
     Transient(String),
 }
 
-/// A snapshot that cannot start: 400 when retrying cannot help, else 503.
-impl From<ScanError> for ApiError {
-    fn from(error: ScanError) -> ApiError {
+/// Why a snapshot subscription could not start. The HTTP layer answers it (`http::error`):
+/// 400 when retrying cannot help, 413 past `snapshot_max_docs`, else 503.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The subscription itself (unknown stream, limits, filters…).
+    #[error(transparent)]
+    Subscribe(#[from] SubscribeFailure),
+    /// No scan slot freed up in time.
+    #[error("every snapshot scan slot is busy (snapshot_max_scans); retry shortly")]
+    SlotsBusy,
+    /// The document view's `put` would hold more than `snapshot_max_docs` documents.
+    #[error(
+        "the document view sends every document in one first event and this stream has more \
+         than snapshot_max_docs ({max_docs}); subscribe with ?snapshot=true to stream them one \
+         by one"
+    )]
+    TooManyDocs {
+        /// `snapshot_max_docs`.
+        max_docs: usize,
+    },
+    /// Retrying cannot help (a pipeline MongoDB refuses, …).
+    #[error("the snapshot could not be read: {0}")]
+    Unreadable(String),
+    /// A retry may succeed (election, network, the snapshot time no longer held).
+    #[error("the snapshot could not be read: {0}")]
+    Unavailable(String),
+}
+
+/// A snapshot that cannot start: unreadable when retrying cannot help, else unavailable.
+impl From<ScanError> for SnapshotError {
+    fn from(error: ScanError) -> SnapshotError {
         match error {
-            ScanError::Fatal(message) => {
-                ApiError::bad_request(format!("the snapshot could not be read: {message}"))
-            }
+            ScanError::Fatal(message) => SnapshotError::Unreadable(message),
             ScanError::TooOld(message) | ScanError::Transient(message) => {
-                ApiError::unavailable(format!("the snapshot could not be read: {message}"))
+                SnapshotError::Unavailable(message)
             }
         }
     }
@@ -460,7 +477,7 @@ impl Scan {
 
     /// The document view's first event: `put` at `/` of every document by `_id` text, built
     /// as JSON text (no tree in memory), refused past `max_docs`.
-    async fn view_put(&self, mut reader: Reader, max_docs: usize) -> Result<Event, ApiError> {
+    async fn view_put(&self, mut reader: Reader, max_docs: usize) -> Result<Event, SnapshotError> {
         let mut data = String::from("{\"path\":\"/\",\"data\":{");
         let mut count = 0usize;
         let mut too_many = false;
@@ -491,16 +508,7 @@ impl Scan {
             Err(error) => return Err(error.into()),
         }
         if too_many {
-            return Err(ApiError::new(
-                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-                "Payload Too Large",
-                format!(
-                    "the document view sends every document in one first event and this stream \
-                     has more than snapshot_max_docs ({max_docs}); subscribe with \
-                     ?snapshot=true to stream them one by one"
-                ),
-            )
-            .with_extra(json!({ "limit": "snapshot_max_docs" })));
+            return Err(SnapshotError::TooManyDocs { max_docs });
         }
         data.push_str("}}");
         Ok(Event::view(

@@ -283,10 +283,9 @@ impl Registry {
         key: &StreamKey,
         avars: Option<&str>,
         resume: Option<Token>,
-        transport: usize,
         claims: Option<&serde_json::Map<String, serde_json::Value>>,
     ) -> Result<Subscription, SubscribeFailure> {
-        let (guard, filter) = self.attach(key, avars, transport, claims).await?;
+        let (guard, filter) = self.attach(key, avars, claims).await?;
         Ok(Subscription::start(guard, resume, filter).await?)
     }
 
@@ -297,7 +296,6 @@ impl Registry {
         &self,
         key: &StreamKey,
         avars: Option<&str>,
-        transport: usize,
         claims: Option<&serde_json::Map<String, serde_json::Value>>,
     ) -> Result<(ClientGuard, Option<Arc<ClientFilter>>), SubscribeFailure> {
         let avars = parse_avars(avars)?;
@@ -342,7 +340,7 @@ impl Registry {
             };
             // Counted under the map lock: an idle worker cannot retire between lookup and
             // count. The guard uncounts however this future ends, even dropped mid-`ready`.
-            break (ClientGuard::new(worker, transport), filter);
+            break (ClientGuard::new(worker), filter);
         };
         if !guard.worker().ready(READY_TIMEOUT).await {
             return Err(SubscribeFailure::NotReady);

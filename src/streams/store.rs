@@ -25,24 +25,18 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures::StreamExt;
 use mongodb::bson::{DateTime, Document, Timestamp, doc};
 use mongodb::change_stream::event::{ChangeStreamEvent, OperationType};
 use mongodb::options::FullDocumentType;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::definition::{CompiledDefinition, DefinitionError, StreamDefinition, StreamKey};
 use super::registry::{Applied, Origin, Registry, Removed};
 use crate::backoff::Backoff;
+use crate::sync::SyncFlag;
+use crate::watcher::Watched;
 use crate::worker::lock;
-
-/// First wait before the watcher starts over after an error; doubles up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// Longest wait between two attempts of the watcher.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -162,91 +156,6 @@ impl Store {
         Ok(result.deleted_count > 0 || removed == Some(Outcome::Removed))
     }
 
-    /// Starts the watcher on `tracker`; it stops when `cancel` fires.
-    pub fn spawn_watcher(self: &Arc<Self>, tracker: &TaskTracker, cancel: CancellationToken) {
-        let store = Arc::clone(self);
-        tracker.spawn(async move { store.watch_loop(cancel).await });
-    }
-
-    /// Waits until the watcher has loaded the stored definitions, at most `timeout`.
-    /// Returns whether it did.
-    pub async fn wait_synced(&self, timeout: Duration) -> bool {
-        self.synced.wait(timeout).await
-    }
-
-    /// Whether the watcher is currently loaded and watching.
-    pub fn is_synced(&self) -> bool {
-        self.synced.get()
-    }
-
-    async fn watch_loop(self: Arc<Self>, cancel: CancellationToken) {
-        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
-        loop {
-            let result = tokio::select! {
-                _ = cancel.cancelled() => return,
-                result = self.sync_and_watch(&mut backoff) => result,
-            };
-            let delay = backoff.next_delay();
-            self.synced.set(false);
-            match result {
-                Ok(reason) => tracing::info!(reason, "definitions watcher starting over"),
-                Err(error) => {
-                    tracing::warn!(%error, retry_in = ?delay, "definitions watcher failed; retrying")
-                }
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-        }
-    }
-
-    /// Watch, load, then apply changes until the stream ends (returns why) or fails.
-    async fn sync_and_watch(&self, backoff: &mut Backoff) -> Result<&'static str, StoreError> {
-        let mut stream = self
-            .collection
-            .watch()
-            .full_document(FullDocumentType::UpdateLookup)
-            .await?;
-        self.reload().await?;
-        self.synced.set(true);
-        backoff.reset();
-        while let Some(event) = stream.next().await {
-            let event: ChangeStreamEvent<Document> = event?;
-            match event.operation_type {
-                OperationType::Insert | OperationType::Update | OperationType::Replace => {
-                    // No document: it was deleted since; its delete event follows.
-                    if let Some(document) = event.full_document {
-                        self.apply_document(&document, event.cluster_time);
-                    }
-                }
-                OperationType::Delete => {
-                    let key = event
-                        .document_key
-                        .as_ref()
-                        .and_then(|k| k.get_str("_id").ok())
-                        .and_then(parse_document_id);
-                    match key {
-                        Some(key) => {
-                            self.apply(&key, Change::Delete, event.cluster_time, "watcher");
-                        }
-                        None => {
-                            tracing::warn!(?event.document_key, "ignoring delete of a foreign document")
-                        }
-                    }
-                }
-                OperationType::Drop
-                | OperationType::DropDatabase
-                | OperationType::Rename
-                | OperationType::Invalidate => {
-                    return Ok("the definitions collection was dropped or renamed");
-                }
-                _ => {}
-            }
-        }
-        Ok("the change stream ended")
-    }
-
     /// Loads every stored definition and removes local stored ones that are gone.
     async fn reload(&self) -> Result<(), StoreError> {
         let mut session = self.client.start_session().await?;
@@ -324,6 +233,61 @@ impl Store {
             tracing::info!(stream = %key, ?outcome, source, "stream definition applied");
         }
         Some(outcome)
+    }
+}
+
+impl Watched for Store {
+    const WHAT: &'static str = "definitions";
+    type Error = StoreError;
+
+    fn synced_flag(&self) -> &SyncFlag {
+        &self.synced
+    }
+
+    /// Watch, load, then apply changes until the stream ends (returns why) or fails.
+    async fn sync_and_watch(&self, backoff: &mut Backoff) -> Result<&'static str, StoreError> {
+        let mut stream = self
+            .collection
+            .watch()
+            .full_document(FullDocumentType::UpdateLookup)
+            .await?;
+        self.reload().await?;
+        self.synced.set(true);
+        backoff.reset();
+        while let Some(event) = stream.next().await {
+            let event: ChangeStreamEvent<Document> = event?;
+            match event.operation_type {
+                OperationType::Insert | OperationType::Update | OperationType::Replace => {
+                    // No document: it was deleted since; its delete event follows.
+                    if let Some(document) = event.full_document {
+                        self.apply_document(&document, event.cluster_time);
+                    }
+                }
+                OperationType::Delete => {
+                    let key = event
+                        .document_key
+                        .as_ref()
+                        .and_then(|k| k.get_str("_id").ok())
+                        .and_then(parse_document_id);
+                    match key {
+                        Some(key) => {
+                            self.apply(&key, Change::Delete, event.cluster_time, "watcher");
+                        }
+                        None => {
+                            tracing::warn!(?event.document_key, "ignoring delete of a foreign document")
+                        }
+                    }
+                }
+                OperationType::Drop
+                | OperationType::DropDatabase
+                | OperationType::Rename
+                | OperationType::Invalidate => {
+                    return Ok("the definitions collection was dropped or renamed");
+                }
+                _ => {}
+            }
+        }
+        Ok("the change stream ended")
     }
 }
 

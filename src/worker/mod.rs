@@ -203,8 +203,6 @@ pub struct Worker {
     /// Attached clients; changed only under the [`Owner`]'s lock (increment) or by a guard's
     /// drop (decrement, which then wakes the idle check).
     clients: AtomicUsize,
-    /// Clients per transport, for stats.
-    pub clients_by_transport: [AtomicUsize; 3],
     idle: Notify,
     cancel: CancellationToken,
     /// Counters.
@@ -232,7 +230,6 @@ impl Worker {
             catch_ups: CatchUps::default(),
             state,
             clients: AtomicUsize::new(0),
-            clients_by_transport: Default::default(),
             idle: Notify::new(),
             cancel: parent_cancel.child_token(),
             // A new worker opens "from now": it is not behind until time passes unread.
@@ -331,17 +328,6 @@ impl Worker {
         max_scan: usize,
     ) -> Option<Result<Attachment, Scan>> {
         lock(&self.hub).read(after, filter, max_scan)
-    }
-
-    /// The last `n` events at or before `through` for a client (see `Hub::last_entries`).
-    pub(crate) fn recent(
-        &self,
-        n: usize,
-        through: Option<&Token>,
-        filter: Option<&ClientFilter>,
-        keep: &dyn Fn(&Event) -> bool,
-    ) -> Vec<Arc<Event>> {
-        lock(&self.hub).last_entries(n, through, filter, keep)
     }
 
     /// Whether the ring covers a client at `after`.

@@ -16,7 +16,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
@@ -70,16 +69,13 @@ enum Source {
 /// or the stream ends, including a subscribe future dropped while the cursor opens.
 pub struct ClientGuard {
     worker: Arc<Worker>,
-    transport: usize,
 }
 
 impl ClientGuard {
-    /// Counts a client of `worker` on `transport` (an index of `clients_by_transport`). Call
-    /// only while holding the worker-map lock.
-    pub(crate) fn new(worker: Arc<Worker>, transport: usize) -> ClientGuard {
+    /// Counts a client of `worker`. Call only while holding the worker-map lock.
+    pub(crate) fn new(worker: Arc<Worker>) -> ClientGuard {
         worker.add_client();
-        worker.clients_by_transport[transport].fetch_add(1, Ordering::Relaxed);
-        ClientGuard { worker, transport }
+        ClientGuard { worker }
     }
 
     /// The worker counted.
@@ -90,7 +86,6 @@ impl ClientGuard {
 
 impl Drop for ClientGuard {
     fn drop(&mut self) {
-        self.worker.clients_by_transport[self.transport].fetch_sub(1, Ordering::Relaxed);
         self.worker.remove_client();
     }
 }
@@ -160,10 +155,13 @@ impl Subscription {
         if n == 0 {
             return;
         }
-        let events =
-            self.guard
-                .worker
-                .recent(n, self.cursor_pos.as_ref(), self.filter.as_deref(), keep);
+        let through = self.cursor_pos.as_ref();
+        let events = super::lock(&self.guard.worker.hub).last_entries(
+            n,
+            through,
+            self.filter.as_deref(),
+            keep,
+        );
         for event in events.into_iter().rev() {
             self.backlog.push_front(event);
         }
@@ -386,7 +384,7 @@ mod tests {
         let burst = (LIVE_SLOTS * 4) as u32;
         let worker = crate::worker::test_worker(burst as usize + 10).await;
         worker.open_for_test(token(0));
-        let guard = ClientGuard::new(Arc::clone(&worker), 0);
+        let guard = ClientGuard::new(Arc::clone(&worker));
         let mut subscription = Subscription::start(guard, None, None).await.unwrap();
         // A burst four times the live channel, published before the client reads anything.
         for n in 1..=burst {
@@ -417,7 +415,7 @@ mod tests {
         for n in 1..=50 {
             worker.publish_change_for_test(change(n));
         }
-        let guard = ClientGuard::new(Arc::clone(&worker), 0);
+        let guard = ClientGuard::new(Arc::clone(&worker));
         let mut subscription = Subscription::start(guard, Some(token(20)), None)
             .await
             .unwrap();
@@ -437,7 +435,7 @@ mod tests {
         for n in 1..=50 {
             worker.publish_change_for_test(change(n));
         }
-        let guard = ClientGuard::new(Arc::clone(&worker), 0);
+        let guard = ClientGuard::new(Arc::clone(&worker));
         let mut subscription = Subscription::start(guard, Some(token(60)), None)
             .await
             .unwrap();
@@ -459,7 +457,7 @@ mod tests {
         for n in 1..=10 {
             worker.publish_change_for_test(change(n));
         }
-        let guard = ClientGuard::new(Arc::clone(&worker), 0);
+        let guard = ClientGuard::new(Arc::clone(&worker));
         let mut subscription = Subscription::start(guard, None, None).await.unwrap();
         assert_eq!(subscription.position(), Some(&token(10)));
         subscription.rewind(3, &|_| true);
@@ -475,7 +473,7 @@ mod tests {
     async fn dropping_a_subscription_uncounts_the_client() {
         let worker = crate::worker::test_worker(10).await;
         worker.open_for_test(token(0));
-        let guard = ClientGuard::new(Arc::clone(&worker), 0);
+        let guard = ClientGuard::new(Arc::clone(&worker));
         assert_eq!(worker.client_count(), 1);
         drop(guard);
         assert_eq!(worker.client_count(), 0);

@@ -33,7 +33,7 @@ async fn tenants_on_one_cursor_only_see_their_documents() {
         let key = key.clone();
         async move {
             registry
-                .subscribe(&key, None, None, 0, Some(&claims(tenant)))
+                .subscribe(&key, None, None, Some(&claims(tenant)))
                 .await
                 .unwrap()
         }
@@ -136,7 +136,7 @@ async fn filtered_resume_from_catch_up_skips_other_tenants() {
 
     let mut a = server
         .registry
-        .subscribe(&key, None, None, 0, Some(&claims(json!("A"))))
+        .subscribe(&key, None, None, Some(&claims(json!("A"))))
         .await
         .unwrap();
     coll.insert_one(doc! { "seq": 0, "tenantId": "A" })
@@ -153,7 +153,7 @@ async fn filtered_resume_from_catch_up_skips_other_tenants() {
     }
     let mut resumed = server
         .registry
-        .subscribe(&key, None, Some(resume_from), 0, Some(&claims(json!("A"))))
+        .subscribe(&key, None, Some(resume_from), Some(&claims(json!("A"))))
         .await
         .unwrap();
     let mut seqs = Vec::new();
@@ -182,7 +182,7 @@ async fn filtered_stream_needs_claims() {
     assert!(matches!(
         server
             .registry
-            .subscribe(&key, None, None, 0, Some(&no_tenant))
+            .subscribe(&key, None, None, Some(&no_tenant))
             .await,
         Err(SubscribeFailure::Filter(_))
     ));
@@ -216,7 +216,7 @@ async fn deletes_reach_the_owning_tenant_by_pre_image_and_nobody_else() {
         let claims = claims(json!(tenant));
         async move {
             registry
-                .subscribe(&key, None, None, 0, Some(&claims))
+                .subscribe(&key, None, None, Some(&claims))
                 .await
                 .unwrap()
         }

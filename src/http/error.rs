@@ -2,12 +2,19 @@
 //!
 //! Handlers return `Result<_, ApiError>`. The `detail` is written for the client; internal
 //! causes (driver errors, I/O) are logged, not sent.
+//!
+//! The layers below HTTP (limits, snapshots, authentication, resume checks, the registry)
+//! return their own error types; the `From` impls here are the one place each becomes a
+//! status, a title, headers and a problem body.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::limits::UpstreamLimit;
+use crate::auth::AuthError;
+use crate::auth::resume::ResumeRefused;
+use crate::limits::{ConnectionRefused, UpstreamLimit};
+use crate::snapshot::SnapshotError;
 use crate::streams::definition::DefinitionError;
 use crate::streams::{StoreError, SubscribeFailure};
 use crate::worker::subscription::SubscribeError;
@@ -93,6 +100,13 @@ impl ApiError {
         )
     }
 
+    /// A refusal by a limit: `limit` names its config key in the body, `Retry-After` says
+    /// when to try again.
+    pub fn limit(mut self, limit: &str, retry_after_secs: u64) -> ApiError {
+        self.retry_after = Some(retry_after_secs);
+        self.with_extra(json!({ "limit": limit }))
+    }
+
     /// Adds members to the problem body.
     pub fn with_extra(mut self, extra: serde_json::Value) -> ApiError {
         self.extra = Some(Box::new(extra));
@@ -174,14 +188,89 @@ impl From<UpstreamLimit> for ApiError {
     /// 503 (the server, not this client, is at capacity) with `Retry-After`, like the 429 of
     /// the connection limits, and `limit` naming the config key that was reached.
     fn from(refused: UpstreamLimit) -> ApiError {
-        let mut error = ApiError::new(
+        ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "Service Unavailable",
             refused.to_string(),
         )
-        .with_extra(json!({ "limit": refused.limit.as_str() }));
-        error.retry_after = Some(refused.retry_after_secs);
-        error
+        .limit(refused.limit.as_str(), refused.retry_after_secs)
+    }
+}
+
+impl From<ConnectionRefused> for ApiError {
+    /// 429 with `Retry-After` and `limit` naming the config key that was reached.
+    fn from(refused: ConnectionRefused) -> ApiError {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too Many Requests",
+            refused.to_string(),
+        )
+        .limit(refused.limit.as_str(), refused.retry_after_secs)
+    }
+}
+
+/// Challenge sent with a 401 when no credential was given.
+const CHALLENGE: &str = r#"Bearer realm="streamgate""#;
+/// Challenge sent with a 401 for a credential that was refused (RFC 6750 §3.1).
+const CHALLENGE_INVALID: &str = r#"Bearer realm="streamgate", error="invalid_token""#;
+/// Challenge sent with a 401 for an expired token.
+const CHALLENGE_EXPIRED: &str =
+    r#"Bearer realm="streamgate", error="invalid_token", error_description="token expired""#;
+
+impl From<AuthError> for ApiError {
+    /// 401 with a `WWW-Authenticate` challenge; 403 for a principal without the right; 503
+    /// while the JWKS URL has not been fetched.
+    fn from(error: AuthError) -> ApiError {
+        let (detail, challenge) = match &error {
+            AuthError::KeysUnavailable => {
+                return ApiError::unavailable(
+                    "the token signing keys are not loaded yet (auth.jwt.jwks_url); retry shortly",
+                );
+            }
+            AuthError::Forbidden(detail) => {
+                return ApiError::new(StatusCode::FORBIDDEN, "Forbidden", detail.clone());
+            }
+            AuthError::Missing => (
+                "a credential is required: send `Authorization: Bearer <token>`, \
+                 `?access_token=<token>` or the auth cookie",
+                CHALLENGE,
+            ),
+            AuthError::Expired => ("the access token expired", CHALLENGE_EXPIRED),
+            AuthError::Invalid(reason) => {
+                tracing::debug!(%reason, "credential refused");
+                ("the credential is not valid", CHALLENGE_INVALID)
+            }
+        };
+        let mut api = ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", detail);
+        api.www_authenticate = Some(challenge);
+        api
+    }
+}
+
+impl From<ResumeRefused> for ApiError {
+    /// 400 with `reason` (`future_cluster_time`, `other_collection`).
+    fn from(refused: ResumeRefused) -> ApiError {
+        ApiError::bad_request(refused.detail).with_extra(json!({ "reason": refused.reason }))
+    }
+}
+
+impl From<SnapshotError> for ApiError {
+    /// 400 when retrying cannot help, 413 past `snapshot_max_docs`, 503 (with `Retry-After`)
+    /// when a retry may succeed.
+    fn from(error: SnapshotError) -> ApiError {
+        match error {
+            SnapshotError::Subscribe(failure) => failure.into(),
+            SnapshotError::SlotsBusy => ApiError::unavailable(error.to_string())
+                .with_extra(json!({ "limit": "snapshot_max_scans" })),
+            SnapshotError::TooManyDocs { .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Payload Too Large",
+                error.to_string(),
+            )
+            .with_extra(json!({ "limit": "snapshot_max_docs" })),
+            SnapshotError::Unreadable(_) => ApiError::bad_request(error.to_string()),
+            SnapshotError::Unavailable(_) => ApiError::unavailable(error.to_string()),
+        }
     }
 }
 
