@@ -142,6 +142,7 @@ fn stats(workers: &[Arc<Worker>], by_transport: &TransportClients) -> Value {
             "lastEventAt": timestamp(w_last),
             "position": w_position,
             "cursorsOpened": stats.cursors_opened.load(Ordering::Relaxed),
+            "databaseFeed": stats.on_database_feed.load(Ordering::Relaxed),
             "lagSeconds": w_lag,
         }));
     }

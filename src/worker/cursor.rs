@@ -1,6 +1,7 @@
 //! The worker's cursor loop: read steps from the [`ChangeSource`], publish, linger, stop.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use tokio::time::Instant;
 
@@ -32,7 +33,10 @@ impl Worker {
             .unwrap_or_default();
         let _ = self.features.set(features);
         let mut source = match self.context.feeds.join(&self.context, &self) {
-            Some(membership) => Upstream::Shared(membership),
+            Some(membership) => {
+                self.stats.on_database_feed.store(true, Ordering::Relaxed);
+                Upstream::Shared(membership)
+            }
             None => Upstream::Own(Box::new(WorkerSource::new(&self, None))),
         };
         let mut idle_since: Option<Instant> = None;
@@ -145,6 +149,10 @@ impl Upstream {
                     Some(step) => return step,
                     None => {
                         tracing::warn!(stream = %worker.key.stream, "the database feed cannot serve this stream; opening its own cursor");
+                        worker
+                            .stats
+                            .on_database_feed
+                            .store(false, Ordering::Relaxed);
                         *self = Upstream::Own(Box::new(WorkerSource::new(worker, None)));
                     }
                 },

@@ -182,8 +182,10 @@ pub struct WorkerStats {
     /// Unix ms of the last change event (0 = none yet).
     pub last_event_ms: AtomicU64,
     /// Change-stream cursors opened by this worker: its own (first open and every reopen) and
-    /// its catch-ups'.
+    /// its catch-ups'. A worker served by its database's feed opens none of its own.
     pub cursors_opened: AtomicU64,
+    /// Whether the worker is served by its database's shared cursor (`worker::feed`).
+    pub on_database_feed: std::sync::atomic::AtomicBool,
     /// Unix ms of the oplog time this worker has read through: the `wallTime` of its last
     /// change, or when an empty batch showed it at the head (the worker's creation before
     /// either). `now − this` is its lag (`streamgate_worker_lag_seconds`).

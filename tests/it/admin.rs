@@ -12,7 +12,7 @@ use streamgate::streams::StreamKey;
 use tokio::time::Instant;
 
 use crate::harness::clients::{Client, Envelope, Kind, Next};
-use crate::harness::mongod::{self, MongoD};
+use crate::harness::mongod::{self, MongoD, database_change_stream_cursors};
 use crate::harness::server::{self, TestServer};
 use crate::harness::{eventually, unique_db};
 
@@ -305,7 +305,9 @@ async fn create_subscribe_receive_with_stats() {
     assert!(s["position"].as_str().unwrap().starts_with("82"));
     assert_eq!(s["workers"].as_array().unwrap().len(), 1);
     assert_eq!(s["workers"][0]["vars"], json!({}));
-    assert_eq!(s["workers"][0]["cursorsOpened"], 1);
+    // Served by its database's shared cursor: none of its own.
+    assert_eq!(s["workers"][0]["cursorsOpened"], 0);
+    assert_eq!(s["workers"][0]["databaseFeed"], true);
 
     // An identical PUT is a 200 that disturbs nobody.
     let same = put(&server, &path, &definition).await;
@@ -955,14 +957,13 @@ async fn avars_one_worker_per_distinct_values() {
     assert_eq!(events[0].data["fullDocument"]["owner"], "bob");
     expect_quiet(&mut bob_ws).await;
 
-    // The three alice clients share one cursor, opened once.
-    assert_eq!(
-        alice
-            .stats
-            .cursors_opened
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    // The three alice clients share one cursor: two on MongoDB for the two bindings (one
+    // serves a binding through the database's feed, the other, another filter on the same
+    // collection, has its own).
+    let mongo = mongod::shared().client().await;
+    assert_eq!(database_change_stream_cursors(&mongo, &db).await, 2);
+    assert_eq!(server.metrics.cursors_opened.get(), 2);
+
     assert_eq!(server.registry.workers_of(&key).len(), 2);
 
     let stats = get(&server, &path).await;

@@ -107,13 +107,7 @@ async fn tenants_on_one_cursor_only_see_their_documents() {
 
     let workers = server.registry.workers_of(&key);
     assert_eq!(workers.len(), 1, "one worker for every tenant");
-    assert_eq!(
-        workers[0]
-            .stats
-            .cursors_opened
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(server.metrics.cursors_opened.get(), 1);
     assert_eq!(
         workers[0].partition_count(),
         4,

@@ -256,6 +256,8 @@ async fn cursors_never_queue_for_a_pooled_connection() {
     let mongo = mongod::shared();
     let db = unique_db("limits_pool");
     let mut config = server::config(mongo);
+    // A cursor per stream (no database feed), so that 40 cursors need 40 connections.
+    config.shared_database_cursors = false;
     for i in 0..STREAMS {
         let coll = format!("c{i}");
         config
