@@ -5,16 +5,23 @@ use std::sync::atomic::Ordering;
 
 use tokio::time::Instant;
 
-use super::feed::Membership;
+use super::feed::{Membership, Signal};
 use super::hub::Routed;
 use super::source::{ServerFeatures, Step, WorkerSource};
 use super::{Worker, WorkerState, lock};
 use crate::event::{ErrorCode, Event, EventKind};
 
 /// What to do after a step.
-enum Flow {
+pub(super) enum Flow {
     Continue,
     Stop,
+}
+
+impl Flow {
+    /// Whether the worker ended.
+    pub(super) fn is_stop(&self) -> bool {
+        matches!(self, Flow::Stop)
+    }
 }
 
 impl Worker {
@@ -52,7 +59,8 @@ impl Worker {
                 _ = sleep_until(linger_end) => continue,
                 step = source.next(&self) => step,
             };
-            if let Flow::Stop = self.apply(step) {
+            // `None`: the feed applied this worker's last step itself.
+            if step.is_none_or(|step| self.apply(step).is_stop()) {
                 break;
             }
         }
@@ -77,8 +85,9 @@ impl Worker {
         false
     }
 
-    /// Applies one step of the source to the hub.
-    fn apply(&self, step: Step) -> Flow {
+    /// Applies one step of the source to the hub (from this worker's loop, or from its
+    /// database feed's task).
+    pub(super) fn apply(&self, step: Step) -> Flow {
         match step {
             Step::Opened(start) => {
                 {
@@ -134,20 +143,21 @@ impl Worker {
 enum Upstream {
     /// A cursor of its own.
     Own(Box<WorkerSource>),
-    /// Its database's shared cursor.
+    /// Its database's shared cursor (whose task applies the steps to this worker).
     Shared(Membership),
 }
 
 impl Upstream {
-    /// The next step (cancel-safe). A feed that cannot serve the worker is replaced by a
-    /// cursor of its own, from now (the worker had not been served yet).
-    async fn next(&mut self, worker: &Arc<Worker>) -> Step<Routed> {
+    /// The next step to apply (cancel-safe); `None` once the feed has ended the worker. A feed
+    /// that cannot serve the worker is replaced by a cursor of its own, from now (the worker
+    /// had not been served yet).
+    async fn next(&mut self, worker: &Arc<Worker>) -> Option<Step<Routed>> {
         loop {
             match self {
-                Upstream::Own(source) => return source.next().await,
-                Upstream::Shared(membership) => match membership.next().await {
-                    Some(step) => return step,
-                    None => {
+                Upstream::Own(source) => return Some(source.next().await),
+                Upstream::Shared(membership) => match membership.done().await {
+                    Signal::Ended => return None,
+                    Signal::Serving | Signal::OwnCursor => {
                         tracing::warn!(stream = %worker.key.stream, "the database feed cannot serve this stream; opening its own cursor");
                         worker
                             .stats

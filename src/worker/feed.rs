@@ -32,7 +32,9 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use mongodb::bson::{Document, doc};
-use tokio::sync::{Notify, mpsc};
+use std::sync::Weak;
+
+use tokio::sync::{Notify, watch};
 
 use super::hub::Routed;
 use super::source::{ChangeSource, RawChange, Step, Watch};
@@ -40,10 +42,6 @@ use super::{Worker, WorkerContext, lock};
 use crate::event::{ErrorCode, Event, EventKind, Token};
 use crate::routing::{MatchRule, route_values};
 use crate::streams::definition::{FullDocument, FullDocumentBeforeChange, WatchSpec};
-
-/// Batches a member's worker may trail its feed by before the feed waits for it (a worker only
-/// moves steps into its hub, so this is reached only in a burst).
-const MEMBER_QUEUE: usize = 16;
 
 /// Steps read without waiting (what the driver already holds) that go out as one batch.
 const BATCH: usize = 1024;
@@ -91,26 +89,58 @@ struct Member {
     pending: bool,
     /// Served before the last reopen by time: skip changes at or before this.
     through: Option<Token>,
-    tx: mpsc::Sender<Batch>,
+    link: Arc<Link>,
+}
+
+/// How the feed reaches a member's worker: it applies steps to the worker's hub itself (no
+/// queue, no hand-off between tasks) and tells the worker's loop when it is done with it.
+struct Link {
+    worker: Weak<Worker>,
+    signal: watch::Sender<Signal>,
+}
+
+/// What the feed tells a member's worker loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Signal {
+    /// The feed serves the worker.
+    Serving,
+    /// The worker ended (its last step was terminal): its loop stops.
+    Ended,
+    /// The feed cannot serve the worker (MongoDB refused its `$match`): it must open a cursor
+    /// of its own, from now (it was not served yet).
+    OwnCursor,
+}
+
+impl Link {
+    /// Applies `steps` to the worker in order; a terminal step ends it.
+    fn deliver(&self, steps: Batch) {
+        let Some(worker) = self.worker.upgrade() else {
+            return; // It stopped; its membership is going.
+        };
+        for step in steps {
+            if worker.apply(step).is_stop() {
+                self.signal.send_replace(Signal::Ended);
+                return;
+            }
+        }
+    }
 }
 
 /// A worker's place in a feed; leaving (drop) removes it.
 pub(crate) struct Membership {
     feed: Arc<Feed>,
     id: u64,
-    rx: mpsc::Receiver<Batch>,
-    /// The rest of the batch being applied.
-    held: std::collections::VecDeque<Step<Routed>>,
+    signal: watch::Receiver<Signal>,
 }
 
 impl Membership {
-    /// The next step for this worker (cancel-safe). `None`: the feed cannot serve this worker
-    /// (MongoDB refused its `$match`): it must open a cursor of its own.
-    pub async fn next(&mut self) -> Option<Step<Routed>> {
-        if self.held.is_empty() {
-            self.held.extend(self.rx.recv().await?);
+    /// Waits until the feed is done with this worker (cancel-safe): it ended, or it must open
+    /// a cursor of its own.
+    pub async fn done(&mut self) -> Signal {
+        match self.signal.wait_for(|s| *s != Signal::Serving).await {
+            Ok(signal) => *signal,
+            Err(_) => Signal::OwnCursor,
         }
-        self.held.pop_front()
     }
 }
 
@@ -145,7 +175,11 @@ impl Feeds {
             full_document: spec.full_document,
             full_document_before_change: spec.full_document_before_change,
         };
-        let (tx, rx) = mpsc::channel(MEMBER_QUEUE);
+        let (signal, watch_signal) = watch::channel(Signal::Serving);
+        let link = Arc::new(Link {
+            worker: Arc::downgrade(worker),
+            signal,
+        });
         let member = Member {
             id: 0,
             coll: spec.coll.clone(),
@@ -153,7 +187,7 @@ impl Feeds {
             rules: spec.routing.clone(),
             pending: true,
             through: None,
-            tx,
+            link,
         };
         let mut feeds = lock(&self.feeds);
         if let Some(feed) = feeds.get(&key) {
@@ -173,8 +207,7 @@ impl Feeds {
                 return Some(Membership {
                     feed: Arc::clone(feed),
                     id,
-                    rx,
-                    held: Default::default(),
+                    signal: watch_signal,
                 });
             }
         }
@@ -221,8 +254,7 @@ impl Feeds {
         Some(Membership {
             feed,
             id,
-            rx,
-            held: Default::default(),
+            signal: watch_signal,
         })
     }
 }
@@ -273,9 +305,8 @@ impl FeedTask {
                 _ = changed => continue,
                 step = cursor.next() => step,
             };
-            // Everything the driver already holds goes out together: a member's worker then
-            // publishes a batch back to back, as it would from a cursor of its own, instead of
-            // waking its clients once per change.
+            // Everything the driver already holds goes out together: each member's worker
+            // publishes its batch back to back, as it would from a cursor of its own.
             let mut outbox = Outbox::default();
             let mut end = self.take(first, &mut read, &mut outbox);
             while end.is_none() && outbox.steps < BATCH {
@@ -284,7 +315,7 @@ impl FeedTask {
                     None => break,
                 }
             }
-            outbox.send().await;
+            outbox.deliver();
             match end {
                 None => {}
                 Some(End::Refused(message)) => {
@@ -294,7 +325,7 @@ impl FeedTask {
                     source = Some(self.reopen(position));
                 }
                 Some(End::With(step)) => {
-                    self.end(|| clone_terminal(&step)).await;
+                    self.end(|| clone_terminal(&step));
                     break;
                 }
             }
@@ -371,7 +402,7 @@ impl FeedTask {
             } else {
                 Step::Opened(None)
             };
-            outbox.push(member.id, &member.tx, step);
+            outbox.push(member.id, &member.link, step);
         }
     }
 
@@ -390,7 +421,7 @@ impl FeedTask {
             .filter(|m| served(m))
             .map(|m| Target {
                 id: m.id,
-                tx: m.tx.clone(),
+                link: Arc::clone(&m.link),
                 values: route_values(&m.rules, &raw.doc),
                 takes_all: m.pipeline.is_empty(),
             })
@@ -412,7 +443,7 @@ impl FeedTask {
                 let message = error.to_string();
                 for target in targets {
                     let step = Step::Failed(ErrorCode::Upstream, message.clone());
-                    outbox.push(target.id, &target.tx, step);
+                    outbox.push(target.id, &target.link, step);
                 }
                 return;
             }
@@ -424,11 +455,11 @@ impl FeedTask {
                     event: Arc::clone(&event),
                     values: target.values,
                 };
-                outbox.push(target.id, &target.tx, Step::Change(routed));
+                outbox.push(target.id, &target.link, Step::Change(routed));
             }
             if let Some(invalidate) = &invalidate {
                 let step = Step::Invalidated(Arc::clone(invalidate));
-                outbox.push(target.id, &target.tx, step);
+                outbox.push(target.id, &target.link, step);
             }
         }
     }
@@ -438,7 +469,7 @@ impl FeedTask {
         let state = lock(&self.feed.state);
         for m in &state.members {
             if !m.pending && m.through.as_ref().is_none_or(|t| token > t) {
-                outbox.push(m.id, &m.tx, Step::Quiet(Some(token.clone())));
+                outbox.push(m.id, &m.link, Step::Quiet(Some(token.clone())));
             }
         }
     }
@@ -447,7 +478,7 @@ impl FeedTask {
     fn to_served(&self, step: impl Fn() -> Step<Routed>, outbox: &mut Outbox) {
         let state = lock(&self.feed.state);
         for m in state.members.iter().filter(|m| !m.pending) {
-            outbox.push(m.id, &m.tx, step());
+            outbox.push(m.id, &m.link, step());
         }
     }
 
@@ -455,15 +486,19 @@ impl FeedTask {
     /// own cursors). `false` when there were none (the refusal is the feed's own).
     fn refuse_pending_filters(&self) -> bool {
         let mut state = lock(&self.feed.state);
-        let before = state.members.len();
-        state
-            .members
-            .retain(|m| !m.pending || m.pipeline.is_empty());
-        state.members.len() != before
+        let (refused, kept) = std::mem::take(&mut state.members)
+            .into_iter()
+            .partition::<Vec<_>, _>(|m| m.pending && !m.pipeline.is_empty());
+        state.members = kept;
+        drop(state);
+        for member in &refused {
+            member.link.signal.send_replace(Signal::OwnCursor);
+        }
+        !refused.is_empty()
     }
 
     /// Ends every member with `step` and stops the feed.
-    async fn end(&self, step: impl Fn() -> Step<Routed>) {
+    fn end(&self, step: impl Fn() -> Step<Routed>) {
         let members = {
             let mut feeds = lock(&self.context.feeds.feeds);
             let mut state = lock(&self.feed.state);
@@ -473,9 +508,9 @@ impl FeedTask {
         };
         let mut outbox = Outbox::default();
         for member in members {
-            outbox.push(member.id, &member.tx, step());
+            outbox.push(member.id, &member.link, step());
         }
-        outbox.send().await;
+        outbox.deliver();
     }
 
     /// Stops the feed if it still has no members (checked under the feeds' lock, so a worker
@@ -502,7 +537,7 @@ fn remove_if_current(feeds: &mut HashMap<FeedKey, Arc<Feed>>, feed: &Arc<Feed>) 
 /// Steps for members, in order per member, sent as one batch each.
 #[derive(Default)]
 struct Outbox {
-    batches: Vec<(mpsc::Sender<Batch>, Batch)>,
+    batches: Vec<(Arc<Link>, Batch)>,
     /// Member id → index in `batches`.
     index: HashMap<u64, usize>,
     /// Steps held, over all members.
@@ -510,20 +545,19 @@ struct Outbox {
 }
 
 impl Outbox {
-    fn push(&mut self, member: u64, tx: &mpsc::Sender<Batch>, step: Step<Routed>) {
+    fn push(&mut self, member: u64, link: &Arc<Link>, step: Step<Routed>) {
         let at = *self.index.entry(member).or_insert_with(|| {
-            self.batches.push((tx.clone(), Vec::new()));
+            self.batches.push((Arc::clone(link), Vec::new()));
             self.batches.len() - 1
         });
         self.batches[at].1.push(step);
         self.steps += 1;
     }
 
-    /// Delivers every member's batch (waits for a member that trails by [`MEMBER_QUEUE`]
-    /// batches; a member that left is skipped).
-    async fn send(self) {
-        for (tx, batch) in self.batches {
-            let _ = tx.send(batch).await;
+    /// Applies every member's batch to its worker (a member that left is skipped).
+    fn deliver(self) {
+        for (link, batch) in self.batches {
+            link.deliver(batch);
         }
     }
 }
@@ -534,7 +568,7 @@ type Batch = Vec<Step<Routed>>;
 /// One member's share of a change.
 struct Target {
     id: u64,
-    tx: mpsc::Sender<Batch>,
+    link: Arc<Link>,
     values: crate::routing::RouteValues,
     takes_all: bool,
 }
@@ -641,7 +675,10 @@ mod tests {
             rules: Vec::new(),
             pending,
             through: None,
-            tx: mpsc::channel(1).0,
+            link: Arc::new(Link {
+                worker: Weak::new(),
+                signal: watch::channel(Signal::Serving).0,
+            }),
         }
     }
 
