@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::streams::definition::{DefinitionError, StreamDefinition, StreamKey};
+use crate::spec::{DefinitionError, StreamDefinition, StreamKey};
 
 /// Default listen address: loopback only, so a local run never exposes data by accident.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";

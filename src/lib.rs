@@ -6,6 +6,7 @@
 //! event.rs       Token (resume token, oplog-ordered) and Event (encoded once per wire format)
 //! path.rs        dotted paths into BSON and JSON (one walker)
 //! routing.rs     per-client routing rules and filters (claims, routable $var bindings)
+//! spec.rs        what a cursor watches: StreamKey, fullDocument options, WatchSpec
 //! backoff.rs     exponential backoff for every retry loop
 //! sync.rs        lock helpers (poison-recovering), one way to take a lock
 //! watcher.rs     one watcher loop (watch, load, follow; backoff) for the two MongoDB stores
@@ -49,6 +50,7 @@ pub mod replset;
 pub mod router;
 pub mod routing;
 pub mod snapshot;
+pub mod spec;
 pub mod streams;
 pub mod sync;
 pub mod watcher;

@@ -32,7 +32,7 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::config::LimitsConfig;
 use crate::metrics::{LimitLabel, Metrics};
-use crate::streams::StreamKey;
+use crate::spec::StreamKey;
 
 /// Which limit refused a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

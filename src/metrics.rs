@@ -129,16 +129,6 @@ pub trait LagSource: Send + Sync {
     fn lags(&self, now_ms: u64) -> Vec<(String, f64)>;
 }
 
-impl LagSource for crate::streams::Registry {
-    fn lags(&self, now_ms: u64) -> Vec<(String, f64)> {
-        self.all_workers()
-            .iter()
-            .filter(|worker| worker.state() != crate::worker::WorkerState::Stopped)
-            .map(|worker| (worker.key.stream.to_string(), worker.lag_seconds(now_ms)))
-            .collect()
-    }
-}
-
 /// Computes `streamgate_worker_lag_seconds` at scrape time.
 #[derive(Default)]
 struct LagCollector {

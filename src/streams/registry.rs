@@ -348,3 +348,14 @@ impl Registry {
         Ok((guard, filter))
     }
 }
+
+/// The lag gauge reads every running worker of the registry.
+impl crate::metrics::LagSource for Registry {
+    fn lags(&self, now_ms: u64) -> Vec<(String, f64)> {
+        self.all_workers()
+            .iter()
+            .filter(|worker| worker.state() != crate::worker::WorkerState::Stopped)
+            .map(|worker| (worker.key.stream.to_string(), worker.lag_seconds(now_ms)))
+            .collect()
+    }
+}

@@ -41,7 +41,7 @@ use super::source::{ChangeSource, RawChange, Step, Watch};
 use super::{Worker, WorkerContext, lock};
 use crate::event::{ErrorCode, Event, EventKind, Token};
 use crate::routing::{MatchRule, route_values};
-use crate::streams::definition::{FullDocument, FullDocumentBeforeChange, WatchSpec};
+use crate::spec::{FullDocument, FullDocumentBeforeChange, WatchSpec};
 
 /// Steps read without waiting (what the driver already holds) that go out as one batch.
 const BATCH: usize = 1024;

@@ -40,7 +40,7 @@ use crate::event::{Event, Token};
 use crate::limits::{CursorBudget, CursorPermit};
 use crate::metrics::Metrics;
 use crate::routing::ClientFilter;
-use crate::streams::definition::{StreamKey, WatchSpec};
+use crate::spec::{StreamKey, WatchSpec};
 use catchup::CatchUps;
 use hub::{Attachment, Hub, Routed, Scan};
 use source::ServerFeatures;
@@ -456,7 +456,7 @@ impl Owner for NoOwner {
 /// A worker that is never spawned, on an unreachable MongoDB: unit tests publish into it.
 #[cfg(test)]
 pub(crate) async fn test_worker(ring_size: usize) -> Arc<Worker> {
-    use crate::streams::definition::{FullDocument, FullDocumentBeforeChange};
+    use crate::spec::{FullDocument, FullDocumentBeforeChange};
     let client = mongodb::Client::with_uri_str("mongodb://127.0.0.1:1/")
         .await
         .expect("a URI without I/O");
