@@ -119,6 +119,10 @@ pub struct ResumeCheck {
     /// Collection UUIDs seen, per `(db, coll)`. Only a match is trusted from here: a mismatch
     /// is rechecked against MongoDB (the collection may have been recreated).
     uuids: Mutex<HashMap<(String, String), [u8; 16]>>,
+    /// One question to MongoDB at a time: a restart storm of N resumes on a fresh server asks
+    /// once and the others find the answer cached, instead of N questions opening N pooled
+    /// connections.
+    asking: tokio::sync::Mutex<()>,
 }
 
 /// A resume id that cannot be a position of the stream's collection. The HTTP layer answers
@@ -139,6 +143,7 @@ impl ResumeCheck {
             client,
             latest: Mutex::new(None),
             uuids: Mutex::new(HashMap::new()),
+            asking: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -157,8 +162,14 @@ impl ResumeCheck {
 
     /// Refuses a time from the future; `Ok(false)` when MongoDB could not be asked.
     async fn check_time(&self, time: Timestamp) -> Result<bool, ResumeRefused> {
-        let known = *crate::sync::lock(&self.latest);
-        if known.is_some_and(|latest| time <= latest) {
+        let reached = |check: &ResumeCheck| {
+            crate::sync::lock(&check.latest).is_some_and(|latest| time <= latest)
+        };
+        if reached(self) {
+            return Ok(true);
+        }
+        let _turn = self.asking.lock().await;
+        if reached(self) {
             return Ok(true);
         }
         let Some(now) = self.cluster_time().await else {
@@ -187,8 +198,14 @@ impl ResumeCheck {
 
     async fn check_collection(&self, key: &StreamKey, uuid: [u8; 16]) -> Result<(), ResumeRefused> {
         let cache_key = (key.db.clone(), key.coll.clone());
-        let cached = crate::sync::lock(&self.uuids).get(&cache_key).copied();
-        if cached == Some(uuid) {
+        let cached = |check: &ResumeCheck| {
+            crate::sync::lock(&check.uuids).get(&cache_key).copied() == Some(uuid)
+        };
+        if cached(self) {
+            return Ok(());
+        }
+        let _turn = self.asking.lock().await;
+        if cached(self) {
             return Ok(());
         }
         // Not there (yet): a change stream may watch a collection before it exists.

@@ -839,3 +839,48 @@ async fn impossible_resume_ids_are_refused_with_400_naming_the_reason() {
         101
     );
 }
+
+/// A restart storm of resumes on a fresh server asks MongoDB once (one `listCollections`, at
+/// most one `ping`), not once per client: N questions at once would open N pooled connections.
+#[tokio::test]
+async fn a_storm_of_resume_checks_asks_mongodb_once() {
+    use mongodb::event::EventHandler;
+    use mongodb::event::command::CommandEvent;
+    use streamgate::auth::resume::ResumeCheck;
+    use streamgate::event::Token;
+
+    let f = Fixture::start("resume_once", |_| {}).await;
+    let mut client = f.connect(Kind::Sse).await;
+    f.insert_seqs(0..1).await;
+    let id = client.changes(1, WAIT).await[0].id.clone().unwrap();
+    let token = Token::parse(&id).unwrap();
+
+    let asked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut options = mongodb::options::ClientOptions::parse(mongod::shared().uri())
+        .await
+        .unwrap();
+    let seen = Arc::clone(&asked);
+    options.command_event_handler = Some(EventHandler::callback(move |event| {
+        if let CommandEvent::Started(started) = event {
+            seen.lock().unwrap().push(started.command_name);
+        }
+    }));
+    let check = Arc::new(ResumeCheck::new(
+        mongodb::Client::with_options(options).unwrap(),
+    ));
+    let key = f.key();
+    let checks: Vec<_> = (0..50)
+        .map(|_| {
+            let (check, key, token) = (Arc::clone(&check), key.clone(), token.clone());
+            tokio::spawn(async move { check.check(&key, &token).await })
+        })
+        .collect();
+    for handle in checks {
+        assert!(handle.await.unwrap().is_ok());
+    }
+    let asked = asked.lock().unwrap().clone();
+    let count = |name: &str| asked.iter().filter(|n| *n == name).count();
+    assert_eq!(count("listCollections"), 1, "{asked:?}");
+    assert!(count("ping") <= 1, "{asked:?}");
+    f.server.stop().await;
+}
