@@ -112,6 +112,11 @@ pub(crate) enum Signal {
 }
 
 impl Link {
+    /// Whether the member's worker still runs (not ended or cancelled).
+    fn is_live(&self) -> bool {
+        self.worker.upgrade().is_some_and(|w| !w.is_finished())
+    }
+
     /// Applies `steps` to the worker in order; a terminal step ends it.
     fn deliver(&self, steps: Batch) {
         let Some(worker) = self.worker.upgrade() else {
@@ -193,6 +198,8 @@ impl Feeds {
         if let Some(feed) = feeds.get(&key) {
             let mut state = lock(&feed.state);
             if !state.stopped {
+                // A replaced definition's worker may not have left yet: it no longer counts.
+                state.members.retain(|m| m.link.is_live());
                 if state
                     .members
                     .iter()

@@ -382,7 +382,16 @@ async fn replace_cancels_clients_who_reconnect_onto_the_new_definition() {
     assert_eq!(events[0].data["fullDocument"]["x"], 2);
     expect_quiet(&mut client).await;
     let key = StreamKey::new(&db, "c", "s").unwrap();
-    assert_eq!(server.registry.workers_of(&key).len(), 1);
+    let workers = server.registry.workers_of(&key);
+    assert_eq!(workers.len(), 1);
+    // The new definition's worker shares its database's cursor again (the replaced worker,
+    // with the old filter on the same collection, no longer holds the feed's place).
+    assert!(
+        workers[0]
+            .stats
+            .on_database_feed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
     server.stop().await;
 }
 
