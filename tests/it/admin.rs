@@ -147,14 +147,6 @@ async fn expect_cancel_and_close(client: &mut Client, kind: Kind) -> Envelope {
     event
 }
 
-/// Asserts that nothing but keep-alives arrives for a short while.
-async fn expect_quiet(client: &mut Client) {
-    match client.next(QUIET).await {
-        Next::Timeout => {}
-        other => panic!("expected nothing, got {other:?}"),
-    }
-}
-
 /// The served OpenAPI document, used to validate real responses.
 struct OpenApi(Value);
 
@@ -277,7 +269,7 @@ async fn create_subscribe_receive_with_stats() {
     let events = client.changes(2, WAIT).await;
     assert_eq!(events[0].data["documentKey"], json!({"_id": 1}));
     assert_eq!(events[1].data["documentKey"], json!({"_id": 2}));
-    expect_quiet(&mut client).await; // the update was filtered out
+    client.expect_quiet(QUIET).await; // the update was filtered out
 
     // Stats: one SSE client, two events received and delivered, a position, running.
     let key = StreamKey::new(&db, "orders", "inserts").unwrap();
@@ -380,7 +372,7 @@ async fn replace_cancels_clients_who_reconnect_onto_the_new_definition() {
     coll.insert_one(doc! { "x": 2 }).await.unwrap();
     let events = client.changes(1, WAIT).await;
     assert_eq!(events[0].data["fullDocument"]["x"], 2);
-    expect_quiet(&mut client).await;
+    client.expect_quiet(QUIET).await;
     let key = StreamKey::new(&db, "c", "s").unwrap();
     let workers = server.registry.workers_of(&key);
     assert_eq!(workers.len(), 1);
@@ -900,7 +892,7 @@ async fn put_with_match_is_stored_and_applied() {
     };
     assert_eq!(ns(alice.changes(1, WAIT).await), [json!(2)]);
     assert_eq!(ns(bob.changes(2, WAIT).await), [json!(1), json!(4)]);
-    expect_quiet(&mut alice).await;
+    alice.expect_quiet(QUIET).await;
     b.stop().await;
 }
 
@@ -960,11 +952,11 @@ async fn avars_one_worker_per_distinct_values() {
             "{events:?}"
         );
         assert_eq!(events[0].data["fullDocument"]["kind"], "a");
-        expect_quiet(client).await;
+        client.expect_quiet(QUIET).await;
     }
     let events = bob_ws.changes(1, WAIT).await;
     assert_eq!(events[0].data["fullDocument"]["owner"], "bob");
-    expect_quiet(&mut bob_ws).await;
+    bob_ws.expect_quiet(QUIET).await;
 
     // The three alice clients share one cursor: two on MongoDB for the two bindings (one
     // serves a binding through the database's feed, the other, another filter on the same

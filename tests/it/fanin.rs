@@ -37,13 +37,6 @@ async fn connect_with(f: &Fixture, kind: Kind, avars: &Value) -> Client {
         .unwrap()
 }
 
-async fn expect_quiet(client: &mut Client) {
-    match client.next(QUIET).await {
-        Next::Timeout => {}
-        other => panic!("expected nothing, got {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn routable_bindings_share_one_cursor_and_each_sees_only_its_documents() {
     let f = Fixture::start("fanin_bind", |config| {
@@ -83,7 +76,7 @@ async fn routable_bindings_share_one_cursor_and_each_sees_only_its_documents() {
         assert_eq!(seqs(&events), vec![0, 1]);
     }
     for client in clients.iter_mut() {
-        expect_quiet(client).await;
+        client.expect_quiet(QUIET).await;
     }
     // One cursor for every binding: the database feed's (the worker opens none of its own).
     assert_eq!(worker.stats.cursors_opened.load(Ordering::Relaxed), 0);
@@ -120,8 +113,8 @@ async fn unroutable_bindings_keep_a_cursor_each() {
         .unwrap();
     assert_eq!(seqs(&null.changes(1, WAIT).await), vec![1]);
     assert_eq!(seqs(&routed.changes(1, WAIT).await), vec![2]);
-    expect_quiet(&mut null).await;
-    expect_quiet(&mut routed).await;
+    null.expect_quiet(QUIET).await;
+    routed.expect_quiet(QUIET).await;
     f.server.stop().await;
 }
 
@@ -162,7 +155,7 @@ async fn a_restart_storm_shares_catch_up_cursors_and_delivers_exactly_once() {
         let from = *at as i64 + 1;
         let events = client.changes((N - from) as usize, WAIT).await;
         assert_eq!(seqs(&events), (from..N).collect::<Vec<_>>());
-        expect_quiet(client).await;
+        client.expect_quiet(QUIET).await;
     }
     let opened = f.server.metrics.catchups.get() - before;
     assert!(

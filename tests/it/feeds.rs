@@ -29,13 +29,6 @@ async fn coll(f: &Fixture, name: &str) -> mongodb::Collection<Document> {
         .collection::<Document>(name)
 }
 
-async fn expect_quiet(client: &mut Client) {
-    match client.next(QUIET).await {
-        Next::Timeout => {}
-        other => panic!("expected nothing, got {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn streams_of_a_database_share_one_cursor_and_joins_lose_nothing() {
     let f = Fixture::start("feeds_share", |config| {
@@ -74,7 +67,7 @@ async fn streams_of_a_database_share_one_cursor_and_joins_lose_nothing() {
         (0..N).collect::<Vec<_>>(),
         "the reader of `c` across three reopens"
     );
-    expect_quiet(&mut first).await;
+    first.expect_quiet(QUIET).await;
 
     // Each stream sees its own collection only, and `inserts` only its filter's changes.
     insert_seqs(&coll(&f, "c1").await, 0..3).await;
@@ -89,7 +82,7 @@ async fn streams_of_a_database_share_one_cursor_and_joins_lose_nothing() {
     assert_eq!(seqs(&c2.changes(2, WAIT).await), vec![10, 11]);
     assert_eq!(seqs(&inserts.changes(3, WAIT).await), vec![20, 21, 22]);
     for client in [&mut first, &mut c1, &mut c2, &mut inserts] {
-        expect_quiet(client).await;
+        client.expect_quiet(QUIET).await;
     }
 
     // Five streams on five collections: one cursor on MongoDB (the database's), none of a
@@ -142,7 +135,7 @@ async fn a_dropped_collection_ends_its_streams_and_the_others_go_on() {
 
     insert_seqs(&f.coll, 0..3).await;
     assert_eq!(seqs(&stays.changes(3, WAIT).await), vec![0, 1, 2]);
-    expect_quiet(&mut stays).await;
+    stays.expect_quiet(QUIET).await;
     f.server.stop().await;
 }
 
@@ -175,6 +168,6 @@ async fn a_match_mongodb_refuses_fails_its_stream_alone() {
     assert_eq!(f.server.metrics.database_feeds.get(), 1);
     insert_seqs(&f.coll, 2..5).await;
     assert_eq!(seqs(&good.changes(3, WAIT).await), vec![2, 3, 4]);
-    expect_quiet(&mut good).await;
+    good.expect_quiet(QUIET).await;
     f.server.stop().await;
 }

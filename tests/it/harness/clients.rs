@@ -267,6 +267,14 @@ impl Client {
         }
     }
 
+    /// Asserts that nothing but keep-alives arrives for `quiet`.
+    pub async fn expect_quiet(&mut self, quiet: Duration) {
+        match self.next(quiet).await {
+            Next::Timeout => {}
+            other => panic!("expected nothing, got {other:?}"),
+        }
+    }
+
     /// Collects `n` change events (panics on anything else or on timeout).
     pub async fn changes(&mut self, n: usize, timeout: Duration) -> Vec<Envelope> {
         let deadline = Instant::now() + timeout;
