@@ -87,6 +87,9 @@ struct Member {
     rules: Vec<MatchRule>,
     /// Joined since the cursor last opened: not served yet.
     pending: bool,
+    /// In the filter of the cursor being opened or read. A member that joins while a reopen is
+    /// under way is not: it stays pending until the next reopen includes it.
+    included: bool,
     /// Served before the last reopen by time: skip changes at or before this.
     through: Option<Token>,
     link: Arc<Link>,
@@ -191,6 +194,7 @@ impl Feeds {
             pipeline: spec.pipeline.clone(),
             rules: spec.routing.clone(),
             pending: true,
+            included: false,
             through: None,
             link,
         };
@@ -267,6 +271,22 @@ impl Feeds {
 }
 
 impl State {
+    /// The cursor is open: pending members it includes start at `start`; served members learn
+    /// it is running; members that joined during the open wait for the next one.
+    fn opened(&mut self, start: Option<Token>, outbox: &mut Outbox) {
+        for member in &mut self.members {
+            let step = match (member.pending, member.included) {
+                (true, true) => {
+                    member.pending = false;
+                    Step::Opened(start.clone())
+                }
+                (true, false) => continue,
+                (false, _) => Step::Opened(None),
+            };
+            outbox.push(member.id, &member.link, step);
+        }
+    }
+
     fn add(&mut self, mut member: Member) -> u64 {
         member.id = self.next_id;
         self.next_id += 1;
@@ -376,8 +396,11 @@ impl FeedTask {
     /// A source for the current members: from now, or at the cluster time of `position`.
     fn reopen(&self, position: Option<Token>) -> ChangeSource {
         let mut state = lock(&self.feed.state);
-        for member in state.members.iter_mut().filter(|m| !m.pending) {
-            member.through.clone_from(&position);
+        for member in &mut state.members {
+            member.included = true;
+            if !member.pending {
+                member.through.clone_from(&position);
+            }
         }
         let watch = Watch {
             client: self.template.client.clone(),
@@ -401,16 +424,7 @@ impl FeedTask {
 
     /// The cursor is open: pending members start at `start`, the others learn it is running.
     fn opened(&self, start: Option<Token>, outbox: &mut Outbox) {
-        let mut state = lock(&self.feed.state);
-        for member in &mut state.members {
-            let step = if member.pending {
-                member.pending = false;
-                Step::Opened(start.clone())
-            } else {
-                Step::Opened(None)
-            };
-            outbox.push(member.id, &member.link, step);
-        }
+        lock(&self.feed.state).opened(start, outbox);
     }
 
     /// Routes a change to the members on its collection.
@@ -495,7 +509,7 @@ impl FeedTask {
         let mut state = lock(&self.feed.state);
         let (refused, kept) = std::mem::take(&mut state.members)
             .into_iter()
-            .partition::<Vec<_>, _>(|m| m.pending && !m.pipeline.is_empty());
+            .partition::<Vec<_>, _>(|m| m.pending && m.included && !m.pipeline.is_empty());
         state.members = kept;
         drop(state);
         for member in &refused {
@@ -681,6 +695,7 @@ mod tests {
             pipeline,
             rules: Vec::new(),
             pending,
+            included: !pending,
             through: None,
             link: Arc::new(Link {
                 worker: Weak::new(),
@@ -730,6 +745,39 @@ mod tests {
                 { "ns.coll": { "$in": ["b"] }, "operationType": { "$in": ["drop", "rename"] } },
             ] }
         );
+    }
+
+    #[test]
+    fn a_member_that_joins_during_an_open_waits_for_the_next_one() {
+        let start = Token::parse("826B083BE7000000152B").unwrap();
+        let mut served = member("a", vec![], false);
+        served.id = 1;
+        let mut included = member("b", vec![], true);
+        included.id = 2;
+        included.included = true;
+        let mut late = member("c", vec![], true);
+        late.id = 3;
+        let mut state = State {
+            members: vec![served, included, late],
+            next_id: 4,
+            reopen: true,
+            stopped: false,
+        };
+        let mut outbox = Outbox::default();
+        state.opened(Some(start.clone()), &mut outbox);
+        let steps: Vec<(u64, Option<Token>)> = outbox
+            .index
+            .iter()
+            .map(|(id, at)| match &outbox.batches[*at].1[..] {
+                [Step::Opened(position)] => (*id, position.clone()),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        let mut steps = steps;
+        steps.sort_by_key(|(id, _)| *id);
+        assert_eq!(steps, vec![(1, None), (2, Some(start))]);
+        assert!(!state.members[1].pending);
+        assert!(state.members[2].pending, "not in this cursor's filter");
     }
 
     #[test]
