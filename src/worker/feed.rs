@@ -336,7 +336,9 @@ impl FeedTask {
             // publishes its batch back to back, as it would from a cursor of its own.
             let mut outbox = Outbox::default();
             let mut end = self.take(first, &mut read, &mut outbox);
-            while end.is_none() && outbox.steps < BATCH {
+            // Only from an open cursor: an open polled once and dropped would leave its
+            // server-side cursor behind.
+            while end.is_none() && outbox.steps < BATCH && cursor.is_open() {
                 match cursor.next().now_or_never() {
                     Some(step) => end = self.take(step, &mut read, &mut outbox),
                     None => break,

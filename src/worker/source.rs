@@ -271,6 +271,11 @@ impl ChangeSource {
         source
     }
 
+    /// Whether a cursor is open (the next step reads it rather than opening one).
+    pub fn is_open(&self) -> bool {
+        self.cursor.is_some() && !self.failed
+    }
+
     /// Where the source stands: its last change or post-batch token.
     pub fn position(&self) -> Option<&Token> {
         self.position.as_ref()
