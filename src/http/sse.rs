@@ -1,5 +1,7 @@
 //! Server-Sent Events: `text/event-stream` framing of PROTOCOL.md §3.
 
+use axum::body::Body;
+use axum::http::header;
 use axum::response::Response;
 use bytes::Bytes;
 
@@ -23,4 +25,16 @@ pub fn response(feed: Feed, retry_ms: u64, options: &Options, info: Option<Bytes
         bare: false,
     };
     streaming_response(feed, encoding, "text/event-stream")
+}
+
+/// The answer to an SSE subscribe that meets a server shutting down: `200` with only the
+/// `retry:` hint, then the end of the stream, so the client reconnects (to this instance's
+/// successor or another one). Any error status would end a browser's `EventSource` for good
+/// (HTML: a non-200 response fails the connection without reconnecting).
+pub fn goodbye(retry_ms: u64) -> Response {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from(format!("retry: {retry_ms}\n\n")))
+        .unwrap_or_default()
 }

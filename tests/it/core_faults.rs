@@ -385,3 +385,55 @@ async fn a_subscribe_abandoned_while_the_cursor_opens_leaves_no_client_behind() 
     drop(mongo);
     f.server.stop().await;
 }
+
+/// A subscribe that meets the server's shutdown (here: while its worker still waits for an
+/// unreachable MongoDB) gets `200` with only `retry:` over SSE, so a browser's `EventSource`
+/// reconnects to the next instance. The 503 it used to get ends an `EventSource` for good.
+#[tokio::test]
+async fn an_sse_subscribe_during_shutdown_is_told_to_reconnect() {
+    let mongo = tokio::task::spawn_blocking(MongoD::start).await.unwrap();
+    let f = Fixture::start_on(&mongo, "shutdown_goodbye", |config| {
+        let separator = if config.mongo_uri.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        config.mongo_uri = format!(
+            "{}{separator}serverSelectionTimeoutMS=1000",
+            config.mongo_uri
+        );
+    })
+    .await;
+    let mongo = tokio::task::spawn_blocking(move || {
+        mongo.kill();
+        mongo
+    })
+    .await
+    .unwrap();
+    let url = f.server.url(&f.path);
+    let request = tokio::spawn(async move {
+        let response = reqwest::Client::new()
+            .get(url)
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let content_type = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        (status, content_type, response.text().await.unwrap())
+    });
+    let (registry, key) = (f.server.registry.clone(), f.key());
+    eventually("the subscribe waits for its worker", WAIT, async || {
+        !registry.workers_of(&key).is_empty()
+    })
+    .await;
+    f.server.stop().await;
+    let (status, content_type, body) = request.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(content_type, "text/event-stream");
+    assert_eq!(body, format!("retry: {}\n\n", f.config.sse_retry_ms));
+    drop(mongo);
+}
