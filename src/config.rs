@@ -590,6 +590,21 @@ pub struct Overrides {
 }
 
 impl Overrides {
+    /// Where each overridden setting comes from (`limits.max_workers from
+    /// STREAMGATE_LIMITS_MAX_WORKERS`), in the order they apply.
+    pub fn describe(&self) -> Vec<String> {
+        self.values
+            .iter()
+            .map(|(key, source, _)| {
+                let from = match source {
+                    Source::Env => key.env(),
+                    Source::Flag => format!("--{}", key.flag()),
+                };
+                format!("{} from {from}", key.path())
+            })
+            .collect()
+    }
+
     /// Every key's environment variable (through `env`, so tests need not touch the process
     /// environment; an empty value counts as unset), then every flag given in `flags` (matches
     /// of a command that has [`flags`]'s arguments).

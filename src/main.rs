@@ -65,7 +65,7 @@ async fn main() -> ExitCode {
         &matches,
     );
     if let Some(Command::CheckConfig { file }) = &cli.command {
-        return match check_config(file).await {
+        return match check_config(file, overrides).await {
             Ok(summary) => {
                 print!("{summary}");
                 ExitCode::SUCCESS
@@ -168,13 +168,17 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// `streamgate check-config FILE`: parses and validates `file` (TOML, stream definitions,
-/// `[auth]` key files, the MongoDB URI's syntax) and describes what the server would serve.
-/// Binds nothing and connects to nothing (a `mongodb+srv` URI is not resolved).
-async fn check_config(file: &std::path::Path) -> Result<String, String> {
+/// `streamgate check-config FILE`: parses and validates `file` with the environment's and the
+/// flags' settings over it, as the server would load it (TOML, stream definitions, `[auth]`
+/// key files, the MongoDB URI's syntax), and describes what the server would serve. Binds
+/// nothing and connects to nothing (a `mongodb+srv` URI is not resolved).
+async fn check_config(file: &std::path::Path, overrides: Overrides) -> Result<String, String> {
     use std::fmt::Write as _;
-    let config = Config::from_file(file).map_err(|e| e.to_string())?;
-    config.validate().map_err(|e| e.to_string())?;
+    let overridden = overrides.describe();
+    let config = Config::from_file(file)
+        .map_err(|e| e.to_string())?
+        .with_overrides(overrides)
+        .map_err(|e| e.to_string())?;
     // Building the authenticator checks keys and rules; a JWKS URL is only fetched later.
     streamgate::auth::Authenticator::from_config(
         &config.auth,
@@ -193,6 +197,9 @@ async fn check_config(file: &std::path::Path) -> Result<String, String> {
     let mut out = String::new();
     let mut warnings = Vec::new();
     let _ = writeln!(out, "{}: valid", file.display());
+    if !overridden.is_empty() {
+        let _ = writeln!(out, "overrides     {}", overridden.join(", "));
+    }
     let _ = writeln!(out, "listen        {}", config.listen);
     let _ = writeln!(
         out,

@@ -362,6 +362,36 @@ async fn check_config_validates_and_describes_without_connecting() {
     }
     assert!(!stdout.contains("s3cret"), "{stdout}");
 
+    // The same file as the server would load it: variables and flags over the file.
+    let output = tokio::process::Command::new(bin)
+        .arg("--limits-max-workers=7")
+        .arg("check-config")
+        .arg(good.path())
+        .env("STREAMGATE_LISTEN", "127.0.0.1:9100")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    for expected in [
+        "listen        127.0.0.1:9100",
+        "overrides     listen from STREAMGATE_LISTEN, limits.max_workers from --limits-max-workers",
+        "cursors 7",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} missing:\n{stdout}");
+    }
+    assert!(!stdout.contains("WITHOUT authentication"), "{stdout}");
+    let output = tokio::process::Command::new(bin)
+        .arg("check-config")
+        .arg(good.path())
+        .env("STREAMGATE_LIMITS_MAX_WORKERS", "many")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr.contains("STREAMGATE_LIMITS_MAX_WORKERS"), "{stderr}");
+
     let mut bad = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     std::io::Write::write_all(
         &mut bad,
