@@ -291,13 +291,12 @@ async fn history_lost_sends_error_then_empty_id_and_closes() {
     f.server.stop().await;
 }
 
-#[tokio::test]
-async fn a_first_subscribe_waits_out_an_outage_instead_of_failing_at_once() {
-    // Issue 9 item 9: a transient error while the first cursor opens is waited out (up to the
-    // ready timeout), not answered 503 on the first failure.
+/// A server on a replica set of its own that is then killed (restart it to end the outage).
+/// Its MongoDB client gives up selecting a server after 1 s, so a cursor's first open fails
+/// well within the registry's ready timeout.
+async fn during_an_outage(prefix: &str) -> (Fixture, MongoD) {
     let mongo = tokio::task::spawn_blocking(MongoD::start).await.unwrap();
-    // A short server-selection timeout, so the first open fails well within the ready timeout.
-    let f = Fixture::start_on(&mongo, "ready_outage", |config| {
+    let f = Fixture::start_on(&mongo, prefix, |config| {
         let separator = if config.mongo_uri.contains('?') {
             '&'
         } else {
@@ -315,6 +314,14 @@ async fn a_first_subscribe_waits_out_an_outage_instead_of_failing_at_once() {
     })
     .await
     .unwrap();
+    (f, mongo)
+}
+
+#[tokio::test]
+async fn a_first_subscribe_waits_out_an_outage_instead_of_failing_at_once() {
+    // Issue 9 item 9: a transient error while the first cursor opens is waited out (up to the
+    // ready timeout), not answered 503 on the first failure.
+    let (f, mongo) = during_an_outage("ready_outage").await;
     let registry = f.server.registry.clone();
     let key = f.key();
     let started = std::time::Instant::now();
@@ -391,25 +398,7 @@ async fn a_subscribe_abandoned_while_the_cursor_opens_leaves_no_client_behind() 
 /// reconnects to the next instance. The 503 it used to get ends an `EventSource` for good.
 #[tokio::test]
 async fn an_sse_subscribe_during_shutdown_is_told_to_reconnect() {
-    let mongo = tokio::task::spawn_blocking(MongoD::start).await.unwrap();
-    let f = Fixture::start_on(&mongo, "shutdown_goodbye", |config| {
-        let separator = if config.mongo_uri.contains('?') {
-            '&'
-        } else {
-            '?'
-        };
-        config.mongo_uri = format!(
-            "{}{separator}serverSelectionTimeoutMS=1000",
-            config.mongo_uri
-        );
-    })
-    .await;
-    let mongo = tokio::task::spawn_blocking(move || {
-        mongo.kill();
-        mongo
-    })
-    .await
-    .unwrap();
+    let (f, mongo) = during_an_outage("shutdown_goodbye").await;
     let url = f.server.url(&f.path);
     let request = tokio::spawn(async move {
         let response = reqwest::Client::new()
