@@ -43,6 +43,10 @@ use crate::event::{ErrorCode, Event, EventKind, Token};
 use crate::routing::{MatchRule, route_values};
 use crate::spec::{FullDocument, FullDocumentBeforeChange, WatchSpec};
 
+/// How long MongoDB gets to say whether a filtering member's `$match` takes its collection's
+/// `drop`/`rename` (past it, the member gets the `invalidate` alone).
+const END_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Steps read without waiting (what the driver already holds) that go out as one batch.
 const BATCH: usize = 1024;
 
@@ -446,7 +450,7 @@ impl FeedTask {
                 id: m.id,
                 link: Arc::clone(&m.link),
                 values: route_values(&m.rules, &raw.doc),
-                takes_all: m.pipeline.is_empty(),
+                pipeline: m.pipeline.clone(),
             })
             .collect();
         if targets.is_empty() {
@@ -460,6 +464,9 @@ impl FeedTask {
         drop(state);
         let id = raw.id.clone();
         let invalidate = ends.then(|| Arc::new(invalidate_after(&raw)));
+        // Whether a filtering member's `$match` takes the `drop`/`rename` is MongoDB's to say.
+        let ending =
+            (ends && targets.iter().any(|t| !t.pipeline.is_empty())).then(|| raw.doc.clone());
         let event = match raw.encode() {
             Ok(event) => Arc::new(event),
             Err(error) => {
@@ -472,17 +479,29 @@ impl FeedTask {
             }
         };
         for target in targets {
-            if !ends || target.takes_all {
-                let routed = Routed {
-                    id: id.clone(),
-                    event: Arc::clone(&event),
-                    values: target.values,
-                };
-                outbox.push(target.id, &target.link, Step::Change(routed));
-            }
-            if let Some(invalidate) = &invalidate {
-                let step = Step::Invalidated(Arc::clone(invalidate));
-                outbox.push(target.id, &target.link, step);
+            let routed = Routed {
+                id: id.clone(),
+                event: Arc::clone(&event),
+                values: target.values,
+            };
+            match (&invalidate, &ending) {
+                (Some(invalidate), Some(change)) if !target.pipeline.is_empty() => {
+                    outbox.ends.push(EndCheck {
+                        db: self.template.client.database(&self.template.db),
+                        tracker: self.context.tracker.clone(),
+                        change: change.clone(),
+                        pipeline: target.pipeline,
+                        link: target.link,
+                        routed,
+                        invalidate: Arc::clone(invalidate),
+                    });
+                }
+                (Some(invalidate), _) => {
+                    outbox.push(target.id, &target.link, Step::Change(routed));
+                    let step = Step::Invalidated(Arc::clone(invalidate));
+                    outbox.push(target.id, &target.link, step);
+                }
+                (None, _) => outbox.push(target.id, &target.link, Step::Change(routed)),
             }
         }
     }
@@ -565,6 +584,8 @@ struct Outbox {
     index: HashMap<u64, usize>,
     /// Steps held, over all members.
     steps: usize,
+    /// Filtering members ended by their collection's `drop`/`rename`, checked after the batch.
+    ends: Vec<EndCheck>,
 }
 
 impl Outbox {
@@ -582,6 +603,51 @@ impl Outbox {
         for (link, batch) in self.batches {
             link.deliver(batch);
         }
+        for end in self.ends {
+            end.spawn();
+        }
+    }
+}
+
+/// Ends a filtering member after its collection's `drop` or `rename`: the change first if its
+/// `$match` takes it (MongoDB evaluates that, over `$documents`), then the `invalidate`, as
+/// its own collection cursor would. The member has left the feed, so nothing else reaches it
+/// meanwhile; the check starts after the batch with the member's earlier changes went out.
+struct EndCheck {
+    db: mongodb::Database,
+    tracker: tokio_util::task::TaskTracker,
+    change: Document,
+    pipeline: Vec<Document>,
+    link: Arc<Link>,
+    routed: Routed,
+    invalidate: Arc<Event>,
+}
+
+impl EndCheck {
+    fn spawn(self) {
+        let tracker = self.tracker.clone();
+        tracker.spawn(async move {
+            let mut stages = vec![doc! { "$documents": [self.change] }];
+            stages.extend(self.pipeline);
+            let takes = async {
+                let mut cursor = self.db.aggregate(stages).await?;
+                cursor.advance().await
+            };
+            let takes = match tokio::time::timeout(END_CHECK_TIMEOUT, takes).await {
+                Ok(Ok(takes)) => takes,
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "could not tell whether a stream's $match takes its collection's end; sending the invalidate alone");
+                    false
+                }
+                Err(_) => false,
+            };
+            let mut steps = Vec::with_capacity(2);
+            if takes {
+                steps.push(Step::Change(self.routed));
+            }
+            steps.push(Step::Invalidated(self.invalidate));
+            self.link.deliver(steps);
+        });
     }
 }
 
@@ -593,7 +659,8 @@ struct Target {
     id: u64,
     link: Arc<Link>,
     values: crate::routing::RouteValues,
-    takes_all: bool,
+    /// The member's `$match` stages (empty: it takes every change).
+    pipeline: Vec<Document>,
 }
 
 /// What the feed's loop remembers between steps.
