@@ -17,8 +17,10 @@
 //!   high-water marks (post-batch tokens that are not a change), never another collection's
 //!   change id: a client resuming with one would be refused as `other_collection`.
 //! * **Ends.** A database feed sees no `invalidate` when one collection is dropped or renamed,
-//!   only the `drop`/`rename` change: the feed turns that into the change (for members that take
-//!   every change) followed by an `invalidate` with the same id, as a collection stream would.
+//!   only the `drop`/`rename` change (its `$match` takes those for every member's collection):
+//!   the feed turns that into the change, for members whose `$match` takes it (MongoDB
+//!   evaluates a filtering member's stages over `$documents`), followed by an `invalidate` with
+//!   the same id, as a collection stream would.
 //! * **Failure.** A cursor MongoDB refuses to open right after members joined is likely refused
 //!   for one of their `$match`es: those members fall back to cursors of their own (which then
 //!   report the error to their clients alone), and the feed reopens without them. Any other
