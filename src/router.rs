@@ -36,6 +36,11 @@ pub fn router(state: AppState) -> Router {
             get(http::subscribe::subscribe),
         )
         .route("/_streams", get(http::multi::subscribe_many))
+        // SSE clients meeting a shutdown are told to reconnect, never given an error status.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            http::sse::reconnect_on_shutdown,
+        ))
         .merge(traced)
         // Authenticates every route but the probes, and requires the admin role on
         // `/_admin…` whatever the method or sub-path (see `http::guard`).

@@ -118,9 +118,6 @@ pub async fn subscribe_many(
     let headers = &caller.headers;
     let Query(params) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let transport = negotiate(headers)?;
-    if transport == Transport::Sse && state.shutdown.is_cancelled() {
-        return Ok(super::sse::goodbye(state.config.sse_retry_ms));
-    }
     let options = Options::parse(&params.options)?;
     let max = state.config.limits.max_streams_per_connection;
     let names = stream_list(params.streams.as_deref(), max)?;
@@ -152,14 +149,7 @@ pub async fn subscribe_many(
     for key in &names {
         // Resuming: every stream from its entry (a stream the id does not hold from now).
         let start = resume.as_ref().and_then(|p| p.get(tag(&key.to_string())));
-        match opener.open(key, start, resume.is_none()).await {
-            Ok(stream) => streams.push(stream),
-            // Shutdown began while a worker opened: a reconnect, not an error (see sse::goodbye).
-            Err(_) if transport == Transport::Sse && opener.state.shutdown.is_cancelled() => {
-                return Ok(super::sse::goodbye(opener.state.config.sse_retry_ms));
-            }
-            Err(error) => return Err(error),
-        }
+        streams.push(opener.open(key, start, resume.is_none()).await?);
     }
     let feed = MultiFeed::new(streams, &opener);
     let info = opener.options.info.then(|| feed.info());

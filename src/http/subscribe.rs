@@ -108,9 +108,6 @@ pub async fn subscribe(
     }
     let Query(params) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let transport = negotiate(&headers)?;
-    if transport == Transport::Sse && state.shutdown.is_cancelled() {
-        return Ok(sse::goodbye(state.config.sse_retry_ms));
-    }
     let options = Options::parse(&params.options)?;
     let resume = resume_id(&headers, &params)?;
     // A well-formed id that cannot be a position of this collection: 400 now, not silence.
@@ -148,33 +145,27 @@ pub async fn subscribe(
 
     // Per-user document filtering: the authenticated claims (`None` with auth off).
     let claims = principal.as_ref().map(|p| &p.claims);
-    let subscribed = match mode {
-        None => state
-            .registry
-            .subscribe(&key, params.avars.as_deref(), resume, claims)
-            .await
-            .map(|subscription| (subscription, None))
-            .map_err(ApiError::from),
-        Some(mode) => state
-            .snapshots
-            .subscribe(
-                &state.registry,
-                &key,
-                params.avars.as_deref(),
-                resume,
-                claims,
-                mode,
-            )
-            .await
-            .map_err(ApiError::from),
-    };
-    let (subscription, prelude) = match subscribed {
-        Ok(subscribed) => subscribed,
-        // Shutdown began while the worker opened (it was cancelled): a reconnect, not an error.
-        Err(_) if transport == Transport::Sse && state.shutdown.is_cancelled() => {
-            return Ok(sse::goodbye(state.config.sse_retry_ms));
+    let (subscription, prelude) = match mode {
+        None => (
+            state
+                .registry
+                .subscribe(&key, params.avars.as_deref(), resume, claims)
+                .await?,
+            None,
+        ),
+        Some(mode) => {
+            state
+                .snapshots
+                .subscribe(
+                    &state.registry,
+                    &key,
+                    params.avars.as_deref(),
+                    resume,
+                    claims,
+                    mode,
+                )
+                .await?
         }
-        Err(error) => return Err(error),
     };
     // This client in its worker's per-transport count, for as long as the feed lives.
     let count = state.clients.count(subscription.worker(), transport);
