@@ -29,13 +29,11 @@
 //!   stops with its last member.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures::FutureExt;
 use mongodb::bson::{Document, doc};
-use std::sync::Weak;
-
 use tokio::sync::{Notify, watch};
 
 use super::hub::Routed;
@@ -444,6 +442,7 @@ impl FeedTask {
         let served = |m: &Member| {
             !m.pending && m.coll == coll && m.through.as_ref().is_none_or(|t| &raw.id > t)
         };
+        let ends = matches!(raw.operation_type(), "drop" | "rename");
         let targets: Vec<Target> = state
             .members
             .iter()
@@ -452,13 +451,12 @@ impl FeedTask {
                 id: m.id,
                 link: Arc::clone(&m.link),
                 values: route_values(&m.rules, &raw.doc),
-                pipeline: m.pipeline.clone(),
+                end_check: (ends && !m.pipeline.is_empty()).then(|| m.pipeline.clone()),
             })
             .collect();
         if targets.is_empty() {
             return;
         }
-        let ends = matches!(raw.operation_type(), "drop" | "rename");
         if ends {
             // The collection is gone: its members end, as a collection stream's would.
             state.members.retain(|m| !served(m));
@@ -467,8 +465,10 @@ impl FeedTask {
         let id = raw.id.clone();
         let invalidate = ends.then(|| Arc::new(invalidate_after(&raw)));
         // Whether a filtering member's `$match` takes the `drop`/`rename` is MongoDB's to say.
-        let ending =
-            (ends && targets.iter().any(|t| !t.pipeline.is_empty())).then(|| raw.doc.clone());
+        let ending = targets
+            .iter()
+            .any(|t| t.end_check.is_some())
+            .then(|| raw.doc.clone());
         let event = match raw.encode() {
             Ok(event) => Arc::new(event),
             Err(error) => {
@@ -486,24 +486,24 @@ impl FeedTask {
                 event: Arc::clone(&event),
                 values: target.values,
             };
-            match (&invalidate, &ending) {
-                (Some(invalidate), Some(change)) if !target.pipeline.is_empty() => {
+            match (&invalidate, target.end_check, &ending) {
+                (Some(invalidate), Some(pipeline), Some(change)) => {
                     outbox.ends.push(EndCheck {
                         db: self.template.client.database(&self.template.db),
                         tracker: self.context.tracker.clone(),
                         change: change.clone(),
-                        pipeline: target.pipeline,
+                        pipeline,
                         link: target.link,
                         routed,
                         invalidate: Arc::clone(invalidate),
                     });
                 }
-                (Some(invalidate), _) => {
+                (Some(invalidate), _, _) => {
                     outbox.push(target.id, &target.link, Step::Change(routed));
                     let step = Step::Invalidated(Arc::clone(invalidate));
                     outbox.push(target.id, &target.link, step);
                 }
-                (None, _) => outbox.push(target.id, &target.link, Step::Change(routed)),
+                (None, _, _) => outbox.push(target.id, &target.link, Step::Change(routed)),
             }
         }
     }
@@ -560,6 +560,10 @@ impl FeedTask {
     /// Stops the feed if it still has no members (checked under the feeds' lock, so a worker
     /// joining now either joins before this or starts a new feed). Returns whether it did.
     fn stop_if_empty(&self) -> bool {
+        // The common case without the feeds' lock (every feed's loop passes here per batch).
+        if !lock(&self.feed.state).members.is_empty() {
+            return false;
+        }
         let mut feeds = lock(&self.context.feeds.feeds);
         let mut state = lock(&self.feed.state);
         if !state.members.is_empty() {
@@ -661,8 +665,9 @@ struct Target {
     id: u64,
     link: Arc<Link>,
     values: crate::routing::RouteValues,
-    /// The member's `$match` stages (empty: it takes every change).
-    pipeline: Vec<Document>,
+    /// For a `drop`/`rename` reaching a filtering member: its `$match` stages, for MongoDB to
+    /// say whether they take it.
+    end_check: Option<Vec<Document>>,
 }
 
 /// What the feed's loop remembers between steps.
