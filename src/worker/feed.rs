@@ -240,21 +240,32 @@ impl Feeds {
         });
         feeds.insert(key, Arc::clone(&feed));
         drop(feeds);
-        let mut template = Watch::of_worker(worker);
+        let mut options = spec.options();
         // One cursor for a whole database can afford short waits (10 getMore/s when idle), and
         // a reopen for a join cancels the waiting `getMore`, whose server cursor and
         // connection live until that wait ends: short waits keep a burst of joins from
         // piling up such cursors.
-        template.options.max_await_time = Some(worker.settings().max_await.min(FEED_MAX_AWAIT));
-        // Counted for the feed, not the first member: the closures must not keep it alive.
-        let metrics = Arc::clone(&context.metrics);
-        template.on_open = Arc::new(move || {
-            metrics.cursors_opened.inc();
-        });
-        let metrics = Arc::clone(&context.metrics);
-        template.on_skip = Arc::new(move || {
-            metrics.oversize_skipped.inc();
-        });
+        options.max_await_time = Some(context.settings.max_await.min(FEED_MAX_AWAIT));
+        // Counted for the feed, not for a member: the closures must not keep a worker alive.
+        let (opened, skipped) = (Arc::clone(&context.metrics), Arc::clone(&context.metrics));
+        let template = Watch {
+            client: context.client.clone(),
+            db: spec.db.clone(),
+            coll: None,
+            // Set from the members at every (re)open.
+            pipeline: Vec::new(),
+            options,
+            probe_fields: Vec::new(),
+            features: worker.features(),
+            max_backoff: context.settings.max_backoff,
+            label: format!("{} (database feed)", spec.db),
+            on_open: Arc::new(move || {
+                opened.cursors_opened.inc();
+            }),
+            on_skip: Arc::new(move || {
+                skipped.oversize_skipped.inc();
+            }),
+        };
         let task = FeedTask {
             feed: Arc::clone(&feed),
             context: Arc::clone(context),
@@ -305,7 +316,8 @@ impl State {
 struct FeedTask {
     feed: Arc<Feed>,
     context: Arc<WorkerContext>,
-    /// The first member's watch: client, options, features (shared by every member).
+    /// The database's watch (client, options, features, counters); each open sets its
+    /// pipeline and probe fields from the members.
     template: Watch,
 }
 
@@ -409,17 +421,9 @@ impl FeedTask {
             }
         }
         let watch = Watch {
-            client: self.template.client.clone(),
-            db: self.template.db.clone(),
-            coll: None,
             pipeline: vec![doc! { "$match": filter(&state.members) }],
-            options: self.template.options.clone(),
             probe_fields: probe_fields(&state.members),
-            features: self.template.features,
-            max_backoff: self.template.max_backoff,
-            label: format!("{} (database feed)", self.template.db),
-            on_open: Arc::clone(&self.template.on_open),
-            on_skip: Arc::clone(&self.template.on_skip),
+            ..self.template.clone()
         };
         drop(state);
         match position {

@@ -145,6 +145,7 @@ impl RawChange {
 }
 
 /// What a [`ChangeSource`] watches, and what it needs to do so.
+#[derive(Clone)]
 pub struct Watch {
     /// The MongoDB client.
     pub client: mongodb::Client,
