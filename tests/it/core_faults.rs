@@ -308,12 +308,7 @@ async fn during_an_outage(prefix: &str) -> (Fixture, MongoD) {
         );
     })
     .await;
-    let mongo = tokio::task::spawn_blocking(move || {
-        mongo.kill();
-        mongo
-    })
-    .await
-    .unwrap();
+    let mongo = mongo.killed().await;
     (f, mongo)
 }
 
@@ -356,12 +351,7 @@ async fn a_subscribe_abandoned_while_the_cursor_opens_leaves_no_client_behind() 
     // or the worker never lingers out.
     let mongo = tokio::task::spawn_blocking(MongoD::start).await.unwrap();
     let f = Fixture::start_on(&mongo, "abandon", |_| {}).await;
-    let mongo = tokio::task::spawn_blocking(move || {
-        mongo.kill();
-        mongo
-    })
-    .await
-    .unwrap();
+    let mongo = mongo.killed().await;
     let registry = f.server.registry.clone();
     let key = f.key();
     let attempt = tokio::spawn(async move {

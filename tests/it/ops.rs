@@ -193,12 +193,7 @@ async fn latency_histogram_and_lag_gauge_move_with_events_and_when_the_worker_is
     .await;
 
     // MongoDB goes away: the worker reads nothing and falls behind, one second per second.
-    let mongo = tokio::task::spawn_blocking(move || {
-        mongo.kill();
-        mongo
-    })
-    .await
-    .unwrap();
+    let mongo = mongo.killed().await;
     let behind = eventually(
         "the lag gauge climbs while the worker cannot read",
         WAIT,
@@ -217,12 +212,7 @@ async fn latency_histogram_and_lag_gauge_move_with_events_and_when_the_worker_is
     );
 
     // Back: the worker resumes, delivers, and is at the head again.
-    let mongo = tokio::task::spawn_blocking(move || {
-        mongo.restart();
-        mongo
-    })
-    .await
-    .unwrap();
+    let mongo = mongo.restarted().await;
     f.insert_seqs(5..10).await;
     assert_eq!(
         seqs(&sse.changes(5, WAIT).await),

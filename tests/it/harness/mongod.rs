@@ -230,6 +230,26 @@ impl MongoD {
         self.spawn();
         self.initiate();
     }
+
+    /// [`MongoD::kill`] off the async runtime's threads; gives the server back.
+    pub async fn killed(self) -> MongoD {
+        tokio::task::spawn_blocking(move || {
+            self.kill();
+            self
+        })
+        .await
+        .unwrap()
+    }
+
+    /// [`MongoD::restart`] off the async runtime's threads; gives the server back.
+    pub async fn restarted(self) -> MongoD {
+        tokio::task::spawn_blocking(move || {
+            self.restart();
+            self
+        })
+        .await
+        .unwrap()
+    }
 }
 
 impl Drop for MongoD {
