@@ -6,19 +6,14 @@
 // Prints one JSON line per step: field-error {text}, created {path}, tailing, tail {text},
 // deleted. The test (tests/it/ops.rs) inserts a document after `tailing`.
 // With STREAMGATE_SCREENSHOTS=<dir>, saves console-error.png and console-live.png there.
-import { chromium } from "playwright-core";
+import { launch, say } from "./chromium.mjs";
 
 const [origin, token, db] = process.argv.slice(2);
-const say = (value) => process.stdout.write(JSON.stringify(value) + "\n");
 const shots = process.env.STREAMGATE_SCREENSHOTS;
 const path = `/${db}/orders/_streams/fresh`;
 const STEP = { timeout: 30_000 };
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 let page;
 try {
   page = await browser.newPage({ viewport: { width: 1360, height: 1000 } });

@@ -5,16 +5,11 @@
 // Usage: node docview.mjs <origin> <stream path>
 // Prints one JSON line per event: {"type":"put"|"patch","rows":[["<id>","<name>","<score>"],…]}.
 // Runs until killed, or 120 s at most.
-import { chromium } from "playwright-core";
+import { launch, say } from "./chromium.mjs";
 
 const [origin, path] = process.argv.slice(2);
-const say = (value) => process.stdout.write(JSON.stringify(value) + "\n");
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 const page = await browser.newPage();
 await page.exposeFunction("report", say);
 await page.goto(`${origin}/health/live`);

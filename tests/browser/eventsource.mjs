@@ -5,16 +5,11 @@
 // "stream":… (on /_streams)}
 // | {"type":"error-event","data":…}. Runs until killed (the Rust test owns its lifetime), or
 // 120 s at most so it can never outlive a broken test.
-import { chromium } from "playwright-core";
+import { launch, say } from "./chromium.mjs";
 
 const [origin, path] = process.argv.slice(2);
-const say = (value) => process.stdout.write(JSON.stringify(value) + "\n");
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 const page = await browser.newPage();
 await page.exposeFunction("report", say);
 await page.goto(`${origin}/health/live`);
