@@ -4,12 +4,12 @@
 //
 // The page is served from Streamgate's own origin (playwright answers /__client/* from dist/),
 // so the browser makes the same same-origin requests an app behind one host would.
-import { test, before, after } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { MongoD, REPO, Streamgate, eventually, missingBinaries, prerequisite, probe, uniqueDb } from "./harness.mjs";
+import { REPO, Streamgate, eventually, missingBinaries, prerequisite, probe, uniqueDb, mongodForFile } from "./harness.mjs";
 
 const DIST = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../dist");
 const PLAYWRIGHT = path.join(REPO, "tests/browser/node_modules/playwright-core/index.mjs");
@@ -21,13 +21,7 @@ const skip =
   prerequisite(!fs.existsSync(CHROMIUM) ? `needs Chromium at ${CHROMIUM} (apt-get install chromium)` : undefined);
 if (skip) console.log(`# SKIPPED: ${skip}`);
 
-let mongod;
-before(async () => {
-  if (!skip) mongod = await MongoD.start();
-});
-after(async () => {
-  await mongod?.stop();
-});
+const shared = mongodForFile(skip);
 
 const PAGE = (stream) => `<!doctype html>
 <meta charset="utf-8">
@@ -60,13 +54,13 @@ const PAGE = (stream) => `<!doctype html>
 test("Chromium: a live table from liveCollection survives a Streamgate restart", { skip, timeout: 180_000 }, async () => {
   const { chromium } = await import(PLAYWRIGHT);
   const db = uniqueDb("js_browser");
-  const sg = await Streamgate.start(mongod, { streams: [{ db, coll: "c", name: "s" }], retryMs: 300 });
+  const sg = await Streamgate.start(shared.mongod, { streams: [{ db, coll: "c", name: "s" }], retryMs: 300 });
   const stream = `/${db}/c/_streams/s`;
   // With snapshots the table starts from existing documents; without (server not there yet),
   // from an empty collection, which changes alone describe completely.
   const noSnapshot = await probe(sg, "snapshot", stream);
   if (noSnapshot) console.log(`# NOTE: ${noSnapshot}; the table starts from an empty collection`);
-  else await mongod.client.insert(db, "c", Array.from({ length: 10 }, (_, i) => ({ _id: i, label: `seed${i}`, n: i })));
+  else await shared.mongod.client.insert(db, "c", Array.from({ length: 10 }, (_, i) => ({ _id: i, label: `seed${i}`, n: i })));
 
   const browser = await chromium.launch({
     executablePath: CHROMIUM,
@@ -91,28 +85,28 @@ test("Chromium: a live table from liveCollection survives a Streamgate restart",
 
     const table = () => page.$$eval("#rows tr", (rows) => rows.map((r) => [...r.children].map((td) => td.textContent)));
     const expected = async () =>
-      (await mongod.client.find(db, "c")).sort((a, b) => a._id - b._id).map((d) => [String(d._id), String(d.label ?? ""), String(d.n ?? "")]);
+      (await shared.mongod.client.find(db, "c")).sort((a, b) => a._id - b._id).map((d) => [String(d._id), String(d.label ?? ""), String(d.n ?? "")]);
     const sameAsCollection = async (what) => {
       let want;
       await eventually(what, 30_000, async () => JSON.stringify(await table()) === JSON.stringify((want = await expected()))).catch(() => undefined);
       assert.deepEqual(await table(), want, what);
     };
 
-    for (let i = 10; i < 30; i++) await mongod.client.insert(db, "c", [{ _id: i, label: `row${i}`, n: i }]);
-    await mongod.client.update(db, "c", { _id: 12 }, { $set: { label: "changed" } });
-    await mongod.client.delete(db, "c", { _id: 13 });
+    for (let i = 10; i < 30; i++) await shared.mongod.client.insert(db, "c", [{ _id: i, label: `row${i}`, n: i }]);
+    await shared.mongod.client.update(db, "c", { _id: 12 }, { $set: { label: "changed" } });
+    await shared.mongod.client.delete(db, "c", { _id: 13 });
     await sameAsCollection("the table shows the collection");
     assert.ok((await table()).length >= 19);
 
     await sg.kill9();
     await eventually("the page noticed the server is gone", 20_000, async () => (await page.textContent("#status")) !== "open");
     // Changes while Streamgate is down reach the page after the restart, from its last id.
-    for (let i = 30; i < 40; i++) await mongod.client.insert(db, "c", [{ _id: i, label: `down${i}`, n: i }]);
-    await mongod.client.update(db, "c", { _id: 14 }, { $set: { n: 1400 } });
-    await mongod.client.delete(db, "c", { _id: 15 });
+    for (let i = 30; i < 40; i++) await shared.mongod.client.insert(db, "c", [{ _id: i, label: `down${i}`, n: i }]);
+    await shared.mongod.client.update(db, "c", { _id: 14 }, { $set: { n: 1400 } });
+    await shared.mongod.client.delete(db, "c", { _id: 15 });
     await sg.launch();
     await sameAsCollection("the table shows the collection after the restart");
-    for (let i = 40; i < 45; i++) await mongod.client.insert(db, "c", [{ _id: i, label: `after${i}`, n: i }]);
+    for (let i = 40; i < 45; i++) await shared.mongod.client.insert(db, "c", [{ _id: i, label: `after${i}`, n: i }]);
     await sameAsCollection("and stays live");
     const states = await page.evaluate(() => window.states);
     assert.ok(states.filter((s) => s === "open").length >= 2, `reconnected: ${states}`);

@@ -11,6 +11,7 @@ import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import { after, before } from "node:test";
 import { Mongo } from "./mongo.mjs";
 
 export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../../..");
@@ -272,4 +273,20 @@ export async function probe(sg, feature, streamPath) {
     default:
       throw new Error(`unknown feature ${feature}`);
   }
+}
+
+/**
+ * One mongod for a test file: started before its tests and stopped after them (none when
+ * `skip` says the binaries are missing). The server is `.mongod` of the returned object once
+ * the tests run.
+ */
+export function mongodForFile(skip) {
+  const held = { mongod: undefined };
+  before(async () => {
+    if (!skip) held.mongod = await MongoD.start();
+  });
+  after(async () => {
+    await held.mongod?.stop();
+  });
+  return held;
 }

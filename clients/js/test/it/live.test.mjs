@@ -4,19 +4,13 @@
 //
 // These need server features of PROTOCOL.md §6-§8; each test asks the server first and is
 // skipped, with the reason printed, when it does not have them yet.
-import { test, before, after } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 import { liveCollection, subscribe } from "../../dist/index.js";
-import { MongoD, Streamgate, eventually, missingBinaries, probe, uniqueDb } from "./harness.mjs";
+import { Streamgate, eventually, missingBinaries, probe, uniqueDb, mongodForFile } from "./harness.mjs";
 
 const skip = missingBinaries();
-let mongod;
-before(async () => {
-  if (!skip) mongod = await MongoD.start();
-});
-after(async () => {
-  await mongod?.stop();
-});
+const shared = mongodForFile(skip);
 
 /** A small deterministic PRNG (mulberry32). */
 function prng(seed) {
@@ -37,7 +31,7 @@ function canonical(value) {
 
 /** The collection as `{id: canonical doc}`. */
 async function collectionState(db, coll) {
-  const docs = await mongod.client.find(db, coll);
+  const docs = await shared.mongod.client.find(db, coll);
   return Object.fromEntries(docs.map((d) => [String(d._id), canonical(d)]));
 }
 
@@ -53,25 +47,25 @@ async function randomWrites(db, coll, count, seed) {
     const _id = pick(60);
     switch (pick(5)) {
       case 0:
-        await mongod.client.update(db, coll, { _id }, { $setOnInsert: { created: i }, $set: { n: i, tags: ["a", String(i)] } }, { upsert: true });
+        await shared.mongod.client.update(db, coll, { _id }, { $setOnInsert: { created: i }, $set: { n: i, tags: ["a", String(i)] } }, { upsert: true });
         break;
       case 1:
-        await mongod.client.update(db, coll, { _id }, { $inc: { count: 1 }, $set: { "nested.at": i, "nested.deep.x": pick(9) } });
+        await shared.mongod.client.update(db, coll, { _id }, { $inc: { count: 1 }, $set: { "nested.at": i, "nested.deep.x": pick(9) } });
         break;
       case 2:
-        await mongod.client.update(db, coll, { _id }, { $unset: { n: "", "nested.at": "" } });
+        await shared.mongod.client.update(db, coll, { _id }, { $unset: { n: "", "nested.at": "" } });
         break;
       case 3:
-        await mongod.client.update(db, coll, { _id }, { _id, replaced: i, label: `r${pick(100)}` });
+        await shared.mongod.client.update(db, coll, { _id }, { _id, replaced: i, label: `r${pick(100)}` });
         break;
       default:
-        await mongod.client.delete(db, coll, { _id });
+        await shared.mongod.client.delete(db, coll, { _id });
     }
   }
 }
 
 async function seed(db, coll, n) {
-  await mongod.client.insert(db, coll, Array.from({ length: n }, (_, i) => ({ _id: i, n: i, nested: { at: -1 } })));
+  await shared.mongod.client.insert(db, coll, Array.from({ length: n }, (_, i) => ({ _id: i, n: i, nested: { at: -1 } })));
 }
 
 /** Waits until `live` equals the collection (bounded), then asserts it. */
@@ -87,7 +81,7 @@ async function assertEqualsCollection(read, db, coll) {
 test("liveCollection (snapshot + changes) under random writes equals the collection", { skip, timeout: 120_000 }, async (t) => {
   const db = uniqueDb("js_live");
   await seed(db, "c", 40);
-  const sg = await Streamgate.start(mongod, { streams: [{ db, coll: "c", name: "s" }] });
+  const sg = await Streamgate.start(shared.mongod, { streams: [{ db, coll: "c", name: "s" }] });
   const path = `/${db}/c/_streams/s`;
   const missing = await probe(sg, "snapshot", path);
   if (missing) {
@@ -107,7 +101,7 @@ test("liveCollection (snapshot + changes) under random writes equals the collect
 test("history_lost: the state is rebuilt from a new snapshot and equals the collection", { skip, timeout: 120_000 }, async (t) => {
   const db = uniqueDb("js_lost");
   await seed(db, "c", 30);
-  const sg = await Streamgate.start(mongod, { streams: [{ db, coll: "c", name: "s" }] });
+  const sg = await Streamgate.start(shared.mongod, { streams: [{ db, coll: "c", name: "s" }] });
   const path = `/${db}/c/_streams/s`;
   const missing = await probe(sg, "snapshot", path);
   if (missing) {
@@ -120,7 +114,7 @@ test("history_lost: the state is rebuilt from a new snapshot and equals the coll
   let real;
   probeSub.on("change", (m) => (real = m.id));
   await eventually("probe connected", 10_000, () => probeSub.state === "open");
-  await mongod.client.insert(db, "c", [{ _id: 1000, n: 1000 }]);
+  await shared.mongod.client.insert(db, "c", [{ _id: 1000, n: 1000 }]);
   await eventually("a real id", 10_000, () => real);
   probeSub.close();
   const ancient = `82${"0000000100000001"}${real.slice(18)}`;
@@ -140,7 +134,7 @@ test("history_lost: the state is rebuilt from a new snapshot and equals the coll
 test("liveCollection over the document view (.json) under random writes equals the collection", { skip, timeout: 120_000 }, async (t) => {
   const db = uniqueDb("js_view");
   await seed(db, "c", 40);
-  const sg = await Streamgate.start(mongod, { streams: [{ db, coll: "c", name: "s" }] });
+  const sg = await Streamgate.start(shared.mongod, { streams: [{ db, coll: "c", name: "s" }] });
   const path = `/${db}/c/_streams/s`;
   const missing = await probe(sg, "view", path);
   if (missing) {
@@ -159,7 +153,7 @@ test("liveCollection over the document view (.json) under random writes equals t
 
 test("liveCollection of two streams over one /_streams connection equals both collections", { skip, timeout: 120_000 }, async (t) => {
   const db = uniqueDb("js_multi");
-  const sg = await Streamgate.start(mongod, { streams: [{ db, coll: "a", name: "s" }, { db, coll: "b", name: "s" }] });
+  const sg = await Streamgate.start(shared.mongod, { streams: [{ db, coll: "a", name: "s" }, { db, coll: "b", name: "s" }] });
   const A = `/${db}/a/_streams/s`;
   const B = `/${db}/b/_streams/s`;
   const missing = await probe(sg, "multi", A);

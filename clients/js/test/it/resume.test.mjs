@@ -1,24 +1,18 @@
 // Against a real Streamgate and mongod: kill -9 the server mid-stream, start it again, and
 // every insert arrives exactly once, in order, over SSE and over NDJSON.
-import { test, before, after } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 import { subscribe } from "../../dist/index.js";
-import { MongoD, Streamgate, eventually, missingBinaries, probe, uniqueDb } from "./harness.mjs";
+import { Streamgate, eventually, missingBinaries, probe, uniqueDb, mongodForFile } from "./harness.mjs";
 
 const skip = missingBinaries();
-let mongod;
-before(async () => {
-  if (!skip) mongod = await MongoD.start();
-});
-after(async () => {
-  await mongod?.stop();
-});
+const shared = mongodForFile(skip);
 
 /** Inserts `{seq}` for seq in [from, to) at about `perSecond`. */
 async function insertPaced(db, coll, from, to, perSecond) {
   const start = Date.now();
   for (let seq = from; seq < to; seq++) {
-    await mongod.client.insert(db, coll, [{ seq }]);
+    await shared.mongod.client.insert(db, coll, [{ seq }]);
     const due = start + ((seq - from + 1) * 1000) / perSecond;
     const wait = due - Date.now();
     if (wait > 0) await new Promise((r) => setTimeout(r, wait));
@@ -27,7 +21,7 @@ async function insertPaced(db, coll, from, to, perSecond) {
 
 test("kill -9 mid-stream and restart: no loss, no duplicate (SSE and NDJSON)", { skip, timeout: 120_000 }, async () => {
   const db = uniqueDb("js_resume");
-  const sg = await Streamgate.start(mongod, { streams: [{ db, coll: "c", name: "s" }], retryMs: 200 });
+  const sg = await Streamgate.start(shared.mongod, { streams: [{ db, coll: "c", name: "s" }], retryMs: 200 });
   const url = sg.url(`/${db}/c/_streams/s`);
   const clients = ["sse", "ndjson"].map((transport) => {
     const seen = [];
@@ -58,7 +52,7 @@ test("kill -9 mid-stream and restart: no loss, no duplicate (SSE and NDJSON)", {
 
 test("/_streams: kill -9 and restart resume every stream from the composite id, exactly once", { skip, timeout: 120_000 }, async (t) => {
   const db = uniqueDb("js_resume_multi");
-  const sg = await Streamgate.start(mongod, { streams: [{ db, coll: "a", name: "s" }, { db, coll: "b", name: "s" }], retryMs: 200 });
+  const sg = await Streamgate.start(shared.mongod, { streams: [{ db, coll: "a", name: "s" }, { db, coll: "b", name: "s" }], retryMs: 200 });
   const A = `/${db}/a/_streams/s`;
   const B = `/${db}/b/_streams/s`;
   const missing = await probe(sg, "multi", A);

@@ -1,23 +1,17 @@
 // Against a real Streamgate with HS256 auth: tokens that expire every 3 s, for 30 s, under
 // 100 inserts/s. The server ends the stream with `auth_revoked` at each expiry; the client asks
 // getToken() again and resumes: every event exactly once.
-import { test, before, after } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 import { subscribe } from "../../dist/index.js";
-import { MongoD, Streamgate, eventually, missingBinaries, token, uniqueDb } from "./harness.mjs";
+import { Streamgate, eventually, missingBinaries, token, uniqueDb, mongodForFile } from "./harness.mjs";
 
 const skip = missingBinaries();
-let mongod;
-before(async () => {
-  if (!skip) mongod = await MongoD.start();
-});
-after(async () => {
-  await mongod?.stop();
-});
+const shared = mongodForFile(skip);
 
 test("a token expiring every 3 s for 30 s under 100 inserts/s: every event exactly once", { skip, timeout: 120_000 }, async () => {
   const db = uniqueDb("js_token");
-  const sg = await Streamgate.start(mongod, { streams: [{ db, coll: "c", name: "s" }], auth: true });
+  const sg = await Streamgate.start(shared.mongod, { streams: [{ db, coll: "c", name: "s" }], auth: true });
   const url = sg.url(`/${db}/c/_streams/s`);
   // Without a token: refused, so the test really runs with auth on.
   assert.equal((await fetch(url, { headers: { accept: "text/event-stream" } })).status, 401);
@@ -40,7 +34,7 @@ test("a token expiring every 3 s for 30 s under 100 inserts/s: every event exact
   const N = 3000;
   const start = Date.now();
   for (let seq = 0; seq < N; seq += 10) {
-    await mongod.client.insert(db, "c", Array.from({ length: 10 }, (_, i) => ({ seq: seq + i })));
+    await shared.mongod.client.insert(db, "c", Array.from({ length: 10 }, (_, i) => ({ seq: seq + i })));
     const wait = start + ((seq + 10) * 1000) / 100 - Date.now();
     if (wait > 0) await new Promise((r) => setTimeout(r, wait));
   }
