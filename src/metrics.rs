@@ -210,6 +210,8 @@ pub struct Metrics {
     pub catchups_joined: Counter,
     /// Times a client was lapped by the live channel and read on from the ring.
     pub lag_recoveries: Counter,
+    /// Catch-up readers let go because they stopped reading while others waited.
+    pub catchup_readers_detached: Counter,
     /// Changes over 16 MB replaced by `event: skipped`.
     pub oversize_skipped: Counter,
     /// Change-stream cursors holding a slot of `limits.max_workers` (workers and catch-ups).
@@ -300,6 +302,12 @@ impl Metrics {
             "Clients lapped by the live channel that read on from the ring",
             lag_recoveries.clone(),
         );
+        let catchup_readers_detached = Counter::default();
+        registry.register(
+            "catchup_readers_detached",
+            "Catch-up readers that stopped reading and were let go so the others could go on",
+            catchup_readers_detached.clone(),
+        );
         let oversize_skipped = Counter::default();
         registry.register(
             "oversize_skipped",
@@ -378,6 +386,7 @@ impl Metrics {
             lag,
             catchups_joined,
             lag_recoveries,
+            catchup_readers_detached,
             oversize_skipped,
             clients,
             workers,

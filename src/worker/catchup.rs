@@ -10,8 +10,12 @@
 //!   (its ring still holds everything after X); only when none covers X does it start one, up to
 //!   [`MAX_CATCH_UPS_PER_WORKER`]; past that it waits for one to end (no extra cursor).
 //! * **Back-pressure.** The cursor reads ahead of its slowest reader by at most the ring size: it
-//!   pauses while the ring is full of entries some reader still needs. A reader that stops
-//!   reading holds it up until the transport's stall timeout closes that client.
+//!   pauses while the ring is full of entries some reader still needs, so a slow but steady
+//!   reader sets the pace. A reader that made no progress for [`DETACH_AFTER`] while another
+//!   reader waits at the head is let go instead (its entries may then be overwritten): one
+//!   client that stops reading never holds up the others until its stall timeout. When it reads
+//!   again, its position is no longer in this ring and it looks again (the worker's ring, or a
+//!   catch-up of its own), like a reader the worker's ring lapped.
 //! * **Hand-over.** After every change and every empty batch the catch-up checks whether the
 //!   worker's ring covers its position. When it does, it gives the worker the part of its ring
 //!   that is older than the worker's (so later clients with ids in that range are served from
@@ -23,6 +27,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 
@@ -38,6 +43,11 @@ pub const MAX_CATCH_UPS_PER_WORKER: usize = 4;
 
 /// Events a catch-up reads ahead of its slowest reader.
 const CATCH_UP_RING: usize = 4096;
+
+/// How long a reader holding up the others may make no progress before the catch-up lets it go.
+/// Long enough for a busy client task to be scheduled (a steady reader moves every chunk), far
+/// shorter than the transport's stall timeout (30 s by default) that would otherwise decide.
+pub const DETACH_AFTER: Duration = Duration::from_secs(3);
 
 /// Where a catch-up is.
 #[derive(Debug, Clone)]
@@ -56,9 +66,26 @@ enum Status {
 
 struct State {
     hub: Hub,
-    /// Reader id → the id it has read through.
-    readers: HashMap<u64, Token>,
+    /// Reader id → where it is.
+    readers: HashMap<u64, ReaderPlace>,
     status: Status,
+}
+
+/// Where one reader is, and since when.
+struct ReaderPlace {
+    /// The id it has read through.
+    through: Token,
+    /// When `through` last moved (or the reader joined).
+    moved: Instant,
+}
+
+impl ReaderPlace {
+    fn at(through: Token) -> ReaderPlace {
+        ReaderPlace {
+            through,
+            moved: Instant::now(),
+        }
+    }
 }
 
 /// One shared catch-up cursor and its ring.
@@ -139,7 +166,9 @@ impl CatchUp {
 
     fn reader(self: &Arc<Self>, after: &Token) -> CatchUpReader {
         let reader = self.next_reader.fetch_add(1, Ordering::Relaxed);
-        lock(&self.state).readers.insert(reader, after.clone());
+        lock(&self.state)
+            .readers
+            .insert(reader, ReaderPlace::at(after.clone()));
         CatchUpReader {
             catch_up: Arc::clone(self),
             reader,
@@ -165,7 +194,27 @@ impl CatchUp {
             && state
                 .hub
                 .front_id()
-                .is_some_and(|front| state.readers.values().any(|pos| pos < front))
+                .is_some_and(|front| state.readers.values().any(|r| &r.through < front))
+    }
+
+    /// Lets go of the readers that hold the cursor up (they still need the ring's oldest entry)
+    /// and have not moved since `now - DETACH_AFTER`, provided some other reader has read
+    /// everything and waits: a lone slow reader is never let go, there is nobody to hurry for.
+    /// Returns how many were let go.
+    fn detach_stalled(&self, now: Instant) -> usize {
+        let mut state = lock(&self.state);
+        let (Some(front), Some(head)) = (state.hub.front_id(), state.hub.back_id()) else {
+            return 0;
+        };
+        if !state.readers.values().any(|r| &r.through >= head) {
+            return 0;
+        }
+        let front = front.clone();
+        let before = state.readers.len();
+        state.readers.retain(|_, r| {
+            r.through >= front || now.saturating_duration_since(r.moved) < DETACH_AFTER
+        });
+        before - state.readers.len()
     }
 
     fn has_readers(&self) -> bool {
@@ -199,7 +248,9 @@ impl CatchUpReader {
         };
         if let Some(through) = &scan.through {
             let was_full = state.hub.is_full();
-            state.readers.insert(self.reader, through.clone());
+            state
+                .readers
+                .insert(self.reader, ReaderPlace::at(through.clone()));
             if was_full {
                 self.catch_up.space.notify_one();
             }
@@ -356,7 +407,8 @@ async fn run(worker: &Arc<Worker>, catch_up: &Arc<CatchUp>) {
     let mut source = WorkerSource::new(worker, Some(catch_up.start.clone()));
     let cancel = worker.cancel_token().clone();
     loop {
-        // Back-pressure: wait for the slowest reader; stop when nobody reads any more.
+        // Back-pressure: wait for the slowest reader (letting go of one that stopped while
+        // others wait); stop when nobody reads any more.
         loop {
             let space = catch_up.space.notified();
             if !catch_up.has_readers() {
@@ -373,6 +425,13 @@ async fn run(worker: &Arc<Worker>, catch_up: &Arc<CatchUp>) {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = space => {}
+                _ = tokio::time::sleep(DETACH_AFTER / 4) => {
+                    let detached = catch_up.detach_stalled(Instant::now());
+                    if detached > 0 {
+                        tracing::debug!(stream = %worker.key.stream, detached, "catch-up let go of readers that stopped reading");
+                        worker.metrics().catchup_readers_detached.inc_by(detached as u64);
+                    }
+                }
             }
         }
         let step = tokio::select! {
@@ -465,4 +524,91 @@ fn hand_over(worker: &Worker, catch_up: &CatchUp, through: Token) {
         worker.extend_history(&older_start, entries);
     }
     catch_up.set_status(Status::HandedOver { through });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::hub::Routed;
+    use mongodb::bson::doc;
+
+    fn token(n: u32) -> Token {
+        Token::parse(&format!("8200000001{n:08}")).unwrap()
+    }
+
+    fn routed(n: u32) -> Routed {
+        let change = doc! { "_id": { "_data": token(n).as_str() }, "operationType": "insert" };
+        Routed {
+            id: token(n),
+            event: Arc::new(Event::from_change(change).unwrap()),
+            values: Default::default(),
+        }
+    }
+
+    /// A catch-up whose ring is full of entries 1..=CATCH_UP_RING after start 0.
+    fn full_catch_up() -> Arc<CatchUp> {
+        let catch_up = CatchUp::new(token(0));
+        let mut state = lock(&catch_up.state);
+        for n in 1..=CATCH_UP_RING as u32 {
+            state.hub.push(routed(n));
+        }
+        drop(state);
+        catch_up
+    }
+
+    fn read_all(reader: &mut CatchUpReader, after: &Token) -> Token {
+        let mut at = after.clone();
+        while let Pull::Events(_, Some(through)) = reader.pull(&at, None, 256) {
+            at = through;
+        }
+        at
+    }
+
+    #[test]
+    fn a_reader_that_stopped_is_let_go_when_another_waits_and_not_before() {
+        let catch_up = full_catch_up();
+        let mut fast = catch_up.reader(&token(0));
+        let stalled = catch_up.reader(&token(0));
+        // Nobody has read: the stalled reader is alone in the way and nobody waits at the head.
+        let later = Instant::now() + DETACH_AFTER * 2;
+        assert_eq!(catch_up.detach_stalled(later), 0);
+        assert!(catch_up.blocked());
+        let head = read_all(&mut fast, &token(0));
+        assert_eq!(head, token(CATCH_UP_RING as u32));
+        // The fast reader waits at the head; the stalled one has not moved, but not for long.
+        assert_eq!(catch_up.detach_stalled(Instant::now()), 0);
+        assert!(catch_up.blocked(), "a moment's pause holds the cursor");
+        // Past DETACH_AFTER it is let go, and the cursor may read on.
+        assert_eq!(catch_up.detach_stalled(later), 1);
+        assert!(!catch_up.blocked());
+        // Once the ring has moved past it, its next pull sends it to look elsewhere.
+        lock(&catch_up.state)
+            .hub
+            .push(routed(CATCH_UP_RING as u32 + 1));
+        let mut stalled = stalled;
+        assert!(matches!(stalled.pull(&token(0), None, 256), Pull::Lost));
+    }
+
+    #[test]
+    fn a_lone_slow_reader_sets_the_pace_and_is_never_let_go() {
+        let catch_up = full_catch_up();
+        let _slow = catch_up.reader(&token(0));
+        let later = Instant::now() + DETACH_AFTER * 10;
+        assert_eq!(catch_up.detach_stalled(later), 0);
+        assert!(catch_up.blocked());
+    }
+
+    #[test]
+    fn a_reader_that_moves_is_kept() {
+        let catch_up = full_catch_up();
+        let mut fast = catch_up.reader(&token(0));
+        let mut steady = catch_up.reader(&token(0));
+        read_all(&mut fast, &token(0));
+        // The steady reader reads one chunk: it has moved just now.
+        assert!(matches!(
+            steady.pull(&token(0), None, 256),
+            Pull::Events(_, Some(_))
+        ));
+        assert_eq!(catch_up.detach_stalled(Instant::now()), 0);
+    }
 }

@@ -109,6 +109,11 @@ impl Hub {
         self.ring.front().map(|r| &r.id)
     }
 
+    /// Id of the newest ring entry.
+    pub fn back_id(&self) -> Option<&Token> {
+        self.ring.back().map(|r| &r.id)
+    }
+
     /// Whether a client that has seen everything through `after` can read on from this hub.
     pub fn covers(&self, after: &Token) -> bool {
         self.coverage_start

@@ -375,3 +375,50 @@ async fn clients_past_the_catch_up_slots_wait_for_one_and_miss_nothing() {
     drop(first);
     f.server.stop().await;
 }
+
+#[tokio::test]
+async fn a_catch_up_reader_that_stops_does_not_hold_up_the_others() {
+    // Two clients resume at the same old id and share one catch-up. One stops reading; the
+    // other must get everything long before the stall timeout (30 s) would close the first,
+    // and the first, reading again later, must still get everything exactly once.
+    let f = Fixture::start("fanin_stopped_reader", |config| config.ring_size = 10).await;
+    let mut first = f.connect(Kind::Sse).await;
+    f.insert_seqs(0..1).await;
+    let id = first.changes(1, WAIT).await[0].id.clone().expect("id");
+    // Far more than a catch-up reads ahead of its readers (4,096) plus what sockets hold.
+    const N: i64 = 8001;
+    let padding = "x".repeat(2048);
+    for chunk in (1..N).collect::<Vec<_>>().chunks(500) {
+        f.coll
+            .insert_many(chunk.iter().map(|seq| doc! { "seq": seq, "pad": &padding }))
+            .await
+            .unwrap();
+    }
+    let worker = f
+        .server
+        .registry
+        .workers_of(&f.key())
+        .pop()
+        .expect("worker");
+    eventually("worker read every insert", WAIT, async || {
+        worker.stats.events.load(Ordering::Relaxed) == N as u64
+    })
+    .await;
+    let mut stopped = f.resume(Kind::Ws, &id).await;
+    let mut reading = f.resume(Kind::Sse, &id).await;
+    let started = std::time::Instant::now();
+    let events = reading.changes((N - 1) as usize, WAIT).await;
+    assert_eq!(seqs(&events), (1..N).collect::<Vec<_>>());
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "held up for {:?}",
+        started.elapsed()
+    );
+    assert!(f.server.metrics.catchup_readers_detached.get() >= 1);
+    let events = stopped.changes((N - 1) as usize, WAIT).await;
+    assert_eq!(seqs(&events), (1..N).collect::<Vec<_>>());
+    stopped.expect_quiet(QUIET).await;
+    assert_eq!(f.server.metrics.slow_consumers.get(), 0);
+    drop(first);
+    f.server.stop().await;
+}
