@@ -426,13 +426,18 @@ async fn bad_multi_requests_are_refused_clearly() {
 async fn heartbeats_bare_changes_and_no_info() {
     let m = Multi::start("multi_framing", |config, _| config.keepalive_secs = 1).await;
     let a = m.coll("a").await;
-    for path in [
+    // Each connection inserts its own `seq` (and the previous connection read its own insert
+    // before this one subscribes, so no earlier change can reach it).
+    for (seq, path) in [
         format!(
             "{}?heartbeats=true&enveloped=false&info=false",
             m.stream("a")
         ),
         m.path(&["a"], "heartbeats=true&enveloped=false&info=false"),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let response = reqwest::Client::new()
             .get(m.server.url(&path))
             .header("accept", "application/x-ndjson")
@@ -458,15 +463,14 @@ async fn heartbeats_bare_changes_and_no_info() {
                 let value: Value = serde_json::from_str(line.trim()).expect("no empty lines");
                 if value["event"] == "heartbeat" && !inserted {
                     inserted = true;
-                    a.insert_one(doc! { "seq": 1 }).await.unwrap();
+                    a.insert_one(doc! { "seq": seq as i64 }).await.unwrap();
                 }
                 lines.push(value);
             }
         }
         assert_eq!(lines[0], json!({"event": "heartbeat"}), "{path}");
         assert_eq!(lines[1]["operationType"], "insert", "{path}: {}", lines[1]);
-        assert_eq!(lines[1]["fullDocument"]["seq"], 1);
-        a.delete_many(doc! {}).await.unwrap();
+        assert_eq!(lines[1]["fullDocument"]["seq"], seq, "{path}");
     }
     m.server.stop().await;
 }
