@@ -416,3 +416,64 @@ async fn an_sse_subscribe_during_shutdown_is_told_to_reconnect() {
     assert_eq!(body, format!("retry: {}\n\n", f.config.sse_retry_ms));
     drop(mongo);
 }
+
+#[tokio::test]
+async fn a_large_batch_does_not_hold_the_runtime_thread() {
+    // The worker must hand the runtime back while it works through a batch the driver already
+    // holds: otherwise every client, timer and expiry on its thread waits for the whole batch
+    // (16 MB, some 100,000 small changes). Counted, not timed: a probe task on this test's
+    // single-threaded runtime records how many changes the worker applied between two of its
+    // turns.
+    let f = Fixture::start("big_batch", |_| {}).await;
+    let mut client = f.connect(Kind::Ndjson).await;
+    f.insert_seqs(0..1).await;
+    assert_eq!(seqs(&client.changes(1, WAIT).await), vec![0]);
+    let worker = f.server.registry.all_workers().pop().expect("a worker");
+    let events = || {
+        worker
+            .stats
+            .events
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    // Insert from another thread while this runtime is blocked, so the worker finds thousands
+    // of changes waiting and gets them in one or two large batches.
+    const N: i64 = 5_000;
+    let uri = f.config.mongo_uri.clone();
+    let db = f.db.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mongo = mongodb::Client::with_uri_str(&uri).await.unwrap();
+            mongo
+                .database(&db)
+                .collection::<Document>("c")
+                .insert_many((1..=N).map(|seq| doc! { "seq": seq }))
+                .await
+                .unwrap();
+        });
+    })
+    .join()
+    .unwrap();
+    let mut most = 0;
+    let mut last = events();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while last < 1 + N as u64 {
+        assert!(tokio::time::Instant::now() < deadline, "applied {last}");
+        tokio::task::yield_now().await;
+        let now = events();
+        most = most.max(now - last);
+        last = now;
+    }
+    assert!(
+        most <= 1_000,
+        "{most} changes applied without a turn for anybody else"
+    );
+    assert_eq!(
+        seqs(&client.changes(N as usize, WAIT).await),
+        (1..=N).collect::<Vec<_>>()
+    );
+    f.server.stop().await;
+}

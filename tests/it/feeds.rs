@@ -95,9 +95,11 @@ async fn streams_of_a_database_share_one_cursor_and_joins_lose_nothing() {
     })
     .await;
     for c in ["c", "c1", "c2", "c4"] {
-        eventually(&format!("only the database's cursor for {c}"), WAIT, async || {
-            change_stream_cursors(&mongo, &f.db, c).await == 1
-        })
+        eventually(
+            &format!("only the database's cursor for {c}"),
+            WAIT,
+            async || change_stream_cursors(&mongo, &f.db, c).await == 1,
+        )
         .await;
     }
     assert_eq!(f.server.metrics.database_feeds.get(), 1);
