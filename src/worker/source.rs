@@ -248,7 +248,14 @@ pub struct ChangeSource {
     fragments: Option<Fragments>,
     /// Whether the last open failed (the next call waits out the backoff first).
     failed: bool,
+    /// Changes returned since this source last gave its thread a turn.
+    unyielded: u32,
 }
+
+/// Changes a source returns before it yields to the runtime once (see [`ChangeSource::next`]).
+/// Every 128 (tokio's cooperative budget) cost 3% of burst throughput; 1,024 costs nothing
+/// measurable and holds a thread for about a millisecond.
+const YIELD_EVERY: u32 = 1024;
 
 impl ChangeSource {
     /// A source that will open `after` (or at "now").
@@ -262,6 +269,7 @@ impl ChangeSource {
             backoff,
             fragments: None,
             failed: false,
+            unyielded: 0,
         }
     }
 
@@ -297,9 +305,15 @@ impl ChangeSource {
         };
         // A change the driver already holds is returned without ever yielding: without this, a
         // 16 MB batch (~100,000 small changes) would be routed and encoded in one poll, holding
-        // a runtime thread (and every client and timer queued on it) for its whole length.
-        // Tokio's cooperative budget yields here every 128 changes instead.
-        tokio::task::consume_budget().await;
+        // a runtime thread (and every client and timer queued on it) for its whole length. A
+        // turn every `YIELD_EVERY` changes bounds that to about a millisecond (release build).
+        // (Reset only once the turn was taken: a caller draining with `now_or_never` drops the
+        // pending yield, and its next awaited call must yield instead.)
+        self.unyielded += 1;
+        if self.unyielded > YIELD_EVERY {
+            tokio::task::yield_now().await;
+            self.unyielded = 0;
+        }
         match cursor.next_if_any().await {
             Ok(Some(change)) => self.change(change),
             Ok(None) => {

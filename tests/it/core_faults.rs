@@ -437,7 +437,7 @@ async fn a_large_batch_does_not_hold_the_runtime_thread() {
     };
     // Insert from another thread while this runtime is blocked, so the worker finds thousands
     // of changes waiting and gets them in one or two large batches.
-    const N: i64 = 5_000;
+    const N: i64 = 10_000;
     let uri = f.config.mongo_uri.clone();
     let db = f.db.clone();
     std::thread::spawn(move || {
@@ -468,7 +468,7 @@ async fn a_large_batch_does_not_hold_the_runtime_thread() {
         last = now;
     }
     assert!(
-        most <= 1_000,
+        most <= 2_500,
         "{most} changes applied without a turn for anybody else"
     );
     assert_eq!(
