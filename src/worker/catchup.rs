@@ -422,16 +422,21 @@ async fn run(worker: &Arc<Worker>, catch_up: &Arc<CatchUp>) {
             if !catch_up.blocked() {
                 break;
             }
+            // Checked on every wake, not only when the timer fires: other readers moving keep
+            // waking this loop, and must not keep postponing the check.
+            let detached = catch_up.detach_stalled(Instant::now());
+            if detached > 0 {
+                tracing::debug!(stream = %worker.key.stream, detached, "catch-up let go of readers that stopped reading");
+                worker
+                    .metrics()
+                    .catchup_readers_detached
+                    .inc_by(detached as u64);
+                continue;
+            }
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = space => {}
-                _ = tokio::time::sleep(DETACH_AFTER / 4) => {
-                    let detached = catch_up.detach_stalled(Instant::now());
-                    if detached > 0 {
-                        tracing::debug!(stream = %worker.key.stream, detached, "catch-up let go of readers that stopped reading");
-                        worker.metrics().catchup_readers_detached.inc_by(detached as u64);
-                    }
-                }
+                _ = tokio::time::sleep(DETACH_AFTER / 4) => {}
             }
         }
         let step = tokio::select! {
