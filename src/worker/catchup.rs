@@ -198,10 +198,10 @@ impl CatchUp {
     }
 
     /// Lets go of the readers that hold the cursor up (they still need the ring's oldest entry)
-    /// and have not moved since `now - DETACH_AFTER`, provided some other reader has read
-    /// everything and waits: a lone slow reader is never let go, there is nobody to hurry for.
-    /// Returns how many were let go.
-    fn detach_stalled(&self, now: Instant) -> usize {
+    /// and have not moved for `DETACH_AFTER` while it was held up (since `blocked_since`),
+    /// provided some other reader has read everything and waits: a lone slow reader is never
+    /// let go, there is nobody to hurry for. Returns how many were let go.
+    fn detach_stalled(&self, now: Instant, blocked_since: Instant) -> usize {
         let mut state = lock(&self.state);
         let (Some(front), Some(head)) = (state.hub.front_id(), state.hub.back_id()) else {
             return 0;
@@ -212,7 +212,8 @@ impl CatchUp {
         let front = front.clone();
         let before = state.readers.len();
         state.readers.retain(|_, r| {
-            r.through >= front || now.saturating_duration_since(r.moved) < DETACH_AFTER
+            r.through >= front
+                || now.saturating_duration_since(r.moved.max(blocked_since)) < DETACH_AFTER
         });
         before - state.readers.len()
     }
@@ -409,6 +410,7 @@ async fn run(worker: &Arc<Worker>, catch_up: &Arc<CatchUp>) {
     loop {
         // Back-pressure: wait for the slowest reader (letting go of one that stopped while
         // others wait); stop when nobody reads any more.
+        let mut blocked_since = None;
         loop {
             let space = catch_up.space.notified();
             if !catch_up.has_readers() {
@@ -424,7 +426,8 @@ async fn run(worker: &Arc<Worker>, catch_up: &Arc<CatchUp>) {
             }
             // Checked on every wake, not only when the timer fires: other readers moving keep
             // waking this loop, and must not keep postponing the check.
-            let detached = catch_up.detach_stalled(Instant::now());
+            let now = Instant::now();
+            let detached = catch_up.detach_stalled(now, *blocked_since.get_or_insert(now));
             if detached > 0 {
                 tracing::debug!(stream = %worker.key.stream, detached, "catch-up let go of readers that stopped reading");
                 worker
@@ -574,17 +577,20 @@ mod tests {
         let catch_up = full_catch_up();
         let mut fast = catch_up.reader(&token(0));
         let stalled = catch_up.reader(&token(0));
+        let blocked = Instant::now();
         // Nobody has read: the stalled reader is alone in the way and nobody waits at the head.
-        let later = Instant::now() + DETACH_AFTER * 2;
-        assert_eq!(catch_up.detach_stalled(later), 0);
+        let later = blocked + DETACH_AFTER * 2;
+        assert_eq!(catch_up.detach_stalled(later, blocked), 0);
         assert!(catch_up.blocked());
         let head = read_all(&mut fast, &token(0));
         assert_eq!(head, token(CATCH_UP_RING as u32));
         // The fast reader waits at the head; the stalled one has not moved, but not for long.
-        assert_eq!(catch_up.detach_stalled(Instant::now()), 0);
+        assert_eq!(catch_up.detach_stalled(Instant::now(), blocked), 0);
         assert!(catch_up.blocked(), "a moment's pause holds the cursor");
-        // Past DETACH_AFTER it is let go, and the cursor may read on.
-        assert_eq!(catch_up.detach_stalled(later), 1);
+        // Idle for long, but the cursor was held up only a moment ago: not yet.
+        assert_eq!(catch_up.detach_stalled(later, later), 0);
+        // Held up for DETACH_AFTER: it is let go, and the cursor may read on.
+        assert_eq!(catch_up.detach_stalled(later, blocked), 1);
         assert!(!catch_up.blocked());
         // Once the ring has moved past it, its next pull sends it to look elsewhere.
         lock(&catch_up.state)
@@ -598,8 +604,9 @@ mod tests {
     fn a_lone_slow_reader_sets_the_pace_and_is_never_let_go() {
         let catch_up = full_catch_up();
         let _slow = catch_up.reader(&token(0));
-        let later = Instant::now() + DETACH_AFTER * 10;
-        assert_eq!(catch_up.detach_stalled(later), 0);
+        let blocked = Instant::now();
+        let later = blocked + DETACH_AFTER * 10;
+        assert_eq!(catch_up.detach_stalled(later, blocked), 0);
         assert!(catch_up.blocked());
     }
 
@@ -614,6 +621,8 @@ mod tests {
             steady.pull(&token(0), None, 256),
             Pull::Events(_, Some(_))
         ));
-        assert_eq!(catch_up.detach_stalled(Instant::now()), 0);
+        let now = Instant::now();
+        let long_ago = now.checked_sub(DETACH_AFTER * 2).unwrap_or(now);
+        assert_eq!(catch_up.detach_stalled(now, long_ago), 0);
     }
 }
