@@ -216,7 +216,7 @@ async fn a_reader_lapped_past_the_ring_goes_through_a_catch_up_and_rejoins_live(
     }
     // The late client reads nothing until the worker has published all 20,000: it is behind
     // the live channel and behind the ring, and must still get everything, in order.
-    let worker = f.server.registry.all_workers().pop().expect("a worker");
+    let worker = f.worker();
     eventually("the worker received the burst", WAIT * 4, async || {
         worker
             .stats
@@ -361,12 +361,7 @@ async fn a_subscribe_abandoned_while_the_cursor_opens_leaves_no_client_behind() 
         !f.server.registry.workers_of(&f.key()).is_empty()
     })
     .await;
-    let worker = f
-        .server
-        .registry
-        .workers_of(&f.key())
-        .pop()
-        .expect("worker");
+    let worker = f.worker();
     assert_eq!(worker.client_count(), 1);
     attempt.abort();
     let _ = attempt.await;
@@ -428,7 +423,7 @@ async fn a_large_batch_does_not_hold_the_runtime_thread() {
     let mut client = f.connect(Kind::Ndjson).await;
     f.insert_seqs(0..1).await;
     assert_eq!(seqs(&client.changes(1, WAIT).await), vec![0]);
-    let worker = f.server.registry.all_workers().pop().expect("a worker");
+    let worker = f.worker();
     let events = || {
         worker
             .stats

@@ -3,11 +3,13 @@
 //! catch-ups in a restart storm, oversize changes skipped, deletes routed by pre-image, client
 //! counts and partitions released however a client leaves.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use mongodb::bson::doc;
 use serde_json::{Value, json};
+use streamgate::worker::Worker;
 
 use crate::harness::clients::{Client, Kind, Next};
 use crate::harness::eventually;
@@ -28,6 +30,32 @@ fn encode(value: &str) -> String {
             }
         })
         .collect()
+}
+
+/// Inserts `{seq, pad}` documents (`pad` of `pad_len` bytes) for `seqs`, 500 per
+/// `insert_many`, after every earlier seq was inserted; returns the stream's worker once it has
+/// read them all (`seqs.end` changes in total). The premise of the catch-up tests: the worker is
+/// far ahead of every resuming client (were it still reading, a catch-up could reach it and hand
+/// over before its readers read).
+async fn insert_padded_until_read(
+    f: &Fixture,
+    seqs: std::ops::Range<i64>,
+    pad_len: usize,
+) -> Arc<Worker> {
+    let total = seqs.end as u64;
+    let padding = "x".repeat(pad_len);
+    for chunk in seqs.collect::<Vec<_>>().chunks(500) {
+        f.coll
+            .insert_many(chunk.iter().map(|seq| doc! { "seq": seq, "pad": &padding }))
+            .await
+            .unwrap();
+    }
+    let worker = f.worker();
+    eventually("worker read every insert", WAIT, async || {
+        worker.stats.events.load(Ordering::Relaxed) == total
+    })
+    .await;
+    worker
 }
 
 async fn connect_with(f: &Fixture, kind: Kind, avars: &Value) -> Client {
@@ -319,25 +347,7 @@ async fn clients_past_the_catch_up_slots_wait_for_one_and_miss_nothing() {
     // `first` stays connected (unread) so the worker does not linger out during the inserts.
     // More than a catch-up reads ahead of its slowest reader (4,096), plus what sockets hold.
     const N: i64 = 8006;
-    let padding = "x".repeat(512);
-    for chunk in (6..N).collect::<Vec<_>>().chunks(500) {
-        f.coll
-            .insert_many(chunk.iter().map(|seq| doc! { "seq": seq, "pad": &padding }))
-            .await
-            .unwrap();
-    }
-    let worker = f
-        .server
-        .registry
-        .workers_of(&f.key())
-        .pop()
-        .expect("worker");
-    // The premise: the worker is far ahead of every resuming client (were it still reading
-    // the inserts, a catch-up could reach it and hand over before its readers read).
-    eventually("worker read every insert", WAIT, async || {
-        worker.stats.events.load(Ordering::Relaxed) == N as u64
-    })
-    .await;
+    let worker = insert_padded_until_read(&f, 6..N, 512).await;
     let mut clients = Vec::new();
     for at in [5, 4, 3, 2] {
         clients.push((at, f.resume(Kind::Ndjson, &ids[at]).await));
@@ -387,23 +397,7 @@ async fn a_catch_up_reader_that_stops_does_not_hold_up_the_others() {
     let id = first.changes(1, WAIT).await[0].id.clone().expect("id");
     // Far more than a catch-up reads ahead of its readers (4,096) plus what sockets hold.
     const N: i64 = 8001;
-    let padding = "x".repeat(2048);
-    for chunk in (1..N).collect::<Vec<_>>().chunks(500) {
-        f.coll
-            .insert_many(chunk.iter().map(|seq| doc! { "seq": seq, "pad": &padding }))
-            .await
-            .unwrap();
-    }
-    let worker = f
-        .server
-        .registry
-        .workers_of(&f.key())
-        .pop()
-        .expect("worker");
-    eventually("worker read every insert", WAIT, async || {
-        worker.stats.events.load(Ordering::Relaxed) == N as u64
-    })
-    .await;
+    insert_padded_until_read(&f, 1..N, 2048).await;
     let mut stopped = f.resume(Kind::Ws, &id).await;
     let mut reading = f.resume(Kind::Sse, &id).await;
     let started = std::time::Instant::now();

@@ -4,8 +4,11 @@
 use mongodb::Collection;
 use mongodb::bson::{Document, doc};
 use serde_json::json;
+use std::sync::Arc;
 use streamgate::config::Config;
+
 use streamgate::streams::StreamKey;
+use streamgate::worker::Worker;
 
 use super::clients::{Client, Envelope, Kind};
 use super::mongod::{self, MongoD};
@@ -63,6 +66,15 @@ impl Fixture {
     /// The stream's key.
     pub fn key(&self) -> StreamKey {
         StreamKey::new(&self.db, "c", "s").unwrap()
+    }
+
+    /// The stream's running worker (panics if none is running).
+    pub fn worker(&self) -> Arc<Worker> {
+        self.server
+            .registry
+            .workers_of(&self.key())
+            .pop()
+            .expect("a running worker")
     }
 
     /// Connects a client from now.
