@@ -233,18 +233,19 @@ impl MongoD {
 
     /// [`MongoD::kill`] off the async runtime's threads; gives the server back.
     pub async fn killed(self) -> MongoD {
-        tokio::task::spawn_blocking(move || {
-            self.kill();
-            self
-        })
-        .await
-        .unwrap()
+        self.off_runtime(MongoD::kill).await
     }
 
     /// [`MongoD::restart`] off the async runtime's threads; gives the server back.
     pub async fn restarted(self) -> MongoD {
+        self.off_runtime(MongoD::restart).await
+    }
+
+    /// Runs the blocking `step` on a blocking thread, so the runtime's tasks (the server under
+    /// test) keep running meanwhile.
+    async fn off_runtime(self, step: fn(&MongoD)) -> MongoD {
         tokio::task::spawn_blocking(move || {
-            self.restart();
+            step(&self);
             self
         })
         .await
