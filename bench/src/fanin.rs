@@ -54,6 +54,8 @@ pub enum FanIn {
     Stall,
     /// Every scenario above at its default size.
     All,
+    /// Issue 23: 100 well-behaved SSE clients beside an abuser (`--abuser`; not part of `all`).
+    Noisy,
 }
 
 /// The pipeline of the `bindings` stream, as TOML.
@@ -72,6 +74,7 @@ pub fn most_clients(which: FanIn, cli: &Cli) -> usize {
         FanIn::RestartStorm => size(300) + 1,
         FanIn::Burst => size(1000) + 1,
         FanIn::Bulk | FanIn::Stall => 2,
+        FanIn::Noisy => 130,
         FanIn::All => [300 + 1, 1000 + 1, 40 + cli.cold + 1, 120]
             .into_iter()
             .max()
@@ -91,6 +94,7 @@ pub async fn run(ctx: &Ctx, which: FanIn, on_report: &mut dyn FnMut(Report)) -> 
             FanIn::Bulk,
             FanIn::Stall,
         ],
+        FanIn::Noisy => return crate::noisy::run(ctx, cli.abuser, on_report).await,
         one => vec![one],
     };
     // With `all`, `--size` would mean different things to different scenarios: ignore it.
@@ -109,7 +113,7 @@ pub async fn run(ctx: &Ctx, which: FanIn, on_report: &mut dyn FnMut(Report)) -> 
                 vec![bulk(ctx, 1000).await?, bulk(ctx, 20_000).await?]
             }
             FanIn::Stall => vec![stall(ctx).await?],
-            FanIn::All => Vec::new(),
+            FanIn::All | FanIn::Noisy => Vec::new(),
         };
         for report in &mut reports {
             report.loadavg = [load_before, env::loadavg()];
@@ -166,7 +170,7 @@ fn spawn_clients(
 }
 
 /// Fills the delivery figures of `report` once the clients have stopped.
-fn finish(report: &mut Report, shared: &Shared, results: &[ClientResult], since_us: i64) {
+pub(crate) fn finish(report: &mut Report, shared: &Shared, results: &[ClientResult], since_us: i64) {
     report.deliveries = shared.delivered.load(Ordering::Relaxed);
     let last = shared.last_delivery_us.load(Ordering::Relaxed);
     report.delivery_secs = ((last - since_us) as f64 / 1e6).max(0.0);

@@ -23,6 +23,7 @@
 mod client;
 mod env;
 mod fanin;
+mod noisy;
 mod parse;
 mod report;
 mod upstream;
@@ -138,6 +139,9 @@ struct Cli {
     /// burst clients (1000).
     #[arg(long)]
     size: Option<usize>,
+    /// noisy: who misbehaves beside the well-behaved clients (`all`: the baseline, then each).
+    #[arg(long, value_enum, default_value_t = noisy::Abuser::All)]
+    abuser: noisy::Abuser,
     /// restart-storm: distinct positions (resume ids) the clients hold.
     #[arg(long, default_value_t = 1)]
     positions: usize,

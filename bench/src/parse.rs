@@ -64,8 +64,9 @@ pub fn sse_block(block: &[u8]) -> Option<Ev<'_>> {
         }
     }
     let data = data?;
-    // The connect-time `info` and `heartbeats=true` events are not changes nor failures.
-    if name == b"info" || name == b"heartbeat" {
+    // The connect-time `info` and `heartbeats=true` events are not changes nor failures, nor
+    // are a snapshot's documents and its `ready` (the benchmark documents are inserted later).
+    if matches!(name, b"info" | b"heartbeat" | b"snapshot" | b"ready") {
         return None;
     }
     if name == b"change" {

@@ -136,6 +136,9 @@ pub struct Report {
     /// (or the scenario gave up).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub complete_secs: Option<f64>,
+    /// `noisy`: what the abusive party did (actions, refusals, bytes read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub abuser: Option<String>,
     /// `stall`: what happened to the client that stopped reading.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stall: Option<Stall>,
