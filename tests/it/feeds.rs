@@ -257,25 +257,34 @@ async fn expect_poison_error(client: &mut Client) {
 
 /// One stream's `$match` fails on a change at `getMore` time (not when the cursor opens): its
 /// own clients get the error its own cursor gives; the plain stream on another collection of
-/// the same feed gets every change once, in order, and no error.
+/// the same feed, and another stream whose `$match` evaluates expressions but does not fail
+/// (a suspect the probes clear), get every change once, in order, and no error.
 #[tokio::test]
 async fn a_match_that_fails_on_a_change_fails_its_stream_alone() {
     let f = Fixture::start("feeds_poison", |config| {
         let db = config.streams[0].db.clone();
         config.streams.push(poison_stream(&db));
+        config.streams.push(server::stream(
+            &db,
+            "e",
+            "s",
+            json!([{ "$match": { "$expr": { "$gte": ["$fullDocument.seq", 0] } } }]),
+        ));
     })
     .await;
     let mut good = f.connect(Kind::Sse).await;
     let mut bad = connect(&f, "b", "s", Kind::Sse).await;
+    let mut expr = connect(&f, "e", "s", Kind::Ndjson).await;
     assert_eq!(f.server.metrics.database_feeds.get(), 1);
     let mongo = mongod::shared().client().await;
-    eventually("one cursor for both streams", WAIT, async || {
+    eventually("one cursor for the three streams", WAIT, async || {
         database_change_stream_cursors(&mongo, &f.db).await == 1
     })
     .await;
 
-    let b = coll(&f, "b").await;
+    let (b, e) = (coll(&f, "b").await, coll(&f, "e").await);
     f.insert_seqs(0..3).await;
+    insert_seqs(&e, 0..2).await;
     b.insert_one(doc! { "code": "5", "seq": 100 })
         .await
         .unwrap();
@@ -283,20 +292,29 @@ async fn a_match_that_fails_on_a_change_fails_its_stream_alone() {
         .await
         .unwrap();
     f.insert_seqs(3..6).await;
+    insert_seqs(&e, 2..4).await;
 
     assert_eq!(
         seqs(&good.changes(6, WAIT).await),
         (0..6).collect::<Vec<_>>()
     );
-    good.expect_quiet(QUIET).await;
+    assert_eq!(seqs(&expr.changes(4, WAIT).await), vec![0, 1, 2, 3]);
     assert_eq!(seqs(&bad.changes(1, WAIT).await), vec![100]);
     expect_poison_error(&mut bad).await;
+    good.expect_quiet(QUIET).await;
+    expr.expect_quiet(QUIET).await;
     assert_eq!(f.server.metrics.database_feed_isolations.get(), 1);
 
-    // The feed goes on for the others.
+    // The feed goes on for the others, still one cursor for both.
     f.insert_seqs(6..8).await;
+    insert_seqs(&e, 4..5).await;
     assert_eq!(seqs(&good.changes(2, WAIT).await), vec![6, 7]);
+    assert_eq!(seqs(&expr.changes(1, WAIT).await), vec![4]);
     good.expect_quiet(QUIET).await;
+    eventually("the feed's cursor alone", WAIT, async || {
+        database_change_stream_cursors(&mongo, &f.db).await == 1
+    })
+    .await;
     f.server.stop().await;
 }
 
