@@ -225,11 +225,7 @@ impl Feeds {
         if let Some(feed) = feeds.get(&key) {
             let mut state = lock(&feed.state);
             if !state.stopped {
-                if state
-                    .isolated
-                    .iter()
-                    .any(|(coll, pipeline)| *coll == member.coll && *pipeline == member.pipeline)
-                {
+                if state.isolates(&member.coll, &member.pipeline) {
                     // Its `$match` failed this feed on a change once: it would again.
                     return None;
                 }
@@ -328,6 +324,13 @@ impl State {
             };
             outbox.push(member.id, &member.link, step);
         }
+    }
+
+    /// Whether a member on `coll` with `pipeline` failed this feed once (and must not join).
+    fn isolates(&self, coll: &str, pipeline: &[Document]) -> bool {
+        self.isolated
+            .iter()
+            .any(|(c, p)| c == coll && p.as_slice() == pipeline)
     }
 
     fn add(&mut self, mut member: Member) -> u64 {
@@ -613,21 +616,28 @@ impl FeedTask {
             return false;
         }
         let gone = {
-            let mut state = lock(&self.feed.state);
-            let (gone, kept) = std::mem::take(&mut state.members)
-                .into_iter()
-                .partition::<Vec<_>, _>(|m| culprits.contains(&m.id));
-            state.members = kept;
-            for m in &gone {
+            let mut guard = lock(&self.feed.state);
+            let state = &mut *guard;
+            for m in state.members.iter().filter(|m| culprits.contains(&m.id)) {
                 let key = (m.coll.clone(), m.pipeline.clone());
                 if !state.isolated.contains(&key) {
                     state.isolated.push(key);
                 }
             }
+            // With them, a worker of the same filter that joined during the search.
+            let (gone, kept) = std::mem::take(&mut state.members)
+                .into_iter()
+                .partition::<Vec<_>, _>(|m| state.isolates(&m.coll, &m.pipeline));
+            state.members = kept;
             gone
         };
         for member in &gone {
-            tracing::warn!(db = %self.feed.key.db, coll = %member.coll, %message, elapsed_ms = started.elapsed().as_millis() as u64, "a stream's $match failed the database feed on a change; it reads a cursor of its own from now on");
+            let stream = member
+                .link
+                .worker
+                .upgrade()
+                .map(|w| w.key.stream.to_string());
+            tracing::warn!(db = %self.feed.key.db, coll = %member.coll, stream = stream.as_deref().unwrap_or(""), %message, elapsed_ms = started.elapsed().as_millis() as u64, "a stream's $match failed the database feed on a change; it reads a cursor of its own from now on");
             self.context.metrics.database_feed_isolations.inc();
             member.link.signal.send_replace(Signal::OwnCursor);
         }
