@@ -104,6 +104,11 @@ settings! {
         /// change-stream cursor per database, routed by collection. `false` gives every stream
         /// a cursor of its own (one `getMore` loop on MongoDB per stream).
         pub shared_database_cursors: bool = true,
+        /// Milliseconds a database feed may spend, when its cursor fails on a change, finding
+        /// which stream's `$match` failed (one probe cursor per suspect group); the streams it
+        /// finds move to cursors of their own and the others go on. Its other streams wait
+        /// meanwhile. Nothing found in time: every stream of the feed ends with the error.
+        pub feed_probe_timeout_ms: u64 = 5_000,
         /// Seconds open streams get to close on SIGTERM/SIGINT before the process exits anyway.
         pub shutdown_grace_secs: u64 = 10,
         /// The `retry:` hint (ms) sent to SSE clients at the start and on shutdown.
@@ -779,6 +784,11 @@ impl Config {
     /// Worker linger.
     pub fn worker_linger(&self) -> Duration {
         Duration::from_millis(self.worker_linger_ms)
+    }
+
+    /// How long a database feed may look for the stream whose `$match` failed.
+    pub fn feed_probe_timeout(&self) -> Duration {
+        Duration::from_millis(self.feed_probe_timeout_ms)
     }
 
     /// Shutdown grace period.

@@ -147,6 +147,7 @@ impl App {
             ring_size: config.ring_size,
             linger: config.worker_linger(),
             shared_database_cursors: config.shared_database_cursors,
+            feed_probe_timeout: config.feed_probe_timeout(),
             ..WorkerSettings::default()
         };
         let budget = crate::limits::CursorBudget::new(&config.limits, &metrics);

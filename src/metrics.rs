@@ -194,6 +194,9 @@ pub struct Metrics {
     pub workers: Gauge,
     /// Running database feeds (one shared cursor each, see `worker::feed`).
     pub database_feeds: Gauge,
+    /// Database feed members moved to a cursor of their own because their `$match` failed on
+    /// a change (the feed's other members went on).
+    pub database_feed_isolations: Counter,
     /// Change-stream cursors opened, reconnects and catch-ups included.
     pub cursors_opened: Counter,
     /// Change events received from MongoDB.
@@ -253,6 +256,12 @@ impl Metrics {
             "database_feeds",
             "Running database feeds: change-stream cursors shared by the workers of a database",
             database_feeds.clone(),
+        );
+        let database_feed_isolations = Counter::default();
+        registry.register(
+            "database_feed_isolations",
+            "Database feed members moved to a cursor of their own because their $match failed on a change",
+            database_feed_isolations.clone(),
         );
         let cursors_opened = Counter::default();
         registry.register(
@@ -391,6 +400,7 @@ impl Metrics {
             clients,
             workers,
             database_feeds,
+            database_feed_isolations,
             cursors_opened,
             events_received,
             deliveries,

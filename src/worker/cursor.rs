@@ -149,8 +149,8 @@ enum Upstream {
 
 impl Upstream {
     /// The next step to apply (cancel-safe); `None` once the feed has ended the worker. A feed
-    /// that cannot serve the worker is replaced by a cursor of its own, from now (the worker
-    /// had not been served yet).
+    /// that cannot serve the worker is replaced by a cursor of its own, from where the feed
+    /// served it through (from now if it had not been served yet).
     async fn next(&mut self, worker: &Arc<Worker>) -> Option<Step<Routed>> {
         loop {
             match self {
@@ -163,7 +163,8 @@ impl Upstream {
                             .stats
                             .on_database_feed
                             .store(false, Ordering::Relaxed);
-                        *self = Upstream::Own(Box::new(WorkerSource::new(worker, None)));
+                        let served = worker.position();
+                        *self = Upstream::Own(Box::new(WorkerSource::new(worker, served)));
                     }
                 },
             }

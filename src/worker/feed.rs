@@ -23,8 +23,17 @@
 //!   the same id, as a collection stream would.
 //! * **Failure.** A cursor MongoDB refuses to open right after members joined is likely refused
 //!   for one of their `$match`es: those members fall back to cursors of their own (which then
-//!   report the error to their clients alone), and the feed reopens without them. Any other
-//!   failure (history lost, `dropDatabase`'s `invalidate`) ends every member with it.
+//!   report the error to their clients alone), and the feed reopens without them. A cursor that
+//!   fails later on a change (an `$expr` such as `{$toInt: "$fullDocument.code"}` meeting
+//!   `"x"`) is failed by a member whose `$match` evaluates expressions: the feed *probes* those
+//!   suspects, each group with its own clauses of the feed's `$match` on a cursor of its own
+//!   from the feed's position (by cluster time) until it fails, or reads past the oplog's head
+//!   as of the failure, halving failing groups down to the members that fail alone
+//!   (`feed_probe_timeout_ms` bounds the search). Those members move to cursors of their own
+//!   from where the feed served them (which then give their clients the error a cursor of their
+//!   own gives) and never rejoin this feed; the feed reopens at its position without them, so
+//!   the others lose and repeat nothing. No culprit found, or any other failure (history lost,
+//!   `dropDatabase`'s `invalidate`): every member ends with it.
 //! * **Leave.** A member leaves when its worker stops (its [`Membership`] drops); the feed
 //!   stops with its last member.
 
@@ -33,8 +42,9 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures::FutureExt;
-use mongodb::bson::{Document, doc};
+use mongodb::bson::{Bson, Document, Timestamp, doc};
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 
 use super::hub::Routed;
 use super::source::{ChangeSource, RawChange, Step, Watch};
@@ -52,6 +62,10 @@ const BATCH: usize = 1024;
 
 /// `maxAwaitTimeMS` of a feed's `getMore` (at most the workers' `max_await`).
 const FEED_MAX_AWAIT: Duration = Duration::from_millis(100);
+
+/// `maxAwaitTimeMS` of a probe's `getMore`: an empty batch is how a probe that matches nothing
+/// new learns it read to the head, so it must come soon (the feed's members wait meanwhile).
+const PROBE_MAX_AWAIT: Duration = Duration::from_millis(20);
 
 /// Feeds by database and options; part of the [`WorkerContext`].
 #[derive(Default)]
@@ -82,6 +96,10 @@ struct State {
     reopen: bool,
     /// The feed's task ended; a joiner starts a new feed.
     stopped: bool,
+    /// Collections and pipelines of members whose `$match` failed this feed's cursor on a
+    /// change: a worker with one of them does not join (it would fail the feed again on the
+    /// next such change), it reads a cursor of its own.
+    isolated: Vec<(String, Vec<Document>)>,
 }
 
 struct Member {
@@ -113,8 +131,9 @@ pub(crate) enum Signal {
     Serving,
     /// The worker ended (its last step was terminal): its loop stops.
     Ended,
-    /// The feed cannot serve the worker (MongoDB refused its `$match`): it must open a cursor
-    /// of its own, from now (it was not served yet).
+    /// The feed cannot serve the worker (MongoDB refused its `$match`, or it failed the feed's
+    /// cursor on a change): it must open a cursor of its own, from where the feed served it
+    /// through (its hub's position; from now when it was not served yet).
     OwnCursor,
 }
 
@@ -206,6 +225,10 @@ impl Feeds {
         if let Some(feed) = feeds.get(&key) {
             let mut state = lock(&feed.state);
             if !state.stopped {
+                if state.isolates(&member.coll, &member.pipeline) {
+                    // Its `$match` failed this feed on a change once: it would again.
+                    return None;
+                }
                 // A replaced definition's worker may not have left yet: it no longer counts.
                 state.members.retain(|m| m.link.is_live());
                 if state
@@ -231,6 +254,7 @@ impl Feeds {
             next_id: 1,
             reopen: true,
             stopped: false,
+            isolated: Vec::new(),
         };
         let id = state.add(member);
         let feed = Arc::new(Feed {
@@ -302,6 +326,13 @@ impl State {
         }
     }
 
+    /// Whether a member on `coll` with `pipeline` failed this feed once (and must not join).
+    fn isolates(&self, coll: &str, pipeline: &[Document]) -> bool {
+        self.isolated
+            .iter()
+            .any(|(c, p)| c == coll && p.as_slice() == pipeline)
+    }
+
     fn add(&mut self, mut member: Member) -> u64 {
         member.id = self.next_id;
         self.next_id += 1;
@@ -369,6 +400,18 @@ impl FeedTask {
                     let position = cursor.position().cloned();
                     source = Some(self.reopen(position));
                 }
+                Some(End::Failed(message)) => {
+                    // Perhaps one member's `$match` failed on a change: find it, and go on
+                    // without it from where the feed stood.
+                    let position = cursor.position().cloned();
+                    if self.isolate_culprits(position.as_ref(), &message).await {
+                        source = Some(self.reopen(position));
+                    } else {
+                        tracing::error!(db = %self.feed.key.db, %message, "database feed failed");
+                        self.end(|| Step::Failed(ErrorCode::Upstream, message.clone()));
+                        break;
+                    }
+                }
                 Some(End::With(step)) => {
                     self.end(|| clone_terminal(&step));
                     break;
@@ -403,6 +446,9 @@ impl FeedTask {
             Step::Failed(code, message) => {
                 if read.joined && code == ErrorCode::Upstream && self.refuse_pending_filters() {
                     return Some(End::Refused(message));
+                }
+                if code == ErrorCode::Upstream {
+                    return Some(End::Failed(message));
                 }
                 tracing::error!(db = %self.feed.key.db, code = code.as_str(), %message, "database feed failed");
                 return Some(End::With(Step::Failed(code, message)));
@@ -543,6 +589,114 @@ impl FeedTask {
             member.link.signal.send_replace(Signal::OwnCursor);
         }
         !refused.is_empty()
+    }
+
+    /// After the cursor failed on a change: probes the members whose `$match` can fail on one,
+    /// and moves those that fail alone to cursors of their own (remembered, so that they do not
+    /// rejoin). `false` when none was found (the failure is the feed's own, or the search ran
+    /// out of time).
+    async fn isolate_culprits(&self, from: Option<&Token>, message: &str) -> bool {
+        let Some(from) = from else {
+            return false;
+        };
+        let suspects: Vec<Suspect> = {
+            let state = lock(&self.feed.state);
+            suspects(&state.members)
+        };
+        if suspects.is_empty() {
+            return false;
+        }
+        let started = Instant::now();
+        let deadline = started + self.context.settings.feed_probe_timeout;
+        let head = self.oplog_head(deadline).await;
+        let culprits =
+            find_culprits(suspects, |group| self.probe(group, from, head, deadline)).await;
+        if culprits.is_empty() {
+            tracing::warn!(db = %self.feed.key.db, %message, elapsed_ms = started.elapsed().as_millis() as u64, "database feed failed and no member's $match fails alone");
+            return false;
+        }
+        let gone = {
+            let mut guard = lock(&self.feed.state);
+            let state = &mut *guard;
+            for m in state.members.iter().filter(|m| culprits.contains(&m.id)) {
+                let key = (m.coll.clone(), m.pipeline.clone());
+                if !state.isolated.contains(&key) {
+                    state.isolated.push(key);
+                }
+            }
+            // With them, a worker of the same filter that joined during the search.
+            let (gone, kept) = std::mem::take(&mut state.members)
+                .into_iter()
+                .partition::<Vec<_>, _>(|m| state.isolates(&m.coll, &m.pipeline));
+            state.members = kept;
+            gone
+        };
+        for member in &gone {
+            let stream = member
+                .link
+                .worker
+                .upgrade()
+                .map(|w| w.key.stream.to_string());
+            tracing::warn!(db = %self.feed.key.db, coll = %member.coll, stream = stream.as_deref().unwrap_or(""), %message, elapsed_ms = started.elapsed().as_millis() as u64, "a stream's $match failed the database feed on a change; it reads a cursor of its own from now on");
+            self.context.metrics.database_feed_isolations.inc();
+            member.link.signal.send_replace(Signal::OwnCursor);
+        }
+        true
+    }
+
+    /// The time of the last write MongoDB has applied (`hello`'s `lastWrite`): the change the
+    /// feed failed on is at or before it. `None` if it cannot tell by `deadline`.
+    async fn oplog_head(&self, deadline: Instant) -> Option<Timestamp> {
+        let admin = self.template.client.database("admin");
+        let hello = admin.run_command(doc! { "hello": 1 });
+        let reply = tokio::time::timeout_at(deadline, hello).await.ok()?.ok()?;
+        reply
+            .get_document("lastWrite")
+            .and_then(|w| w.get_document("opTime"))
+            .and_then(|t| t.get_timestamp("ts"))
+            .ok()
+    }
+
+    /// Reads the feed's clauses for `group` alone from the cluster time of `from`: does it fail
+    /// before reading past `head` (an empty batch, or a change after it)?
+    async fn probe(
+        &self,
+        group: Vec<Suspect>,
+        from: &Token,
+        head: Option<Timestamp>,
+        deadline: Instant,
+    ) -> Verdict {
+        let mut options = self.template.options.clone();
+        options.max_await_time = Some(PROBE_MAX_AWAIT);
+        let watch = Watch {
+            pipeline: vec![doc! { "$match": filter_of(group.iter().map(Suspect::clause)) }],
+            options,
+            probe_fields: Vec::new(),
+            label: format!("{} (database feed probe)", self.feed.key.db),
+            on_skip: Arc::new(|| {}),
+            ..self.template.clone()
+        };
+        let mut source = ChangeSource::at_time_of(watch, from.clone());
+        let read = async {
+            loop {
+                match source.next().await {
+                    Step::Opened(_) | Step::Quiet(None) => {}
+                    Step::Change(raw) => {
+                        let past = |head| raw.id.cluster_time().is_some_and(|t| t > head);
+                        if head.is_some_and(past) {
+                            return Verdict::Passes;
+                        }
+                    }
+                    // An empty batch: it read to the oplog's head, which is past the failure.
+                    Step::Quiet(Some(_)) | Step::Invalidated(_) => return Verdict::Passes,
+                    Step::Failed(ErrorCode::Upstream, _) => return Verdict::Fails,
+                    Step::Retrying(_) | Step::Failed(..) => return Verdict::Unknown,
+                }
+            }
+        };
+        tokio::time::timeout_at(deadline, read)
+            .await
+            .unwrap_or(Verdict::Unknown)
     }
 
     /// Ends every member with `step` and stops the feed.
@@ -689,6 +843,9 @@ struct Reading {
 enum End {
     /// MongoDB refused the new members' filters: reopen without them.
     Refused(String),
+    /// The cursor failed with an error retrying cannot fix: perhaps a member's `$match` failed
+    /// on a change (find it and reopen without it), else every member ends with it.
+    Failed(String),
     /// Every member ends with this step.
     With(Step<Routed>),
 }
@@ -702,14 +859,108 @@ fn clone_terminal(step: &Step<Routed>) -> Step<Routed> {
     }
 }
 
+/// A member whose `$match` may have failed the feed's cursor.
+#[derive(Debug, Clone)]
+struct Suspect {
+    id: u64,
+    coll: String,
+    pipeline: Vec<Document>,
+}
+
+impl Suspect {
+    fn clause(&self) -> (&str, &[Document]) {
+        (&self.coll, &self.pipeline)
+    }
+}
+
+/// What a probe learned about a group of suspects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Its clauses alone failed as the feed did.
+    Fails,
+    /// They read past the point where the feed failed.
+    Passes,
+    /// No answer (a transient error, out of time): not a culprit.
+    Unknown,
+}
+
+/// The served members in the failed cursor's filter whose `$match` can fail on a change.
+fn suspects(members: &[Member]) -> Vec<Suspect> {
+    members
+        .iter()
+        .filter(|m| m.included && !m.pending && fails_on_data(&m.pipeline))
+        .map(|m| Suspect {
+            id: m.id,
+            coll: m.coll.clone(),
+            pipeline: m.pipeline.clone(),
+        })
+        .collect()
+}
+
+/// Whether a `$match` can fail on a change rather than only when the cursor opens: query
+/// operators are checked when MongoDB parses them, but `$expr` evaluates aggregation
+/// expressions (`$toInt`, `$divide`, `$function`, …) on each change.
+fn fails_on_data(pipeline: &[Document]) -> bool {
+    fn has_expr(value: &Bson) -> bool {
+        match value {
+            Bson::Document(doc) => doc.iter().any(|(k, v)| k == "$expr" || has_expr(v)),
+            Bson::Array(items) => items.iter().any(has_expr),
+            _ => false,
+        }
+    }
+    pipeline
+        .iter()
+        .any(|stage| stage.iter().any(|(k, v)| k == "$expr" || has_expr(v)))
+}
+
+/// The members of `suspects` that fail alone, by `probe`: the whole group first (a failure
+/// that does not come back names nobody), then the halves of each failing group, the halves
+/// of one round probed together. `k` culprits among `n` cost about `2k·log2(n)` probes, at
+/// most `2k` at a time.
+async fn find_culprits<F, Fut>(suspects: Vec<Suspect>, probe: F) -> Vec<u64>
+where
+    F: Fn(Vec<Suspect>) -> Fut,
+    Fut: std::future::Future<Output = Verdict>,
+{
+    let mut culprits = Vec::new();
+    let mut round = vec![suspects];
+    while !round.is_empty() {
+        let verdicts = futures::future::join_all(round.iter().cloned().map(&probe)).await;
+        let mut next = Vec::new();
+        for (mut group, verdict) in round.into_iter().zip(verdicts) {
+            if verdict != Verdict::Fails {
+                continue;
+            }
+            if group.len() == 1 {
+                culprits.extend(group.iter().map(|s| s.id));
+            } else {
+                let half = group.split_off(group.len() / 2);
+                next.push(group);
+                next.push(half);
+            }
+        }
+        round = next;
+    }
+    culprits
+}
+
 /// The feed's `$match`: each collection with its members' conditions, plus the `drop` and
 /// `rename` that end a collection whose members filter (they must learn it ended).
 fn filter(members: &[Member]) -> Document {
+    filter_of(
+        members
+            .iter()
+            .map(|m| (m.coll.as_str(), m.pipeline.as_slice())),
+    )
+}
+
+/// [`filter`] of (collection, pipeline) pairs.
+fn filter_of<'a>(members: impl Iterator<Item = (&'a str, &'a [Document])>) -> Document {
     let mut clauses: Vec<Document> = Vec::new();
     let mut filtered_colls: Vec<&str> = Vec::new();
-    for member in members {
-        let mut all = vec![doc! { "ns.coll": &member.coll }];
-        for stage in &member.pipeline {
+    for (coll, pipeline) in members {
+        let mut all = vec![doc! { "ns.coll": coll }];
+        for stage in pipeline {
             if let Ok(condition) = stage.get_document("$match") {
                 all.push(condition.clone());
             }
@@ -717,7 +968,7 @@ fn filter(members: &[Member]) -> Document {
         let clause = if all.len() == 1 {
             all.remove(0)
         } else {
-            filtered_colls.push(&member.coll);
+            filtered_colls.push(coll);
             doc! { "$and": all }
         };
         if !clauses.contains(&clause) {
@@ -842,6 +1093,7 @@ mod tests {
             next_id: 4,
             reopen: true,
             stopped: false,
+            isolated: Vec::new(),
         };
         let mut outbox = Outbox::default();
         state.opened(Some(start.clone()), &mut outbox);
@@ -858,6 +1110,66 @@ mod tests {
         assert_eq!(steps, vec![(1, None), (2, Some(start))]);
         assert!(!state.members[1].pending);
         assert!(state.members[2].pending, "not in this cursor's filter");
+    }
+
+    #[test]
+    fn only_members_whose_match_evaluates_expressions_are_suspects() {
+        let poison = doc! {"$match": {"$expr": {"$eq": [{"$toInt": "$fullDocument.code"}, 5]}}};
+        let nested =
+            doc! {"$match": {"$or": [{"x": 1}, {"$and": [{"$expr": {"$gt": ["$a", 1]}}]}]}};
+        assert!(fails_on_data(std::slice::from_ref(&poison)));
+        assert!(fails_on_data(&[doc! {"$match": {"x": 1}}, nested.clone()]));
+        assert!(!fails_on_data(&[]));
+        assert!(!fails_on_data(&[
+            doc! {"$match": {"operationType": "insert", "fullDocument.name": {"$regex": "^a"}}}
+        ]));
+        // A field named like an operator inside a value is not one (`$literal` strings).
+        assert!(!fails_on_data(&[doc! {"$match": {"note": "$expr"}}]));
+
+        let mut plain = member("a", vec![], false);
+        plain.id = 1;
+        let mut bad = member("b", vec![poison.clone()], false);
+        bad.id = 2;
+        let mut joining = member("c", vec![poison], true);
+        joining.id = 3;
+        let ids: Vec<u64> = suspects(&[plain, bad, joining])
+            .iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(ids, vec![2], "served and in the failed cursor's filter");
+    }
+
+    #[test]
+    fn bisection_finds_every_culprit_and_names_nobody_when_the_failure_does_not_come_back() {
+        let suspects: Vec<Suspect> = (1..=9)
+            .map(|id| Suspect {
+                id,
+                coll: format!("c{id}"),
+                pipeline: Vec::new(),
+            })
+            .collect();
+        let run = |bad: Vec<u64>| {
+            let probes = std::sync::atomic::AtomicUsize::new(0);
+            let found = futures::executor::block_on(find_culprits(suspects.clone(), |group| {
+                probes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let fails = group.iter().any(|s| bad.contains(&s.id));
+                async move {
+                    if fails {
+                        Verdict::Fails
+                    } else {
+                        Verdict::Passes
+                    }
+                }
+            }));
+            (found, probes.into_inner())
+        };
+        let (found, probes) = run(vec![7]);
+        assert_eq!(found, vec![7]);
+        assert!(probes <= 1 + 2 * 4, "{probes} probes for 1 culprit of 9");
+        let (mut found, _) = run(vec![2, 9]);
+        found.sort_unstable();
+        assert_eq!(found, vec![2, 9]);
+        assert_eq!(run(vec![]), (vec![], 1), "one probe, nobody named");
     }
 
     #[test]

@@ -73,6 +73,8 @@ pub struct WorkerSettings {
     pub max_backoff: Duration,
     /// Whether `$match`-only streams share their database's cursor (`worker::feed`).
     pub shared_database_cursors: bool,
+    /// How long a feed may look for the member whose `$match` failed (`worker::feed`).
+    pub feed_probe_timeout: Duration,
 }
 
 /// The configuration's defaults (declared once, in `config.rs`) for what is configurable; the
@@ -86,6 +88,7 @@ impl Default for WorkerSettings {
             max_await: Duration::from_millis(500),
             max_backoff: Duration::from_secs(5),
             shared_database_cursors: config.shared_database_cursors,
+            feed_probe_timeout: config.feed_probe_timeout(),
         }
     }
 }

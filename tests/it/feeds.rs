@@ -234,3 +234,144 @@ async fn a_match_mongodb_refuses_fails_its_stream_alone() {
     good.expect_quiet(QUIET).await;
     f.server.stop().await;
 }
+
+/// A `$match` MongoDB accepts but that fails on some changes (issue 23, row 1).
+fn poison_stream(db: &str) -> streamgate::config::StreamConfig {
+    server::stream(
+        db,
+        "b",
+        "s",
+        json!([{ "$match": { "$expr": { "$eq": [{ "$toInt": "$fullDocument.code" }, 5] } } }]),
+    )
+}
+
+/// Asserts the next event is the error a cursor of the poison stream's own gives on `{code: "x"}`.
+async fn expect_poison_error(client: &mut Client) {
+    let error = client.expect_event(WAIT).await;
+    assert_eq!(error.event, "error", "{error:?}");
+    assert_eq!(error.data["code"], "upstream_error", "{error:?}");
+    let message = error.data["message"].as_str().unwrap_or_default();
+    assert!(message.contains("Failed to parse number 'x'"), "{error:?}");
+    assert!(matches!(client.next(WAIT).await, Next::End(_)));
+}
+
+/// One stream's `$match` fails on a change at `getMore` time (not when the cursor opens): its
+/// own clients get the error its own cursor gives; the plain stream on another collection of
+/// the same feed, and another stream whose `$match` evaluates expressions but does not fail
+/// (a suspect the probes clear), get every change once, in order, and no error.
+#[tokio::test]
+async fn a_match_that_fails_on_a_change_fails_its_stream_alone() {
+    let f = Fixture::start("feeds_poison", |config| {
+        let db = config.streams[0].db.clone();
+        config.streams.push(poison_stream(&db));
+        config.streams.push(server::stream(
+            &db,
+            "e",
+            "s",
+            json!([{ "$match": { "$expr": { "$gte": ["$fullDocument.seq", 0] } } }]),
+        ));
+    })
+    .await;
+    let mut good = f.connect(Kind::Sse).await;
+    let mut bad = connect(&f, "b", "s", Kind::Sse).await;
+    let mut expr = connect(&f, "e", "s", Kind::Ndjson).await;
+    assert_eq!(f.server.metrics.database_feeds.get(), 1);
+    let mongo = mongod::shared().client().await;
+    eventually("one cursor for the three streams", WAIT, async || {
+        database_change_stream_cursors(&mongo, &f.db).await == 1
+    })
+    .await;
+
+    let (b, e) = (coll(&f, "b").await, coll(&f, "e").await);
+    f.insert_seqs(0..3).await;
+    insert_seqs(&e, 0..2).await;
+    b.insert_one(doc! { "code": "5", "seq": 100 })
+        .await
+        .unwrap();
+    b.insert_one(doc! { "code": "x", "seq": 101 })
+        .await
+        .unwrap();
+    f.insert_seqs(3..6).await;
+    insert_seqs(&e, 2..4).await;
+
+    assert_eq!(
+        seqs(&good.changes(6, WAIT).await),
+        (0..6).collect::<Vec<_>>()
+    );
+    assert_eq!(seqs(&expr.changes(4, WAIT).await), vec![0, 1, 2, 3]);
+    assert_eq!(seqs(&bad.changes(1, WAIT).await), vec![100]);
+    expect_poison_error(&mut bad).await;
+    good.expect_quiet(QUIET).await;
+    expr.expect_quiet(QUIET).await;
+    assert_eq!(f.server.metrics.database_feed_isolations.get(), 1);
+
+    // The feed goes on for the others, still one cursor for both.
+    f.insert_seqs(6..8).await;
+    insert_seqs(&e, 4..5).await;
+    assert_eq!(seqs(&good.changes(2, WAIT).await), vec![6, 7]);
+    assert_eq!(seqs(&expr.changes(1, WAIT).await), vec![4]);
+    good.expect_quiet(QUIET).await;
+    eventually("the feed's cursor alone", WAIT, async || {
+        database_change_stream_cursors(&mongo, &f.db).await == 1
+    })
+    .await;
+    f.server.stop().await;
+}
+
+/// A poison write after every reconnect of the failing stream's client: the stream is taken
+/// out of the feed once and never rejoins it, so the others see no error, no gap, and the
+/// feed is not reopened for it again.
+#[tokio::test]
+async fn a_stream_that_failed_the_feed_does_not_rejoin_it() {
+    let f = Fixture::start("feeds_poison_again", |config| {
+        let db = config.streams[0].db.clone();
+        config.streams.push(poison_stream(&db));
+    })
+    .await;
+    let mut good = f.connect(Kind::Sse).await;
+    let b = coll(&f, "b").await;
+    const ROUNDS: i64 = 5;
+    for round in 0..ROUNDS {
+        let mut bad = connect(&f, "b", "s", Kind::Sse).await;
+        f.insert_seqs(2 * round..2 * round + 1).await;
+        b.insert_one(doc! { "code": "x" }).await.unwrap();
+        f.insert_seqs(2 * round + 1..2 * round + 2).await;
+        expect_poison_error(&mut bad).await;
+    }
+    assert_eq!(
+        seqs(&good.changes(2 * ROUNDS as usize, WAIT).await),
+        (0..2 * ROUNDS).collect::<Vec<_>>()
+    );
+    good.expect_quiet(QUIET).await;
+    assert_eq!(f.server.metrics.database_feed_isolations.get(), 1);
+    assert_eq!(f.server.metrics.database_feeds.get(), 1);
+    let mongo = mongod::shared().client().await;
+    eventually("the feed's cursor alone", WAIT, async || {
+        database_change_stream_cursors(&mongo, &f.db).await == 1
+    })
+    .await;
+    f.server.stop().await;
+}
+
+/// `feed_probe_timeout_ms` at its bound (0): no time to find the failing stream, so every
+/// stream of the feed ends with the error, as before streams could fail alone.
+#[tokio::test]
+async fn without_time_to_probe_every_stream_of_the_feed_ends_with_the_error() {
+    let f = Fixture::start("feeds_poison_no_probe", |config| {
+        let db = config.streams[0].db.clone();
+        config.streams.push(poison_stream(&db));
+        config.feed_probe_timeout_ms = 0;
+    })
+    .await;
+    let mut good = f.connect(Kind::Sse).await;
+    let mut bad = connect(&f, "b", "s", Kind::Sse).await;
+    coll(&f, "b")
+        .await
+        .insert_one(doc! { "code": "x" })
+        .await
+        .unwrap();
+    expect_poison_error(&mut good).await;
+    expect_poison_error(&mut bad).await;
+    assert_eq!(f.server.metrics.database_feed_isolations.get(), 0);
+    f.server.stop().await;
+}
