@@ -104,6 +104,13 @@ settings! {
         /// change-stream cursor per database, routed by collection. `false` gives every stream
         /// a cursor of its own (one `getMore` loop on MongoDB per stream).
         pub shared_database_cursors: bool = true,
+        /// Changes a cursor re-reads one per batch to find a change over 16 MB on a MongoDB
+        /// server that cannot split it (before 6.0.9): the other changes of the batch it failed
+        /// are delivered, the large one alone becomes `event: skipped`. After this many (or an
+        /// empty batch) the cursor goes back to full batches, isolating again if the large change
+        /// is still ahead, so one that was large only for a moment cannot keep it at one change
+        /// per round trip.
+        pub oversize_isolation_changes: usize = 1_000,
         /// Seconds open streams get to close on SIGTERM/SIGINT before the process exits anyway.
         pub shutdown_grace_secs: u64 = 10,
         /// The `retry:` hint (ms) sent to SSE clients at the start and on shutdown.

@@ -147,6 +147,7 @@ impl App {
             ring_size: config.ring_size,
             linger: config.worker_linger(),
             shared_database_cursors: config.shared_database_cursors,
+            oversize_isolation_changes: config.oversize_isolation_changes,
             ..WorkerSettings::default()
         };
         let budget = crate::limits::CursorBudget::new(&config.limits, &metrics);

@@ -73,6 +73,8 @@ pub struct WorkerSettings {
     pub max_backoff: Duration,
     /// Whether `$match`-only streams share their database's cursor (`worker::feed`).
     pub shared_database_cursors: bool,
+    /// Changes a cursor re-reads one per batch while isolating a change over 16 MB.
+    pub oversize_isolation_changes: usize,
 }
 
 /// The configuration's defaults (declared once, in `config.rs`) for what is configurable; the
@@ -86,6 +88,7 @@ impl Default for WorkerSettings {
             max_await: Duration::from_millis(500),
             max_backoff: Duration::from_secs(5),
             shared_database_cursors: config.shared_database_cursors,
+            oversize_isolation_changes: config.oversize_isolation_changes,
         }
     }
 }
