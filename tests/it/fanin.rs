@@ -569,3 +569,56 @@ async fn a_catch_up_reader_that_stops_does_not_hold_up_the_others() {
     drop(first);
     f.server.stop().await;
 }
+
+#[tokio::test]
+async fn a_slow_but_moving_catch_up_reader_does_not_set_the_others_pace() {
+    // Two clients resume at the same old id and share one catch-up. One reads slowly but
+    // steadily: 20 events every 100 ms (~400 KB/s), so its server side pulls a 256-event chunk
+    // about every 1.3 s and is never 3 s without progress. The other must not be held to that
+    // pace: it gets everything while the slow one has read a small part; the slow one, let go
+    // once it is a whole catch-up ring behind, still gets everything exactly once.
+    let f = Fixture::start("fanin_slow_reader", |config| config.ring_size = 10).await;
+    let mut first = f.connect(Kind::Sse).await;
+    f.insert_seqs(0..1).await;
+    let id = first.changes(1, WAIT).await[0].id.clone().expect("id");
+    // Paced by the slow reader, the fast one would wait until the slow one is within a catch-up
+    // ring (4,096) plus what the sockets hold of the end: over 50 s at its pace.
+    const N: i64 = 16001;
+    insert_padded_until_read(&f, 1..N, 2048).await;
+    let mut slow = f.resume(Kind::Ws, &id).await;
+    let mut fast = f.resume(Kind::Sse, &id).await;
+    let fast_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::clone(&fast_done);
+    let slow_reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        // Slowly until the fast reader is done (bounded: 30 s), then as fast as it can.
+        for _ in 0..300 {
+            if done.load(Ordering::Relaxed) {
+                break;
+            }
+            got.extend(seqs(&slow.changes(20, WAIT).await));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let read_slowly = got.len();
+        got.extend(seqs(
+            &slow.changes((N - 1) as usize - got.len(), WAIT).await,
+        ));
+        slow.expect_quiet(QUIET).await;
+        (read_slowly, got)
+    });
+    let started = std::time::Instant::now();
+    let events = fast.changes((N - 1) as usize, WAIT).await;
+    let fast_took = started.elapsed();
+    fast_done.store(true, Ordering::Relaxed);
+    assert_eq!(seqs(&events), (1..N).collect::<Vec<_>>());
+    let (read_slowly, got) = slow_reader.await.unwrap();
+    // Within WAIT (20 s), a quarter of what the slow one takes at its pace (80 s). Measured:
+    // 9 s with the slow one at 1,220 events; held to its pace, 42 s (the slow one's bounded
+    // slow phase had ended by then).
+    eprintln!("fast reader: {N} events in {fast_took:?}; the slow one had read {read_slowly}");
+    assert_eq!(got, (1..N).collect::<Vec<_>>());
+    assert!(f.server.metrics.catchup_readers_detached.get() >= 1);
+    assert_eq!(f.server.metrics.slow_consumers.get(), 0);
+    drop(first);
+    f.server.stop().await;
+}
