@@ -274,6 +274,8 @@ pub struct ChangeSource {
     /// Set while isolating an oversize change; the open cursor then reads one change per batch
     /// (an isolating cursor is never kept once this is cleared, nor the other way round).
     isolating: Option<Isolating>,
+    /// A `skipped` change found at an open, returned by the next call (after `Opened`).
+    skipped: Option<RawChange>,
 }
 
 /// Changes a source returns before it yields to the runtime once (see [`ChangeSource::next`]).
@@ -295,6 +297,7 @@ impl ChangeSource {
             failed: false,
             unyielded: 0,
             isolating: None,
+            skipped: None,
         }
     }
 
@@ -318,6 +321,9 @@ impl ChangeSource {
     /// The next step. Cancel-safe: dropping the future loses nothing (the driver keeps an
     /// in-flight `getMore` inside the cursor; an open or a backoff sleep is simply redone).
     pub async fn next(&mut self) -> Step<RawChange> {
+        if let Some(skipped) = self.skipped.take() {
+            return Step::Change(skipped);
+        }
         if self.failed {
             tokio::time::sleep(self.backoff.next_delay()).await;
             self.failed = false;
@@ -462,8 +468,19 @@ impl ChangeSource {
                 self.cursor = Some(cursor);
                 Ok(start)
             }
-            // The first batch held a change over 16 MB.
-            Err(error) if self.too_large(&error) => Err(self.on_too_large().await),
+            // The first batch held a change over 16 MB. Found (this was a one-change open): the
+            // consumer learns the source opened before it gets the `skipped` change, as after
+            // any open (a database feed starts the members that joined at this open then).
+            Err(error) if self.too_large(&error) => {
+                let start = self.position.clone();
+                match self.on_too_large().await {
+                    Step::Change(skipped) => {
+                        self.skipped = Some(skipped);
+                        Ok(start)
+                    }
+                    step => Err(step),
+                }
+            }
             Err(error) => Err(self.on_error(&error)),
         }
     }
