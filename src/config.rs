@@ -109,6 +109,13 @@ settings! {
         /// finds move to cursors of their own and the others go on. Its other streams wait
         /// meanwhile. Nothing found in time: every stream of the feed ends with the error.
         pub feed_probe_timeout_ms: u64 = 5_000,
+        /// Changes a cursor re-reads one per batch to find a change over 16 MB on a MongoDB
+        /// server that cannot split it (before 6.0.9): the other changes of the batch it failed
+        /// are delivered, the large one alone becomes `event: skipped`. After this many (or an
+        /// empty batch) the cursor goes back to full batches, isolating again if the large change
+        /// is still ahead, so one that was large only for a moment cannot keep it at one change
+        /// per round trip.
+        pub oversize_isolation_changes: usize = 1_000,
         /// Seconds open streams get to close on SIGTERM/SIGINT before the process exits anyway.
         pub shutdown_grace_secs: u64 = 10,
         /// The `retry:` hint (ms) sent to SSE clients at the start and on shutdown.

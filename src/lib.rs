@@ -148,6 +148,7 @@ impl App {
             linger: config.worker_linger(),
             shared_database_cursors: config.shared_database_cursors,
             feed_probe_timeout: config.feed_probe_timeout(),
+            oversize_isolation_changes: config.oversize_isolation_changes,
             ..WorkerSettings::default()
         };
         let budget = crate::limits::CursorBudget::new(&config.limits, &metrics);

@@ -213,7 +213,8 @@ pub struct Metrics {
     pub catchups_joined: Counter,
     /// Times a client was lapped by the live channel and read on from the ring.
     pub lag_recoveries: Counter,
-    /// Catch-up readers let go because they stopped reading while others waited.
+    /// Catch-up readers let go because they fell a whole catch-up ring behind a reader waiting at
+    /// its head.
     pub catchup_readers_detached: Counter,
     /// Changes over 16 MB replaced by `event: skipped`.
     pub oversize_skipped: Counter,
@@ -314,7 +315,7 @@ impl Metrics {
         let catchup_readers_detached = Counter::default();
         registry.register(
             "catchup_readers_detached",
-            "Catch-up readers that stopped reading and were let go so the others could go on",
+            "Catch-up readers that fell a whole catch-up ring behind a waiting reader and were let go so the others could go on",
             catchup_readers_detached.clone(),
         );
         let oversize_skipped = Counter::default();

@@ -9,13 +9,18 @@
 //! * **Join.** A client at X joins the running catch-up with the newest start at or before X
 //!   (its ring still holds everything after X); only when none covers X does it start one, up to
 //!   [`MAX_CATCH_UPS_PER_WORKER`]; past that it waits for one to end (no extra cursor).
-//! * **Back-pressure.** The cursor reads ahead of its slowest reader by at most the ring size: it
-//!   pauses while the ring is full of entries some reader still needs, so a slow but steady
-//!   reader sets the pace. A reader that made no progress for [`DETACH_AFTER`] while another
-//!   reader waits at the head is let go instead (its entries may then be overwritten): one
-//!   client that stops reading never holds up the others until its stall timeout. When it reads
-//!   again, its position is no longer in this ring and it looks again (the worker's ring, or a
-//!   catch-up of its own), like a reader the worker's ring lapped.
+//! * **Back-pressure, and fairness.** The cursor reads ahead of its slowest reader by at most
+//!   the ring size ([`CATCH_UP_RING`] events): it pauses while the ring is full of entries some
+//!   reader still needs. A reader that falls a whole ring behind the fastest one (it still needs
+//!   the ring's oldest entry while another has read the newest and waits) is let go at once
+//!   (its entries may then be overwritten), whether it stopped or reads slowly: the others go on
+//!   at their own pace, never at the slowest one's or until its stall timeout. The bound is the
+//!   ring because that is the first moment a slow reader costs anybody anything: until the ring
+//!   is full the cursor reads on, and while nobody waits at the head nobody is held up. Its next
+//!   pull sends the detached reader to look again from its own position (the worker's ring, or a
+//!   catch-up of its own, never this one while it is still a ring behind), like a reader the
+//!   worker's ring lapped: nothing lost or repeated. A lone reader, however slow, is never let
+//!   go: there is nobody to hurry for, it sets its own pace.
 //! * **Hand-over.** After every change and every empty batch the catch-up checks whether the
 //!   worker's ring covers its position. When it does, it gives the worker the part of its ring
 //!   that is older than the worker's (so later clients with ids in that range are served from
@@ -27,7 +32,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 
@@ -41,13 +45,9 @@ use crate::routing::ClientFilter;
 /// Catch-up cursors one worker runs at once.
 pub const MAX_CATCH_UPS_PER_WORKER: usize = 4;
 
-/// Events a catch-up reads ahead of its slowest reader.
+/// Events a catch-up reads ahead of its slowest reader; a reader this far behind another that
+/// waits at the head is let go.
 const CATCH_UP_RING: usize = 4096;
-
-/// How long a reader holding up the others may make no progress before the catch-up lets it go.
-/// Long enough for a busy client task to be scheduled (a steady reader moves every chunk), far
-/// shorter than the transport's stall timeout (30 s by default) that would otherwise decide.
-pub const DETACH_AFTER: Duration = Duration::from_secs(3);
 
 /// Where a catch-up is.
 #[derive(Debug, Clone)]
@@ -66,25 +66,20 @@ enum Status {
 
 struct State {
     hub: Hub,
-    /// Reader id → where it is.
-    readers: HashMap<u64, ReaderPlace>,
+    /// Reader id → the id it has read through. A reader missing here was let go.
+    readers: HashMap<u64, Token>,
     status: Status,
 }
 
-/// Where one reader is, and since when.
-struct ReaderPlace {
-    /// The id it has read through.
-    through: Token,
-    /// When `through` last moved (or the reader joined).
-    moved: Instant,
-}
-
-impl ReaderPlace {
-    fn at(through: Token) -> ReaderPlace {
-        ReaderPlace {
-            through,
-            moved: Instant::now(),
-        }
+impl State {
+    /// Whether a reader that has read through `through` is a whole ring behind the fastest
+    /// reader: the ring is full, the reader still needs its oldest entry, and another reader has
+    /// read its newest (and waits for the cursor, which waits for this one).
+    fn lapped(&self, through: &Token) -> bool {
+        let (Some(front), Some(head)) = (self.hub.front_id(), self.hub.back_id()) else {
+            return false;
+        };
+        self.hub.is_full() && through < front && self.readers.values().any(|r| r >= head)
     }
 }
 
@@ -149,7 +144,8 @@ impl CatchUp {
             Status::HandedOver { through } => Some(through.clone()),
             Status::Refused { .. } | Status::Ended(_) => return None,
         };
-        if !state.hub.covers(after) {
+        // A reader a ring behind would be let go at once (it may just have been).
+        if !state.hub.covers(after) || state.lapped(after) {
             return None;
         }
         Some((state.hub.coverage_start.clone()?, through))
@@ -166,9 +162,9 @@ impl CatchUp {
 
     fn reader(self: &Arc<Self>, after: &Token) -> CatchUpReader {
         let reader = self.next_reader.fetch_add(1, Ordering::Relaxed);
-        lock(&self.state)
-            .readers
-            .insert(reader, ReaderPlace::at(after.clone()));
+        lock(&self.state).readers.insert(reader, after.clone());
+        // A reader joining at the head may be the one that lets the cursor go on.
+        self.space.notify_one();
         CatchUpReader {
             catch_up: Arc::clone(self),
             reader,
@@ -194,28 +190,24 @@ impl CatchUp {
             && state
                 .hub
                 .front_id()
-                .is_some_and(|front| state.readers.values().any(|r| &r.through < front))
+                .is_some_and(|front| state.readers.values().any(|r| r < front))
     }
 
-    /// Lets go of the readers that hold the cursor up (they still need the ring's oldest entry)
-    /// and have not moved for `DETACH_AFTER` while it was held up (since `blocked_since`),
-    /// provided some other reader has read everything and waits: a lone slow reader is never
+    /// Lets go of the readers a whole ring behind the fastest one ([`State::lapped`]): they hold
+    /// up the cursor, and through it a reader waiting at the head. A lone slow reader is never
     /// let go, there is nobody to hurry for. Returns how many were let go.
-    fn detach_stalled(&self, now: Instant, blocked_since: Instant) -> usize {
+    fn detach_lapped(&self) -> usize {
         let mut state = lock(&self.state);
-        let (Some(front), Some(head)) = (state.hub.front_id(), state.hub.back_id()) else {
-            return 0;
-        };
-        if !state.readers.values().any(|r| &r.through >= head) {
-            return 0;
+        let lapped: Vec<u64> = state
+            .readers
+            .iter()
+            .filter(|(_, through)| state.lapped(through))
+            .map(|(reader, _)| *reader)
+            .collect();
+        for reader in &lapped {
+            state.readers.remove(reader);
         }
-        let front = front.clone();
-        let before = state.readers.len();
-        state.readers.retain(|_, r| {
-            r.through >= front
-                || now.saturating_duration_since(r.moved.max(blocked_since)) < DETACH_AFTER
-        });
-        before - state.readers.len()
+        lapped.len()
     }
 
     fn has_readers(&self) -> bool {
@@ -244,14 +236,16 @@ impl CatchUpReader {
                 (false, _) => Pull::Lost,
             };
         }
+        if !state.readers.contains_key(&self.reader) {
+            // Let go a ring behind: look again from our own position.
+            return Pull::Lost;
+        }
         let Some(scan) = state.hub.scan(after, filter, max_scan) else {
             return Pull::Lost;
         };
         if let Some(through) = &scan.through {
             let was_full = state.hub.is_full();
-            state
-                .readers
-                .insert(self.reader, ReaderPlace::at(through.clone()));
+            state.readers.insert(self.reader, through.clone());
             if was_full {
                 self.catch_up.space.notify_one();
             }
@@ -408,9 +402,8 @@ async fn run(worker: &Arc<Worker>, catch_up: &Arc<CatchUp>) {
     let mut source = WorkerSource::new(worker, Some(catch_up.start.clone()));
     let cancel = worker.cancel_token().clone();
     loop {
-        // Back-pressure: wait for the slowest reader (letting go of one that stopped while
-        // others wait); stop when nobody reads any more.
-        let mut blocked_since = None;
+        // Back-pressure: wait for the slowest reader (letting go of one a whole ring behind
+        // another that waits); stop when nobody reads any more.
         loop {
             let space = catch_up.space.notified();
             if !catch_up.has_readers() {
@@ -424,12 +417,11 @@ async fn run(worker: &Arc<Worker>, catch_up: &Arc<CatchUp>) {
             if !catch_up.blocked() {
                 break;
             }
-            // Checked on every wake, not only when the timer fires: other readers moving keep
-            // waking this loop, and must not keep postponing the check.
-            let now = Instant::now();
-            let detached = catch_up.detach_stalled(now, *blocked_since.get_or_insert(now));
+            // Checked on every wake: a reader reaching the head (or joining there) wakes this
+            // loop, as does any reader moving while the ring is full.
+            let detached = catch_up.detach_lapped();
             if detached > 0 {
-                tracing::debug!(stream = %worker.key.stream, detached, "catch-up let go of readers that stopped reading");
+                tracing::debug!(stream = %worker.key.stream, detached, "catch-up let go of readers a whole ring behind");
                 worker
                     .metrics()
                     .catchup_readers_detached
@@ -439,7 +431,6 @@ async fn run(worker: &Arc<Worker>, catch_up: &Arc<CatchUp>) {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = space => {}
-                _ = tokio::time::sleep(DETACH_AFTER / 4) => {}
             }
         }
         let step = tokio::select! {
@@ -573,56 +564,74 @@ mod tests {
     }
 
     #[test]
-    fn a_reader_that_stopped_is_let_go_when_another_waits_and_not_before() {
+    fn a_reader_a_whole_ring_behind_one_waiting_at_the_head_is_let_go_and_not_before() {
         let catch_up = full_catch_up();
         let mut fast = catch_up.reader(&token(0));
-        let stalled = catch_up.reader(&token(0));
-        let blocked = Instant::now();
-        // Nobody has read: the stalled reader is alone in the way and nobody waits at the head.
-        let later = blocked + DETACH_AFTER * 2;
-        assert_eq!(catch_up.detach_stalled(later, blocked), 0);
+        let slow = catch_up.reader(&token(0));
+        // Nobody has read: the slow reader is in the way, but nobody waits at the head.
+        assert_eq!(catch_up.detach_lapped(), 0);
         assert!(catch_up.blocked());
-        let head = read_all(&mut fast, &token(0));
+        // The fast reader one entry short of the head: a ring behind it is not yet a full ring.
+        let short = token(CATCH_UP_RING as u32 - 1);
+        lock(&catch_up.state)
+            .readers
+            .insert(fast.reader, short.clone());
+        assert_eq!(catch_up.detach_lapped(), 0);
+        assert!(
+            catch_up.blocked(),
+            "nobody waits yet: the slow reader sets the pace"
+        );
+        // At the head, waiting: the slow reader is a whole ring behind and is let go at once,
+        // however recently it moved.
+        let head = read_all(&mut fast, &short);
         assert_eq!(head, token(CATCH_UP_RING as u32));
-        // The fast reader waits at the head; the stalled one has not moved, but not for long.
-        assert_eq!(catch_up.detach_stalled(Instant::now(), blocked), 0);
-        assert!(catch_up.blocked(), "a moment's pause holds the cursor");
-        // Idle for long, but the cursor was held up only a moment ago: not yet.
-        assert_eq!(catch_up.detach_stalled(later, later), 0);
-        // Held up for DETACH_AFTER: it is let go, and the cursor may read on.
-        assert_eq!(catch_up.detach_stalled(later, blocked), 1);
+        assert_eq!(catch_up.detach_lapped(), 1);
         assert!(!catch_up.blocked());
-        // Once the ring has moved past it, its next pull sends it to look elsewhere.
+        // Its next pull sends it to look again from its own position, even before the ring has
+        // moved past it, and it cannot rejoin this catch-up while it is a ring behind.
+        let mut slow = slow;
+        assert!(matches!(slow.pull(&token(0), None, 256), Pull::Lost));
+        assert!(catch_up.coverage_for(&token(0)).is_none());
+        assert_eq!(
+            lock(&catch_up.state).readers.len(),
+            1,
+            "only the fast reader is left"
+        );
+    }
+
+    #[test]
+    fn a_reader_less_than_a_ring_behind_is_kept() {
+        let catch_up = full_catch_up();
+        let mut fast = catch_up.reader(&token(0));
+        let mut slow = catch_up.reader(&token(0));
+        read_all(&mut fast, &token(0));
+        // The slow reader has read the ring's oldest entry: CATCH_UP_RING - 1 behind the head.
+        assert!(matches!(
+            slow.pull(&token(0), None, 1),
+            Pull::Events(_, Some(_))
+        ));
+        assert!(!catch_up.blocked());
+        assert_eq!(catch_up.detach_lapped(), 0);
+        // The cursor pushes one more entry (evicting the one it read): a ring behind again.
         lock(&catch_up.state)
             .hub
             .push(routed(CATCH_UP_RING as u32 + 1));
-        let mut stalled = stalled;
-        assert!(matches!(stalled.pull(&token(0), None, 256), Pull::Lost));
+        assert!(catch_up.blocked());
+        assert_eq!(
+            catch_up.detach_lapped(),
+            0,
+            "the fast reader is not at the head"
+        );
+        read_all(&mut fast, &token(CATCH_UP_RING as u32));
+        assert_eq!(catch_up.detach_lapped(), 1);
     }
 
     #[test]
     fn a_lone_slow_reader_sets_the_pace_and_is_never_let_go() {
         let catch_up = full_catch_up();
         let _slow = catch_up.reader(&token(0));
-        let blocked = Instant::now();
-        let later = blocked + DETACH_AFTER * 10;
-        assert_eq!(catch_up.detach_stalled(later, blocked), 0);
+        assert_eq!(catch_up.detach_lapped(), 0);
         assert!(catch_up.blocked());
-    }
-
-    #[test]
-    fn a_reader_that_moves_is_kept() {
-        let catch_up = full_catch_up();
-        let mut fast = catch_up.reader(&token(0));
-        let mut steady = catch_up.reader(&token(0));
-        read_all(&mut fast, &token(0));
-        // The steady reader reads one chunk: it has moved just now.
-        assert!(matches!(
-            steady.pull(&token(0), None, 256),
-            Pull::Events(_, Some(_))
-        ));
-        let now = Instant::now();
-        let long_ago = now.checked_sub(DETACH_AFTER * 2).unwrap_or(now);
-        assert_eq!(catch_up.detach_stalled(now, long_ago), 0);
+        assert!(catch_up.coverage_for(&token(0)).is_some());
     }
 }

@@ -281,6 +281,7 @@ impl Feeds {
             options,
             probe_fields: Vec::new(),
             features: worker.features(),
+            isolation_changes: context.settings.oversize_isolation_changes,
             max_backoff: context.settings.max_backoff,
             label: format!("{} (database feed)", spec.db),
             on_open: Arc::new(move || {

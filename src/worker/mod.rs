@@ -75,6 +75,8 @@ pub struct WorkerSettings {
     pub shared_database_cursors: bool,
     /// How long a feed may look for the member whose `$match` failed (`worker::feed`).
     pub feed_probe_timeout: Duration,
+    /// Changes a cursor re-reads one per batch while isolating a change over 16 MB.
+    pub oversize_isolation_changes: usize,
 }
 
 /// The configuration's defaults (declared once, in `config.rs`) for what is configurable; the
@@ -89,6 +91,7 @@ impl Default for WorkerSettings {
             max_backoff: Duration::from_secs(5),
             shared_database_cursors: config.shared_database_cursors,
             feed_probe_timeout: config.feed_probe_timeout(),
+            oversize_isolation_changes: config.oversize_isolation_changes,
         }
     }
 }

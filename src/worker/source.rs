@@ -7,10 +7,18 @@
 //! * A change over MongoDB's 16 MB document limit must not end the stream (every client that
 //!   resumes would hit it again). On servers with `$changeStreamSplitLargeEvent` (6.0.9+, 7.0+) the
 //!   stage is appended and the fragments are reassembled into one change. On older servers the
-//!   `getMore` fails with `BSONObjectTooLarge`; the source then opens a short *probe* cursor from
-//!   the same position with the same pipeline plus a `$project` to a few small fields, reads the
-//!   offending change's id, emits `event: skipped` (`event_too_large`) with that id, and goes on
-//!   after it.
+//!   `getMore` fails with `BSONObjectTooLarge`, and the ordinary changes before the large one in
+//!   that batch (a transaction's other operations, a catch-up's backlog, on a database feed
+//!   another collection's change) fail with it. The source first *isolates* the large change:
+//!   it reopens from its last position with batches of one change and delivers the ordinary
+//!   changes one by one, until a `getMore` (or the open's first batch) of one change fails: that
+//!   change, the first after the last one delivered, is the large one. It then opens a short
+//!   *probe* cursor from that position with the same pipeline plus a `$project` to a few small
+//!   fields, reads the change's id, emits `event: skipped` (`event_too_large`) with that id
+//!   alone, and goes on after it with full batches. Isolating ends early after
+//!   `oversize_isolation_changes` changes or an empty batch (the change was large only for a
+//!   moment: `updateLookup` reads the document as it is now), and begins again if the large
+//!   change is still ahead.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -161,6 +169,8 @@ pub struct Watch {
     pub probe_fields: Vec<String>,
     /// What the server can do.
     pub features: ServerFeatures,
+    /// Changes re-read one per batch while isolating an oversize change, at most.
+    pub isolation_changes: usize,
     /// Upper bound of the reopen backoff.
     pub max_backoff: Duration,
     /// Name in logs.
@@ -187,6 +197,7 @@ impl Watch {
             options,
             probe_fields: spec.routing.iter().map(|r| r.field.join(".")).collect(),
             features: worker.features(),
+            isolation_changes: worker.settings().oversize_isolation_changes,
             max_backoff: worker.settings().max_backoff,
             label: worker.key.stream.to_string(),
             on_open: Arc::new(move || counted.count_cursor_opened()),
@@ -233,6 +244,16 @@ struct Fragments {
     received: i32,
 }
 
+/// A source re-reading one change per batch to find the change over 16 MB that failed a batch.
+#[derive(Debug)]
+struct Isolating {
+    /// Where the source stood when the batch failed: an empty batch that has not moved past
+    /// it says nothing about the large change.
+    from: Option<Token>,
+    /// Ordinary changes delivered since.
+    delivered: usize,
+}
+
 /// A self-reopening change-stream cursor over a collection (or a database) and a pipeline.
 pub struct ChangeSource {
     watch: Watch,
@@ -250,6 +271,11 @@ pub struct ChangeSource {
     failed: bool,
     /// Changes returned since this source last gave its thread a turn.
     unyielded: u32,
+    /// Set while isolating an oversize change; the open cursor then reads one change per batch
+    /// (an isolating cursor is never kept once this is cleared, nor the other way round).
+    isolating: Option<Isolating>,
+    /// A `skipped` change found at an open, returned by the next call (after `Opened`).
+    skipped: Option<RawChange>,
 }
 
 /// Changes a source returns before it yields to the runtime once (see [`ChangeSource::next`]).
@@ -270,6 +296,8 @@ impl ChangeSource {
             fragments: None,
             failed: false,
             unyielded: 0,
+            isolating: None,
+            skipped: None,
         }
     }
 
@@ -293,6 +321,9 @@ impl ChangeSource {
     /// The next step. Cancel-safe: dropping the future loses nothing (the driver keeps an
     /// in-flight `getMore` inside the cursor; an open or a backoff sleep is simply redone).
     pub async fn next(&mut self) -> Step<RawChange> {
+        if let Some(skipped) = self.skipped.take() {
+            return Step::Change(skipped);
+        }
         if self.failed {
             tokio::time::sleep(self.backoff.next_delay()).await;
             self.failed = false;
@@ -315,7 +346,18 @@ impl ChangeSource {
             self.unyielded = 0;
         }
         match cursor.next_if_any().await {
-            Ok(Some(change)) => self.change(change),
+            Ok(Some(change)) => {
+                let step = self.change(change);
+                if let (Step::Change(_), Some(isolating)) = (&step, &mut self.isolating) {
+                    isolating.delivered += 1;
+                    if isolating.delivered >= self.watch.isolation_changes.max(1) {
+                        // Enough one-change round trips: try full batches again (isolating
+                        // again if the large change is still ahead).
+                        self.stop_isolating();
+                    }
+                }
+                step
+            }
             Ok(None) => {
                 if !cursor.is_alive() {
                     // The server closed the cursor after an invalidate our pipeline filtered out.
@@ -333,6 +375,15 @@ impl ChangeSource {
                     self.position = Some(token.clone());
                     self.by_time = false;
                 }
+                if self
+                    .isolating
+                    .as_ref()
+                    .is_some_and(|i| i.from != self.position)
+                {
+                    // Read past where the batch failed without meeting a large change: it was
+                    // large only for a moment.
+                    self.stop_isolating();
+                }
                 Step::Quiet(if self.fragments.is_none() {
                     token
                 } else {
@@ -342,8 +393,8 @@ impl ChangeSource {
             Err(error) => {
                 self.cursor = None;
                 self.fragments = None;
-                if server_code(&error) == Some(BSON_OBJECT_TOO_LARGE) && !self.splits() {
-                    return self.skip_oversize().await;
+                if self.too_large(&error) {
+                    return self.on_too_large().await;
                 }
                 self.on_error(&error)
             }
@@ -352,6 +403,34 @@ impl ChangeSource {
 
     fn splits(&self) -> bool {
         self.watch.features.split_large_events
+    }
+
+    /// Whether `error` is a change over 16 MB this server could not send.
+    fn too_large(&self, error: &mongodb::error::Error) -> bool {
+        server_code(error) == Some(BSON_OBJECT_TOO_LARGE) && !self.splits()
+    }
+
+    /// A batch (or an open's first batch) failed for a change over 16 MB (the cursor is
+    /// dropped). Batches of one change since the last change delivered: the failing change is
+    /// the first after our position, skip it alone. Full batches: the changes before it in the
+    /// failed batch were lost with it, so re-read from our position one change per batch (the
+    /// next call opens that cursor).
+    async fn on_too_large(&mut self) -> Step<RawChange> {
+        if self.isolating.take().is_some() {
+            return self.skip_oversize().await;
+        }
+        tracing::info!(stream = %self.watch.label, "a batch failed for a change over 16 MB; reading one change per batch to find it");
+        self.isolating = Some(Isolating {
+            from: self.position.clone(),
+            delivered: 0,
+        });
+        Step::Quiet(None)
+    }
+
+    /// Back to full batches: the next call reopens from our position.
+    fn stop_isolating(&mut self) {
+        self.isolating = None;
+        self.cursor = None;
     }
 
     fn on_error<C>(&mut self, error: &mongodb::error::Error) -> Step<C> {
@@ -370,7 +449,16 @@ impl ChangeSource {
         if self.splits() {
             pipeline.push(doc! { "$changeStreamSplitLargeEvent": {} });
         }
-        match open(&self.watch, pipeline, self.position.as_ref(), self.by_time).await {
+        let batch_size = self.isolating.as_ref().map(|_| 1);
+        let opened = open(
+            &self.watch,
+            pipeline,
+            self.position.as_ref(),
+            self.by_time,
+            batch_size,
+        )
+        .await;
+        match opened {
             Ok(cursor) => {
                 let start = cursor.resume_token().as_ref().and_then(Token::from_driver);
                 if self.position.is_none() {
@@ -379,6 +467,19 @@ impl ChangeSource {
                 self.backoff.reset();
                 self.cursor = Some(cursor);
                 Ok(start)
+            }
+            // The first batch held a change over 16 MB. Found (this was a one-change open): the
+            // consumer learns the source opened before it gets the `skipped` change, as after
+            // any open (a database feed starts the members that joined at this open then).
+            Err(error) if self.too_large(&error) => {
+                let start = self.position.clone();
+                match self.on_too_large().await {
+                    Step::Change(skipped) => {
+                        self.skipped = Some(skipped);
+                        Ok(start)
+                    }
+                    step => Err(step),
+                }
             }
             Err(error) => Err(self.on_error(&error)),
         }
@@ -424,7 +525,14 @@ impl ChangeSource {
     async fn skip_oversize(&mut self) -> Step<RawChange> {
         let mut pipeline = self.watch.pipeline.clone();
         pipeline.push(probe_projection(&self.watch.probe_fields));
-        let opened = open(&self.watch, pipeline, self.position.as_ref(), self.by_time).await;
+        let opened = open(
+            &self.watch,
+            pipeline,
+            self.position.as_ref(),
+            self.by_time,
+            None,
+        )
+        .await;
         let probe = match opened {
             Ok(probe) => probe,
             Err(error) => return self.on_error(&error),
@@ -473,14 +581,17 @@ fn probe_projection(fields_kept: &[String]) -> Document {
 }
 
 /// Opens a change stream on the watched collection or database with `pipeline`, after
-/// `after` (at its cluster time when `by_time`).
+/// `after` (at its cluster time when `by_time`); `batch_size` applies to the aggregate's first
+/// batch and to every `getMore`.
 async fn open(
     watch: &Watch,
     pipeline: Vec<Document>,
     after: Option<&Token>,
     by_time: bool,
+    batch_size: Option<u32>,
 ) -> mongodb::error::Result<ChangeStream<Document>> {
     let mut options = watch.options.clone();
+    options.batch_size = batch_size;
     // A cluster-time position (a snapshot's hand-over, `Token::after_cluster_time`) is not a
     // token MongoDB can resume from: open at the first change after that time instead.
     let start_at = match after {

@@ -240,6 +240,159 @@ async fn a_change_over_16_mb_is_skipped_with_its_id_and_the_stream_goes_on() {
     f.server.stop().await;
 }
 
+/// Inserts document 1 (6 MB), before any client connects (no client reads its 6 MB event).
+async fn insert_large_document(f: &Fixture) {
+    let big = "x".repeat(6 * 1024 * 1024);
+    f.coll
+        .insert_one(doc! { "_id": 1, "seq": 0, "big": &big })
+        .await
+        .unwrap();
+}
+
+/// Commits one transaction: `{_id: "small", seq: 1}` into `c`, then a `{seq}` document for each
+/// of `more_seqs`, then (given `other`) `{_id: "other", seq: 1}` into that collection, then 6 MB
+/// more on document 1 ([`insert_large_document`]). With `updateLookup` (12 MB) and its
+/// `updatedFields` (6 MB), that update's event is over 16 MB: MongoDB 6.0.5 fails the batch
+/// that would hold it, with the transaction's ordinary changes before it in that batch.
+async fn small_insert_and_oversize_update(f: &Fixture, more_seqs: &[i64], other: Option<&str>) {
+    let mongo = f.coll.client();
+    let mut session = mongo.start_session().await.unwrap();
+    session.start_transaction().await.unwrap();
+    f.coll
+        .insert_one(doc! { "_id": "small", "seq": 1 })
+        .session(&mut session)
+        .await
+        .unwrap();
+    for seq in more_seqs {
+        f.coll
+            .insert_one(doc! { "seq": seq })
+            .session(&mut session)
+            .await
+            .unwrap();
+    }
+    if let Some(other) = other {
+        mongo
+            .database(&f.db)
+            .collection::<mongodb::bson::Document>(other)
+            .insert_one(doc! { "_id": "other", "seq": 1 })
+            .session(&mut session)
+            .await
+            .unwrap();
+    }
+    let more = "y".repeat(6 * 1024 * 1024);
+    f.coll
+        .update_one(doc! { "_id": 1 }, doc! { "$set": { "more": &more } })
+        .session(&mut session)
+        .await
+        .unwrap();
+    session.commit_transaction().await.unwrap();
+}
+
+/// The transaction's events as `c`'s clients must get them: `change` for the small insert
+/// (and for `more_seqs`), `skipped` for the oversize update alone.
+async fn expect_small_then_skipped(client: &mut Client, more_seqs: &[i64]) {
+    let small = client.expect_event(WAIT).await;
+    assert_eq!(small.event, "change", "{small:?}");
+    assert_eq!(small.data["documentKey"]["_id"], "small");
+    let more = client.changes(more_seqs.len(), WAIT).await;
+    assert_eq!(seqs(&more), more_seqs);
+    let skipped = client.expect_event(WAIT).await;
+    assert_eq!(skipped.event, "skipped", "{skipped:?}");
+    assert_eq!(skipped.data["code"], "event_too_large");
+    assert_eq!(skipped.data["operationType"], "update");
+    assert_eq!(skipped.data["documentKey"]["_id"], 1);
+}
+
+#[tokio::test]
+async fn a_transactions_small_change_is_delivered_and_only_its_oversize_change_skipped() {
+    // A cursor of the worker's own, isolating at most 2 changes at a time: the transaction's
+    // three ordinary changes take two rounds of one-change batches.
+    let f = Fixture::start("fanin_oversize_txn", |config| {
+        config.shared_database_cursors = false;
+        config.oversize_isolation_changes = 2;
+    })
+    .await;
+    insert_large_document(&f).await;
+    let mut client = f.connect(Kind::Sse).await;
+    small_insert_and_oversize_update(&f, &[10, 11], None).await;
+    f.coll.insert_one(doc! { "seq": 2 }).await.unwrap();
+    expect_small_then_skipped(&mut client, &[10, 11]).await;
+    assert_eq!(seqs(&client.changes(1, WAIT).await), vec![2]);
+    client.expect_quiet(QUIET).await;
+    assert_eq!(f.server.metrics.oversize_skipped.get(), 1);
+    // Cursors: the first; one-change batches (small, 10); full batches again (whose first
+    // batch fails on the update: not opened); one-change batches (11, then the failure); the
+    // probe; full batches after the skipped change. Without the bound, the first one-change
+    // cursor would have read on to the update itself: 4.
+    assert_eq!(f.worker().stats.cursors_opened.load(Ordering::Relaxed), 5);
+    f.server.stop().await;
+}
+
+#[tokio::test]
+async fn on_a_database_feed_only_the_oversize_change_is_skipped() {
+    // `c`'s stream and a stream on `d` share the database's cursor; the transaction's insert
+    // into `d` sits between `c`'s small insert and its oversize update.
+    let f = Fixture::start("fanin_oversize_feed", |config| {
+        let db = config.streams[0].db.clone();
+        config.streams.push(crate::harness::server::stream(
+            &db,
+            "d",
+            "t",
+            json!([{ "$match": { "operationType": "insert" } }]),
+        ));
+    })
+    .await;
+    insert_large_document(&f).await;
+    let mut client = f.connect(Kind::Sse).await;
+    let path = format!("/{}/d/_streams/t", f.db);
+    let mut other = Client::connect(Kind::Ndjson, &f.server.url(""), &path, None)
+        .await
+        .unwrap();
+    small_insert_and_oversize_update(&f, &[], Some("d")).await;
+    f.coll.insert_one(doc! { "seq": 2 }).await.unwrap();
+    expect_small_then_skipped(&mut client, &[]).await;
+    assert_eq!(seqs(&client.changes(1, WAIT).await), vec![2]);
+    client.expect_quiet(QUIET).await;
+    let change = other.expect_event(WAIT).await;
+    assert_eq!(change.event, "change", "{change:?}");
+    assert_eq!(change.data["documentKey"]["_id"], "other");
+    other.expect_quiet(QUIET).await;
+    assert!(f.worker().stats.on_database_feed.load(Ordering::Relaxed));
+    assert_eq!(f.server.metrics.oversize_skipped.get(), 1);
+    f.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_catch_up_skips_only_the_oversize_change() {
+    // A 3-event ring: a client resuming from before the transaction needs a catch-up, whose
+    // first batch would hold the small insert and the oversize update.
+    let f = Fixture::start("fanin_oversize_catchup", |config| config.ring_size = 3).await;
+    insert_large_document(&f).await;
+    let mut client = f.connect(Kind::Sse).await;
+    f.insert_seqs(-1..0).await;
+    let before = client.changes(1, WAIT).await[0].id.clone().expect("id");
+    small_insert_and_oversize_update(&f, &[], None).await;
+    f.coll.insert_one(doc! { "seq": 2 }).await.unwrap();
+    expect_small_then_skipped(&mut client, &[]).await;
+    assert_eq!(seqs(&client.changes(1, WAIT).await), vec![2]);
+    // Push the transaction out of the worker's ring.
+    f.insert_seqs(3..6).await;
+    assert_eq!(seqs(&client.changes(3, WAIT).await), vec![3, 4, 5]);
+    assert_eq!(f.server.metrics.oversize_skipped.get(), 1);
+    let catch_ups = f.server.metrics.catchups.get();
+    let mut resumed = f.resume(Kind::Ndjson, &before).await;
+    expect_small_then_skipped(&mut resumed, &[]).await;
+    assert_eq!(f.server.metrics.catchups.get(), catch_ups + 1);
+    assert_eq!(seqs(&resumed.changes(4, WAIT).await), vec![2, 3, 4, 5]);
+    resumed.expect_quiet(QUIET).await;
+    assert_eq!(
+        f.server.metrics.oversize_skipped.get(),
+        2,
+        "one skip per cursor"
+    );
+    f.server.stop().await;
+}
+
 #[tokio::test]
 async fn catch_up_clients_get_cancel_when_the_definition_goes() {
     let f = Fixture::start("fanin_cancel", |config| config.ring_size = 5).await;
@@ -412,6 +565,59 @@ async fn a_catch_up_reader_that_stops_does_not_hold_up_the_others() {
     let events = stopped.changes((N - 1) as usize, WAIT).await;
     assert_eq!(seqs(&events), (1..N).collect::<Vec<_>>());
     stopped.expect_quiet(QUIET).await;
+    assert_eq!(f.server.metrics.slow_consumers.get(), 0);
+    drop(first);
+    f.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_but_moving_catch_up_reader_does_not_set_the_others_pace() {
+    // Two clients resume at the same old id and share one catch-up. One reads slowly but
+    // steadily: 20 events every 100 ms (~400 KB/s), so its server side pulls a 256-event chunk
+    // about every 1.3 s and is never 3 s without progress. The other must not be held to that
+    // pace: it gets everything while the slow one has read a small part; the slow one, let go
+    // once it is a whole catch-up ring behind, still gets everything exactly once.
+    let f = Fixture::start("fanin_slow_reader", |config| config.ring_size = 10).await;
+    let mut first = f.connect(Kind::Sse).await;
+    f.insert_seqs(0..1).await;
+    let id = first.changes(1, WAIT).await[0].id.clone().expect("id");
+    // Paced by the slow reader, the fast one would wait until the slow one is within a catch-up
+    // ring (4,096) plus what the sockets hold of the end: over 50 s at its pace.
+    const N: i64 = 16001;
+    insert_padded_until_read(&f, 1..N, 2048).await;
+    let mut slow = f.resume(Kind::Ws, &id).await;
+    let mut fast = f.resume(Kind::Sse, &id).await;
+    let fast_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::clone(&fast_done);
+    let slow_reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        // Slowly until the fast reader is done (bounded: 30 s), then as fast as it can.
+        for _ in 0..300 {
+            if done.load(Ordering::Relaxed) {
+                break;
+            }
+            got.extend(seqs(&slow.changes(20, WAIT).await));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let read_slowly = got.len();
+        got.extend(seqs(
+            &slow.changes((N - 1) as usize - got.len(), WAIT).await,
+        ));
+        slow.expect_quiet(QUIET).await;
+        (read_slowly, got)
+    });
+    let started = std::time::Instant::now();
+    let events = fast.changes((N - 1) as usize, WAIT).await;
+    let fast_took = started.elapsed();
+    fast_done.store(true, Ordering::Relaxed);
+    assert_eq!(seqs(&events), (1..N).collect::<Vec<_>>());
+    let (read_slowly, got) = slow_reader.await.unwrap();
+    // Within WAIT (20 s), a quarter of what the slow one takes at its pace (80 s). Measured:
+    // 9 s with the slow one at 1,220 events; held to its pace, 42 s (the slow one's bounded
+    // slow phase had ended by then).
+    eprintln!("fast reader: {N} events in {fast_took:?}; the slow one had read {read_slowly}");
+    assert_eq!(got, (1..N).collect::<Vec<_>>());
+    assert!(f.server.metrics.catchup_readers_detached.get() >= 1);
     assert_eq!(f.server.metrics.slow_consumers.get(), 0);
     drop(first);
     f.server.stop().await;
