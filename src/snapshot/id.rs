@@ -82,7 +82,9 @@ impl SnapshotId {
             .map(i32::from_le_bytes)
             .ok_or(BadSnapshotId("no document"))?;
         if usize::try_from(declared).ok() != Some(bytes.len()) {
-            return Err(BadSnapshotId("the document's length does not match its bytes"));
+            return Err(BadSnapshotId(
+                "the document's length does not match its bytes",
+            ));
         }
         let document = Document::from_reader(bytes.as_slice())
             .map_err(|_| BadSnapshotId("the document is not valid BSON"))?;

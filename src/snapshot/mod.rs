@@ -46,8 +46,8 @@ use mongodb::bson::Bson;
 use serde_json::json;
 
 pub use self::id::{BadSnapshotId, SnapshotId};
-pub use self::queue::{Prelude, QueueBudget};
 use self::queue::Sender;
+pub use self::queue::{Prelude, QueueBudget};
 use self::scan::{Scan, ScanError, Slots};
 use crate::config::Config;
 use crate::event::{Event, EventKind, Token};
@@ -110,10 +110,7 @@ impl Snapshots {
     /// authenticated, `ip`) whose `limits` its snapshots count against.
     pub fn lease(&self, limits: &Arc<Limits>, user: Option<&str>, ip: Option<IpAddr>) -> Lease {
         Lease {
-            queue: QueueBudget::new(
-                self.queue_bytes,
-                self.metrics.snapshot_queued_bytes.clone(),
-            ),
+            queue: QueueBudget::new(self.queue_bytes, self.metrics.snapshot_queued_bytes.clone()),
             limits: Arc::clone(limits),
             user: user.map(str::to_owned),
             ip,
@@ -221,9 +218,7 @@ pub enum SnapshotError {
     BadId(#[from] BadSnapshotId),
     /// The principal already has as many connections and snapshots as `per_user`/`per_ip`
     /// allow.
-    #[error(
-        "{0} (a snapshot in progress counts as one more connection of its user and address)"
-    )]
+    #[error("{0} (a snapshot in progress counts as one more connection of its user and address)")]
     Limit(ConnectionRefused),
     /// No scan slot freed up in time.
     #[error("every snapshot scan slot is busy (snapshot_max_scans); retry shortly")]
@@ -319,13 +314,17 @@ async fn stream(mut scan: Scan, mut count: u32, tx: Sender, permit: Permit) {
 /// The document view's first event: `put` at `/` of every document by `_id` text, built as
 /// JSON text (no tree in memory), read in batches (each holding a slot only while MongoDB
 /// reads it), refused past `max_docs` documents or `max_bytes` bytes.
-async fn view_put(scan: &mut Scan, max_docs: usize, max_bytes: usize) -> Result<Event, SnapshotError> {
+async fn view_put(
+    scan: &mut Scan,
+    max_docs: usize,
+    max_bytes: usize,
+) -> Result<Event, SnapshotError> {
     let mut data = String::from("{\"path\":\"/\",\"data\":{");
     let mut count = 0usize;
     while !scan.done {
         // One byte past the bound is enough to know it is passed.
         let budget = (max_bytes + 1)
-            .saturating_sub(data.len())
+            .saturating_sub(data.len() + 2)
             .clamp(1, VIEW_BATCH_BYTES);
         for (id, mut document) in scan.batch(budget, Some(SCAN_SLOT_WAIT)).await? {
             let Some(Bson::Document(full)) = document.remove("fullDocument") else {
@@ -341,10 +340,9 @@ async fn view_put(scan: &mut Scan, max_docs: usize, max_bytes: usize) -> Result<
             data.push_str(&serde_json::Value::from(id_text(&id)).to_string());
             data.push(':');
             data.push_str(&Bson::Document(full).into_relaxed_extjson().to_string());
-            if data.len() > max_bytes {
-                return Err(SnapshotError::TooLarge {
-                    max_bytes,
-                });
+            // With the closing `}}`: the bound is the whole `data` line's.
+            if data.len() + 2 > max_bytes {
+                return Err(SnapshotError::TooLarge { max_bytes });
             }
         }
     }

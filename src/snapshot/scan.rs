@@ -44,8 +44,9 @@ use crate::worker::errors::{Disposition, classify, server_code};
 
 /// Most documents per batch.
 pub const BATCH_SIZE: usize = 500;
-/// Documents the first batch of a scan asks for, before it knows their size.
-const FIRST_BATCH: usize = 64;
+/// Documents the first batch of a scan asks for, before it knows their size (8 documents of
+/// 1 MB are one reply MongoDB sends at once, whatever we then keep).
+const FIRST_BATCH: usize = 8;
 /// `SnapshotTooOld`: MongoDB no longer holds the requested cluster time.
 const SNAPSHOT_TOO_OLD: i32 = 239;
 /// Times a batch is retried after a transient error (election, network) before giving up.
@@ -308,7 +309,9 @@ impl Scan {
             .database(&spec.db)
             .collection::<Document>(&spec.coll)
             .aggregate(self.pipeline(limit))
-            .batch_size(u32::try_from(limit).unwrap_or(u32::MAX))
+            // One more than the limit: MongoDB then finds the end within the first reply and
+            // closes the cursor itself (no empty `getMore` to learn it, no `killCursors`).
+            .batch_size(u32::try_from(limit + 1).unwrap_or(u32::MAX))
             .with_type::<RawDocumentBuf>()
             .session(&mut *session)
             .await?;
