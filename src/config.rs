@@ -271,7 +271,8 @@ settings! {
         /// Open streams per authenticated subject; not applied when auth is off (unset:
         /// unlimited).
         pub per_user: Option<usize> = None,
-        /// Open streams per client IP address (unset: unlimited).
+        /// Open streams per client IP address (unset: unlimited); a snapshot in progress
+        /// counts as one more (so does it against `per_user`).
         pub per_ip: Option<usize> = None,
         /// The `Retry-After` value sent with 429 and with an upstream 503, in seconds.
         pub retry_after_secs: u64 = 5,

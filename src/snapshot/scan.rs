@@ -341,8 +341,7 @@ impl Scan {
                 break true;
             }
         };
-        if read > 0 {
-            let mean = bytes / read;
+        if let Some(mean) = bytes.checked_div(read) {
             self.mean = Some(self.mean.map_or(mean, |old| (old + mean) / 2));
         }
         if !stopped && read < limit {
