@@ -457,3 +457,30 @@ async fn never_reading_snapshots_of_1mb_documents_stay_within_the_queue_bound() 
     assert_eq!(to_ready(&mut reader).await, (48, 48));
     drop(clients);
 }
+
+#[tokio::test]
+async fn a_snapshot_id_with_a_lying_bson_length_is_a_400() {
+    let f = Fixture::start("snapfair_badid", |_| {}).await;
+    // `82` + T + `FE` + count + a BSON document claiming 2 GiB in 13 bytes.
+    let at = "65A1B2C300000004";
+    let id = format!("82{at}FE00000001FFFFFF7F1069000100000000");
+    // With or without a snapshot asked for: before, the first was taken for a change
+    // position and the second resumed from a position that is not one.
+    for path in [format!("{}?snapshot=true", f.path), f.path.clone()] {
+        let refused = Client::connect(Kind::Sse, &f.server.url(""), &path, Some(&id))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{path}: accepted"));
+        assert_eq!(refused.status, 400, "{path}: {refused:?}");
+    }
+    let refused = Client::connect(
+        Kind::Sse,
+        &f.server.url(""),
+        &format!("{}?snapshot=true", f.path),
+        Some(&format!("82{at}FE00000001FFFFFF7F1069000100000000")),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(refused.body.contains("length"), "{}", refused.body);
+}
