@@ -136,6 +136,12 @@ settings! {
         /// Snapshot scans (`snapshot=true`, the document view) running at once on this server;
         /// a request that finds none free within a few seconds gets 503 with `Retry-After`.
         pub snapshot_max_scans: usize = 8,
+        /// Most bytes of JSON the document view's first `put` may hold (it is one event, built
+        /// in memory before the response starts); past it the request is refused with 413.
+        pub snapshot_max_put_bytes: usize = 32 * 1024 * 1024,
+        /// Bytes of snapshot events a connection may have queued ahead of its socket (all its
+        /// streams together); its scans read on as the client drains them.
+        pub snapshot_queue_bytes: usize = 8 * 1024 * 1024,
         /// Peers (CIDRs such as `10.0.0.0/8`, or single addresses) whose word on the client's
         /// address is taken: from them only, the PROXY protocol header (v1/v2) and
         /// `X-Forwarded-For` (rightmost untrusted hop) name the client for limits, logs and
@@ -277,7 +283,8 @@ settings! {
         /// Open streams per authenticated subject; not applied when auth is off (unset:
         /// unlimited).
         pub per_user: Option<usize> = None,
-        /// Open streams per client IP address (unset: unlimited).
+        /// Open streams per client IP address (unset: unlimited); a snapshot in progress
+        /// counts as one more (so does it against `per_user`).
         pub per_ip: Option<usize> = None,
         /// The `Retry-After` value sent with 429 and with an upstream 503, in seconds.
         pub retry_after_secs: u64 = 5,
@@ -767,6 +774,14 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "snapshot_max_scans must be at least 1".into(),
             ));
+        }
+        for (key, value) in [
+            ("snapshot_max_put_bytes", self.snapshot_max_put_bytes),
+            ("snapshot_queue_bytes", self.snapshot_queue_bytes),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{key} must be at least 1")));
+            }
         }
         self.limits.validate()?;
         // `[auth]` and `trusted_proxies` are checked where they are built (`App::new`,

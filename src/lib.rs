@@ -208,10 +208,7 @@ impl App {
         }
         Ok(App {
             state: AppState {
-                snapshots: Arc::new(snapshot::Snapshots::new(
-                    config.snapshot_max_scans,
-                    config.snapshot_max_docs,
-                )),
+                snapshots: Arc::new(snapshot::Snapshots::new(&config, Arc::clone(&metrics))),
                 registry,
                 store,
                 metrics,

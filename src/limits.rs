@@ -91,6 +91,8 @@ pub struct Permit {
     stream: Option<StreamKey>,
     user: Option<String>,
     ip: Option<IpAddr>,
+    /// Counted in `max_connections` (a connection's permit; a snapshot's is not).
+    total: bool,
 }
 
 impl std::fmt::Debug for Permit {
@@ -129,8 +131,30 @@ impl Limits {
         user: Option<&str>,
         ip: Option<IpAddr>,
     ) -> Result<Permit, LimitExceeded> {
+        self.take(Some(stream), true, user, ip)
+    }
+
+    /// Takes a slot for a snapshot in progress (PROTOCOL.md §6) of `user` from `ip`: it counts
+    /// against `per_user` and `per_ip` like one more connection of theirs, so a principal runs
+    /// at most that many snapshots at once (beside its connections). Not against
+    /// `max_connections` or `per_stream`: the server's own scan slots bound those.
+    pub fn try_acquire_snapshot(
+        self: &Arc<Self>,
+        user: Option<&str>,
+        ip: Option<IpAddr>,
+    ) -> Result<Permit, LimitExceeded> {
+        self.take(None, false, user, ip)
+    }
+
+    fn take(
+        self: &Arc<Self>,
+        stream: Option<&StreamKey>,
+        total: bool,
+        user: Option<&str>,
+        ip: Option<IpAddr>,
+    ) -> Result<Permit, LimitExceeded> {
         let config = &self.config;
-        let stream = config.per_stream.map(|_| stream.clone());
+        let stream = config.per_stream.and(stream).cloned();
         let user = config
             .per_user
             .and(user)
@@ -140,7 +164,7 @@ impl Limits {
 
         let mut counters = self.lock();
         let full = |count: usize, limit: Option<usize>| limit.is_some_and(|l| count >= l);
-        if full(counters.total, config.max_connections) {
+        if total && full(counters.total, config.max_connections) {
             return Err(LimitExceeded::Total);
         }
         if let Some(key) = &stream
@@ -158,7 +182,9 @@ impl Limits {
         {
             return Err(LimitExceeded::Ip);
         }
-        counters.total += 1;
+        if total {
+            counters.total += 1;
+        }
         if let Some(key) = &stream {
             *counters.per_stream.entry(key.clone()).or_default() += 1;
         }
@@ -174,6 +200,7 @@ impl Limits {
             stream,
             user,
             ip,
+            total,
         })
     }
 
@@ -202,7 +229,9 @@ fn release<K: Eq + Hash>(map: &mut HashMap<K, usize>, key: &K) {
 impl Drop for Permit {
     fn drop(&mut self) {
         let mut counters = self.limits.lock();
-        counters.total = counters.total.saturating_sub(1);
+        if self.total {
+            counters.total = counters.total.saturating_sub(1);
+        }
         if let Some(key) = &self.stream {
             release(&mut counters.per_stream, key);
         }
@@ -537,6 +566,37 @@ mod tests {
         drop(a1);
         assert_eq!(limits.open(), 3);
         let _a3 = limits.try_acquire(&key("a"), Some("w"), Some(ip)).unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_counts_as_a_connection_of_its_user_and_address_only() {
+        let limits = Limits::new(LimitsConfig {
+            max_connections: Some(2),
+            per_stream: Some(1),
+            per_user: Some(2),
+            per_ip: Some(2),
+            ..LimitsConfig::default()
+        });
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let connection = limits.try_acquire(&key("a"), Some("u"), Some(ip)).unwrap();
+        let snapshot = limits.try_acquire_snapshot(Some("u"), Some(ip)).unwrap();
+        // The address is full (a connection and its snapshot)…
+        assert_eq!(
+            limits.try_acquire(&key("b"), None, Some(ip)).unwrap_err(),
+            LimitExceeded::Ip
+        );
+        // …and the user, from anywhere.
+        assert_eq!(
+            limits.try_acquire_snapshot(Some("u"), None).unwrap_err(),
+            LimitExceeded::User
+        );
+        // Neither `max_connections` nor `per_stream` counted the snapshot.
+        assert_eq!(limits.open(), 1);
+        let _other = limits.try_acquire(&key("b"), Some("v"), None).unwrap();
+        drop(snapshot);
+        let _again = limits.try_acquire_snapshot(Some("u"), Some(ip)).unwrap();
+        drop(connection);
+        assert_eq!(limits.open(), 1);
     }
 
     #[test]

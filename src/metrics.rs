@@ -235,6 +235,11 @@ pub struct Metrics {
     pub bytes_written: Family<TransportLabel, Counter>,
     /// Snapshots started (`snapshot=true` and the document view's first `put`).
     pub snapshots: Counter,
+    /// Snapshot scans holding a slot of `snapshot_max_scans` now (one per batch being read).
+    pub snapshot_scans_active: Gauge,
+    /// Bytes of snapshot events queued for clients' sockets, all connections together (each
+    /// bounded by `snapshot_queue_bytes`).
+    pub snapshot_queued_bytes: Gauge,
     lag: Arc<LagCollector>,
 }
 
@@ -372,6 +377,18 @@ impl Metrics {
             "Snapshots started (snapshot=true and the document view)",
             snapshots.clone(),
         );
+        let snapshot_scans_active = Gauge::default();
+        registry.register(
+            "snapshot_scans_active",
+            "Snapshot scans holding a slot of snapshot_max_scans now (one per batch being read)",
+            snapshot_scans_active.clone(),
+        );
+        let snapshot_queued_bytes = Gauge::default();
+        registry.register(
+            "snapshot_queued_bytes",
+            "Bytes of snapshot events queued for clients' sockets, all connections together",
+            snapshot_queued_bytes.clone(),
+        );
         // Every known label value exists from the start (at 0), so a dashboard's rate() has a
         // series before the first refusal or the first client of a transport.
         for limit in ["max_connections", "per_stream", "per_user", "per_ip"] {
@@ -393,6 +410,8 @@ impl Metrics {
             delivery_latency,
             bytes_written,
             snapshots,
+            snapshot_scans_active,
+            snapshot_queued_bytes,
             lag,
             catchups_joined,
             lag_recoveries,

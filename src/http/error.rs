@@ -255,11 +255,25 @@ impl From<ResumeRefused> for ApiError {
 }
 
 impl From<SnapshotError> for ApiError {
-    /// 400 when retrying cannot help, 413 past `snapshot_max_docs`, 503 (with `Retry-After`)
-    /// when a retry may succeed.
+    /// 400 when retrying cannot help (a malformed snapshot id too), 413 past
+    /// `snapshot_max_docs` or `snapshot_max_put_bytes`, 429 past the principal's `per_user` /
+    /// `per_ip`, 503 (with `Retry-After`) when a retry may succeed.
     fn from(error: SnapshotError) -> ApiError {
         match error {
             SnapshotError::Subscribe(failure) => failure.into(),
+            SnapshotError::BadId(_) => ApiError::bad_request(error.to_string()),
+            SnapshotError::Limit(refused) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too Many Requests",
+                error.to_string(),
+            )
+            .limit(refused.limit.as_str(), refused.retry_after_secs),
+            SnapshotError::TooLarge { .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Payload Too Large",
+                error.to_string(),
+            )
+            .with_extra(json!({ "limit": "snapshot_max_put_bytes" })),
             SnapshotError::SlotsBusy => ApiError::unavailable(error.to_string())
                 .with_extra(json!({ "limit": "snapshot_max_scans" })),
             SnapshotError::TooManyDocs { .. } => ApiError::new(

@@ -63,7 +63,7 @@ use crate::event::{Event, EventKind, Token};
 use crate::http::error::ApiError;
 use crate::limits::Permit;
 use crate::metrics::{ClientGauge, Metrics};
-use crate::snapshot::{Mode, Prelude};
+use crate::snapshot::{Lease, Mode, Prelude};
 use crate::streams::StreamKey;
 use crate::worker::{Subscription, Worker};
 
@@ -105,6 +105,8 @@ struct Opener {
     avars: Option<String>,
     /// `?snapshot=` as given (`None`: as each definition says).
     snapshot: Option<bool>,
+    /// The connection's snapshot queue budget (all its streams together) and principal.
+    lease: Lease,
     options: Options,
     transport: Transport,
 }
@@ -134,7 +136,13 @@ pub async fn subscribe_many(
         params.access_token.as_deref(),
         caller.upgrade,
     )?;
+    let lease = state.snapshots.lease(
+        &state.limits,
+        caller.principal.as_ref().map(|p| p.subject.as_str()),
+        caller.ip,
+    );
     let opener = Opener {
+        lease,
         principal: caller.principal,
         ip: caller.ip,
         avars: params.avars,
@@ -249,6 +257,7 @@ impl Opener {
                 .check(key, token)
                 .await
                 .map_err(|e| naming(key, e))?;
+            crate::snapshot::check_id(token).map_err(|e| naming(key, e))?;
         }
         let claims = self.principal.as_ref().map(|p| &p.claims);
         let snapshot = super::subscribe::snapshot_wanted(state, key, self.snapshot);
@@ -263,6 +272,7 @@ impl Opener {
                     start,
                     claims,
                     Mode::Events,
+                    &self.lease,
                 )
                 .await
                 .map_err(|e| naming(key, e))?

@@ -113,6 +113,7 @@ pub async fn subscribe(
     // A well-formed id that cannot be a position of this collection: 400 now, not silence.
     if let Some(token) = &resume {
         state.resume.check(&key, token).await?;
+        crate::snapshot::check_id(token)?;
     }
     let resumed = resume.is_some();
     let mode = start_mode(&state, &key, &params, json_suffix, transport)?;
@@ -154,6 +155,11 @@ pub async fn subscribe(
             None,
         ),
         Some(mode) => {
+            let lease = state.snapshots.lease(
+                &state.limits,
+                principal.as_ref().map(|p| p.subject.as_str()),
+                caller.ip,
+            );
             state
                 .snapshots
                 .subscribe(
@@ -163,6 +169,7 @@ pub async fn subscribe(
                     resume,
                     claims,
                     mode,
+                    &lease,
                 )
                 .await?
         }

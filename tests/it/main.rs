@@ -22,3 +22,4 @@ mod multi;
 mod ops;
 mod security;
 mod snapshot;
+mod snapshot_fair;
