@@ -284,6 +284,11 @@ settings! {
         /// Streams one `GET /_streams` connection may carry (query list plus WebSocket
         /// `subscribe`s). Each stream also takes its own slot of the limits above.
         pub max_streams_per_connection: usize = 100,
+        /// New bindings (cursors for `$var` values that cannot be routed in-process) one
+        /// principal may start per minute: the user when authenticated, else the client
+        /// address. Joining a running binding is not counted. Past it such a subscribe gets 429
+        /// with `Retry-After`. Default 60, burst included; 0: unbounded.
+        pub new_bindings_per_minute: usize = 60,
     }
     tables {}
 }

@@ -74,6 +74,30 @@ impl Principal {
         self.roles.iter().any(|r| r == role)
     }
 
+    /// Who this principal is for `limits.per_user` and `limits.new_bindings_per_minute`: its
+    /// subject (JWT `sub`, API key `name`); for a token without one, `claims:` and the SHA-256
+    /// of its claims minus those that change with every token (`exp`, `iat`, `nbf`, `jti`,
+    /// `auth_time`), so every token an issuer gives the same holder has the same key, and a
+    /// token without `sub` is limited like any other (PROTOCOL.md §9).
+    pub fn limit_key(&self) -> String {
+        if !self.subject.is_empty() {
+            return self.subject.clone();
+        }
+        const PER_TOKEN: [&str; 5] = ["exp", "iat", "nbf", "jti", "auth_time"];
+        let mut digest = Sha256::new();
+        let mut keys: Vec<&String> = self
+            .claims
+            .keys()
+            .filter(|k| !PER_TOKEN.contains(&k.as_str()))
+            .collect();
+        keys.sort();
+        for key in keys {
+            canonical(&Value::String(key.clone()), &mut digest);
+            canonical(&self.claims[key], &mut digest);
+        }
+        format!("claims:{}", hex::encode(digest.finalize()))
+    }
+
     /// `expires_at` on tokio's clock, for the feed's revocation timer.
     pub fn deadline(&self) -> Option<tokio::time::Instant> {
         let expires_at = self.expires_at?;
@@ -81,6 +105,34 @@ impl Principal {
             .duration_since(SystemTime::now())
             .unwrap_or_default();
         Some(tokio::time::Instant::now() + left)
+    }
+}
+
+/// Feeds `value` to `digest` as JSON with object keys sorted, so equal claims hash equally
+/// whatever order the token wrote them in.
+fn canonical(value: &Value, digest: &mut Sha256) {
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            digest.update(b"{");
+            for key in keys {
+                canonical(&Value::String(key.clone()), digest);
+                digest.update(b":");
+                canonical(&map[key], digest);
+                digest.update(b",");
+            }
+            digest.update(b"}");
+        }
+        Value::Array(items) => {
+            digest.update(b"[");
+            for item in items {
+                canonical(item, digest);
+                digest.update(b",");
+            }
+            digest.update(b"]");
+        }
+        other => digest.update(other.to_string().as_bytes()),
     }
 }
 

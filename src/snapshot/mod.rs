@@ -41,7 +41,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use crate::event::{ErrorCode, Event, EventKind, Token};
 use crate::routing::{ClientFilter, route_values};
 use crate::streams::registry::SubscribeFailure;
-use crate::streams::{Registry, StreamKey};
+use crate::streams::{Registry, Requester, StreamKey};
 use crate::worker::errors::{Disposition, classify, server_code};
 use crate::worker::{Subscription, Worker};
 
@@ -144,17 +144,19 @@ impl Snapshots {
         key: &StreamKey,
         avars: Option<&str>,
         resume: Option<Token>,
-        claims: Option<&serde_json::Map<String, serde_json::Value>>,
+        requester: Requester<'_>,
         mode: Mode,
     ) -> Result<(Subscription, Option<Prelude>), SnapshotError> {
         let snapshot_resume = resume.as_ref().and_then(SnapshotId::decode);
         if let Some(resume) = resume.filter(|_| snapshot_resume.is_none()) {
             return Ok((
-                registry.subscribe(key, avars, Some(resume), claims).await?,
+                registry
+                    .subscribe(key, avars, Some(resume), requester)
+                    .await?,
                 None,
             ));
         }
-        let (guard, filter) = registry.attach(key, avars, claims).await?;
+        let (guard, filter) = registry.attach(key, avars, requester).await?;
         let worker = Arc::clone(guard.worker());
         // The document view's `put` is one event: a partial snapshot cannot be resumed there.
         let from = snapshot_resume.filter(|_| mode == Mode::Events);

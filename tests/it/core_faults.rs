@@ -322,7 +322,7 @@ async fn a_first_subscribe_waits_out_an_outage_instead_of_failing_at_once() {
     let started = std::time::Instant::now();
     let subscribe = tokio::spawn(async move {
         registry
-            .subscribe(&key, None, None, None)
+            .subscribe(&key, None, None, Default::default())
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
@@ -355,7 +355,9 @@ async fn a_subscribe_abandoned_while_the_cursor_opens_leaves_no_client_behind() 
     let registry = f.server.registry.clone();
     let key = f.key();
     let attempt = tokio::spawn(async move {
-        let _ = registry.subscribe(&key, None, None, None).await;
+        let _ = registry
+            .subscribe(&key, None, None, Default::default())
+            .await;
     });
     eventually("the worker started", WAIT, async || {
         !f.server.registry.workers_of(&f.key()).is_empty()

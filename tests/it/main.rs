@@ -8,6 +8,7 @@ mod harness;
 mod admin;
 mod auth;
 mod browser;
+mod budget;
 mod core_faults;
 mod core_ops;
 mod core_resume;
