@@ -133,6 +133,15 @@ settings! {
         /// `level`, `target`, `message`, then the event's own fields). `--log-json`
         /// (`STREAMGATE_LOG_JSON`) forces `json`.
         pub log_format: LogFormat = LogFormat::Text,
+        /// A second address serving `GET /metrics` only (e.g. `10.0.0.5:9090` on a network only
+        /// Prometheus reaches); the main address then answers `/metrics` with 404. Unset:
+        /// `/metrics` is served on `listen`.
+        pub metrics_listen: Option<SocketAddr> = None,
+        /// Host names (no port) accepted besides loopback names when auth is off and the server
+        /// listens on a loopback address; `*` accepts any. Requests for any other `Host` get 421
+        /// (a web page cannot reach the server through DNS rebinding). Needed only behind a
+        /// reverse proxy on the same machine that forwards its own `Host`.
+        pub allowed_hosts: Vec<String> = Vec::new(),
     }
     tables {
         /// Where the admin API stores stream definitions.
@@ -173,6 +182,10 @@ settings! {
         /// Collection (in `admin.database`) holding the permission rules managed through
         /// `/_admin/rules`, shared by every instance; they add to `[[auth.rules]]`.
         pub rules_collection: String = "rules".to_owned(),
+        /// Role required for `GET /metrics` when auth is on (a Prometheus scrape then sends a
+        /// token or API key holding it). Unset: `/metrics` needs no credential (it names every
+        /// running stream: serve it on `metrics_listen` or set this when that matters).
+        pub metrics_role: Option<String> = None,
     }
     tables {
         /// JWT bearer tokens (`[auth.jwt]`); absent: JWTs are not accepted.

@@ -171,6 +171,8 @@ pub struct Authenticator {
     api_keys: Vec<ApiKey>,
     cookie_name: String,
     admin_role: String,
+    /// `auth.metrics_role`: required for `/metrics` when set (and auth is on).
+    metrics_role: Option<String>,
     /// Rules of the config file: never change.
     rules: Rules,
     /// Rules stored in MongoDB (`/_admin/rules`), replaced whole by [`store::RuleStore`] on
@@ -207,6 +209,7 @@ impl Authenticator {
             api_keys,
             cookie_name: config.cookie_name.clone(),
             admin_role: config.admin_role.clone(),
+            metrics_role: config.metrics_role.clone().filter(|role| !role.is_empty()),
             rules: Rules::new(rules),
             stored: watch::channel(Arc::new(Rules::default())).0,
         })
@@ -360,6 +363,21 @@ impl Authenticator {
             Err(AuthError::Forbidden(format!(
                 "you may not subscribe to {key}"
             )))
+        }
+    }
+
+    /// Whether `/metrics` needs a credential (auth on and `auth.metrics_role` set).
+    pub fn guards_metrics(&self) -> bool {
+        self.enabled && self.metrics_role.is_some()
+    }
+
+    /// May this principal read `/metrics`? Yes unless `auth.metrics_role` is set and missing.
+    pub fn authorize_metrics(&self, principal: &Principal) -> Result<(), AuthError> {
+        match &self.metrics_role {
+            Some(role) if !principal.has_role(role) => Err(AuthError::Forbidden(format!(
+                "/metrics needs the {role:?} role"
+            ))),
+            _ => Ok(()),
         }
     }
 

@@ -14,6 +14,7 @@ mod core_ops;
 mod core_resume;
 mod core_transports;
 mod docview;
+mod exposure;
 mod fanin;
 mod feeds;
 mod filtering;
