@@ -233,6 +233,15 @@ async fn new_bindings_past_the_per_principal_bound_get_429() {
     let f = Fixture::start("budget_rate", |config| {
         unroutable(config);
         config.limits.new_bindings_per_minute = 3;
+        // Beside it: a routable `$var` stream (one cursor for every binding) and a plain one.
+        let mut routable = config.streams[0].clone();
+        routable.name = "routable".into();
+        routable.definition.pipeline =
+            json!([{ "$match": { "fullDocument.owner": { "$var": "who" } } }]);
+        let mut plain = config.streams[0].clone();
+        plain.name = "plain".into();
+        plain.definition.pipeline = json!([]);
+        config.streams.extend([routable, plain]);
     })
     .await;
     let mut held = Vec::new();
@@ -264,8 +273,27 @@ async fn new_bindings_past_the_per_principal_bound_get_429() {
     );
     // No cursor was started for it.
     assert_eq!(f.server.registry.workers_of(&f.key()).len(), 3);
-    // A running binding is joined, not started: not counted.
+    // A running binding is joined, not started: not counted. Nor are routable bindings and
+    // streams without variables: they never need a cursor of their own per client.
     held.push(open(&f, "b0", churner()).await.unwrap());
+    let client = reqwest::Client::builder()
+        .local_address(churner())
+        .build()
+        .unwrap();
+    for path in [
+        bound_path(&f, "r1").replace("/_streams/s?", "/_streams/routable?"),
+        bound_path(&f, "r2").replace("/_streams/s?", "/_streams/routable?"),
+        f.path.replace("/_streams/s", "/_streams/plain"),
+    ] {
+        let response = client
+            .get(f.server.url(&path))
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        held.push(response);
+    }
     // Another principal (address) starts the same binding the churner was refused.
     let mut other = connect(&f, "b3", None).await.unwrap();
     insert(&f, "b3", 7).await;
