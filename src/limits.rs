@@ -391,12 +391,6 @@ impl CursorBudget {
         }
     }
 
-    /// Counts an idle worker closed to give its slot to a new subscriber
-    /// (`streamgate_upstream_idle_evictions_total`).
-    pub fn count_eviction(&self) {
-        self.inner.evictions.inc();
-    }
-
     /// Takes one of `principal`'s new bindings (`limits.new_bindings_per_minute`), or says when
     /// to try again. Give it back with [`refund_binding`](Self::refund_binding) if the binding
     /// is not started after all.
@@ -460,18 +454,32 @@ impl CursorBudget {
     /// A slot for a catch-up cursor: one of `max_workers`, but no binding (it serves clients
     /// of an existing worker and ends when they hand over to it).
     pub fn try_acquire_catch_up(&self) -> Result<CursorPermit, UpstreamLimit> {
+        self.try_acquire_catch_up_evicting(|| false)
+    }
+
+    /// [`try_acquire_catch_up`](Self::try_acquire_catch_up), but before refusing, asks `evict`
+    /// to free a slot of `max_workers` (see [`try_acquire_evicting`](Self::try_acquire_evicting)).
+    pub fn try_acquire_catch_up_evicting(
+        &self,
+        mut evict: impl FnMut() -> bool,
+    ) -> Result<CursorPermit, UpstreamLimit> {
         let inner = &self.inner;
-        let mut counts = inner.lock();
-        if counts.total >= inner.max_workers {
-            return Err(inner.refuse(CursorLimit::MaxWorkers, None));
+        loop {
+            let mut counts = inner.lock();
+            if counts.total < inner.max_workers {
+                counts.total += 1;
+                inner.publish(&counts);
+                drop(counts);
+                return Ok(CursorPermit {
+                    budget: Arc::clone(inner),
+                    stream: None,
+                });
+            }
+            drop(counts);
+            if !evict() {
+                return Err(inner.refuse(CursorLimit::MaxWorkers, None));
+            }
         }
-        counts.total += 1;
-        inner.publish(&counts);
-        drop(counts);
-        Ok(CursorPermit {
-            budget: Arc::clone(inner),
-            stream: None,
-        })
     }
 
     /// Cursors holding a slot now.
@@ -487,6 +495,14 @@ impl CursorBudget {
             .get(stream)
             .copied()
             .unwrap_or(0)
+    }
+}
+
+impl CursorPermit {
+    /// Frees the slot of an idle worker closed to make room for a new cursor, counting it
+    /// (`streamgate_upstream_idle_evictions_total`).
+    pub fn evicted(self) {
+        self.budget.evictions.inc();
     }
 }
 

@@ -14,6 +14,8 @@
 //! worker with a client is never closed and a client re-attaching to a lingering worker either
 //! finds it (and keeps it) or finds it gone (and starts a fresh one, resuming from its
 //! position). Only when every slot is held by a worker with clients is the subscriber refused.
+//! A catch-up cursor (`worker::catchup`) short of a `max_workers` slot asks the registry the
+//! same way ([`Owner::free_idle_slot`]).
 //! A new binding of `$var` values that need their own cursor is also counted against its
 //! principal (`limits.new_bindings_per_minute`), so that one client cannot churn through the
 //! budget closing everybody's lingering workers.
@@ -157,6 +159,36 @@ impl Owner for Workers {
             map.remove(&worker.key);
         }
     }
+
+    fn free_idle_slot(&self) -> bool {
+        let mut map = lock(&self.map);
+        evict_longest_idle(&mut map, None)
+    }
+}
+
+/// Closes the worker without clients that has been idle longest (of `stream`, if given), under
+/// the worker-map lock (`map`), and frees its cursor slot; returns whether there was one. Its
+/// client count is read under that lock, where counts go up, so it stays 0 until the lock goes.
+fn evict_longest_idle(
+    map: &mut HashMap<WorkerKey, Arc<Worker>>,
+    stream: Option<&StreamKey>,
+) -> bool {
+    let now = Instant::now();
+    let idle = map
+        .values()
+        .filter(|worker| worker.client_count() == 0)
+        .filter(|worker| stream.is_none_or(|stream| &worker.key.stream == stream))
+        .min_by_key(|worker| worker.idle_since().unwrap_or(now))
+        .cloned();
+    let Some(idle) = idle else {
+        return false;
+    };
+    map.remove(&idle.key);
+    // Dropped here: the slot is free before the caller tries again.
+    if let Some(permit) = idle.evict() {
+        permit.evicted();
+    }
+    true
 }
 
 /// Definitions and workers.
@@ -405,14 +437,9 @@ impl Registry {
             budget.take_binding(principal)?;
         }
         let slot = budget.try_acquire_evicting(key, |limit| {
-            let Some(idle) = longest_idle(map, key, limit) else {
-                return false;
-            };
-            map.remove(&idle.key);
-            // Dropped here: the slot is free before the next try.
-            drop(idle.evict());
-            budget.count_eviction();
-            true
+            // For the stream's own limit only one of its workers can make room.
+            let stream = (limit == CursorLimit::MaxBindingsPerStream).then_some(key);
+            evict_longest_idle(map, stream)
         });
         if slot.is_err()
             && let Some(principal) = principal
@@ -421,22 +448,6 @@ impl Registry {
         }
         Ok(slot?)
     }
-}
-
-/// The worker without clients that has been idle longest and whose slot would lift `limit`
-/// for a new worker of `key`: for `MaxBindingsPerStream` one of `key`'s, else any. Its client
-/// count is read under the map lock, where counts go up, so it stays 0 until the lock goes.
-fn longest_idle(
-    map: &HashMap<WorkerKey, Arc<Worker>>,
-    key: &StreamKey,
-    limit: CursorLimit,
-) -> Option<Arc<Worker>> {
-    let now = Instant::now();
-    map.values()
-        .filter(|worker| worker.client_count() == 0)
-        .filter(|worker| limit == CursorLimit::MaxWorkers || &worker.key.stream == key)
-        .min_by_key(|worker| worker.idle_since().unwrap_or(now))
-        .cloned()
 }
 
 /// The lag gauge reads every running worker of the registry.

@@ -168,6 +168,9 @@ pub trait Owner: Send + Sync {
     fn retire_if_idle(&self, worker: &Arc<Worker>) -> bool;
     /// Forgets `worker` whatever its clients (it ended).
     fn unregister(&self, worker: &Arc<Worker>);
+    /// Closes the longest-idle worker without clients, freeing its slot of `max_workers` for
+    /// a catch-up cursor; returns whether there was one.
+    fn free_idle_slot(&self) -> bool;
 }
 
 pub(crate) use crate::sync::lock;
@@ -478,6 +481,9 @@ impl Owner for NoOwner {
         worker.client_count() == 0
     }
     fn unregister(&self, _: &Arc<Worker>) {}
+    fn free_idle_slot(&self) -> bool {
+        false
+    }
 }
 
 /// A worker that is never spawned, on an unreachable MongoDB: unit tests publish into it.

@@ -310,3 +310,43 @@ async fn new_bindings_past_the_per_principal_bound_get_429() {
     drop(held);
     f.server.stop().await;
 }
+
+/// A resume older than its worker's ring needs a catch-up cursor, a slot of `max_workers`:
+/// before, it got 503 `max_workers` while an idle worker held the last slot; now the idle
+/// worker gives its slot up and the client gets every change it missed, once.
+#[tokio::test]
+async fn a_catch_up_takes_the_slot_of_an_idle_worker() {
+    let f = Fixture::start("budget_catchup", |config| {
+        unroutable(config);
+        config.ring_size = 5;
+        config.limits.max_workers = 2;
+    })
+    .await;
+    let mut a = connect(&f, "x", None).await.unwrap();
+    for seq in 0..10 {
+        insert(&f, "x", seq).await;
+    }
+    let ids: Vec<String> = a
+        .changes(10, WAIT)
+        .await
+        .into_iter()
+        .map(|e| e.id.expect("id"))
+        .collect();
+    drop(connect(&f, "y", None).await.unwrap());
+    idle_but(&f, 1).await;
+    let catch_ups = f.server.metrics.catchups.get();
+    // Behind x's 5-event ring: a third cursor.
+    let mut behind = connect(&f, "x", Some(&ids[0]))
+        .await
+        .expect("served: the idle worker gives up its slot");
+    assert_eq!(
+        seqs(&behind.changes(9, WAIT).await),
+        (1..10).collect::<Vec<_>>()
+    );
+    assert_eq!(f.server.metrics.catchups.get(), catch_ups + 1);
+    assert_eq!(f.server.metrics.upstream_idle_evictions.get(), 1);
+    insert(&f, "x", 10).await;
+    assert_eq!(seqs(&behind.changes(1, WAIT).await), vec![10]);
+    assert_eq!(seqs(&a.changes(1, WAIT).await), vec![10]);
+    f.server.stop().await;
+}
