@@ -28,7 +28,7 @@
 //! a subscriber that would be refused takes it (the registry closes the longest-idle such
 //! worker first, under its worker-map lock, so a client re-attaching at that moment keeps its
 //! worker; see `streams::registry`). What one party can still do is churn: open distinct
-//! bindings (each a new cursor on MongoDB) one after the other. [`BindingRate`] bounds that per
+//! bindings (each a new cursor on MongoDB) one after the other. `BindingRate` bounds that per
 //! principal (the user when authenticated, else the client address): at most
 //! `limits.new_bindings_per_minute` new bindings a minute (a token bucket of that size
 //! refilled evenly over a minute); past it a subscribe that would start a binding gets 429 with

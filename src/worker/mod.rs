@@ -19,7 +19,7 @@
 //!   position with backoff; clients see nothing.
 //! * The worker stops itself `linger` after its last client leaves, handing itself back to its
 //!   [`Owner`] (the registry), which decides under its own lock. Until then its cursor slot is
-//!   on loan: the registry may [`evict`](Worker::evict) it, under the same lock, for a new
+//!   on loan: the registry may `Worker::evict` it, under the same lock, for a new
 //!   subscriber the budget would otherwise refuse.
 
 pub(crate) mod catchup;
