@@ -275,8 +275,9 @@ settings! {
         pub max_connections: Option<usize> = None,
         /// Open streams per stream definition, all variable values together (unset: unlimited).
         pub per_stream: Option<usize> = None,
-        /// Open streams per authenticated subject; not applied when auth is off (unset:
-        /// unlimited).
+        /// Open streams per authenticated principal: its `sub` or API key `name`, for a token
+        /// without `sub` a hash of its lasting claims (docs/security.md); not applied when auth
+        /// is off (unset: unlimited).
         pub per_user: Option<usize> = None,
         /// Open streams per client IP address (unset: unlimited).
         pub per_ip: Option<usize> = None,
