@@ -502,6 +502,41 @@ mod tests {
     use axum::http::HeaderValue;
     use futures::FutureExt;
 
+    fn claimed(subject: &str, claims: Value) -> Principal {
+        Principal {
+            subject: subject.into(),
+            roles: Vec::new(),
+            claims: claims.as_object().cloned().unwrap_or_default(),
+            expires_at: None,
+        }
+    }
+
+    #[test]
+    fn a_token_without_sub_is_keyed_by_its_lasting_claims() {
+        use serde_json::json;
+        assert_eq!(
+            claimed("alice", json!({ "sub": "alice" })).limit_key(),
+            "alice"
+        );
+        let key = |claims| claimed("", claims).limit_key();
+        let first =
+            key(json!({ "client_id": "svc", "scope": { "a": 1, "b": [2] }, "exp": 1, "iat": 1 }));
+        assert!(first.starts_with("claims:"), "{first}");
+        // Another token of the same holder: other times, another order.
+        let again = key(
+            json!({ "iat": 9, "scope": { "b": [2], "a": 1 }, "jti": "x", "exp": 2, "client_id": "svc" }),
+        );
+        assert_eq!(first, again);
+        assert_ne!(
+            first,
+            key(json!({ "client_id": "other", "scope": { "a": 1, "b": [2] } }))
+        );
+        assert_ne!(
+            first,
+            key(json!({ "client_id": "svc", "scope": { "a": 1, "b": [3] } }))
+        );
+    }
+
     #[test]
     fn credential_sources() {
         let mut headers = HeaderMap::new();

@@ -68,7 +68,8 @@ async fn stalled_sse(addr: std::net::SocketAddr, path: &str) -> (tokio::net::Tcp
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stream = socket.connect(addr).await.unwrap();
     // HTTP/1.0: the body is close-delimited, so the raw bytes are the SSE text.
-    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n");
+    let request =
+        format!("GET {path} HTTP/1.0\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut head = Vec::new();
     let mut chunk = [0u8; 1024];

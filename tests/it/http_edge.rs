@@ -640,8 +640,8 @@ async fn oversized_heads() {
 #[tokio::test]
 async fn pipelined_bytes_after_the_head() {
     let f = Fixture::start("edge_pipelined", |_| {}).await;
-    let request =
-        head(&f.path, "text/event-stream", "") + "GET /health/live HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let request = head(&f.path, "text/event-stream", "")
+        + "GET /health/live HTTP/1.1\r\nHost: localhost\r\n\r\n";
     let mut response = Raw::send(f.server.addr, request.as_bytes()).await;
     assert!(
         response.head.starts_with("HTTP/1.1 200"),
