@@ -334,7 +334,8 @@ impl Worker {
     /// the owner's map: client counts go up only under that lock, so no client can be
     /// attached to it, and none can find it afterwards (invariant 4).
     pub(crate) fn evict(&self) -> Option<CursorPermit> {
-        tracing::info!(stream = %self.key.stream, vars = %self.key.vars, "idle worker closed to free its cursor slot");
+        // Debug: under binding churn this is one line per new binding (the metric counts them).
+        tracing::debug!(stream = %self.key.stream, vars = %self.key.vars, "idle worker closed to free its cursor slot");
         self.cancel.cancel();
         lock(&self.permit).take()
     }

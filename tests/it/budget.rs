@@ -150,9 +150,11 @@ async fn churned_bindings_do_not_lock_a_fresh_binding_out() {
         .expect("a fresh binding is served while idle workers hold the slots");
     insert(&f, "fresh", 100).await;
     assert_eq!(seqs(&fresh.changes(1, WAIT).await), vec![100]);
-    let evictions = f.server.metrics.upstream_idle_evictions.get();
+    // Every churned binding past the first two (and the fresh one) took an idle worker's slot,
+    // unless the churner was refused.
+    let evictions = f.server.metrics.upstream_idle_evictions.get() as usize;
     assert!(
-        evictions as usize >= CHURN - 2,
+        evictions + refused > CHURN - 2,
         "{evictions} idle workers closed"
     );
     assert!(f.server.registry.workers_of(&f.key()).len() <= 3);
