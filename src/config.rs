@@ -151,6 +151,15 @@ settings! {
         /// `level`, `target`, `message`, then the event's own fields). `--log-json`
         /// (`STREAMGATE_LOG_JSON`) forces `json`.
         pub log_format: LogFormat = LogFormat::Text,
+        /// A second address serving `GET /metrics` only (e.g. `10.0.0.5:9090` on a network only
+        /// Prometheus reaches); the main address then answers `/metrics` with 404. Unset:
+        /// `/metrics` is served on `listen`.
+        pub metrics_listen: Option<SocketAddr> = None,
+        /// Host names (no port) accepted besides loopback names when auth is off and the server
+        /// listens on a loopback address; `*` accepts any. Requests for any other `Host` get 421
+        /// (a web page cannot reach the server through DNS rebinding). Needed only behind a
+        /// reverse proxy on the same machine that forwards its own `Host`.
+        pub allowed_hosts: Vec<String> = Vec::new(),
     }
     tables {
         /// Where the admin API stores stream definitions.
@@ -191,6 +200,10 @@ settings! {
         /// Collection (in `admin.database`) holding the permission rules managed through
         /// `/_admin/rules`, shared by every instance; they add to `[[auth.rules]]`.
         pub rules_collection: String = "rules".to_owned(),
+        /// Role required for `GET /metrics` when auth is on (a Prometheus scrape then sends a
+        /// token or API key holding it). Unset: `/metrics` needs no credential (it names every
+        /// running stream: serve it on `metrics_listen` or set this when that matters).
+        pub metrics_role: Option<String> = None,
     }
     tables {
         /// JWT bearer tokens (`[auth.jwt]`); absent: JWTs are not accepted.
@@ -280,8 +293,9 @@ settings! {
         pub max_connections: Option<usize> = None,
         /// Open streams per stream definition, all variable values together (unset: unlimited).
         pub per_stream: Option<usize> = None,
-        /// Open streams per authenticated subject; not applied when auth is off (unset:
-        /// unlimited).
+        /// Open streams per authenticated principal: its `sub` or API key `name`, for a token
+        /// without `sub` a hash of its lasting claims (docs/security.md); not applied when auth
+        /// is off (unset: unlimited).
         pub per_user: Option<usize> = None,
         /// Open streams per client IP address (unset: unlimited); a snapshot in progress
         /// counts as one more (so does it against `per_user`).
@@ -303,6 +317,11 @@ settings! {
         /// Streams one `GET /_streams` connection may carry (query list plus WebSocket
         /// `subscribe`s). Each stream also takes its own slot of the limits above.
         pub max_streams_per_connection: usize = 100,
+        /// New bindings (cursors for `$var` values that cannot be routed in-process) one
+        /// principal may start per minute: the user when authenticated, else the client
+        /// address. Joining a running binding is not counted. Past it such a subscribe gets 429
+        /// with `Retry-After`. Default 60, burst included; 0: unbounded.
+        pub new_bindings_per_minute: usize = 60,
     }
     tables {}
 }

@@ -84,6 +84,9 @@ pub enum StartError {
     /// The `[auth]` section cannot be used (e.g. an unreadable key file).
     #[error("invalid auth configuration: {0}")]
     Auth(String),
+    /// `metrics_listen` cannot be bound.
+    #[error("cannot listen on {0} (metrics_listen): {1}")]
+    MetricsListen(std::net::SocketAddr, std::io::Error),
 }
 
 /// How long [`App::new`] waits for the stored definitions before serving without them (the
@@ -97,6 +100,8 @@ const MONGO_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct App {
     state: AppState,
     tracker: TaskTracker,
+    /// The `metrics_listen` socket, once bound ([`App::bind_metrics`]).
+    metrics_listener: Option<TcpListener>,
 }
 
 impl App {
@@ -222,7 +227,26 @@ impl App {
                 clients: Arc::default(),
             },
             tracker,
+            metrics_listener: None,
         })
+    }
+
+    /// Binds `metrics_listen`, if set (else does nothing), and returns the bound address (its
+    /// port when the setting's is 0). [`App::serve`] binds it itself if this was not called.
+    pub async fn bind_metrics(&mut self) -> Result<Option<std::net::SocketAddr>, StartError> {
+        let Some(addr) = self.state.config.metrics_listen else {
+            return Ok(None);
+        };
+        if self.metrics_listener.is_none() {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| StartError::MetricsListen(addr, e))?;
+            self.metrics_listener = Some(listener);
+        }
+        Ok(self
+            .metrics_listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok()))
     }
 
     /// The registry (for tests and embedding).
@@ -238,13 +262,33 @@ impl App {
     /// Serves until `shutdown` completes, then closes every stream (SSE `retry` + end,
     /// WebSocket 1001) and returns within the configured grace period.
     pub async fn serve(
-        self,
+        mut self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
         let token = self.state.shutdown.clone();
         let grace = self.state.config.shutdown_grace();
-        let router = router::router(self.state.clone());
+        let local = listener.local_addr().unwrap_or(self.state.config.listen);
+        let router = router::router(self.state.clone(), local);
+        let connections = TaskTracker::new();
+        if let Some(metrics_addr) = self.bind_metrics().await? {
+            let metrics_listener = self.metrics_listener.take();
+            let router = router::metrics_router(self.state.clone(), metrics_addr);
+            let stop = token.clone();
+            connections.spawn(async move {
+                let Some(listener) = metrics_listener else {
+                    return;
+                };
+                tracing::info!(listen = %metrics_addr, "serving /metrics");
+                let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+                if let Err(error) = axum::serve(listener, service)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+                {
+                    tracing::error!(%error, "the metrics listener failed");
+                }
+            });
+        }
         tokio::spawn({
             let token = token.clone();
             async move {
@@ -256,7 +300,6 @@ impl App {
         // Hyper for ordinary requests, direct writes for SSE/NDJSON (see `http::server`);
         // both put the peer address in `ConnectInfo` (a trusted proxy's PROXY header source
         // when there is one), from which `auth::proxy` derives the address limits count.
-        let connections = TaskTracker::new();
         let timeouts = http::server::Timeouts {
             stall: self.state.config.stall_timeout(),
             head: self.state.config.head_timeout(),

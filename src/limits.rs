@@ -20,11 +20,25 @@
 //! opens and holds it for its life (reconnects included); refusals are [`UpstreamLimit`]s,
 //! answered 503 with `Retry-After`. [`PoolSize`] sizes the driver's pool from the same limit,
 //! so that no cursor waits for a connection.
+//!
+//! # Fairness of the budget
+//!
+//! The budget serves clients that are connected. A worker whose clients left keeps its cursor
+//! for `worker_linger_ms` (a client that comes back finds it warm), but that slot is on loan:
+//! a subscriber that would be refused takes it (the registry closes the longest-idle such
+//! worker first, under its worker-map lock, so a client re-attaching at that moment keeps its
+//! worker; see `streams::registry`). What one party can still do is churn: open distinct
+//! bindings (each a new cursor on MongoDB) one after the other. `BindingRate` bounds that per
+//! principal (the user when authenticated, else the client address): at most
+//! `limits.new_bindings_per_minute` new bindings a minute (a token bucket of that size
+//! refilled evenly over a minute); past it a subscribe that would start a binding gets 429 with
+//! `Retry-After` ([`BindingsRefused`]), while joining a running binding is never refused.
 
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -313,6 +327,9 @@ struct BudgetInner {
     cursors_gauge: Gauge,
     bindings_gauge: Gauge,
     refusals: Family<LimitLabel, Counter>,
+    evictions: Counter,
+    /// New bindings per principal (`limits.new_bindings_per_minute`).
+    binding_rate: BindingRate,
 }
 
 impl BudgetInner {
@@ -389,21 +406,68 @@ impl CursorBudget {
                 cursors_gauge: metrics.upstream_cursors.clone(),
                 bindings_gauge: metrics.upstream_bindings_max.clone(),
                 refusals: metrics.upstream_refusals.clone(),
+                evictions: metrics.upstream_idle_evictions.clone(),
+                binding_rate: BindingRate::new(
+                    limits.new_bindings_per_minute,
+                    metrics
+                        .connection_refusals
+                        .get_or_create(&LimitLabel {
+                            limit: BindingsRefused::LIMIT,
+                        })
+                        .clone(),
+                ),
             }),
         }
+    }
+
+    /// Takes one of `principal`'s new bindings (`limits.new_bindings_per_minute`), or says when
+    /// to try again. Give it back with [`refund_binding`](Self::refund_binding) if the binding
+    /// is not started after all.
+    pub fn take_binding(&self, principal: &PrincipalKey) -> Result<(), BindingsRefused> {
+        self.inner.binding_rate.take(principal, Instant::now())
+    }
+
+    /// Gives back a binding taken by [`take_binding`](Self::take_binding) whose worker was not
+    /// started (its cursor was refused).
+    pub fn refund_binding(&self, principal: &PrincipalKey) {
+        self.inner.binding_rate.refund(principal, Instant::now());
     }
 
     /// A slot for a worker's cursor on `stream`: one of `max_workers` and one of the stream's
     /// `max_bindings_per_stream`.
     pub fn try_acquire(&self, stream: &StreamKey) -> Result<CursorPermit, UpstreamLimit> {
+        self.try_acquire_evicting(stream, |_| false)
+    }
+
+    /// [`try_acquire`](Self::try_acquire), but before refusing, asks `evict` to free a slot
+    /// (it returns whether it did, by dropping an idle worker's permit) and tries again.
+    /// `evict` is told which limit is in the way: for `MaxBindingsPerStream` only a cursor of
+    /// `stream` can help; for `MaxWorkers` any. It runs without the budget's lock held.
+    pub fn try_acquire_evicting(
+        &self,
+        stream: &StreamKey,
+        mut evict: impl FnMut(CursorLimit) -> bool,
+    ) -> Result<CursorPermit, UpstreamLimit> {
+        loop {
+            match self.take(stream) {
+                Ok(permit) => return Ok(permit),
+                Err(limit) if evict(limit) => continue,
+                Err(limit) => return Err(self.inner.refuse(limit, Some(stream))),
+            }
+        }
+    }
+
+    /// A worker slot, or the limit in the way (the stream's own first: then only one of its
+    /// cursors can make room).
+    fn take(&self, stream: &StreamKey) -> Result<CursorPermit, CursorLimit> {
         let inner = &self.inner;
         let mut counts = inner.lock();
-        if counts.total >= inner.max_workers {
-            return Err(inner.refuse(CursorLimit::MaxWorkers, Some(stream)));
-        }
         let bindings = counts.per_stream.get(stream).copied().unwrap_or(0);
         if bindings >= inner.max_bindings {
-            return Err(inner.refuse(CursorLimit::MaxBindingsPerStream, Some(stream)));
+            return Err(CursorLimit::MaxBindingsPerStream);
+        }
+        if counts.total >= inner.max_workers {
+            return Err(CursorLimit::MaxWorkers);
         }
         counts.total += 1;
         counts.per_stream.insert(stream.clone(), bindings + 1);
@@ -419,18 +483,32 @@ impl CursorBudget {
     /// A slot for a catch-up cursor: one of `max_workers`, but no binding (it serves clients
     /// of an existing worker and ends when they hand over to it).
     pub fn try_acquire_catch_up(&self) -> Result<CursorPermit, UpstreamLimit> {
+        self.try_acquire_catch_up_evicting(|| false)
+    }
+
+    /// [`try_acquire_catch_up`](Self::try_acquire_catch_up), but before refusing, asks `evict`
+    /// to free a slot of `max_workers` (see [`try_acquire_evicting`](Self::try_acquire_evicting)).
+    pub fn try_acquire_catch_up_evicting(
+        &self,
+        mut evict: impl FnMut() -> bool,
+    ) -> Result<CursorPermit, UpstreamLimit> {
         let inner = &self.inner;
-        let mut counts = inner.lock();
-        if counts.total >= inner.max_workers {
-            return Err(inner.refuse(CursorLimit::MaxWorkers, None));
+        loop {
+            let mut counts = inner.lock();
+            if counts.total < inner.max_workers {
+                counts.total += 1;
+                inner.publish(&counts);
+                drop(counts);
+                return Ok(CursorPermit {
+                    budget: Arc::clone(inner),
+                    stream: None,
+                });
+            }
+            drop(counts);
+            if !evict() {
+                return Err(inner.refuse(CursorLimit::MaxWorkers, None));
+            }
         }
-        counts.total += 1;
-        inner.publish(&counts);
-        drop(counts);
-        Ok(CursorPermit {
-            budget: Arc::clone(inner),
-            stream: None,
-        })
     }
 
     /// Cursors holding a slot now.
@@ -449,6 +527,14 @@ impl CursorBudget {
     }
 }
 
+impl CursorPermit {
+    /// Frees the slot of an idle worker closed to make room for a new cursor, counting it
+    /// (`streamgate_upstream_idle_evictions_total`).
+    pub fn evicted(self) {
+        self.budget.evictions.inc();
+    }
+}
+
 impl Drop for CursorPermit {
     fn drop(&mut self) {
         let budget = &self.budget;
@@ -463,6 +549,137 @@ impl Drop for CursorPermit {
             }
         }
         budget.publish(&counts);
+    }
+}
+
+/// Who new bindings are counted against: the authenticated user (see
+/// `auth::Principal::limit_key`), else the client's address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PrincipalKey {
+    /// An authenticated principal, by its limit key.
+    User(String),
+    /// An anonymous client, by address (behind trusted proxies, the one they vouch for).
+    Ip(IpAddr),
+}
+
+/// A subscribe that would start a new binding, refused by `limits.new_bindings_per_minute`.
+/// The HTTP layer answers it 429 with `Retry-After` and a problem body naming the setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "too many new bindings (new_bindings_per_minute): this client started {per_minute} \
+     distinct bindings of `$var` values that need a cursor of their own within the last \
+     minute; retry in {retry_after_secs} s"
+)]
+pub struct BindingsRefused {
+    /// The configured `new_bindings_per_minute`.
+    pub per_minute: usize,
+    /// Seconds until one more binding is allowed.
+    pub retry_after_secs: u64,
+}
+
+impl BindingsRefused {
+    /// The config key (the problem body's `limit` and the metric label).
+    pub const LIMIT: &'static str = "new_bindings_per_minute";
+}
+
+/// A principal's allowance of new bindings: a token bucket holding up to `per_minute` tokens,
+/// refilled at `per_minute` a minute.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// `limits.new_bindings_per_minute`, per principal. One mutex: it is taken only when a
+/// subscribe would start a new binding's cursor, which costs far more.
+struct BindingRate {
+    per_minute: usize,
+    buckets: Mutex<Buckets>,
+    refusals: Counter,
+}
+
+struct Buckets {
+    map: HashMap<PrincipalKey, Bucket>,
+    /// Sweep full buckets (the same as none) when the map grows past this.
+    sweep_at: usize,
+}
+
+/// Buckets kept before the first sweep of full ones.
+const SWEEP_MIN: usize = 1024;
+
+impl BindingRate {
+    fn new(per_minute: usize, refusals: Counter) -> BindingRate {
+        BindingRate {
+            per_minute,
+            buckets: Mutex::new(Buckets {
+                map: HashMap::new(),
+                sweep_at: SWEEP_MIN,
+            }),
+            refusals,
+        }
+    }
+
+    fn capacity(&self) -> f64 {
+        self.per_minute as f64
+    }
+
+    /// Tokens in `bucket` at `now` (refilled since it was last touched), at most the capacity.
+    fn refilled(&self, bucket: Bucket, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
+        (bucket.tokens + elapsed * self.capacity() / 60.0).min(self.capacity())
+    }
+
+    fn take(&self, principal: &PrincipalKey, now: Instant) -> Result<(), BindingsRefused> {
+        if self.per_minute == 0 {
+            return Ok(());
+        }
+        let mut buckets = crate::sync::lock(&self.buckets);
+        let tokens = buckets
+            .map
+            .get(principal)
+            .map_or(self.capacity(), |b| self.refilled(*b, now));
+        if tokens < 1.0 {
+            self.refusals.inc();
+            let wait = (1.0 - tokens) * 60.0 / self.capacity();
+            return Err(BindingsRefused {
+                per_minute: self.per_minute,
+                retry_after_secs: (wait.ceil() as u64).max(1),
+            });
+        }
+        buckets.map.insert(
+            principal.clone(),
+            Bucket {
+                tokens: tokens - 1.0,
+                at: now,
+            },
+        );
+        self.sweep(&mut buckets, now);
+        Ok(())
+    }
+
+    fn refund(&self, principal: &PrincipalKey, now: Instant) {
+        if self.per_minute == 0 {
+            return;
+        }
+        let mut buckets = crate::sync::lock(&self.buckets);
+        if let Some(bucket) = buckets.map.get_mut(principal) {
+            bucket.tokens = (self.refilled(*bucket, now) + 1.0).min(self.capacity());
+            bucket.at = now;
+        }
+    }
+
+    /// Drops the buckets that are full again (a full bucket is the same as none), when the
+    /// map has doubled since the last sweep: amortised O(1) per take, memory bounded by the
+    /// principals active in the last minute.
+    fn sweep(&self, buckets: &mut Buckets, now: Instant) {
+        if buckets.map.len() < buckets.sweep_at {
+            return;
+        }
+        let capacity = self.capacity();
+        buckets
+            .map
+            .retain(|_, bucket| self.refilled(*bucket, now) < capacity);
+        buckets.sweep_at = (buckets.map.len() * 2).max(SWEEP_MIN);
     }
 }
 
@@ -675,6 +892,90 @@ mod tests {
         let _b = budget.try_acquire(&key("b")).unwrap();
         assert_eq!(metrics.upstream_cursors.get(), 3);
         assert!(metrics.render().contains("streamgate_upstream_cursors 3"));
+    }
+
+    #[test]
+    fn a_refused_slot_is_retried_after_the_evict_callback_frees_one() {
+        let (budget, metrics) = budget(2, 1);
+        let mut held = vec![budget.try_acquire(&key("a")).unwrap()];
+        // The stream's own binding is in the way: that is what the callback is told.
+        let mut asked = Vec::new();
+        let refused = budget
+            .try_acquire_evicting(&key("a"), |limit| {
+                asked.push(limit);
+                false
+            })
+            .unwrap_err();
+        assert_eq!(refused.limit, CursorLimit::MaxBindingsPerStream);
+        assert_eq!(asked, [CursorLimit::MaxBindingsPerStream]);
+        // Freeing it lets the same call succeed.
+        let _a2 = budget
+            .try_acquire_evicting(&key("a"), |_| held.pop().is_some())
+            .unwrap();
+        let _b = budget.try_acquire(&key("b")).unwrap();
+        let refused = budget
+            .try_acquire_evicting(&key("c"), |limit| {
+                assert_eq!(limit, CursorLimit::MaxWorkers);
+                false
+            })
+            .unwrap_err();
+        assert_eq!(refused.limit, CursorLimit::MaxWorkers);
+        let refusals = |limit| {
+            metrics
+                .upstream_refusals
+                .get_or_create(&LimitLabel { limit })
+                .get()
+        };
+        // Only the refusals that reached the client are counted.
+        assert_eq!(refusals("max_bindings_per_stream"), 1);
+        assert_eq!(refusals("max_workers"), 1);
+    }
+
+    #[test]
+    fn new_bindings_are_a_token_bucket_per_principal() {
+        let rate = BindingRate::new(3, Counter::default());
+        let alice = PrincipalKey::User("alice".into());
+        let bob = PrincipalKey::Ip("10.0.0.1".parse().unwrap());
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            rate.take(&alice, t0).unwrap();
+        }
+        // The fourth within the minute: refused, told to come back when a token is back
+        // (3 a minute: one every 20 s).
+        let refused = rate.take(&alice, t0).unwrap_err();
+        assert_eq!((refused.per_minute, refused.retry_after_secs), (3, 20));
+        assert!(refused.to_string().contains("new_bindings_per_minute"));
+        // Another principal has its own allowance.
+        rate.take(&bob, t0).unwrap();
+        // 10 s later half a token is back: 10 s more to wait.
+        let later = t0 + std::time::Duration::from_secs(10);
+        assert_eq!(rate.take(&alice, later).unwrap_err().retry_after_secs, 10);
+        let later = t0 + std::time::Duration::from_secs(20);
+        rate.take(&alice, later).unwrap();
+        assert!(rate.take(&alice, later).is_err());
+        // A refund gives the token back.
+        rate.refund(&alice, later);
+        rate.take(&alice, later).unwrap();
+        assert_eq!(rate.refusals.get(), 3);
+        // 0: unbounded.
+        let unbounded = BindingRate::new(0, Counter::default());
+        for _ in 0..1000 {
+            unbounded.take(&alice, t0).unwrap();
+        }
+    }
+
+    #[test]
+    fn full_buckets_are_swept_so_the_map_holds_recent_principals_only() {
+        let rate = BindingRate::new(60, Counter::default());
+        let t0 = Instant::now();
+        for i in 1..SWEEP_MIN as u32 {
+            rate.take(&PrincipalKey::Ip(IpAddr::from(i.to_be_bytes())), t0)
+                .unwrap();
+        }
+        // A minute later every bucket is full again; the next take sweeps them.
+        let later = t0 + std::time::Duration::from_secs(61);
+        rate.take(&PrincipalKey::User("new".into()), later).unwrap();
+        assert_eq!(crate::sync::lock(&rate.buckets).map.len(), 1);
     }
 
     #[test]

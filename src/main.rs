@@ -141,9 +141,10 @@ async fn run(cli: Cli, config: Config) -> Result<(), String> {
             "auth is on but [[auth.rules]] is empty: no one may subscribe to any stream"
         );
     }
-    let app = streamgate::App::new(config)
+    let mut app = streamgate::App::new(config)
         .await
         .map_err(|e| e.to_string())?;
+    app.bind_metrics().await.map_err(|e| e.to_string())?;
     let listener = bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     // The bound address (port 0 in the config means "any": say which one).
     let listen = listener.local_addr().unwrap_or(listen);

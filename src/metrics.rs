@@ -225,6 +225,9 @@ pub struct Metrics {
     pub upstream_bindings_max: Gauge,
     /// Cursors refused by an upstream limit, by limit.
     pub upstream_refusals: Family<LimitLabel, Counter>,
+    /// Idle workers (no clients, lingering) closed early to give their cursor slot to a new
+    /// subscriber.
+    pub upstream_idle_evictions: Counter,
     /// Fetches of `auth.jwt.jwks_url`, by trigger and result.
     pub jwks_fetches: Family<JwksFetchLabel, Counter>,
     /// Subscriptions refused by a connection limit (429), by limit.
@@ -347,6 +350,12 @@ impl Metrics {
             "Cursors refused by an upstream limit (answered 503)",
             upstream_refusals.clone(),
         );
+        let upstream_idle_evictions = Counter::default();
+        registry.register(
+            "upstream_idle_evictions",
+            "Idle workers (no clients, lingering) closed early to give their cursor slot to a new subscriber",
+            upstream_idle_evictions.clone(),
+        );
         let jwks_fetches = Family::<JwksFetchLabel, Counter>::default();
         registry.register(
             "jwks_fetches",
@@ -391,7 +400,13 @@ impl Metrics {
         );
         // Every known label value exists from the start (at 0), so a dashboard's rate() has a
         // series before the first refusal or the first client of a transport.
-        for limit in ["max_connections", "per_stream", "per_user", "per_ip"] {
+        for limit in [
+            "max_connections",
+            "per_stream",
+            "per_user",
+            "per_ip",
+            "new_bindings_per_minute",
+        ] {
             let _ = connection_refusals.get_or_create(&LimitLabel { limit });
         }
         for limit in ["max_workers", "max_bindings_per_stream"] {
@@ -430,6 +445,7 @@ impl Metrics {
             upstream_cursors,
             upstream_bindings_max,
             upstream_refusals,
+            upstream_idle_evictions,
         }
     }
 

@@ -7,9 +7,10 @@
 //! |---|---|
 //! | `GET /{db}/{coll}/_streams/{name}` (SSE, WebSocket, NDJSON; `.json` document view) | [`crate::http::subscribe`] |
 //! | `GET /_streams?streams=…` (many streams on one connection) | [`crate::http::multi`] |
-//! | `GET /health/live`, `GET /health/ready`, `GET /metrics` | [`crate::http::health`] |
+//! | `GET /health/live`, `GET /health/ready`, `GET /metrics` (or on `metrics_listen`: [`metrics_router`]) | [`crate::http::health`] |
 //! | `/_admin/streams…`, `/_admin/rules…`, `GET /_admin/openapi.json`, `/_admin/stats`, `/_admin/ui` | [`crate::admin`] |
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -20,16 +21,20 @@ use tower_http::trace::TraceLayer;
 
 use crate::http::{self, AppState};
 
-/// Builds the router.
-pub fn router(state: AppState) -> Router {
+/// Builds the router for the main listener, bound to `local`.
+pub fn router(state: AppState, local: SocketAddr) -> Router {
     // Request tracing wraps every body frame in a span; that is noise (and 2.7% of CPU at
     // saturation) for long-lived streams, so the stream route is left out of it.
-    let traced = Router::new()
+    let mut traced = Router::new()
         .route("/health/live", get(http::health::live))
-        .route("/health/ready", get(http::health::ready))
-        .route("/metrics", get(http::health::metrics))
+        .route("/health/ready", get(http::health::ready));
+    if state.config.metrics_listen.is_none() {
+        traced = traced.route("/metrics", get(http::health::metrics));
+    }
+    let traced = traced
         .merge(crate::admin::routes(state.config.admin.body_limit))
         .layer(TraceLayer::new_for_http());
+    let hosts = host_guard(&state, local);
     Router::new()
         .route(
             "/{db}/{coll}/_streams/{name}",
@@ -51,10 +56,43 @@ pub fn router(state: AppState) -> Router {
         // Outside the guard: preflights are answered without a credential, and 401/403
         // carry CORS headers so the browser lets the page read them.
         .layer(option_layer(crate::auth::cors::layer(&state.config.cors)))
+        // Before anything answers: no credentials means no answers for a rebound name.
+        .layer(option_layer(hosts.map(|allowed| {
+            middleware::from_fn_with_state(allowed, http::host::guard)
+        })))
         // Outermost: the client's address (behind trusted proxies) for limits and logs.
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state.trusted),
             crate::auth::proxy::client_addr,
         ))
         .with_state(state)
+}
+
+/// The router of the `metrics_listen` address, bound to `local`: `GET /metrics` only, behind
+/// the same authentication (`auth.metrics_role`) and Host guard as the main one.
+pub fn metrics_router(state: AppState, local: SocketAddr) -> Router {
+    let hosts = host_guard(&state, local);
+    Router::new()
+        .route("/metrics", get(http::health::metrics))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state.auth),
+            http::guard::guard,
+        ))
+        .layer(option_layer(hosts.map(|allowed| {
+            middleware::from_fn_with_state(allowed, http::host::guard)
+        })))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state.trusted),
+            crate::auth::proxy::client_addr,
+        ))
+        .with_state(state)
+}
+
+/// The DNS-rebinding guard (`http::host`) where it applies to a listener bound to `local`.
+fn host_guard(state: &AppState, local: SocketAddr) -> Option<Arc<http::host::AllowedHosts>> {
+    http::host::AllowedHosts::for_listener(
+        &state.config.allowed_hosts,
+        local.ip().is_loopback(),
+        state.config.auth.enabled,
+    )
 }

@@ -74,6 +74,30 @@ impl Principal {
         self.roles.iter().any(|r| r == role)
     }
 
+    /// Who this principal is for `limits.per_user` and `limits.new_bindings_per_minute`: its
+    /// subject (JWT `sub`, API key `name`); for a token without one, `claims:` and the SHA-256
+    /// of its claims minus those that change with every token (`exp`, `iat`, `nbf`, `jti`,
+    /// `auth_time`), so every token an issuer gives the same holder has the same key, and a
+    /// token without `sub` is limited like any other (PROTOCOL.md §9).
+    pub fn limit_key(&self) -> String {
+        if !self.subject.is_empty() {
+            return self.subject.clone();
+        }
+        const PER_TOKEN: [&str; 5] = ["exp", "iat", "nbf", "jti", "auth_time"];
+        let mut digest = Sha256::new();
+        let mut keys: Vec<&String> = self
+            .claims
+            .keys()
+            .filter(|k| !PER_TOKEN.contains(&k.as_str()))
+            .collect();
+        keys.sort();
+        for key in keys {
+            canonical(&Value::String(key.clone()), &mut digest);
+            canonical(&self.claims[key], &mut digest);
+        }
+        format!("claims:{}", hex::encode(digest.finalize()))
+    }
+
     /// `expires_at` on tokio's clock, for the feed's revocation timer.
     pub fn deadline(&self) -> Option<tokio::time::Instant> {
         let expires_at = self.expires_at?;
@@ -81,6 +105,34 @@ impl Principal {
             .duration_since(SystemTime::now())
             .unwrap_or_default();
         Some(tokio::time::Instant::now() + left)
+    }
+}
+
+/// Feeds `value` to `digest` as JSON with object keys sorted, so equal claims hash equally
+/// whatever order the token wrote them in.
+fn canonical(value: &Value, digest: &mut Sha256) {
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            digest.update(b"{");
+            for key in keys {
+                canonical(&Value::String(key.clone()), digest);
+                digest.update(b":");
+                canonical(&map[key], digest);
+                digest.update(b",");
+            }
+            digest.update(b"}");
+        }
+        Value::Array(items) => {
+            digest.update(b"[");
+            for item in items {
+                canonical(item, digest);
+                digest.update(b",");
+            }
+            digest.update(b"]");
+        }
+        other => digest.update(other.to_string().as_bytes()),
     }
 }
 
@@ -119,6 +171,8 @@ pub struct Authenticator {
     api_keys: Vec<ApiKey>,
     cookie_name: String,
     admin_role: String,
+    /// `auth.metrics_role`: required for `/metrics` when set (and auth is on).
+    metrics_role: Option<String>,
     /// Rules of the config file: never change.
     rules: Rules,
     /// Rules stored in MongoDB (`/_admin/rules`), replaced whole by [`store::RuleStore`] on
@@ -155,6 +209,7 @@ impl Authenticator {
             api_keys,
             cookie_name: config.cookie_name.clone(),
             admin_role: config.admin_role.clone(),
+            metrics_role: config.metrics_role.clone().filter(|role| !role.is_empty()),
             rules: Rules::new(rules),
             stored: watch::channel(Arc::new(Rules::default())).0,
         })
@@ -311,6 +366,21 @@ impl Authenticator {
         }
     }
 
+    /// Whether `/metrics` needs a credential (auth on and `auth.metrics_role` set).
+    pub fn guards_metrics(&self) -> bool {
+        self.enabled && self.metrics_role.is_some()
+    }
+
+    /// May this principal read `/metrics`? Yes unless `auth.metrics_role` is set and missing.
+    pub fn authorize_metrics(&self, principal: &Principal) -> Result<(), AuthError> {
+        match &self.metrics_role {
+            Some(role) if !principal.has_role(role) => Err(AuthError::Forbidden(format!(
+                "/metrics needs the {role:?} role"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// May this principal use `/_admin`?
     pub fn authorize_admin(&self, principal: &Principal) -> Result<(), AuthError> {
         if principal.has_role(&self.admin_role) {
@@ -431,6 +501,41 @@ mod tests {
     use super::*;
     use axum::http::HeaderValue;
     use futures::FutureExt;
+
+    fn claimed(subject: &str, claims: Value) -> Principal {
+        Principal {
+            subject: subject.into(),
+            roles: Vec::new(),
+            claims: claims.as_object().cloned().unwrap_or_default(),
+            expires_at: None,
+        }
+    }
+
+    #[test]
+    fn a_token_without_sub_is_keyed_by_its_lasting_claims() {
+        use serde_json::json;
+        assert_eq!(
+            claimed("alice", json!({ "sub": "alice" })).limit_key(),
+            "alice"
+        );
+        let key = |claims| claimed("", claims).limit_key();
+        let first =
+            key(json!({ "client_id": "svc", "scope": { "a": 1, "b": [2] }, "exp": 1, "iat": 1 }));
+        assert!(first.starts_with("claims:"), "{first}");
+        // Another token of the same holder: other times, another order.
+        let again = key(
+            json!({ "iat": 9, "scope": { "b": [2], "a": 1 }, "jti": "x", "exp": 2, "client_id": "svc" }),
+        );
+        assert_eq!(first, again);
+        assert_ne!(
+            first,
+            key(json!({ "client_id": "other", "scope": { "a": 1, "b": [2] } }))
+        );
+        assert_ne!(
+            first,
+            key(json!({ "client_id": "svc", "scope": { "a": 1, "b": [3] } }))
+        );
+    }
 
     #[test]
     fn credential_sources() {

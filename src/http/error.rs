@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::auth::AuthError;
 use crate::auth::resume::ResumeRefused;
-use crate::limits::{ConnectionRefused, UpstreamLimit};
+use crate::limits::{BindingsRefused, ConnectionRefused, UpstreamLimit};
 use crate::snapshot::SnapshotError;
 use crate::streams::definition::DefinitionError;
 use crate::streams::{StoreError, SubscribeFailure};
@@ -180,6 +180,7 @@ impl From<SubscribeFailure> for ApiError {
             SubscribeFailure::Filter(error) => {
                 ApiError::new(StatusCode::FORBIDDEN, "Forbidden", error.to_string())
             }
+            SubscribeFailure::Bindings(refused) => refused.into(),
         }
     }
 }
@@ -206,6 +207,19 @@ impl From<ConnectionRefused> for ApiError {
             refused.to_string(),
         )
         .limit(refused.limit.as_str(), refused.retry_after_secs)
+    }
+}
+
+impl From<BindingsRefused> for ApiError {
+    /// 429 (this client, not the server, is over) with `Retry-After` until one more binding
+    /// is allowed, and `limit` naming `new_bindings_per_minute`.
+    fn from(refused: BindingsRefused) -> ApiError {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too Many Requests",
+            refused.to_string(),
+        )
+        .limit(BindingsRefused::LIMIT, refused.retry_after_secs)
     }
 }
 

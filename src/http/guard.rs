@@ -13,8 +13,12 @@ use super::error::ApiError;
 use crate::auth::Authenticator;
 use crate::auth::proxy::ClientAddr;
 
-/// Paths served without a credential: probes and Prometheus scrapes (no stream data).
+/// Paths served without a credential: probes and Prometheus scrapes (no stream data; but
+/// `/metrics` names the running streams, so `auth.metrics_role` can require a role for it).
 const PUBLIC_PATHS: &[&str] = &["/health/live", "/health/ready", "/metrics"];
+
+/// The metrics path (see [`Authenticator::guards_metrics`]).
+const METRICS_PATH: &str = "/metrics";
 
 /// `?access_token=` of any request.
 #[derive(Deserialize)]
@@ -37,7 +41,8 @@ pub async fn guard(
     next: Next,
 ) -> Response {
     let path = request.uri().path();
-    if !auth.enabled() || PUBLIC_PATHS.contains(&path) {
+    let metrics = path == METRICS_PATH && auth.guards_metrics();
+    if !auth.enabled() || (PUBLIC_PATHS.contains(&path) && !metrics) {
         return next.run(request).await;
     }
     let admin = path == "/_admin" || path.starts_with("/_admin/");
@@ -59,6 +64,9 @@ pub async fn guard(
         }
     };
     if admin && let Err(error) = auth.authorize_admin(&principal) {
+        return ApiError::from(error).into_response();
+    }
+    if metrics && let Err(error) = auth.authorize_metrics(&principal) {
         return ApiError::from(error).into_response();
     }
     request.extensions_mut().insert(principal);

@@ -20,6 +20,7 @@ pub mod error;
 pub mod feed;
 pub mod guard;
 pub mod health;
+pub mod host;
 pub mod multi;
 pub mod ndjson;
 pub mod negotiate;

@@ -64,7 +64,7 @@ use crate::http::error::ApiError;
 use crate::limits::Permit;
 use crate::metrics::{ClientGauge, Metrics};
 use crate::snapshot::{Lease, Mode, Prelude};
-use crate::streams::StreamKey;
+use crate::streams::{Requester, StreamKey};
 use crate::worker::{Subscription, Worker};
 
 /// Version byte of the composite position.
@@ -242,13 +242,10 @@ impl Opener {
                 ApiError::not_found("no stream is defined here"),
             ));
         }
+        let user = self.principal.as_ref().map(Principal::limit_key);
         let permit = state
             .limits
-            .try_acquire(
-                key,
-                self.principal.as_ref().map(|p| p.subject.as_str()),
-                self.ip,
-            )
+            .try_acquire(key, user.as_deref(), self.ip)
             .map_err(|exceeded| naming(key, state.limits.refusal(exceeded)))?;
         // A well-formed id that cannot be a position of this collection: 400, naming the stream.
         if let Some(token) = &start {
@@ -259,7 +256,11 @@ impl Opener {
                 .map_err(|e| naming(key, e))?;
             crate::snapshot::check_id(token).map_err(|e| naming(key, e))?;
         }
-        let claims = self.principal.as_ref().map(|p| &p.claims);
+        let who = super::subscribe::principal_key(user, self.ip);
+        let requester = Requester {
+            claims: self.principal.as_ref().map(|p| &p.claims),
+            principal: who.as_ref(),
+        };
         let snapshot = super::subscribe::snapshot_wanted(state, key, self.snapshot);
         let rewind = rewind && start.is_none() && !snapshot;
         let (mut subscription, prelude) = if snapshot {
@@ -270,7 +271,7 @@ impl Opener {
                     key,
                     self.avars.as_deref(),
                     start,
-                    claims,
+                    requester,
                     Mode::Events,
                     &self.lease,
                 )
@@ -279,7 +280,7 @@ impl Opener {
         } else {
             let subscription = state
                 .registry
-                .subscribe(key, self.avars.as_deref(), start, claims)
+                .subscribe(key, self.avars.as_deref(), start, requester)
                 .await
                 .map_err(|e| naming(key, e))?;
             (subscription, None)

@@ -25,8 +25,9 @@ use crate::auth::proxy::ClientAddr;
 use crate::auth::{Principal, cors};
 use crate::event::Token;
 use crate::http::error::ApiError;
+use crate::limits::PrincipalKey;
 use crate::snapshot::Mode;
-use crate::streams::StreamKey;
+use crate::streams::{Requester, StreamKey};
 
 /// Largest WebSocket message we read from a client (they have nothing to say).
 const WS_MAX_INCOMING: usize = 4096;
@@ -126,13 +127,10 @@ pub async fn subscribe(
         caller.upgrade,
     )?;
     // The slot is held by the feed for the life of the stream (freed on drop).
+    let user = principal.as_ref().map(Principal::limit_key);
     let permit = state
         .limits
-        .try_acquire(
-            &key,
-            principal.as_ref().map(|p| p.subject.as_str()),
-            caller.ip,
-        )
+        .try_acquire(&key, user.as_deref(), caller.ip)
         .map_err(|exceeded| {
             state
                 .metrics
@@ -146,11 +144,16 @@ pub async fn subscribe(
 
     // Per-user document filtering: the authenticated claims (`None` with auth off).
     let claims = principal.as_ref().map(|p| &p.claims);
+    let who = principal_key(user, caller.ip);
+    let requester = Requester {
+        claims,
+        principal: who.as_ref(),
+    };
     let (subscription, prelude) = match mode {
         None => (
             state
                 .registry
-                .subscribe(&key, params.avars.as_deref(), resume, claims)
+                .subscribe(&key, params.avars.as_deref(), resume, requester)
                 .await?,
             None,
         ),
@@ -167,7 +170,7 @@ pub async fn subscribe(
                     &key,
                     params.avars.as_deref(),
                     resume,
-                    claims,
+                    requester,
                     mode,
                     &lease,
                 )
@@ -222,6 +225,16 @@ pub async fn subscribe(
             })
         }
     })
+}
+
+/// Who new bindings count against (`limits.new_bindings_per_minute`): the authenticated
+/// principal's limit key (`user`), else the client's address.
+pub(super) fn principal_key(user: Option<String>, ip: Option<IpAddr>) -> Option<PrincipalKey> {
+    match (user, ip) {
+        (Some(user), _) => Some(PrincipalKey::User(user)),
+        (None, Some(ip)) => Some(PrincipalKey::Ip(ip)),
+        (None, None) => None,
+    }
 }
 
 /// Whether the client starts with a snapshot, and in which form; the document view is SSE only.

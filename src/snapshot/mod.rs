@@ -54,7 +54,7 @@ use crate::event::{Event, EventKind, Token};
 use crate::limits::{ConnectionRefused, Limits, Permit};
 use crate::metrics::Metrics;
 use crate::streams::registry::SubscribeFailure;
-use crate::streams::{Registry, StreamKey};
+use crate::streams::{Registry, Requester, StreamKey};
 use crate::worker::Subscription;
 
 /// How long the first read of a snapshot (before the response) waits for a scan slot
@@ -127,7 +127,7 @@ impl Snapshots {
         key: &StreamKey,
         avars: Option<&str>,
         resume: Option<Token>,
-        claims: Option<&serde_json::Map<String, serde_json::Value>>,
+        requester: Requester<'_>,
         mode: Mode,
         lease: &Lease,
     ) -> Result<(Subscription, Option<Prelude>), SnapshotError> {
@@ -137,7 +137,9 @@ impl Snapshots {
         };
         if let Some(resume) = resume.filter(|_| snapshot_resume.is_none()) {
             return Ok((
-                registry.subscribe(key, avars, Some(resume), claims).await?,
+                registry
+                    .subscribe(key, avars, Some(resume), requester)
+                    .await?,
                 None,
             ));
         }
@@ -146,7 +148,7 @@ impl Snapshots {
             .limits
             .try_acquire_snapshot(lease.user.as_deref(), lease.ip)
             .map_err(|exceeded| SnapshotError::Limit(lease.limits.refusal(exceeded)))?;
-        let (guard, filter) = registry.attach(key, avars, claims).await?;
+        let (guard, filter) = registry.attach(key, avars, requester).await?;
         let worker = Arc::clone(guard.worker());
         // The document view's `put` is one event: a partial snapshot cannot be resumed there.
         let from = snapshot_resume.filter(|_| mode == Mode::Events);

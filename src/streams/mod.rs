@@ -6,5 +6,5 @@ pub mod registry;
 pub mod store;
 
 pub use definition::{StreamDefinition, StreamKey};
-pub use registry::{Applied, Origin, Registry, Removed, StreamEntry, SubscribeFailure};
+pub use registry::{Applied, Origin, Registry, Removed, Requester, StreamEntry, SubscribeFailure};
 pub use store::{Put, Store, StoreError};

@@ -4,17 +4,34 @@
 //! subscribe looks up the definition, binds its variables, and finds or starts the one worker
 //! for that (stream, revision, variables). Replacing or deleting a definition ends its workers
 //! with a `cancel` event; clients reconnect and land on the new revision.
+//!
+//! # The cursor budget serves the living
+//!
+//! A new worker needs a slot of the [`CursorBudget`]. When none is free, the registry closes
+//! the longest-idle worker that has no clients (lingering after its last one left) and gives
+//! its slot to the new one: for `max_bindings_per_stream`, one of the same stream; for
+//! `max_workers`, any. This happens under the worker-map lock, where client counts go up, so a
+//! worker with a client is never closed and a client re-attaching to a lingering worker either
+//! finds it (and keeps it) or finds it gone (and starts a fresh one, resuming from its
+//! position). Only when every slot is held by a worker with clients is the subscriber refused.
+//! A catch-up cursor (`worker::catchup`) short of a `max_workers` slot asks the registry the
+//! same way ([`Owner::free_idle_slot`]).
+//! A new binding of `$var` values that need their own cursor is also counted against its
+//! principal (`limits.new_bindings_per_minute`), so that one client cannot churn through the
+//! budget closing everybody's lingering workers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::definition::{AvarsError, CompiledDefinition, StreamKey, parse_avars};
 use crate::event::{Event, EventKind, Token};
-use crate::limits::{CursorBudget, UpstreamLimit};
+use crate::limits::{
+    BindingsRefused, CursorBudget, CursorLimit, CursorPermit, PrincipalKey, UpstreamLimit,
+};
 use crate::metrics::Metrics;
 use crate::routing::{ClientFilter, FilterError};
 use crate::worker::subscription::SubscribeError;
@@ -92,6 +109,28 @@ pub enum SubscribeFailure {
     /// A new cursor would exceed `limits.max_workers` or `limits.max_bindings_per_stream`.
     #[error(transparent)]
     Upstream(#[from] UpstreamLimit),
+    /// A new binding would exceed the principal's `limits.new_bindings_per_minute`.
+    #[error(transparent)]
+    Bindings(#[from] BindingsRefused),
+}
+
+/// Who subscribes, as far as the registry cares.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Requester<'a> {
+    /// The verified token claims, for `match` rules (`None` with auth off).
+    pub claims: Option<&'a serde_json::Map<String, serde_json::Value>>,
+    /// Who a new binding is counted against (`limits.new_bindings_per_minute`); `None`: nobody.
+    pub principal: Option<&'a PrincipalKey>,
+}
+
+/// A requester known by its claims only (counted against nobody).
+impl<'a> From<Option<&'a serde_json::Map<String, serde_json::Value>>> for Requester<'a> {
+    fn from(claims: Option<&'a serde_json::Map<String, serde_json::Value>>) -> Requester<'a> {
+        Requester {
+            claims,
+            principal: None,
+        }
+    }
 }
 
 /// The running workers by key. Guarded by a plain mutex: every critical section is a
@@ -120,6 +159,36 @@ impl Owner for Workers {
             map.remove(&worker.key);
         }
     }
+
+    fn free_idle_slot(&self) -> bool {
+        let mut map = lock(&self.map);
+        evict_longest_idle(&mut map, None)
+    }
+}
+
+/// Closes the worker without clients that has been idle longest (of `stream`, if given), under
+/// the worker-map lock (`map`), and frees its cursor slot; returns whether there was one. Its
+/// client count is read under that lock, where counts go up, so it stays 0 until the lock goes.
+fn evict_longest_idle(
+    map: &mut HashMap<WorkerKey, Arc<Worker>>,
+    stream: Option<&StreamKey>,
+) -> bool {
+    let now = Instant::now();
+    let idle = map
+        .values()
+        .filter(|worker| worker.client_count() == 0)
+        .filter(|worker| stream.is_none_or(|stream| &worker.key.stream == stream))
+        .min_by_key(|worker| worker.idle_since().unwrap_or(now))
+        .cloned();
+    let Some(idle) = idle else {
+        return false;
+    };
+    map.remove(&idle.key);
+    // Dropped here: the slot is free before the caller tries again.
+    if let Some(permit) = idle.evict() {
+        permit.evicted();
+    }
+    true
 }
 
 /// Definitions and workers.
@@ -277,15 +346,16 @@ impl Registry {
     }
 
     /// Subscribes a client: finds or starts the worker, then attaches (resuming after `resume`).
-    /// `claims` are the client's verified token claims, used by `match` rules.
+    /// The requester's claims are used by `match` rules; a new binding counts against its
+    /// principal.
     pub async fn subscribe(
         &self,
         key: &StreamKey,
         avars: Option<&str>,
         resume: Option<Token>,
-        claims: Option<&serde_json::Map<String, serde_json::Value>>,
+        requester: Requester<'_>,
     ) -> Result<Subscription, SubscribeFailure> {
-        let (guard, filter) = self.attach(key, avars, claims).await?;
+        let (guard, filter) = self.attach(key, avars, requester).await?;
         Ok(Subscription::start(guard, resume, filter).await?)
     }
 
@@ -296,7 +366,7 @@ impl Registry {
         &self,
         key: &StreamKey,
         avars: Option<&str>,
-        claims: Option<&serde_json::Map<String, serde_json::Value>>,
+        requester: Requester<'_>,
     ) -> Result<(ClientGuard, Option<Arc<ClientFilter>>), SubscribeFailure> {
         let avars = parse_avars(avars)?;
         let (guard, filter) = loop {
@@ -304,7 +374,8 @@ impl Registry {
                 .get(key)
                 .ok_or_else(|| SubscribeFailure::NotFound(key.clone()))?;
             let binding = entry.definition.bind(key, &avars)?;
-            let filter = ClientFilter::build(&binding.spec.routing, claims, &binding.routed)?;
+            let filter =
+                ClientFilter::build(&binding.spec.routing, requester.claims, &binding.routed)?;
             let spec = binding.spec;
             let worker_key = WorkerKey {
                 stream: key.clone(),
@@ -324,8 +395,12 @@ impl Registry {
             let worker = match existing {
                 Some(worker) => worker,
                 None => {
+                    // Variables kept in the pipeline: a binding the client chose, which is
+                    // what a churning client would multiply.
+                    let chosen = worker_key.vars != "{}";
+                    let principal = requester.principal.filter(|_| chosen);
                     // The worker holds its cursor slot for as long as it lives.
-                    let permit = self.context.budget.try_acquire(key)?;
+                    let permit = self.new_worker_slot(&mut map, key, principal)?;
                     let worker = Worker::new(
                         worker_key.clone(),
                         spec,
@@ -346,6 +421,32 @@ impl Registry {
             return Err(SubscribeFailure::NotReady);
         }
         Ok((guard, filter))
+    }
+
+    /// A cursor slot for a new worker of `key`, taken under the worker-map lock (`map`): a
+    /// free one, else the slot of the longest-idle worker that could make room (see the module
+    /// doc). A new binding takes one of `principal`'s first, given back if no slot is found.
+    fn new_worker_slot(
+        &self,
+        map: &mut HashMap<WorkerKey, Arc<Worker>>,
+        key: &StreamKey,
+        principal: Option<&PrincipalKey>,
+    ) -> Result<CursorPermit, SubscribeFailure> {
+        let budget = &self.context.budget;
+        if let Some(principal) = principal {
+            budget.take_binding(principal)?;
+        }
+        let slot = budget.try_acquire_evicting(key, |limit| {
+            // For the stream's own limit only one of its workers can make room.
+            let stream = (limit == CursorLimit::MaxBindingsPerStream).then_some(key);
+            evict_longest_idle(map, stream)
+        });
+        if slot.is_err()
+            && let Some(principal) = principal
+        {
+            budget.refund_binding(principal);
+        }
+        Ok(slot?)
     }
 }
 

@@ -371,10 +371,12 @@ impl Worker {
         if running.iter().filter(|c| c.is_active()).count() >= MAX_CATCH_UPS_PER_WORKER {
             return Err(NoCatchUp::Busy);
         }
+        // A worker without clients holds its slot only until someone needs it (`registry`).
+        let owner = &self.context.owner;
         let permit = self
             .context
             .budget
-            .try_acquire_catch_up()
+            .try_acquire_catch_up_evicting(|| owner.free_idle_slot())
             .map_err(NoCatchUp::Budget)?;
         let catch_up = CatchUp::new(after.clone());
         let reader = catch_up.reader(after);

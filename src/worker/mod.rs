@@ -18,7 +18,9 @@
 //! * On a resumable MongoDB error the [`source::ChangeSource`] reopens the cursor from its last
 //!   position with backoff; clients see nothing.
 //! * The worker stops itself `linger` after its last client leaves, handing itself back to its
-//!   [`Owner`] (the registry), which decides under its own lock.
+//!   [`Owner`] (the registry), which decides under its own lock. Until then its cursor slot is
+//!   on loan: the registry may `Worker::evict` it, under the same lock, for a new
+//!   subscriber the budget would otherwise refuse.
 
 pub(crate) mod catchup;
 mod cursor;
@@ -30,7 +32,7 @@ pub mod subscription;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -172,6 +174,9 @@ pub trait Owner: Send + Sync {
     fn retire_if_idle(&self, worker: &Arc<Worker>) -> bool;
     /// Forgets `worker` whatever its clients (it ended).
     fn unregister(&self, worker: &Arc<Worker>);
+    /// Closes the longest-idle worker without clients, freeing its slot of `max_workers` for
+    /// a catch-up cursor; returns whether there was one.
+    fn free_idle_slot(&self) -> bool;
 }
 
 pub(crate) use crate::sync::lock;
@@ -215,8 +220,13 @@ pub struct Worker {
     cancel: CancellationToken,
     /// Counters.
     pub stats: WorkerStats,
-    /// This worker's cursor slot, freed when the worker is dropped.
-    _permit: CursorPermit,
+    /// Since when the worker has had no clients (`None` while it has some): the registry
+    /// evicts the longest-idle worker first. Only an ordering hint: whether a worker may be
+    /// evicted is decided by `clients`, under the owner's lock.
+    idle_since: Mutex<Option<Instant>>,
+    /// This worker's cursor slot, freed when the worker is dropped, or taken by
+    /// [`evict`](Self::evict) so that a new worker can have it at once.
+    permit: Mutex<Option<CursorPermit>>,
 }
 
 impl Worker {
@@ -239,13 +249,14 @@ impl Worker {
             state,
             clients: AtomicUsize::new(0),
             idle: Notify::new(),
+            idle_since: Mutex::new(None),
             cancel: parent_cancel.child_token(),
             // A new worker opens "from now": it is not behind until time passes unread.
             stats: WorkerStats {
                 read_through_ms: AtomicU64::new(now_ms()),
                 ..WorkerStats::default()
             },
-            _permit: permit,
+            permit: Mutex::new(Some(permit)),
         })
     }
 
@@ -306,13 +317,33 @@ impl Worker {
     /// Counts a new client. Call only while holding the [`Owner`]'s lock.
     pub(crate) fn add_client(&self) {
         self.clients.fetch_add(1, Ordering::AcqRel);
+        *lock(&self.idle_since) = None;
     }
 
     /// Uncounts a client; wakes the idle check when it was the last.
     pub(crate) fn remove_client(&self) {
         if self.clients.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *lock(&self.idle_since) = Some(Instant::now());
             self.idle.notify_one();
         }
+    }
+
+    /// Since when the worker has had no clients (`None`: it has some, or never had one).
+    pub fn idle_since(&self) -> Option<Instant> {
+        *lock(&self.idle_since)
+    }
+
+    /// Closes a worker that has no clients and hands back its cursor slot, so that the caller
+    /// can give it to a new worker at once (the cursor itself closes as the worker's task sees
+    /// the cancellation, a moment later). Call only while holding the [`Owner`]'s lock, after
+    /// checking that [`client_count`](Self::client_count) is 0 and removing the worker from
+    /// the owner's map: client counts go up only under that lock, so no client can be
+    /// attached to it, and none can find it afterwards (invariant 4).
+    pub(crate) fn evict(&self) -> Option<CursorPermit> {
+        // Debug: under binding churn this is one line per new binding (the metric counts them).
+        tracing::debug!(stream = %self.key.stream, vars = %self.key.vars, "idle worker closed to free its cursor slot");
+        self.cancel.cancel();
+        lock(&self.permit).take()
     }
 
     /// Waits until the worker can serve clients: its first cursor is open, or it ended with an
@@ -457,6 +488,9 @@ impl Owner for NoOwner {
         worker.client_count() == 0
     }
     fn unregister(&self, _: &Arc<Worker>) {}
+    fn free_idle_slot(&self) -> bool {
+        false
+    }
 }
 
 /// A worker that is never spawned, on an unreachable MongoDB: unit tests publish into it.

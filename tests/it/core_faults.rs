@@ -68,7 +68,8 @@ async fn stalled_sse(addr: std::net::SocketAddr, path: &str) -> (tokio::net::Tcp
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stream = socket.connect(addr).await.unwrap();
     // HTTP/1.0: the body is close-delimited, so the raw bytes are the SSE text.
-    let request = format!("GET {path} HTTP/1.0\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n");
+    let request =
+        format!("GET {path} HTTP/1.0\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut head = Vec::new();
     let mut chunk = [0u8; 1024];
@@ -322,7 +323,7 @@ async fn a_first_subscribe_waits_out_an_outage_instead_of_failing_at_once() {
     let started = std::time::Instant::now();
     let subscribe = tokio::spawn(async move {
         registry
-            .subscribe(&key, None, None, None)
+            .subscribe(&key, None, None, Default::default())
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
@@ -355,7 +356,9 @@ async fn a_subscribe_abandoned_while_the_cursor_opens_leaves_no_client_behind() 
     let registry = f.server.registry.clone();
     let key = f.key();
     let attempt = tokio::spawn(async move {
-        let _ = registry.subscribe(&key, None, None, None).await;
+        let _ = registry
+            .subscribe(&key, None, None, Default::default())
+            .await;
     });
     eventually("the worker started", WAIT, async || {
         !f.server.registry.workers_of(&f.key()).is_empty()

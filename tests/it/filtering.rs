@@ -33,7 +33,7 @@ async fn tenants_on_one_cursor_only_see_their_documents() {
         let key = key.clone();
         async move {
             registry
-                .subscribe(&key, None, None, Some(&claims(tenant)))
+                .subscribe(&key, None, None, Some(&claims(tenant)).into())
                 .await
                 .unwrap()
         }
@@ -130,7 +130,7 @@ async fn filtered_resume_from_catch_up_skips_other_tenants() {
 
     let mut a = server
         .registry
-        .subscribe(&key, None, None, Some(&claims(json!("A"))))
+        .subscribe(&key, None, None, Some(&claims(json!("A"))).into())
         .await
         .unwrap();
     coll.insert_one(doc! { "seq": 0, "tenantId": "A" })
@@ -147,7 +147,12 @@ async fn filtered_resume_from_catch_up_skips_other_tenants() {
     }
     let mut resumed = server
         .registry
-        .subscribe(&key, None, Some(resume_from), Some(&claims(json!("A"))))
+        .subscribe(
+            &key,
+            None,
+            Some(resume_from),
+            Some(&claims(json!("A"))).into(),
+        )
         .await
         .unwrap();
     let mut seqs = Vec::new();
@@ -176,7 +181,7 @@ async fn filtered_stream_needs_claims() {
     assert!(matches!(
         server
             .registry
-            .subscribe(&key, None, None, Some(&no_tenant))
+            .subscribe(&key, None, None, Some(&no_tenant).into())
             .await,
         Err(SubscribeFailure::Filter(_))
     ));
@@ -210,7 +215,7 @@ async fn deletes_reach_the_owning_tenant_by_pre_image_and_nobody_else() {
         let claims = claims(json!(tenant));
         async move {
             registry
-                .subscribe(&key, None, None, Some(&claims))
+                .subscribe(&key, None, None, Some(&claims).into())
                 .await
                 .unwrap()
         }

@@ -61,7 +61,7 @@ async fn connect_small(addr: SocketAddr, rcvbuf: u32) -> TcpStream {
 
 /// A subscribe request head for `path` accepting `accept`, with `extra` header lines.
 fn head(path: &str, accept: &str, extra: &str) -> String {
-    format!("GET {path} HTTP/1.1\r\nHost: gate\r\nAccept: {accept}\r\n{extra}\r\n")
+    format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nAccept: {accept}\r\n{extra}\r\n")
 }
 
 /// Reads up to the end of the response head; returns it and whatever body bytes came with it.
@@ -247,7 +247,7 @@ async fn slow_heads_and_idle_connections_are_closed() {
     let mut half = Vec::new();
     for _ in 0..500 {
         let mut tcp = TcpStream::connect(addr).await.unwrap();
-        tcp.write_all(b"GET /health/live HTTP/1.1\r\nHost: gate\r\n")
+        tcp.write_all(b"GET /health/live HTTP/1.1\r\nHost: localhost\r\n")
             .await
             .unwrap();
         half.push(tcp);
@@ -275,7 +275,7 @@ async fn slow_heads_and_idle_connections_are_closed() {
 
     // A kept-alive connection: one request, then silence.
     let mut kept = TcpStream::connect(addr).await.unwrap();
-    kept.write_all(b"GET /health/live HTTP/1.1\r\nHost: gate\r\n\r\n")
+    kept.write_all(b"GET /health/live HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
     let (status, _) = read_head(&mut kept).await;
@@ -640,8 +640,8 @@ async fn oversized_heads() {
 #[tokio::test]
 async fn pipelined_bytes_after_the_head() {
     let f = Fixture::start("edge_pipelined", |_| {}).await;
-    let request =
-        head(&f.path, "text/event-stream", "") + "GET /health/live HTTP/1.1\r\nHost: gate\r\n\r\n";
+    let request = head(&f.path, "text/event-stream", "")
+        + "GET /health/live HTTP/1.1\r\nHost: localhost\r\n\r\n";
     let mut response = Raw::send(f.server.addr, request.as_bytes()).await;
     assert!(
         response.head.starts_with("HTTP/1.1 200"),
@@ -692,7 +692,7 @@ async fn half_close_releases_the_client() {
 async fn http_1_0_streams_without_chunked() {
     let f = Fixture::start("edge_http10", |_| {}).await;
     let request = format!(
-        "GET {} HTTP/1.0\r\nHost: gate\r\nAccept: text/event-stream\r\n\r\n",
+        "GET {} HTTP/1.0\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n",
         f.path
     );
     let mut response = Raw::send(f.server.addr, request.as_bytes()).await;

@@ -40,6 +40,8 @@ pub struct TestServer {
     pub registry: Arc<Registry>,
     /// Its metrics.
     pub metrics: Arc<Metrics>,
+    /// Where it serves `/metrics` when `metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     /// Panics charged to this server: checked on `stop()` and on drop (see `harness::panics`).
@@ -58,7 +60,8 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         // Before anything of the server runs, so no panic of it escapes the record.
         let panics = Watch::start();
-        let app = streamgate::App::new(config).await.unwrap();
+        let mut app = streamgate::App::new(config).await.unwrap();
+        let metrics_addr = app.bind_metrics().await.unwrap();
         let registry = app.registry();
         let metrics = app.metrics();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -73,6 +76,7 @@ impl TestServer {
             addr,
             registry,
             metrics,
+            metrics_addr,
             stop: Some(stop),
             task: Some(task),
             panics,
