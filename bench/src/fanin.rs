@@ -170,7 +170,12 @@ fn spawn_clients(
 }
 
 /// Fills the delivery figures of `report` once the clients have stopped.
-pub(crate) fn finish(report: &mut Report, shared: &Shared, results: &[ClientResult], since_us: i64) {
+pub(crate) fn finish(
+    report: &mut Report,
+    shared: &Shared,
+    results: &[ClientResult],
+    since_us: i64,
+) {
     report.deliveries = shared.delivered.load(Ordering::Relaxed);
     let last = shared.last_delivery_us.load(Ordering::Relaxed);
     report.delivery_secs = ((last - since_us) as f64 / 1e6).max(0.0);

@@ -93,10 +93,15 @@ const ABUSER_IP: [u8; 4] = [127, 0, 0, 2];
 /// in-process and each binding has a cursor of its own.
 const BY_OWNER_UNROUTABLE: &str = r#"[ { "$match" = { "fullDocument.owner" = { "$var" = "who" } } }, { "$project" = { "fullDocument.pad" = 0 } } ]"#;
 /// A `$match` that fails on a document whose `code` is not a number.
-const POISON: &str = r#"[ { "$match" = { "$expr" = { "$eq" = [ { "$toInt" = "$fullDocument.code" }, 5 ] } } } ]"#;
+const POISON: &str =
+    r#"[ { "$match" = { "$expr" = { "$eq" = [ { "$toInt" = "$fullDocument.code" }, 5 ] } } } ]"#;
 
 /// Runs `which` (with `All`: the baseline, then each abuser), each on a fresh server.
-pub async fn run(ctx: &Ctx, which: Abuser, on_report: &mut dyn FnMut(Report)) -> Result<(), String> {
+pub async fn run(
+    ctx: &Ctx,
+    which: Abuser,
+    on_report: &mut dyn FnMut(Report),
+) -> Result<(), String> {
     let runs = match which {
         Abuser::All => vec![
             Abuser::None,
@@ -172,7 +177,10 @@ async fn one_run(ctx: &Ctx, abuser: Abuser, run: usize) -> Result<Report, String
     });
     specs.push(StreamSpec::all(&cli.db, &big, "all"));
     specs.push(StreamSpec::all(&cli.db, &log, "all"));
-    eprintln!("bench: noisy: {} beside 100 SSE clients, default config", abuser.as_str());
+    eprintln!(
+        "bench: noisy: {} beside 100 SSE clients, default config",
+        abuser.as_str()
+    );
     if abuser == Abuser::Snapshots {
         fill(&db.collection(&big), BIG_DOCS, BIG_PAD).await?;
     }
@@ -259,7 +267,10 @@ async fn one_run(ctx: &Ctx, abuser: Abuser, run: usize) -> Result<Report, String
         let (target, expect) = if stream < STREAMS - 1 {
             let mut t = Target::stream(addr, &cli.db, &colls[stream], "all");
             t.path.push_str("?snapshot=true");
-            (t, Expect::every(0, per_stream, STREAMS as u64, stream as u64))
+            (
+                t,
+                Expect::every(0, per_stream, STREAMS as u64, stream as u64),
+            )
         } else {
             // Owner `o{r}` with r = 9, 19, …, 99: every tenth document of this collection.
             let residue = (STREAMS - 1 + STREAMS * (i / STREAMS)) as u64;
@@ -342,7 +353,10 @@ async fn one_run(ctx: &Ctx, abuser: Abuser, run: usize) -> Result<Report, String
         if let Some(e) = &r.error {
             *report
                 .client_errors
-                .entry(format!("catch-up reader: {}", e.chars().take(60).collect::<String>()))
+                .entry(format!(
+                    "catch-up reader: {}",
+                    e.chars().take(60).collect::<String>()
+                ))
                 .or_default() += 1;
         }
     }
@@ -517,7 +531,9 @@ async fn connect(
 ) -> Result<TcpStream, String> {
     let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
     if let Some(size) = recv_buffer {
-        socket.set_recv_buffer_size(size).map_err(|e| e.to_string())?;
+        socket
+            .set_recv_buffer_size(size)
+            .map_err(|e| e.to_string())?;
     }
     socket
         .bind(SocketAddr::from((ABUSER_IP, 0)))
@@ -529,9 +545,8 @@ async fn connect(
     let resume = last_event_id
         .map(|id| format!("Last-Event-ID: {id}\r\n"))
         .unwrap_or_default();
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{resume}\r\n"
-    );
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{resume}\r\n");
     stream
         .write_all(request.as_bytes())
         .await

@@ -201,6 +201,7 @@ async fn a_restart_storm_shares_catch_up_cursors_and_delivers_exactly_once() {
 
 #[tokio::test]
 async fn a_change_over_16_mb_is_skipped_with_its_id_and_the_stream_goes_on() {
+    let _memory = crate::harness::memory_heavy().await;
     let f = Fixture::start("fanin_oversize", |_| {}).await;
     let mut client = f.connect(Kind::Sse).await;
     let big = "x".repeat(6 * 1024 * 1024);
@@ -305,6 +306,7 @@ async fn expect_small_then_skipped(client: &mut Client, more_seqs: &[i64]) {
 
 #[tokio::test]
 async fn a_transactions_small_change_is_delivered_and_only_its_oversize_change_skipped() {
+    let _memory = crate::harness::memory_heavy().await;
     // A cursor of the worker's own, isolating at most 2 changes at a time: the transaction's
     // three ordinary changes take two rounds of one-change batches.
     let f = Fixture::start("fanin_oversize_txn", |config| {
@@ -330,6 +332,7 @@ async fn a_transactions_small_change_is_delivered_and_only_its_oversize_change_s
 
 #[tokio::test]
 async fn on_a_database_feed_only_the_oversize_change_is_skipped() {
+    let _memory = crate::harness::memory_heavy().await;
     // `c`'s stream and a stream on `d` share the database's cursor; the transaction's insert
     // into `d` sits between `c`'s small insert and its oversize update.
     let f = Fixture::start("fanin_oversize_feed", |config| {
@@ -364,6 +367,7 @@ async fn on_a_database_feed_only_the_oversize_change_is_skipped() {
 
 #[tokio::test]
 async fn a_catch_up_skips_only_the_oversize_change() {
+    let _memory = crate::harness::memory_heavy().await;
     // A 3-event ring: a client resuming from before the transaction needs a catch-up, whose
     // first batch would hold the small insert and the oversize update.
     let f = Fixture::start("fanin_oversize_catchup", |config| config.ring_size = 3).await;

@@ -346,19 +346,9 @@ async fn snapshots_are_routed_by_variables_and_definitions_can_ask_for_them() {
     assert_eq!(refused.status, 400);
 }
 
-/// The process's resident set size in bytes (the server runs in this process).
-fn rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024
-}
-
 #[tokio::test]
 async fn a_snapshot_of_200k_documents_streams_in_bounded_memory() {
+    let _memory = crate::harness::memory_heavy().await;
     let f = Fixture::start("snapshot_big", |_| {}).await;
     const N: i64 = 200_000;
     let docs: Vec<Document> = (0..N)
@@ -369,7 +359,7 @@ async fn a_snapshot_of_200k_documents_streams_in_bounded_memory() {
     }
     drop(docs);
     let path = format!("{}?snapshot=true", f.path);
-    let before = rss();
+    let before = crate::harness::rss_bytes();
     let mut client = Client::connect(Kind::Ndjson, &f.server.url(""), &path, None)
         .await
         .unwrap();
@@ -378,7 +368,7 @@ async fn a_snapshot_of_200k_documents_streams_in_bounded_memory() {
     loop {
         let event = client.expect_event(WAIT).await;
         if count % 5_000 == 0 {
-            peak = peak.max(rss());
+            peak = peak.max(crate::harness::rss_bytes());
             // A slow start: the server must wait for this client, not buffer for it.
             if count < 20_000 {
                 tokio::time::sleep(Duration::from_millis(20)).await;

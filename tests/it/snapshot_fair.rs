@@ -60,19 +60,9 @@ async fn to_ready(client: &mut Client) -> (u64, u64) {
     }
 }
 
-/// The process's resident set size in bytes (the server runs in this process).
-fn rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024
-}
-
 #[tokio::test]
 async fn never_reading_snapshot_clients_hold_no_scan_slot() {
+    let _memory = crate::harness::memory_heavy().await;
     // A small queue so the abusers stall quickly; the slots are the default 8.
     let f = Fixture::start("snapfair_slots", |config| {
         config.snapshot_queue_bytes = 1024 * 1024;
@@ -363,6 +353,7 @@ async fn a_stalled_snapshot_whose_cluster_time_ages_out_ends_with_history_lost()
 
 #[tokio::test]
 async fn the_document_view_put_is_bounded_in_bytes() {
+    let _memory = crate::harness::memory_heavy().await;
     // Three documents of 1 MB: the `put`'s JSON is exactly this long.
     const DOC: usize = 1_000_000;
     let put_len = |payloads: &[usize]| {
@@ -404,6 +395,7 @@ async fn the_document_view_put_is_bounded_in_bytes() {
 
 #[tokio::test]
 async fn never_reading_snapshots_of_1mb_documents_stay_within_the_queue_bound() {
+    let _memory = crate::harness::memory_heavy().await;
     // Default settings: snapshot_queue_bytes = 8 MiB per connection.
     let f = Fixture::start("snapfair_rss", |_| {}).await;
     let queue = f.config.snapshot_queue_bytes;
@@ -411,13 +403,13 @@ async fn never_reading_snapshots_of_1mb_documents_stay_within_the_queue_bound() 
     // 48 documents of 1 MB: 96 MB of events per client if nothing bounded them.
     fill(&f.coll, 48, 1_000_000).await;
     let path = format!("{}?snapshot=true", f.path);
-    let before = rss();
+    let before = crate::harness::rss_bytes();
     let peak = Arc::new(AtomicU64::new(before));
     let sampler = tokio::spawn({
         let peak = Arc::clone(&peak);
         async move {
             loop {
-                peak.fetch_max(rss(), Ordering::Relaxed);
+                peak.fetch_max(crate::harness::rss_bytes(), Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
@@ -439,7 +431,9 @@ async fn never_reading_snapshots_of_1mb_documents_stay_within_the_queue_bound() 
     let queued = metrics.snapshot_queued_bytes.get();
     assert!(queued <= CLIENTS * queue as i64, "{queued} bytes queued");
     sampler.abort();
-    let peak = peak.load(Ordering::Relaxed).max(rss());
+    let peak = peak
+        .load(Ordering::Relaxed)
+        .max(crate::harness::rss_bytes());
     let growth = peak.saturating_sub(before);
     println!(
         "{CLIENTS} stalled snapshots of 1 MB documents: {} MiB queued, RSS growth {} MiB",

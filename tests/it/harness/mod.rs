@@ -10,6 +10,25 @@ pub mod server;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+/// Tests that measure this process's resident set size (the servers run in it) and tests that
+/// allocate tens of megabytes (1-6 MB documents, large `put`s) take this lock in turn: one
+/// test's allocations would otherwise read as another's growth.
+pub async fn memory_heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
+/// This process's resident set size in bytes (the servers under test run in this process).
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS in /proc/self/status")
+        * 1024
+}
+
 /// A database name unique to this test run and call.
 pub fn unique_db(prefix: &str) -> String {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
