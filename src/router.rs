@@ -34,8 +34,7 @@ pub fn router(state: AppState, local: SocketAddr) -> Router {
     let traced = traced
         .merge(crate::admin::routes(state.config.admin.body_limit))
         .layer(TraceLayer::new_for_http());
-    let hosts = host_guard(&state, local);
-    Router::new()
+    let routes = Router::new()
         .route(
             "/{db}/{coll}/_streams/{name}",
             get(http::subscribe::subscribe),
@@ -55,29 +54,28 @@ pub fn router(state: AppState, local: SocketAddr) -> Router {
         ))
         // Outside the guard: preflights are answered without a credential, and 401/403
         // carry CORS headers so the browser lets the page read them.
-        .layer(option_layer(crate::auth::cors::layer(&state.config.cors)))
-        // Before anything answers: no credentials means no answers for a rebound name.
-        .layer(option_layer(hosts.map(|allowed| {
-            middleware::from_fn_with_state(allowed, http::host::guard)
-        })))
-        // Outermost: the client's address (behind trusted proxies) for limits and logs.
-        .layer(middleware::from_fn_with_state(
-            Arc::clone(&state.trusted),
-            crate::auth::proxy::client_addr,
-        ))
-        .with_state(state)
+        .layer(option_layer(crate::auth::cors::layer(&state.config.cors)));
+    outermost(routes, state, local)
 }
 
 /// The router of the `metrics_listen` address, bound to `local`: `GET /metrics` only, behind
 /// the same authentication (`auth.metrics_role`) and Host guard as the main one.
 pub fn metrics_router(state: AppState, local: SocketAddr) -> Router {
-    let hosts = host_guard(&state, local);
-    Router::new()
+    let routes = Router::new()
         .route("/metrics", get(http::health::metrics))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state.auth),
             http::guard::guard,
-        ))
+        ));
+    outermost(routes, state, local)
+}
+
+/// The layers every listener's router ends with, the same for each: the DNS-rebinding guard
+/// (before anything answers: no credentials means no answers for a rebound name), then,
+/// outermost, the client's address (behind trusted proxies) for limits and logs.
+fn outermost(routes: Router<AppState>, state: AppState, local: SocketAddr) -> Router {
+    let hosts = host_guard(&state, local);
+    routes
         .layer(option_layer(hosts.map(|allowed| {
             middleware::from_fn_with_state(allowed, http::host::guard)
         })))
