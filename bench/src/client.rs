@@ -637,19 +637,32 @@ pub async fn stalled_sse(target: &Target, recv_buffer: u32) -> Result<TcpStream,
     socket
         .set_recv_buffer_size(recv_buffer)
         .map_err(|e| e.to_string())?;
+    sse_on(socket, target.addr, &target.path, None).await
+}
+
+/// Connects `socket` (already configured: receive buffer, local address) to `addr`, sends an
+/// SSE `GET path` (with `Last-Event-ID` when given) and reads the response head byte by byte,
+/// so that no byte of the body is taken from the socket. A head other than 200 is an error
+/// naming its status line.
+pub async fn sse_on(
+    socket: tokio::net::TcpSocket,
+    addr: SocketAddr,
+    path: &str,
+    last_event_id: Option<&str>,
+) -> Result<TcpStream, String> {
     let mut stream = socket
-        .connect(target.addr)
+        .connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
-        target.path, target.addr
-    );
+    let resume = last_event_id
+        .map(|id| format!("Last-Event-ID: {id}\r\n"))
+        .unwrap_or_default();
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{resume}\r\n");
     stream
         .write_all(request.as_bytes())
         .await
         .map_err(|e| format!("write request: {e}"))?;
-    // Byte by byte, so nothing after the head is taken out of the receive buffer.
     let mut head = Vec::with_capacity(512);
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -664,7 +677,7 @@ pub async fn stalled_sse(target: &Target, recv_buffer: u32) -> Result<TcpStream,
     }
     if !head.starts_with(b"HTTP/1.1 200") {
         let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-        return Err(format!("{}", String::from_utf8_lossy(line)));
+        return Err(String::from_utf8_lossy(line).into_owned());
     }
     Ok(stream)
 }

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
 use mongodb::bson::{Document, doc};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -538,42 +538,10 @@ async fn connect(
     socket
         .bind(SocketAddr::from((ABUSER_IP, 0)))
         .map_err(|e| format!("bind {ABUSER_IP:?}: {e}"))?;
-    let mut stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(addr))
-        .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| format!("connect: {e}"))?;
-    let resume = last_event_id
-        .map(|id| format!("Last-Event-ID: {id}\r\n"))
-        .unwrap_or_default();
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{resume}\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| format!("write request: {e}"))?;
-    // Byte by byte up to the end of the head, so no body byte is taken from the socket.
-    let mut head = Vec::with_capacity(512);
-    let mut byte = [0u8; 1];
-    let read_head = async {
-        while !head.ends_with(b"\r\n\r\n") {
-            if head.len() > 64 * 1024 {
-                return Err("response headers too large".to_string());
-            }
-            match stream.read(&mut byte).await {
-                Ok(0) => return Err("closed before the response head".into()),
-                Ok(_) => head.push(byte[0]),
-                Err(e) => return Err(format!("read response: {e}")),
-            }
-        }
-        Ok(())
-    };
-    tokio::time::timeout(Duration::from_secs(30), read_head)
-        .await
-        .map_err(|_| "no response head within 30 s".to_string())??;
-    if head.starts_with(b"HTTP/1.1 200") {
-        Ok(stream)
-    } else {
-        let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-        Err(String::from_utf8_lossy(line).into_owned())
-    }
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        client::sse_on(socket, addr, path, last_event_id),
+    )
+    .await
+    .map_err(|_| "no response head within 30 s".to_string())?
 }
