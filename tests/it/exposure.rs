@@ -37,17 +37,7 @@ fn auth_config(db: &str) -> Config {
     let mut config = server::config(mongod::shared());
     config.keepalive_secs = 1;
     config.streams.push(server::stream(db, "c", "s", json!([])));
-    config.auth = toml::from_str(&format!(
-        r#"
-        enabled = true
-        [jwt]
-        hs256_secret = "{SECRET}"
-        [[rules]]
-        roles = ["*"]
-        streams = ["/{db}/c/_streams/*"]
-        "#
-    ))
-    .unwrap();
+    config.auth = server::hs256_subscribers_of_c(db, SECRET);
     config
 }
 

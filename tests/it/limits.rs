@@ -204,17 +204,7 @@ async fn per_user_limit_counts_each_subject() {
             ..limits()
         },
     );
-    config.auth = toml::from_str(&format!(
-        r#"
-        enabled = true
-        [jwt]
-        hs256_secret = "{SECRET}"
-        [[rules]]
-        roles = ["*"]
-        streams = ["/{db}/c/_streams/*"]
-        "#
-    ))
-    .unwrap();
+    config.auth = server::hs256_subscribers_of_c(&db, SECRET);
     let server = TestServer::start(config).await;
     let token = |sub: &str| {
         let exp = SystemTime::now()

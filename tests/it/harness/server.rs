@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use streamgate::config::{Config, StreamConfig};
+use streamgate::config::{AuthConfig, Config, StreamConfig};
 use streamgate::metrics::Metrics;
 use streamgate::streams::Registry;
 use tokio::sync::oneshot;
@@ -120,4 +120,20 @@ impl Drop for TestServer {
         }
         self.panics.check();
     }
+}
+
+/// Auth on with HS256 tokens signed by `secret`, and every role allowed to subscribe to the
+/// streams of `{db}/c` (what limits and exposure tests need to tell principals apart).
+pub fn hs256_subscribers_of_c(db: &str, secret: &str) -> AuthConfig {
+    toml::from_str(&format!(
+        r#"
+        enabled = true
+        [jwt]
+        hs256_secret = "{secret}"
+        [[rules]]
+        roles = ["*"]
+        streams = ["/{db}/c/_streams/*"]
+        "#
+    ))
+    .expect("a valid [auth] table")
 }
