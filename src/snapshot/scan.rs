@@ -224,8 +224,11 @@ impl Scan {
         let mut session = self.session().await?;
         let after = self.after.clone();
         let result = self.read(&mut session, 1, usize::MAX).await;
-        // Nothing kept: the first batch starts where this read did.
-        (self.after, self.done, self.mean) = (after, false, None);
+        // Nothing kept: the first batch starts where this read did. But a read that found
+        // nothing found the end: the scan is done at T. (Reading again at T would fail with
+        // `SnapshotUnavailable` once the collection is created after T, as the first insert
+        // into a collection that did not exist does.)
+        (self.after, self.mean) = (after, None);
         let picked = session.snapshot_time().or(self.at);
         self.session = Some(session);
         result.map_err(|e| ScanError::from(&e))?;
