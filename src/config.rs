@@ -320,8 +320,13 @@ settings! {
         /// New bindings (cursors for `$var` values that cannot be routed in-process) one
         /// principal may start per minute: the user when authenticated, else the client
         /// address. Joining a running binding is not counted. Past it such a subscribe gets 429
-        /// with `Retry-After`. Default 60, burst included; 0: unbounded.
+        /// with `Retry-After`. Default 60; 0: unbounded.
         pub new_bindings_per_minute: usize = 60,
+        /// New bindings one principal may start at once, before `new_bindings_per_minute`
+        /// paces it (the size of its token bucket). Each is a cursor on MongoDB that lingers
+        /// `worker_linger_ms` after its client leaves: a burst of 60 was 60 cursors opened in
+        /// one second and held together, a noticeable load for everyone else. Default 10.
+        pub new_bindings_burst: usize = 10,
     }
     tables {}
 }

@@ -30,8 +30,8 @@
 //! worker; see `streams::registry`). What one party can still do is churn: open distinct
 //! bindings (each a new cursor on MongoDB) one after the other. `BindingRate` bounds that per
 //! principal (the user when authenticated, else the client address): at most
-//! `limits.new_bindings_per_minute` new bindings a minute (a token bucket of that size
-//! refilled evenly over a minute); past it a subscribe that would start a binding gets 429 with
+//! `limits.new_bindings_per_minute` new bindings a minute (a token bucket of
+//! `limits.new_bindings_burst` tokens refilled evenly at that rate); past it a subscribe that would start a binding gets 429 with
 //! `Retry-After` ([`BindingsRefused`]), while joining a running binding is never refused.
 
 use std::collections::HashMap;
@@ -409,6 +409,7 @@ impl CursorBudget {
                 evictions: metrics.upstream_idle_evictions.clone(),
                 binding_rate: BindingRate::new(
                     limits.new_bindings_per_minute,
+                    limits.new_bindings_burst,
                     metrics
                         .connection_refusals
                         .get_or_create(&LimitLabel {
@@ -566,9 +567,9 @@ pub enum PrincipalKey {
 /// The HTTP layer answers it 429 with `Retry-After` and a problem body naming the setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "too many new bindings (new_bindings_per_minute): this client started {per_minute} \
-     distinct bindings of `$var` values that need a cursor of their own within the last \
-     minute; retry in {retry_after_secs} s"
+    "too many new bindings (new_bindings_per_minute): this client may start {per_minute} \
+     distinct bindings of `$var` values that need a cursor of their own a minute \
+     (new_bindings_burst at once), and has; retry in {retry_after_secs} s"
 )]
 pub struct BindingsRefused {
     /// The configured `new_bindings_per_minute`.
@@ -582,7 +583,7 @@ impl BindingsRefused {
     pub const LIMIT: &'static str = "new_bindings_per_minute";
 }
 
-/// A principal's allowance of new bindings: a token bucket holding up to `per_minute` tokens,
+/// A principal's allowance of new bindings: a token bucket holding up to `burst` tokens,
 /// refilled at `per_minute` a minute.
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -594,6 +595,8 @@ struct Bucket {
 /// subscribe would start a new binding's cursor, which costs far more.
 struct BindingRate {
     per_minute: usize,
+    /// The bucket's size: new bindings allowed at once (at least 1).
+    burst: usize,
     buckets: Mutex<Buckets>,
     refusals: Counter,
 }
@@ -608,9 +611,10 @@ struct Buckets {
 const SWEEP_MIN: usize = 1024;
 
 impl BindingRate {
-    fn new(per_minute: usize, refusals: Counter) -> BindingRate {
+    fn new(per_minute: usize, burst: usize, refusals: Counter) -> BindingRate {
         BindingRate {
             per_minute,
+            burst: burst.max(1),
             buckets: Mutex::new(Buckets {
                 map: HashMap::new(),
                 sweep_at: SWEEP_MIN,
@@ -620,13 +624,18 @@ impl BindingRate {
     }
 
     fn capacity(&self) -> f64 {
-        self.per_minute as f64
+        self.burst as f64
+    }
+
+    /// Tokens refilled per second.
+    fn rate(&self) -> f64 {
+        self.per_minute as f64 / 60.0
     }
 
     /// Tokens in `bucket` at `now` (refilled since it was last touched), at most the capacity.
     fn refilled(&self, bucket: Bucket, now: Instant) -> f64 {
         let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
-        (bucket.tokens + elapsed * self.capacity() / 60.0).min(self.capacity())
+        (bucket.tokens + elapsed * self.rate()).min(self.capacity())
     }
 
     fn take(&self, principal: &PrincipalKey, now: Instant) -> Result<(), BindingsRefused> {
@@ -640,7 +649,7 @@ impl BindingRate {
             .map_or(self.capacity(), |b| self.refilled(*b, now));
         if tokens < 1.0 {
             self.refusals.inc();
-            let wait = (1.0 - tokens) * 60.0 / self.capacity();
+            let wait = (1.0 - tokens) / self.rate();
             return Err(BindingsRefused {
                 per_minute: self.per_minute,
                 retry_after_secs: (wait.ceil() as u64).max(1),
@@ -933,7 +942,7 @@ mod tests {
 
     #[test]
     fn new_bindings_are_a_token_bucket_per_principal() {
-        let rate = BindingRate::new(3, Counter::default());
+        let rate = BindingRate::new(3, 3, Counter::default());
         let alice = PrincipalKey::User("alice".into());
         let bob = PrincipalKey::Ip("10.0.0.1".parse().unwrap());
         let t0 = Instant::now();
@@ -958,15 +967,42 @@ mod tests {
         rate.take(&alice, later).unwrap();
         assert_eq!(rate.refusals.get(), 3);
         // 0: unbounded.
-        let unbounded = BindingRate::new(0, Counter::default());
+        let unbounded = BindingRate::new(0, 10, Counter::default());
         for _ in 0..1000 {
             unbounded.take(&alice, t0).unwrap();
         }
     }
 
     #[test]
+    fn the_burst_is_smaller_than_the_minute_and_the_rest_is_paced() {
+        // 60 a minute, 10 at once: the 11th at once is refused for one second, and a minute
+        // gives 60 more, never more than 10 at once.
+        let rate = BindingRate::new(60, 10, Counter::default());
+        let alice = PrincipalKey::User("alice".into());
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            rate.take(&alice, t0).unwrap();
+        }
+        assert_eq!(rate.take(&alice, t0).unwrap_err().retry_after_secs, 1);
+        let mut started = 0;
+        for second in 1..=60 {
+            let at = t0 + std::time::Duration::from_secs(second);
+            while rate.take(&alice, at).is_ok() {
+                started += 1;
+            }
+        }
+        assert_eq!(started, 60);
+        let an_hour_later = t0 + std::time::Duration::from_secs(3600);
+        let mut at_once = 0;
+        while rate.take(&alice, an_hour_later).is_ok() {
+            at_once += 1;
+        }
+        assert_eq!(at_once, 10);
+    }
+
+    #[test]
     fn full_buckets_are_swept_so_the_map_holds_recent_principals_only() {
-        let rate = BindingRate::new(60, Counter::default());
+        let rate = BindingRate::new(60, 60, Counter::default());
         let t0 = Instant::now();
         for i in 1..SWEEP_MIN as u32 {
             rate.take(&PrincipalKey::Ip(IpAddr::from(i.to_be_bytes())), t0)

@@ -235,6 +235,7 @@ async fn new_bindings_past_the_per_principal_bound_get_429() {
     let f = Fixture::start("budget_rate", |config| {
         unroutable(config);
         config.limits.new_bindings_per_minute = 3;
+        config.limits.new_bindings_burst = 3;
         // Beside it: a routable `$var` stream (one cursor for every binding) and a plain one.
         let mut routable = config.streams[0].clone();
         routable.name = "routable".into();
