@@ -47,6 +47,10 @@ use crate::config::AuthConfig;
 use crate::metrics::Metrics;
 use crate::streams::StreamKey;
 
+/// The token firebase-admin sends in emulator mode (`Authorization: Bearer owner`): with auth
+/// off every credential is ignored, so it works there; with auth on it gets a 401 that names it.
+const EMULATOR_OWNER: &str = "owner";
+
 /// The `cancel` message of a stream whose right a rule change withdrew.
 pub const REVOKED_MESSAGE: &str = "security rules revoked read access";
 
@@ -149,6 +153,10 @@ pub enum AuthError {
     /// Bad signature, wrong audience or issuer, unknown key…; the reason is logged only.
     #[error("invalid credential: {0}")]
     Invalid(String),
+    /// `Bearer owner`, the Firebase emulator's admin credential that firebase-admin sends to an
+    /// `http://` database URL, with auth on and no API key equal to it (401, saying so).
+    #[error("`Bearer owner` is the Firebase emulator's credential, accepted only with auth off")]
+    EmulatorOwner,
     /// The JWKS URL has not been fetched successfully yet: nothing can be verified (503).
     #[error("the token signing keys are not loaded yet")]
     KeysUnavailable,
@@ -330,7 +338,13 @@ impl Authenticator {
                 found = Some(key);
             }
         }
-        let key = found.ok_or_else(|| AuthError::Invalid("unknown API key".into()))?;
+        let key = found.ok_or_else(|| {
+            if token == EMULATOR_OWNER {
+                AuthError::EmulatorOwner
+            } else {
+                AuthError::Invalid("unknown API key".into())
+            }
+        })?;
         let mut claims = Map::new();
         claims.insert("sub".into(), Value::String(key.name.clone()));
         claims.insert("name".into(), Value::String(key.name.clone()));

@@ -9,6 +9,12 @@
 //! event: keep-alive  data: null
 //! ```
 //!
+//! Every block is one of Firebase's events (`put`, `patch`, `keep-alive`, `cancel`,
+//! `auth_revoked`) with JSON `data`: its SDKs (firebase-admin, Pyrebase) JSON-decode every
+//! block, so a comment line or a `retry:`-only block kills their listener. `retry:` therefore
+//! rides on the first block; events Firebase has no name for become `cancel` (the stream ends)
+//! or nothing (the connection closes and the client resumes with `Last-Event-ID`).
+//!
 //! The first `put` is built by `snapshot::Snapshots` (at cluster time T, bounded by
 //! `snapshot_max_docs`); the changes after T come from the ordinary subscription and are
 //! rewritten here, once per change for all view clients (cached in [`Event::view`]). Ids are the
@@ -23,31 +29,38 @@ use serde_json::{Map, Value, json};
 
 use super::body::{Encoding, streaming_response};
 use super::feed::Feed;
-use crate::event::{Event, EventKind};
+use crate::event::{ErrorCode, Event, EventKind};
 use crate::snapshot::id_text;
 
 /// The `.json` suffix that asks for the view (stream names cannot contain dots).
 pub const SUFFIX: &str = ".json";
 
+/// The view's content type: the charset is explicit because Python's `requests` (under both
+/// Firebase SDKs) decodes a `text/*` body without one as ISO-8859-1, garbling non-ASCII data.
+pub const CONTENT_TYPE: &str = "text/event-stream; charset=utf-8";
+
 /// The SSE response for a document-view feed.
 pub fn response(feed: Feed, retry_ms: u64) -> Response {
-    let retry = Bytes::from(format!("retry: {retry_ms}\n\n"));
     let encoding = Encoding {
-        preamble: vec![retry.clone()],
+        // No blank line: the field joins the first block written (the first `put`, or a
+        // keep-alive when resuming), never a block of its own.
+        preamble: vec![Bytes::from(format!("retry: {retry_ms}\n"))],
         // Firebase sends keep-alive as an event, so clients can watch for it.
         keepalive: Bytes::from_static(b"event: keep-alive\ndata: null\n\n"),
-        goodbye: Some(retry),
+        // On shutdown the connection just closes: the client reconnects after `retry` with
+        // its last id, as after any dropped connection.
+        goodbye: None,
         pick: |event| &event.sse,
         bare: false,
     };
-    streaming_response(feed.with_view(view_of), encoding, "text/event-stream")
+    streaming_response(feed.with_view(view_of), encoding, CONTENT_TYPE)
 }
 
 /// An event as the view shows it: changes become `put`/`patch` (or nothing, for changes that
-/// do not touch a document); every other event (`cancel`, `error`, the first `put`) as it is.
+/// do not touch a document); other events as Firebase names them (see [`control_of`]).
 pub fn view_of(event: &Arc<Event>) -> Option<Arc<Event>> {
     if event.kind != EventKind::Change {
-        return Some(Arc::clone(event));
+        return control_of(event);
     }
     event
         .view
@@ -61,6 +74,36 @@ pub fn view_of(event: &Arc<Event>) -> Option<Arc<Event>> {
             )))
         })
         .clone()
+}
+
+/// A non-change event in Firebase's vocabulary. `put` (the first), `cancel` and `auth_revoked`
+/// are Firebase's own; an `invalidate` (collection dropped or renamed) and the errors a
+/// reconnect cannot cure (`history_lost`, `upstream_error`) end the stream as `cancel` with
+/// their `{code,message}`; `shutdown` and `slow_consumer` send nothing, since the connection
+/// closes and the client's reconnect with its last id is the cure; `skipped` (a change over
+/// 16 MB) has no `put`/`patch` form and is dropped.
+fn control_of(event: &Arc<Event>) -> Option<Arc<Event>> {
+    match event.kind {
+        EventKind::View | EventKind::Cancel | EventKind::AuthRevoked => Some(Arc::clone(event)),
+        EventKind::Invalidate => Some(cancel(&json!({
+            "code": "invalidate",
+            "message": "the collection was dropped or renamed",
+        }))),
+        EventKind::Error(ErrorCode::HistoryLost | ErrorCode::Upstream) => {
+            let data: Value = serde_json::from_slice(&event.data()).unwrap_or(Value::Null);
+            Some(cancel(&data))
+        }
+        EventKind::Error(ErrorCode::Shutdown | ErrorCode::SlowConsumer)
+        | EventKind::Skipped
+        | EventKind::Snapshot
+        | EventKind::Ready
+        | EventKind::Change => None,
+    }
+}
+
+/// A `cancel` block with `data` (no id: a resume after it would only be refused again).
+fn cancel(data: &Value) -> Arc<Event> {
+    Arc::new(Event::view("cancel", None, &data.to_string()))
 }
 
 /// `(event name, data)` for a change event's JSON, `None` when it is not about one document
@@ -156,5 +199,40 @@ mod tests {
             Some(("put", json!({"path": "/k", "data": null})))
         );
         assert_eq!(change_to_view(&json!({"operationType": "drop"})), None);
+    }
+
+    /// The SSE block of what the view makes of `event`, if anything.
+    fn block(event: Event) -> Option<String> {
+        control_of(&Arc::new(event)).map(|e| String::from_utf8_lossy(&e.sse).into_owned())
+    }
+
+    #[test]
+    fn other_events_take_firebase_names_or_are_dropped() {
+        let revoked = Event::control(EventKind::AuthRevoked, "the access token expired", false);
+        assert!(
+            block(revoked)
+                .unwrap()
+                .starts_with("event: auth_revoked\ndata: {")
+        );
+        let lost = Event::control(EventKind::Error(ErrorCode::HistoryLost), "gone", true);
+        assert_eq!(
+            block(lost).as_deref(),
+            Some("event: cancel\ndata: {\"code\":\"history_lost\",\"message\":\"gone\"}\n\n")
+        );
+        let invalidate = Event::from_change(mongodb::bson::doc! {
+            "_id": {"_data": "8265A1B2C3000000012B0229296E04"},
+            "operationType": "invalidate",
+        })
+        .unwrap();
+        let cancelled = block(invalidate).unwrap();
+        assert!(
+            cancelled.starts_with("event: cancel\ndata: {"),
+            "{cancelled}"
+        );
+        assert!(cancelled.contains("\"code\":\"invalidate\""), "{cancelled}");
+        for dropped in [ErrorCode::Shutdown, ErrorCode::SlowConsumer] {
+            let event = Event::control(EventKind::Error(dropped), "bye", false);
+            assert_eq!(block(event), None);
+        }
     }
 }

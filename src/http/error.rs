@@ -250,6 +250,12 @@ impl From<AuthError> for ApiError {
                 CHALLENGE,
             ),
             AuthError::Expired => ("the access token expired", CHALLENGE_EXPIRED),
+            AuthError::EmulatorOwner => (
+                "`Authorization: Bearer owner` is the Firebase emulator's credential (what \
+                 firebase-admin sends to an http:// databaseURL); this server has auth on: \
+                 send an API key or a JWT (Pyrebase: stream(handler, token=...))",
+                CHALLENGE_INVALID,
+            ),
             AuthError::Invalid(reason) => {
                 tracing::debug!(%reason, "credential refused");
                 ("the credential is not valid", CHALLENGE_INVALID)

@@ -7,9 +7,13 @@ use std::time::{Duration, Instant};
 use mongodb::bson::{Bson, doc};
 use serde_json::{Map, Value};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
 use crate::harness::browser::BrowserScript;
 use crate::harness::clients::{Client, Envelope, Kind, Next};
 use crate::harness::fixture::Fixture;
+use crate::harness::server;
 use crate::snapshot::{random_writes, seed, shaping_pipeline};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -277,4 +281,179 @@ async fn browser_eventsource_renders_the_initial_put_and_a_later_patch() {
         serde_json::json!([["a", "Ada", "1"], ["b", "Bob", "300"]])
     );
     browser.stop().await;
+}
+
+/// The view read as raw bytes, the way the Firebase SDKs' own SSE parsers read it (firebase-admin's
+/// `_sseclient.py`, Pyrebase's `pyre_sseclient.py`): blocks split at a blank line.
+struct RawView {
+    socket: TcpStream,
+    buffer: Vec<u8>,
+}
+
+impl RawView {
+    /// `GET {target}` with what firebase-admin sends an emulator (`?ns=`, `Bearer owner`);
+    /// returns the response head and the stream positioned after it.
+    async fn open(addr: std::net::SocketAddr, target: &str) -> (String, RawView) {
+        let mut socket = TcpStream::connect(addr).await.unwrap();
+        let request = format!(
+            "GET {target} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\
+             Cache-Control: no-cache\r\nAuthorization: Bearer owner\r\nConnection: close\r\n\r\n"
+        );
+        socket.write_all(request.as_bytes()).await.unwrap();
+        let mut view = RawView {
+            socket,
+            buffer: Vec::new(),
+        };
+        let head = loop {
+            if let Some(end) = view.buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8(view.buffer[..end].to_vec()).unwrap();
+                view.buffer.drain(..end + 4);
+                break head;
+            }
+            assert!(
+                view.fill().await,
+                "connection closed before the response head"
+            );
+        };
+        (head, view)
+    }
+
+    /// Reads more bytes; `false` at the end of the stream.
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 8192];
+        let n = tokio::time::timeout(WAIT, self.socket.read(&mut chunk))
+            .await
+            .expect("the view went quiet")
+            .unwrap();
+        self.buffer.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
+    /// The next block (without its blank line), `None` at the end of the stream. A block the
+    /// stream ends in the middle of is returned too, so the checks see it.
+    async fn block(&mut self) -> Option<String> {
+        loop {
+            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let block = String::from_utf8(self.buffer[..end].to_vec()).unwrap();
+                self.buffer.drain(..end + 2);
+                return Some(block);
+            }
+            if !self.fill().await {
+                let rest = String::from_utf8(std::mem::take(&mut self.buffer)).unwrap();
+                return (!rest.is_empty()).then_some(rest);
+            }
+        }
+    }
+}
+
+/// A block as Firebase frames it: `(event name, data)`, or the reason it is not one. Firebase
+/// sends only these events, each with JSON `data`, and no comment lines; the SDKs
+/// `json.loads` every block's data, so anything else kills their listener thread.
+fn firebase_block(block: &str) -> Result<(String, Value), String> {
+    let (mut event, mut data) = (None, None);
+    for line in block.split('\n') {
+        let (field, value) = line.split_once(": ").unwrap_or((line, ""));
+        match field {
+            "event" => event = Some(value.to_owned()),
+            "data" => data = Some(value.to_owned()),
+            "id" | "retry" => {}
+            _ => return Err(format!("line {line:?} is not a Firebase field")),
+        }
+    }
+    let event = event.ok_or("a block without `event:`")?;
+    if !["put", "patch", "keep-alive", "cancel", "auth_revoked"].contains(&event.as_str()) {
+        return Err(format!("`{event}` is not a Firebase event"));
+    }
+    let data = data.ok_or("a block without `data:`")?;
+    let data = serde_json::from_str(&data).map_err(|e| format!("data is not JSON: {e}"))?;
+    Ok((event, data))
+}
+
+/// The next block, checked to be Firebase's.
+async fn firebase_event(view: &mut RawView) -> Option<(String, Value, String)> {
+    let block = view.block().await?;
+    match firebase_block(&block) {
+        Ok((event, data)) => Some((event, data, block)),
+        Err(why) => panic!("{why}: {block:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_view_speaks_only_firebase_events_and_takes_the_emulators_query_and_credential() {
+    let f = Fixture::start("docview_framing", |config| config.keepalive_secs = 1).await;
+    f.coll
+        .insert_one(doc! {"_id": "a", "name": "Zoë", "n": 1})
+        .await
+        .unwrap();
+    // What firebase-admin 7.7.0 asks of `databaseURL = "http://host/?ns=demo"`.
+    let target = format!("{}.json?ns=demo", f.path);
+    let (head, mut view) = RawView::open(f.server.addr, &target).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Without a charset, Python's requests decodes text/* as ISO-8859-1 ("ZoÃ«").
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/event-stream; charset=utf-8"),
+        "{head}"
+    );
+    let (event, data, block) = firebase_event(&mut view).await.expect("the first put");
+    assert_eq!(event, "put", "{block}");
+    assert_eq!(data["path"], "/");
+    assert_eq!(data["data"]["a"]["name"], "Zoë");
+    // The reconnect hint and the position ride on the first event, not blocks of their own.
+    assert!(block.starts_with("retry: "), "{block}");
+    assert!(block.contains("\nid: "), "{block}");
+    f.coll
+        .update_one(doc! {"_id": "a"}, doc! {"$set": {"n": 2}})
+        .await
+        .unwrap();
+    let (event, data, _) = firebase_event(&mut view).await.expect("the patch");
+    assert_eq!(
+        (event.as_str(), &data["data"]),
+        ("patch", &serde_json::json!({"n": 2}))
+    );
+    let (event, data, _) = firebase_event(&mut view).await.expect("a keep-alive");
+    assert_eq!((event.as_str(), data), ("keep-alive", Value::Null));
+    // A dropped collection (`invalidate`, which Firebase has no name for) ends it with `cancel`.
+    f.coll.drop().await.unwrap();
+    let mut last = None;
+    while let Some((event, data, _)) = firebase_event(&mut view).await {
+        if event != "keep-alive" {
+            last = Some((event, data));
+        }
+    }
+    let (event, data) = last.expect("a last event");
+    assert_eq!(event, "cancel");
+    assert_eq!(data["code"], "invalidate");
+}
+
+#[tokio::test]
+async fn the_view_closes_on_shutdown_without_a_block_of_its_own() {
+    let f = Fixture::start("docview_goodbye", |_| {}).await;
+    f.coll.insert_one(doc! {"_id": 1}).await.unwrap();
+    let (head, mut view) = RawView::open(f.server.addr, &format!("{}.json", f.path)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(firebase_event(&mut view).await.unwrap().0, "put");
+    f.server.stop().await;
+    // Everything up to the close is Firebase's (a keep-alive at most), then the end.
+    while let Some((event, _, block)) = firebase_event(&mut view).await {
+        assert_eq!(event, "keep-alive", "{block}");
+    }
+}
+
+#[tokio::test]
+async fn the_emulator_credential_gets_a_401_naming_it_when_auth_is_on() {
+    let f = Fixture::start("docview_owner", |config| {
+        config.auth = server::hs256_subscribers_of_c(
+            &config.streams[0].db,
+            "docview-emulator-credential-secret-0123456789",
+        );
+    })
+    .await;
+    let (head, mut view) = RawView::open(f.server.addr, &format!("{}.json?ns=demo", f.path)).await;
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    let mut body = String::new();
+    while let Some(block) = view.block().await {
+        body.push_str(&block);
+    }
+    assert!(body.contains("Firebase emulator"), "{body}");
 }
