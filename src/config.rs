@@ -109,6 +109,11 @@ settings! {
         /// finds move to cursors of their own and the others go on. Its other streams wait
         /// meanwhile. Nothing found in time: every stream of the feed ends with the error.
         pub feed_probe_timeout_ms: u64 = 5_000,
+        /// Milliseconds a subscribe waits for a cursor to open: a new worker's (past it the
+        /// client gets 503 and retries, e.g. while MongoDB is unreachable) or a catch-up's for a
+        /// resume id (past it the stream starts and the client waits inside it; within it an id
+        /// MongoDB refuses is a 400 before any byte of the response).
+        pub cursor_open_wait_ms: u64 = 10_000,
         /// Changes a cursor re-reads one per batch to find a change over 16 MB on a MongoDB
         /// server that cannot split it (before 6.0.9): the other changes of the batch it failed
         /// are delivered, the large one alone becomes `event: skipped`. After this many (or an
@@ -830,6 +835,11 @@ impl Config {
     /// Worker linger.
     pub fn worker_linger(&self) -> Duration {
         Duration::from_millis(self.worker_linger_ms)
+    }
+
+    /// How long a subscribe waits for a cursor to open.
+    pub fn cursor_open_wait(&self) -> Duration {
+        Duration::from_millis(self.cursor_open_wait_ms)
     }
 
     /// How long a database feed may look for the stream whose `$match` failed.

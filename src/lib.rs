@@ -154,6 +154,7 @@ impl App {
             shared_database_cursors: config.shared_database_cursors,
             feed_probe_timeout: config.feed_probe_timeout(),
             oversize_isolation_changes: config.oversize_isolation_changes,
+            cursor_open_wait: config.cursor_open_wait(),
             ..WorkerSettings::default()
         };
         let budget = crate::limits::CursorBudget::new(&config.limits, &metrics);

@@ -39,9 +39,6 @@ use crate::worker::{
     ClientGuard, Owner, Subscription, Worker, WorkerContext, WorkerKey, WorkerSettings, lock,
 };
 
-/// How long a first client waits for a new worker's cursor before getting 503.
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Where a definition came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
@@ -417,7 +414,9 @@ impl Registry {
             // count. The guard uncounts however this future ends, even dropped mid-`ready`.
             break (ClientGuard::new(worker), filter);
         };
-        if !guard.worker().ready(READY_TIMEOUT).await {
+        // A first client waits this long for a new worker's cursor before getting 503.
+        let wait = self.context.settings.cursor_open_wait;
+        if !guard.worker().ready(wait).await {
             return Err(SubscribeFailure::NotReady);
         }
         Ok((guard, filter))

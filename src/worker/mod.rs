@@ -79,6 +79,8 @@ pub struct WorkerSettings {
     pub feed_probe_timeout: Duration,
     /// Changes a cursor re-reads one per batch while isolating a change over 16 MB.
     pub oversize_isolation_changes: usize,
+    /// How long a subscribe waits for a new worker's or a catch-up's cursor to open.
+    pub cursor_open_wait: Duration,
 }
 
 /// The configuration's defaults (declared once, in `config.rs`) for what is configurable; the
@@ -94,6 +96,7 @@ impl Default for WorkerSettings {
             shared_database_cursors: config.shared_database_cursors,
             feed_probe_timeout: config.feed_probe_timeout(),
             oversize_isolation_changes: config.oversize_isolation_changes,
+            cursor_open_wait: config.cursor_open_wait(),
         }
     }
 }

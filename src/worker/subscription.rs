@@ -31,9 +31,6 @@ use crate::routing::ClientFilter;
 /// (`CHUNK` `Arc`s, not a copy of the ring).
 const CHUNK: usize = 256;
 
-/// How long a subscribe waits for a new catch-up cursor to open (to answer 400 for an id MongoDB
-/// refuses); past that the stream starts and the client waits inside it.
-const CATCH_UP_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a subscription could not start.
 #[derive(Debug, thiserror::Error)]
@@ -125,11 +122,12 @@ impl Subscription {
         if let Some(limit) = subscription.refused.take() {
             return Err(SubscribeError::Upstream(limit));
         }
-        // A new catch-up for this client's own id: wait for MongoDB to accept it, so a token
-        // it refuses is a 400 before any byte of the response.
+        // A new catch-up for this client's own id: wait (`cursor_open_wait`) for MongoDB to
+        // accept it, so a token it refuses is a 400 before any byte of the response; past
+        // that the stream starts and the client waits inside it.
+        let wait = subscription.guard.worker().settings().cursor_open_wait;
         if let Source::CatchUp(reader) = &mut subscription.source
-            && let Ok(Err(message)) =
-                tokio::time::timeout(CATCH_UP_OPEN_TIMEOUT, reader.opened()).await
+            && let Ok(Err(message)) = tokio::time::timeout(wait, reader.opened()).await
         {
             return Err(SubscribeError::BadResumeToken(message));
         }

@@ -1116,13 +1116,20 @@ async fn watcher_survives_a_mongod_restart() {
     let mongo = MongoD::start();
     let admin_db = unique_db("admin_store");
     let db = unique_db("admin_outage");
-    let a = TestServer::start(config(&mongo, &admin_db)).await;
-    let b = TestServer::start(config(&mongo, &admin_db)).await;
-    // Down longer than the driver's single automatic resume attempt (5 s server selection):
+    // Server selection gives up after 1 s (the driver's default: 30 s) so that the outage
+    // below outlasts the driver's single automatic resume attempt in 2.5 s, not 7.
+    let short_selection = || {
+        let mut config = config(&mongo, &admin_db);
+        config.mongo_uri = format!("{}&serverSelectionTimeoutMS=1000", mongo.uri());
+        config
+    };
+    let a = TestServer::start(short_selection()).await;
+    let b = TestServer::start(short_selection()).await;
+    // Down longer than the driver's single automatic resume attempt (one server selection):
     // the watchers' own retry loop has to bring them back.
     mongo.kill();
     // On purpose: the outage has to last (see above), there is no condition to wait for.
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     mongo.restart();
 
     // A's first PUT may meet the driver still reconnecting: 503 problem, then success.

@@ -200,11 +200,12 @@ async fn burst_larger_than_live_buffer_reaches_every_client() {
 
 #[tokio::test]
 async fn a_reader_lapped_past_the_ring_goes_through_a_catch_up_and_rejoins_live() {
-    // Default config: a 10,000-event ring, 1,024 live slots.
-    let f = Fixture::start("lapped", |_| {}).await;
+    // A 1,000-event ring: 3,000 changes lap it (and the live channel) three times over, as
+    // 30,000 would the default 10,000-event ring, in a tenth of the time.
+    let f = Fixture::start("lapped", |config| config.ring_size = 1_000).await;
     let mut fast = f.connect(Kind::Sse).await;
     let mut late = f.connect(Kind::Ws).await;
-    const N: i64 = 20_000;
+    const N: i64 = 3_000;
     let reader = tokio::spawn(async move {
         let events = fast.changes(N as usize, WAIT * 4).await;
         (fast, events)
@@ -434,8 +435,9 @@ async fn a_large_batch_does_not_hold_the_runtime_thread() {
             .load(std::sync::atomic::Ordering::Relaxed)
     };
     // Insert from another thread while this runtime is blocked, so the worker finds thousands
-    // of changes waiting and gets them in one or two large batches.
-    const N: i64 = 10_000;
+    // of changes waiting and gets them in one or two large batches. 5,000: twice the bound
+    // below, so a worker that applied a whole batch without a turn fails it.
+    const N: i64 = 5_000;
     let uri = f.config.mongo_uri.clone();
     let db = f.db.clone();
     std::thread::spawn(move || {

@@ -49,6 +49,8 @@ async fn not_ready_without_mongodb_and_subscribe_is_503_not_a_hang() {
     config
         .streams
         .push(server::stream("db", "c", "s", json!([])));
+    // How long the subscribe waits for the cursor before its 503 (default 10 s).
+    config.cursor_open_wait_ms = 1_000;
     let server = TestServer::start(config).await;
     assert_eq!(
         reqwest::get(server.url("/health/live"))
@@ -65,6 +67,11 @@ async fn not_ready_without_mongodb_and_subscribe_is_503_not_a_hang() {
         .err()
         .unwrap();
     assert_eq!(refused.status, 503);
-    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+    // Not a hang: the configured wait, not the default's 10 s or more.
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_secs(1) && waited < std::time::Duration::from_secs(8),
+        "{waited:?}"
+    );
     server.stop().await;
 }
