@@ -185,9 +185,9 @@ impl Token {
         let version = int()?;
         let token_type = int()?;
         let txn_op_index = int()?;
-        let from_invalidate = match rest.get(at_byte)? {
-            &keystring::FALSE => false,
-            &keystring::TRUE => true,
+        let from_invalidate = match *rest.get(at_byte)? {
+            keystring::FALSE => false,
+            keystring::TRUE => true,
             _ => return None,
         };
         let place = Place {
