@@ -529,7 +529,11 @@ mod tests {
                 let i = i as u32;
                 (
                     p.as_str(),
-                    change(t + (i * 13) % 1200, 1000 + i * 97, u64::from(i.is_multiple_of(10))),
+                    change(
+                        t + (i * 13) % 1200,
+                        1000 + i * 97,
+                        u64::from(i.is_multiple_of(10)),
+                    ),
                 )
             })
             .collect();
