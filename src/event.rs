@@ -134,13 +134,23 @@ impl Token {
         })
     }
 
-    /// For a position made by [`Token::after_cluster_time`]: the `startAtOperationTime` that
-    /// opens a change stream at the first change after it. `None` for real resume tokens.
+    /// For a synthetic position ([`Token::after_cluster_time`], [`Token::after_place`]): the
+    /// `startAtOperationTime` that opens a change stream at the first change that can follow
+    /// it. `None` for real resume tokens (they end with KeyString's end byte `04`, never `FF`),
+    /// which MongoDB resumes after itself.
+    ///
+    /// After every change at T (`82`+T+`FF`): just after T. After one change at T
+    /// (`82`+T+fields+`FF`): at T itself, every change at T included; the consumer skips those
+    /// at or before the position by token order (the catch-up's ring is read "after" it), so
+    /// the changes at T that follow it (later operations of the same transaction) are kept.
     pub fn start_at(&self) -> Option<Timestamp> {
-        if self.0.len() != 20 || !self.0.ends_with("FF") {
+        if self.0.len() < 20 || !self.0.ends_with("FF") {
             return None;
         }
         let at = self.cluster_time()?;
+        if self.0.len() > 20 {
+            return Some(at);
+        }
         Some(match at.increment.checked_add(1) {
             Some(increment) => Timestamp {
                 time: at.time,
@@ -151,6 +161,156 @@ impl Token {
                 increment: 0,
             },
         })
+    }
+
+    /// What places this position in the oplog (see [`Place`]); `None` for ids that are not
+    /// oplog positions in a form we can rebuild exactly (snapshot ids, older token formats).
+    pub fn place(&self) -> Option<Place> {
+        let hex = self.as_str();
+        // KeyString of `{clusterTime, version, tokenType, txnOpIndex, fromInvalidate, …}`: the
+        // fields we read fit in the first 38 bytes (9 + 3 × at most 9 + 1 + 1 for `FF`).
+        let head = hex.get(..hex.len().min(2 * PLACE_MAX_BYTES))?;
+        let bytes = hex::decode(head).ok()?;
+        let at = self.cluster_time()?;
+        let rest = bytes.get(9..)?;
+        if rest == [0xFF] && hex.len() == 20 {
+            return Some(Place { at, fields: None });
+        }
+        let mut at_byte = 0;
+        let mut int = || -> Option<u64> {
+            let (value, used) = keystring::read_uint(rest.get(at_byte..)?)?;
+            at_byte += used;
+            Some(value)
+        };
+        let version = int()?;
+        let token_type = int()?;
+        let txn_op_index = int()?;
+        let from_invalidate = match *rest.get(at_byte)? {
+            keystring::FALSE => false,
+            keystring::TRUE => true,
+            _ => return None,
+        };
+        let place = Place {
+            at,
+            fields: Some(PlaceFields {
+                version,
+                token_type,
+                txn_op_index,
+                from_invalidate,
+            }),
+        };
+        // Rebuilt exactly (canonical encodings only), so the rebuilt position sorts exactly
+        // where this token does relative to every other token.
+        let rebuilt = Token::after_place(&place);
+        let prefix = &rebuilt.as_str()[..rebuilt.as_str().len() - 2];
+        hex.starts_with(prefix).then_some(place)
+    }
+
+    /// The position "after the change (or high-water mark) at `place`": its token's leading
+    /// fields followed by `FF`, which sorts after every token that starts with those fields
+    /// (the change's own, whatever follows them: collection UUID, document key, fragment)
+    /// and before every token with greater fields: the next operation of a transaction, the
+    /// `invalidate` the change caused, the next cluster time. Not a token MongoDB resumes
+    /// from: a cursor opens at its cluster time ([`Token::start_at`]) and the consumer
+    /// skips by order.
+    pub fn after_place(place: &Place) -> Token {
+        let Some(fields) = &place.fields else {
+            return Token::after_cluster_time(place.at);
+        };
+        let ts = (u64::from(place.at.time) << 32) | u64::from(place.at.increment);
+        let mut hex = format!("82{ts:016X}");
+        for value in [fields.version, fields.token_type, fields.txn_op_index] {
+            keystring::write_uint(&mut hex, value);
+        }
+        hex.push_str(if fields.from_invalidate { "6F" } else { "6E" });
+        hex.push_str("FF");
+        Token(Arc::from(hex))
+    }
+}
+
+/// Longest KeyString prefix [`Token::place`] reads, in bytes.
+const PLACE_MAX_BYTES: usize = 9 + 3 * 9 + 1 + 1;
+
+/// Where a position stands in the oplog: what a resume token says before the collection and
+/// document it names. In a replica set, cluster time and `txnOpIndex` (the operation's index
+/// within its transaction, 0 outside one) identify one change; the other fields tell a
+/// change from a high-water mark at the same time, and a change from the `invalidate` it
+/// caused. A position rebuilt from a place ([`Token::after_place`]) is equivalent to the
+/// token it came from for every order comparison with real tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place {
+    /// The cluster time.
+    pub at: Timestamp,
+    /// `None`: after every change at `at` ([`Token::after_cluster_time`]).
+    pub fields: Option<PlaceFields>,
+}
+
+/// The resume token fields after the cluster time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlaceFields {
+    /// The token format version (1 or 2 for MongoDB 4.2 to 8.0).
+    pub version: u64,
+    /// 128: a change; 0: a high-water mark (a post-batch token).
+    pub token_type: u64,
+    /// The operation's index within its transaction.
+    pub txn_op_index: u64,
+    /// Whether this is the `invalidate` caused by the change at this place.
+    pub from_invalidate: bool,
+}
+
+impl PlaceFields {
+    /// `tokenType` of a change event.
+    pub const EVENT: u64 = 128;
+    /// `tokenType` of a high-water mark.
+    pub const HIGH_WATER_MARK: u64 = 0;
+}
+
+/// The few KeyString forms a resume token's leading fields take.
+mod keystring {
+    use std::fmt::Write as _;
+
+    /// Numeric zero.
+    const ZERO: u8 = 0x29;
+    /// A positive integer in 1 byte; `+n-1` for n bytes (the value shifted left by one, the
+    /// low bit saying whether a fraction follows).
+    const POSITIVE_1_BYTE: u8 = 0x2B;
+    const POSITIVE_8_BYTES: u8 = 0x32;
+    pub const FALSE: u8 = 0x6E;
+    pub const TRUE: u8 = 0x6F;
+
+    /// A non-negative integer without fraction: its value and the bytes it took.
+    pub fn read_uint(bytes: &[u8]) -> Option<(u64, usize)> {
+        match *bytes.first()? {
+            ZERO => Some((0, 1)),
+            kind @ POSITIVE_1_BYTE..=POSITIVE_8_BYTES => {
+                let n = usize::from(kind - POSITIVE_1_BYTE) + 1;
+                let raw = bytes
+                    .get(1..=n)?
+                    .iter()
+                    .fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+                // A fraction follows: not the integer a token field is.
+                if raw & 1 == 1 {
+                    return None;
+                }
+                Some((raw >> 1, n + 1))
+            }
+            _ => None,
+        }
+    }
+
+    /// Appends the canonical (shortest) encoding of `value` as upper-case hex.
+    pub fn write_uint(hex: &mut String, value: u64) {
+        if value == 0 {
+            hex.push_str("29");
+            return;
+        }
+        // Values past 2^63 cannot be shifted; no token field comes near.
+        let raw = value.saturating_mul(2);
+        let n = (8 - raw.leading_zeros() as usize / 8).max(1);
+        let _ = write!(hex, "{:02X}", POSITIVE_1_BYTE + (n as u8 - 1));
+        for i in (0..n).rev() {
+            let _ = write!(hex, "{:02X}", (raw >> (8 * i)) as u8);
+        }
     }
 }
 
@@ -586,6 +746,74 @@ mod tests {
                 time: 8,
                 increment: 0
             })
+        );
+    }
+
+    #[test]
+    fn a_place_is_read_from_real_tokens_and_rebuilt_exactly() {
+        // A 6.0 insert: version 1, tokenType 128, txnOpIndex 0, not from invalidate, UUID,
+        // document key.
+        let insert = Token::parse(
+            "8265A1B2C3000000012B022C0100296E5A10040123456789ABCDEF0123456789ABCDEF\
+             463C5F6964003C64A1B2C3D4E5F6A7B8C9D0E1F20004",
+        )
+        .unwrap();
+        let place = insert.place().unwrap();
+        assert_eq!(
+            place,
+            Place {
+                at: Timestamp {
+                    time: 0x65A1_B2C3,
+                    increment: 1
+                },
+                fields: Some(PlaceFields {
+                    version: 1,
+                    token_type: PlaceFields::EVENT,
+                    txn_op_index: 0,
+                    from_invalidate: false
+                })
+            }
+        );
+        let after = Token::after_place(&place);
+        assert_eq!(after.as_str(), "8265A1B2C3000000012B022C0100296EFF");
+        assert!(insert < after);
+        assert_eq!(after.place(), Some(place), "a rebuilt position reads back");
+        // The 300th operation of a transaction (two-byte integer), and a high-water mark.
+        let txn = Token::parse("8265A1B2C3000000012B022C01002C02586E5A1004AB").unwrap();
+        assert_eq!(txn.place().unwrap().fields.unwrap().txn_op_index, 300);
+        let hwm = Token::parse("8265A1B2C3000000012B0229296E04").unwrap();
+        let hwm_place = hwm.place().unwrap();
+        assert_eq!(hwm_place.fields.unwrap().token_type, 0);
+        // A high-water mark at T comes before every change at T; its place too.
+        assert!(Token::after_place(&hwm_place) < insert);
+        // A cluster-time position is a place without fields.
+        let at = Token::after_cluster_time(place.at);
+        assert_eq!(
+            at.place(),
+            Some(Place {
+                at: place.at,
+                fields: None
+            })
+        );
+        // Snapshot ids, fractional or non-canonical integers: not places.
+        assert_eq!(
+            Token::parse("8265A1B2C300000001FE0000000105000000")
+                .unwrap()
+                .place(),
+            None
+        );
+        assert_eq!(
+            Token::parse("8265A1B2C3000000012B03296E04")
+                .unwrap()
+                .place(),
+            None
+        );
+        assert_eq!(
+            Token::parse("8265A1B2C3000000012C0002296E04")
+                .unwrap()
+                .place(),
+            None,
+            "1 written in two bytes"
         );
     }
 

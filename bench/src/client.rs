@@ -167,12 +167,14 @@ impl Conn {
     pub async fn read_some(
         &mut self,
         on_event: &mut impl FnMut(Ev<'_>, i64),
+        bytes: &AtomicU64,
     ) -> Result<bool, String> {
         match self {
             Conn::Ws(ws) => match ws.next().await {
                 None | Some(Ok(Message::Close(_))) => Ok(false),
                 Some(Err(e)) => Err(format!("websocket: {e}")),
                 Some(Ok(Message::Text(text))) => {
+                    bytes.fetch_add(text.len() as u64, Ordering::Relaxed);
                     if let Some(ev) = parse::envelope(text.as_bytes()) {
                         on_event(ev, now_us());
                     }
@@ -194,6 +196,7 @@ impl Conn {
                     .read_buf(raw)
                     .await
                     .map_err(|e| format!("read: {e}"))?;
+                bytes.fetch_add(n as u64, Ordering::Relaxed);
                 let now = now_us();
                 let mut pos = 0;
                 parse::dechunk(state, raw, &mut pos, body)?;
@@ -301,6 +304,11 @@ pub struct Shared {
     pub delivered: AtomicU64,
     /// Receive time of the latest event (unix µs).
     pub last_delivery_us: AtomicI64,
+    /// Bytes received from the server over all clients (HTTP: as read from the socket,
+    /// chunk framing included; WebSocket: text payloads).
+    pub bytes: AtomicU64,
+    /// Longest change id received (on `/_streams`: the composite position), bytes.
+    pub max_id_len: AtomicUsize,
     /// Clients whose handshake completed.
     pub connected: AtomicUsize,
     /// Clients that failed to connect.
@@ -325,6 +333,8 @@ impl Shared {
                 .collect(),
             delivered: AtomicU64::new(0),
             last_delivery_us: AtomicI64::new(0),
+            bytes: AtomicU64::new(0),
+            max_id_len: AtomicUsize::new(0),
             connected: AtomicUsize::new(0),
             connect_failed: AtomicUsize::new(0),
             complete: AtomicUsize::new(0),
@@ -487,6 +497,9 @@ pub async fn run_client(
     loop {
         let mut on_event = |ev: Ev<'_>, now: i64| match ev {
             Ev::Change { seq, sent_at, id } => {
+                if let Some(id) = id {
+                    shared.max_id_len.fetch_max(id.len(), Ordering::Relaxed);
+                }
                 if result.first_id.is_none() {
                     result.first_id = id.map(|id| String::from_utf8_lossy(id).into_owned());
                 }
@@ -524,7 +537,7 @@ pub async fn run_client(
             }
         };
         let read = tokio::select! {
-            read = conn.read_some(&mut on_event) => read,
+            read = conn.read_some(&mut on_event, &shared.bytes) => read,
             _ = shared.stop.cancelled() => break,
         };
         if !latencies.is_empty() {
@@ -599,7 +612,7 @@ pub async fn ids_of(
                 found += 1;
             }
         };
-        match tokio::time::timeout(left, conn.read_some(&mut on_event)).await {
+        match tokio::time::timeout(left, conn.read_some(&mut on_event, &AtomicU64::new(0))).await {
             Err(_) => {
                 return Err(format!(
                     "{found} of the events {first}..{} within {timeout:?}",

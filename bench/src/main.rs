@@ -642,6 +642,7 @@ async fn live(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Report, S
     }
 
     let cpu0 = Cpu::read(ctx, place.server_pid);
+    let bytes0 = shared.bytes.load(Ordering::Relaxed);
     let first_insert_us = now_us();
     let inserted = if place.spread.is_empty() {
         insert_docs(
@@ -673,6 +674,16 @@ async fn live(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Report, S
     shared.stop.cancel();
     let results = join_clients(handles).await?;
     report.deliveries = shared.delivered.load(Ordering::Relaxed);
+    if report.deliveries > 0 {
+        let per = |total: f64| total / report.deliveries as f64;
+        let bytes = shared.bytes.load(Ordering::Relaxed).saturating_sub(bytes0);
+        report.bytes_per_delivery = Some(per(bytes as f64));
+        report.server_cpu_us_per_delivery = cpu0
+            .server
+            .zip(cpu1.server)
+            .map(|(before, after)| per((after - before) * 1e6));
+    }
+    report.max_id_len = Some(shared.max_id_len.load(Ordering::Relaxed)).filter(|n| *n > 0);
     let last = shared.last_delivery_us.load(Ordering::Relaxed);
     report.delivery_secs = ((last - first_insert_us) as f64 / 1e6).max(0.0);
     if report.delivery_secs > 0.0 {

@@ -108,6 +108,16 @@ pub struct Report {
     pub mongod_cpu_pct: Option<f64>,
     /// This tool's CPU use while events flowed, % of one core.
     pub bench_cpu_pct: Option<f64>,
+    /// Server CPU time while events flowed, per delivery, µs (issue 21).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_us_per_delivery: Option<f64>,
+    /// Bytes the clients received while events flowed, per delivery (framing, envelope and
+    /// id included; issue 21).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_per_delivery: Option<f64>,
+    /// Longest change id a client received, bytes (`/_streams`: the composite position).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_id_len: Option<usize>,
     /// Seconds from first insert to last delivery.
     pub delivery_secs: f64,
     /// 1-minute load average before and after the scenario.
@@ -258,6 +268,14 @@ impl Report {
             self.loadavg[0],
             self.loadavg[1]
         );
+        if let Some(bytes) = self.bytes_per_delivery {
+            println!(
+                "per delivery   {bytes:.0} bytes on the wire, server CPU {}, longest id {} bytes",
+                self.server_cpu_us_per_delivery
+                    .map_or("-".into(), |us| format!("{us:.2} µs")),
+                self.max_id_len.unwrap_or(0)
+            );
+        }
         self.print_upstream();
         if let Some(rate) = self.catch_up_events_per_sec {
             println!(

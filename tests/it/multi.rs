@@ -1,7 +1,9 @@
 //! One connection, many streams (`GET /_streams`, PROTOCOL.md §8) and the options every
 //! subscription takes: the composite id resumes every stream exactly, WebSocket
 //! `subscribe`/`unsubscribe`, `rewind`, `operationType` narrowing, `heartbeats`,
-//! `enveloped=false`, `info`, per-stream permission refusals and bad input.
+//! `enveloped=false`, `info`, per-stream permission refusals and bad input. The composite id
+//! (issue 21): its size at 10 and 100 streams, exactly-once across a kill -9 of the server, a
+//! MongoDB stepdown and WebSocket `subscribe`/`unsubscribe`, and ids of the former format.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -14,6 +16,7 @@ use streamgate::config::Config;
 
 use crate::harness::clients::{Client, Envelope, Kind, Next};
 use crate::harness::fixture::insert_seqs;
+use crate::harness::mongod::MongoD;
 use crate::harness::server::{self, TestServer};
 use crate::harness::{eventually, mongod, unique_db};
 
@@ -27,8 +30,16 @@ struct Multi {
 
 impl Multi {
     async fn start(prefix: &str, tweak: impl FnOnce(&mut Config, &str)) -> Multi {
+        Multi::start_on(mongod::shared(), prefix, tweak).await
+    }
+
+    async fn start_on(
+        mongo: &MongoD,
+        prefix: &str,
+        tweak: impl FnOnce(&mut Config, &str),
+    ) -> Multi {
         let db = unique_db(prefix);
-        let mut config = server::config(mongod::shared());
+        let mut config = server::config(mongo);
         for name in ["a", "b", "c"] {
             config
                 .streams
@@ -555,5 +566,479 @@ async fn snapshot_then_changes_on_every_stream_of_a_connection() {
     let got = by_stream(Kind::Ndjson, &mut client, 2).await;
     assert_eq!(got[&m.stream("a")], vec![3]);
     assert_eq!(got[&m.stream("b")], vec![12]);
+    m.server.stop().await;
+}
+
+/// Reads changes until the stream ends or nothing comes for `quiet`, adding each stream's
+/// `seq`s to `seen` (anything but a change fails the test).
+async fn drain(
+    kind: Kind,
+    client: &mut Client,
+    seen: &mut BTreeMap<String, Vec<i64>>,
+    quiet: Duration,
+) {
+    loop {
+        match client.next(quiet).await {
+            Next::Event(event) if event.event == "change" => {
+                let (stream, seq) = stream_seq(kind, &event);
+                seen.entry(stream).or_default().push(seq);
+            }
+            Next::Event(event) => panic!("unexpected {event:?}"),
+            Next::End(_) | Next::Timeout => return,
+        }
+    }
+}
+
+/// Writes round `seq` = 0, 1, 2… into each of `colls` until `stop`: every third round in one
+/// transaction over all of them (their changes then share one cluster time and differ by
+/// `txnOpIndex`), the others one insert each. Returns how many rounds were written.
+async fn write_rounds(
+    colls: Vec<Collection<Document>>,
+    stop: tokio_util::sync::CancellationToken,
+) -> i64 {
+    let client = colls[0].client().clone();
+    let mut seq = 0;
+    while !stop.is_cancelled() {
+        if seq % 3 == 0 {
+            let mut session = client.start_session().await.unwrap();
+            session.start_transaction().await.unwrap();
+            for coll in &colls {
+                coll.insert_one(doc! { "seq": seq })
+                    .session(&mut session)
+                    .await
+                    .unwrap();
+            }
+            session.commit_transaction().await.unwrap();
+        } else {
+            for coll in &colls {
+                coll.insert_one(doc! { "seq": seq }).await.unwrap();
+            }
+        }
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    seq
+}
+
+/// Every stream of `names` (streams `/db/<name>/_streams/<name>`) got exactly `0..rounds`, in
+/// order.
+fn assert_exactly_once(db: &str, names: &[&str], seen: &BTreeMap<String, Vec<i64>>, rounds: i64) {
+    for name in names {
+        let got = seen
+            .get(&format!("/{db}/{name}/_streams/{name}"))
+            .cloned()
+            .unwrap_or_default();
+        let lost = (0..rounds).filter(|s| !got.contains(s)).count();
+        let doubled = got.len() + lost - rounds as usize;
+        assert_eq!(
+            (lost, doubled),
+            (0, 0),
+            "{name}: {lost} lost, {doubled} duplicated of {rounds}"
+        );
+        assert_eq!(got, (0..rounds).collect::<Vec<_>>(), "{name}: in order");
+    }
+}
+
+/// The composite id of 10 and 100 streams, after plain changes and after one transaction
+/// over every stream's collection (entries that differ only by `txnOpIndex`), is within
+/// PROTOCOL.md §8's bounds; over SSE it is not repeated in the envelope; the 100-stream id
+/// resumes every stream exactly, transaction included; an id of the former format is a 400.
+#[tokio::test]
+async fn composite_ids_of_10_and_100_streams_stay_small_and_resume_exactly() {
+    let names: Vec<String> = (0..100).map(|i| format!("s{i}")).collect();
+    let m = Multi::start("multi_size", |config, db| {
+        for name in &names {
+            config
+                .streams
+                .push(server::stream(db, name, name, json!([])));
+        }
+    })
+    .await;
+    let all: Vec<&str> = names.iter().map(String::as_str).collect();
+    let colls: Vec<Collection<Document>> = {
+        let db = mongod::shared().client().await.database(&m.db);
+        all.iter().map(|n| db.collection(n)).collect()
+    };
+    let mut ten = m.connect(Kind::Sse, &m.path(&all[..10], ""), None).await;
+    let mut hundred = m.connect(Kind::Sse, &m.path(&all, ""), None).await;
+    for coll in &colls {
+        insert_seqs(coll, 0..1).await;
+    }
+    ten.changes(10, WAIT).await;
+    hundred.changes(100, WAIT).await;
+    let in_transaction = async |seq: i64| {
+        let mut session = colls[0].client().start_session().await.unwrap();
+        session.start_transaction().await.unwrap();
+        for coll in &colls {
+            coll.insert_one(doc! { "seq": seq })
+                .session(&mut session)
+                .await
+                .unwrap();
+        }
+        session.commit_transaction().await.unwrap();
+    };
+    in_transaction(1).await;
+    for event in ten.changes(10, WAIT).await {
+        assert!(event.data["stream"].is_string(), "{event:?}");
+        assert!(
+            event.data.get("id").is_none(),
+            "the SSE envelope does not repeat the id: {event:?}"
+        );
+    }
+    hundred.changes(100, WAIT).await;
+    let (ten_id, hundred_id) = (
+        ten.last_id.clone().unwrap(),
+        hundred.last_id.clone().unwrap(),
+    );
+    println!(
+        "composite id: 10 streams {} characters, 100 streams {}",
+        ten_id.len(),
+        hundred_id.len()
+    );
+    assert!(ten_id.len() <= 160, "10 streams: {ten_id}");
+    assert!(hundred_id.len() <= 1000, "100 streams: {hundred_id}");
+
+    drop(hundred);
+    in_transaction(2).await;
+    let mut resumed = m
+        .connect(Kind::Sse, &m.path(&all, ""), Some(&hundred_id))
+        .await;
+    for coll in &colls {
+        insert_seqs(coll, 3..4).await;
+    }
+    let got = by_stream(Kind::Sse, &mut resumed, 200).await;
+    for name in &all {
+        assert_eq!(got[&m.stream(name)], vec![2, 3], "{name}");
+    }
+
+    // An id of the former format (whole tokens): refused, saying why.
+    let mut old = vec![1u8, 0, 0, 0x12, 0x34, 0x56, 0x78, 0, 19];
+    old.extend_from_slice(&hex::decode("8265A1B2C3000000012B022C0100296E5A1004").unwrap());
+    old.resize(old.len().div_ceil(3) * 3, 0);
+    use base64::Engine;
+    let old = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&old);
+    let refused = Client::connect(
+        Kind::Sse,
+        &m.server.url(""),
+        &m.path(&all[..3], ""),
+        Some(&old),
+    )
+    .await
+    .err()
+    .expect("an old id is refused");
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(
+        refused.body.contains("old_position_format"),
+        "{}",
+        refused.body
+    );
+    m.server.stop().await;
+}
+
+/// A streamgate process on a fixed port with streams `a`, `b`, `c` of `db`.
+struct Process {
+    port: u16,
+    config: tempfile::NamedTempFile,
+    child: Option<tokio::process::Child>,
+}
+
+impl Process {
+    fn new(db: &str) -> Process {
+        let port = mongod::free_port();
+        let mut config = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        let mut text = format!(
+            "listen = \"127.0.0.1:{port}\"\nmongo_uri = {:?}\nworker_linger_ms = 300\n",
+            mongod::shared().uri()
+        );
+        for name in ["a", "b", "c"] {
+            text.push_str(&format!(
+                "[[streams]]\ndb = {db:?}\ncoll = {name:?}\nname = {name:?}\n"
+            ));
+        }
+        std::io::Write::write_all(&mut config, text.as_bytes()).unwrap();
+        Process {
+            port,
+            config,
+            child: None,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    async fn start(&mut self) {
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamgate"))
+            .arg("--config")
+            .arg(self.config.path())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let url = format!("{}/health/ready", self.url());
+        eventually("the server is ready", WAIT, async || {
+            reqwest::get(&url).await.is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+    }
+
+    /// SIGKILL: no shutdown, no goodbye to clients.
+    async fn kill(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().await.unwrap();
+    }
+}
+
+/// Changes flow into three streams (a transaction over all three every third round) while
+/// an SSE client reads them on one connection; the server is killed with SIGKILL, changes go
+/// on while it is down, it restarts (its workers start from now), and the client resumes
+/// with its last composite id: every stream gets every change exactly once, in order, the
+/// missed ones through catch-ups opened at each stream's place in the oplog.
+#[tokio::test]
+async fn composite_id_resumes_every_stream_exactly_once_after_kill_9_and_restart() {
+    let db = unique_db("multi_kill");
+    let mut process = Process::new(&db);
+    process.start().await;
+    let names = ["a", "b", "c"];
+    let stream = |name: &str| format!("/{db}/{name}/_streams/{name}");
+    let path = format!("/_streams?streams={}", names.map(stream).join(","));
+    let colls: Vec<Collection<Document>> = {
+        let db = mongod::shared().client().await.database(&db);
+        names.iter().map(|n| db.collection(n)).collect()
+    };
+    let mut client = Client::connect(Kind::Sse, &process.url(), &path, None)
+        .await
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = tokio::spawn(write_rounds(colls, stop.clone()));
+    let mut seen = BTreeMap::new();
+    while seen
+        .get(&stream("c"))
+        .is_none_or(|s: &Vec<i64>| s.len() < 20)
+    {
+        let (stream, seq) = stream_seq(Kind::Sse, &client.expect_event(WAIT).await);
+        seen.entry(stream).or_default().push(seq);
+    }
+    process.kill().await;
+    drain(Kind::Sse, &mut client, &mut seen, Duration::from_secs(2)).await;
+    let last = client.last_id.clone().expect("a composite id");
+    process.start().await;
+    let mut client = Client::connect(Kind::Sse, &process.url(), &path, Some(&last))
+        .await
+        .unwrap();
+    // Read on for a while with changes still flowing, then stop them and read the rest.
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < until {
+        drain(
+            Kind::Sse,
+            &mut client,
+            &mut seen,
+            Duration::from_millis(200),
+        )
+        .await;
+    }
+    stop.cancel();
+    let rounds = writer.await.unwrap();
+    eventually("every change arrived", WAIT, async || {
+        drain(
+            Kind::Sse,
+            &mut client,
+            &mut seen,
+            Duration::from_millis(300),
+        )
+        .await;
+        names.iter().all(|n| {
+            seen.get(&stream(n))
+                .is_some_and(|s| s.len() >= rounds as usize)
+        })
+    })
+    .await;
+    client.expect_quiet(Duration::from_millis(500)).await;
+    assert_exactly_once(&db, &names, &seen, rounds);
+    process.kill().await;
+}
+
+/// Steps MongoDB's only member down (every cursor and connection on it is interrupted) and
+/// waits until it is primary again.
+async fn step_down_and_back(mongo: &MongoD) {
+    let uri = format!(
+        "mongodb://127.0.0.1:{}/?directConnection=true",
+        mongo.port()
+    );
+    let direct = mongodb::Client::with_uri_str(&uri).await.unwrap();
+    let admin = direct.database("admin");
+    let is_primary = async || {
+        admin
+            .run_command(doc! { "hello": 1 })
+            .await
+            .ok()
+            .and_then(|hello| hello.get_bool("isWritablePrimary").ok())
+            == Some(true)
+    };
+    // The primary drops its connections as it steps down: the answer may be an error.
+    let _ = admin
+        .run_command(doc! { "replSetStepDown": 60, "force": true })
+        .await;
+    assert!(!is_primary().await, "stepped down");
+    // A single-member set stands for election as soon as it is unfrozen.
+    eventually("primary again", WAIT, async || {
+        let _ = admin.run_command(doc! { "replSetFreeze": 0 }).await;
+        is_primary().await
+    })
+    .await;
+}
+
+/// A stepdown while a client reads three streams on one connection and while it is away:
+/// the worker's cursors reopen after it, and the client, resuming with its composite id
+/// after the server's workers have retired, gets every change exactly once per stream.
+#[tokio::test]
+async fn composite_id_resumes_every_stream_exactly_once_across_a_stepdown() {
+    let mongo = tokio::task::spawn_blocking(MongoD::start).await.unwrap();
+    let m = Multi::start_on(&mongo, "multi_stepdown", |_, _| {}).await;
+    let names = ["a", "b", "c"];
+    let path = m.path(&names, "");
+    let colls = {
+        let db = mongo.client().await.database(&m.db);
+        names.map(|n| db.collection::<Document>(n))
+    };
+    let round = async |seq: i64| {
+        for coll in &colls {
+            coll.insert_one(doc! { "seq": seq }).await.unwrap();
+        }
+    };
+    let mut seen = BTreeMap::new();
+    let mut client = m.connect(Kind::Sse, &path, None).await;
+    for seq in 0..3 {
+        round(seq).await;
+    }
+    for (stream, seqs) in by_stream(Kind::Sse, &mut client, 9).await {
+        seen.insert(stream, seqs);
+    }
+    // Live across the stepdown.
+    step_down_and_back(&mongo).await;
+    for seq in 3..6 {
+        round(seq).await;
+    }
+    drain(Kind::Sse, &mut client, &mut seen, Duration::from_secs(3)).await;
+    let last = client.last_id.clone().expect("a composite id");
+    drop(client);
+    // Away across a second one; the workers retire meanwhile (300 ms linger).
+    for seq in 6..9 {
+        round(seq).await;
+    }
+    step_down_and_back(&mongo).await;
+    for seq in 9..12 {
+        round(seq).await;
+    }
+    let mut client = m.connect(Kind::Sse, &path, Some(&last)).await;
+    round(12).await;
+    eventually("every change arrived", WAIT, async || {
+        drain(
+            Kind::Sse,
+            &mut client,
+            &mut seen,
+            Duration::from_millis(300),
+        )
+        .await;
+        names
+            .iter()
+            .all(|n| seen.get(&m.stream(n)).is_some_and(|s| s.len() >= 13))
+    })
+    .await;
+    assert_exactly_once(&m.db, &names, &seen, 13);
+    m.server.stop().await;
+    drop(mongo);
+}
+
+/// WebSocket `subscribe`/`unsubscribe` mid-connection with composite ids: a stream
+/// unsubscribed and subscribed again with an id from before gets exactly what it missed; a
+/// stream the id does not hold starts from now; on a new connection, streams subscribed one
+/// by one, in another order, with the last id each resume exactly.
+#[tokio::test]
+async fn websocket_subscribe_with_a_composite_id_resumes_exactly_once() {
+    let m = Multi::start("multi_ws_resume", |_, _| {}).await;
+    let (a, b, c) = (m.coll("a").await, m.coll("b").await, m.coll("c").await);
+    let op = |op: &str, name: &str, id: Option<&str>| {
+        json!({"op": op, "stream": m.stream(name), "lastEventId": id}).to_string()
+    };
+    let answer = async |client: &mut Client, expected: &str| {
+        let answer = client.expect_event(WAIT).await;
+        assert_eq!(answer.event, expected, "{answer:?}");
+    };
+    let mut client = m.connect(Kind::Ws, &m.path(&["a"], ""), None).await;
+    insert_seqs(&a, 0..1).await;
+    assert_eq!(
+        by_stream(Kind::Ws, &mut client, 1).await[&m.stream("a")],
+        vec![0]
+    );
+    client.send_text(&op("subscribe", "b", None)).await;
+    answer(&mut client, "subscribed").await;
+    insert_seqs(&a, 1..2).await;
+    insert_seqs(&b, 0..1).await;
+    by_stream(Kind::Ws, &mut client, 2).await;
+    let before = client.last_id.clone().expect("a composite id");
+
+    client.send_text(&op("unsubscribe", "a", None)).await;
+    answer(&mut client, "unsubscribed").await;
+    insert_seqs(&a, 2..4).await;
+    insert_seqs(&b, 1..2).await;
+    assert_eq!(
+        by_stream(Kind::Ws, &mut client, 1).await[&m.stream("b")],
+        vec![1]
+    );
+    client.send_text(&op("subscribe", "a", Some(&before))).await;
+    answer(&mut client, "subscribed").await;
+    insert_seqs(&a, 4..5).await;
+    assert_eq!(
+        by_stream(Kind::Ws, &mut client, 3).await[&m.stream("a")],
+        vec![2, 3, 4],
+        "exactly what it missed, then on"
+    );
+    // `before` holds no entry for c: c starts from now.
+    insert_seqs(&c, 100..101).await;
+    client.send_text(&op("subscribe", "c", Some(&before))).await;
+    answer(&mut client, "subscribed").await;
+    insert_seqs(&c, 0..1).await;
+    assert_eq!(
+        by_stream(Kind::Ws, &mut client, 1).await[&m.stream("c")],
+        vec![0]
+    );
+    let last = client.last_id.clone().expect("a composite id");
+    drop(client);
+
+    insert_seqs(&a, 5..6).await;
+    insert_seqs(&b, 2..3).await;
+    insert_seqs(&c, 1..2).await;
+    let mut client = m.connect(Kind::Ws, "/_streams", None).await;
+    for name in ["c", "a", "b"] {
+        client.send_text(&op("subscribe", name, Some(&last))).await;
+    }
+    // Three answers; a stream's missed change may come before the next stream's answer.
+    let mut got: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    let mut answers = 0;
+    while answers < 3 {
+        let event = client.expect_event(WAIT).await;
+        match event.event.as_str() {
+            "subscribed" => answers += 1,
+            "change" => {
+                let (stream, seq) = stream_seq(Kind::Ws, &event);
+                got.entry(stream).or_default().push(seq);
+            }
+            _ => panic!("unexpected {event:?}"),
+        }
+    }
+    insert_seqs(&a, 6..7).await;
+    insert_seqs(&b, 3..4).await;
+    insert_seqs(&c, 2..3).await;
+    let changes = 6 - got.values().map(Vec::len).sum::<usize>();
+    for (stream, seqs) in by_stream(Kind::Ws, &mut client, changes).await {
+        got.entry(stream).or_default().extend(seqs);
+    }
+    assert_eq!(got[&m.stream("a")], vec![5, 6]);
+    assert_eq!(got[&m.stream("b")], vec![2, 3]);
+    assert_eq!(got[&m.stream("c")], vec![1, 2]);
+    client.expect_quiet(Duration::from_millis(500)).await;
     m.server.stop().await;
 }

@@ -7,21 +7,20 @@
 //! stream with its own waker, so a wake-up polls only the streams that have news (no per-event
 //! allocation, no polling of idle streams).
 //!
-//! **Composite position.** The connection's id is one position over all its streams, so one
-//! `Last-Event-ID` resumes every stream exactly (each from its own resume token, with the
-//! usual exactly-once machinery). It is base64url (no padding) of a versioned byte string:
-//! a 3-byte header `[1, 0, 0]`, then per stream `[tag: u32 BE][len: u16 BE][token bytes]`
-//! zero-padded to a multiple of 3 bytes, where `tag` is the FNV-1a hash of the stream path
-//! (so WebSocket subscribes in any order still find their entry) and the token is the `_data`
-//! hex decoded. Because every segment is a whole number of base64 groups, each stream's
-//! encoded segment is cached and re-encoded only when that stream moves: building an event's
-//! id is a concatenation. A malformed id is a 400.
+//! **Composite position** (`position.rs`). The connection's id is one position over all its
+//! streams, so one `Last-Event-ID` resumes every stream exactly (each from its place in the
+//! oplog, with the usual exactly-once machinery). Each stream's entry is a few bytes (cluster
+//! time as a delta from the oldest entry's, increment, transaction index, a short tag of the
+//! stream's path), so the id does not grow with the data and barely with the streams. Each
+//! stream's entry is kept decoded and the id is rebuilt per event (a few bytes per stream).
+//! A malformed id, or one of the former format, is a 400.
 //!
-//! **Per-connection encoding.** A multi-stream envelope must name its stream and carry the
-//! composite id, so it cannot be the worker's shared encoding. It is spliced, not
-//! re-serialised: a small prefix (`{"stream":…,"event":…,"id":…,"data":`) plus the shared
-//! `data` bytes sliced out of the worker's envelope, plus a constant suffix; SSE and NDJSON
-//! write the three as one `writev` without copying the change.
+//! **Per-connection encoding.** A multi-stream envelope must name its stream (and, except over
+//! SSE, carry the composite id), so it cannot be the worker's shared encoding. It is spliced,
+//! not re-serialised: a small prefix (`{"stream":…,"event":…[,"id":…],"data":`) plus the
+//! shared `data` bytes sliced out of the worker's envelope, plus a constant suffix; SSE and
+//! NDJSON write the three as one `writev` without copying the change. Over SSE the id is sent
+//! once, in the `id:` line (PROTOCOL.md §8), not again in the envelope.
 //!
 //! **Stream ends.** A terminal event of one stream (`cancel`, `invalidate`, an `error` such
 //! as `history_lost`) is delivered with its stream's name and removes that stream (and its
@@ -41,8 +40,6 @@ use axum::extract::ws::{Message, Utf8Bytes};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use futures::task::AtomicWaker;
 use futures::{Sink, SinkExt, Stream, StreamExt};
@@ -67,10 +64,10 @@ use crate::snapshot::{Lease, Mode, Prelude};
 use crate::streams::{Requester, StreamKey};
 use crate::worker::{Subscription, Worker};
 
-/// Version byte of the composite position.
-const POSITION_VERSION: u8 = 1;
-/// Largest composite id we decode (100 streams of long tokens fit comfortably).
-const MAX_POSITION_LEN: usize = 256 * 1024;
+mod position;
+
+use self::position::{Encoder, Entry, Position, PositionError};
+
 /// Largest WebSocket message we read from a client: a `subscribe` with a composite id.
 const WS_MAX_INCOMING: usize = 64 * 1024;
 /// Most events written in one batch.
@@ -156,10 +153,10 @@ pub async fn subscribe_many(
     let mut streams = Streams::default();
     for key in &names {
         // Resuming: every stream from its entry (a stream the id does not hold from now).
-        let start = resume.as_ref().and_then(|p| p.get(tag(&key.to_string())));
+        let start = resume.as_ref().and_then(|p| p.get(&key.to_string()));
         streams.push(opener.open(key, start, resume.is_none()).await?);
     }
-    let feed = MultiFeed::new(streams, &opener);
+    let mut feed = MultiFeed::new(streams, &opener);
     let info = opener.options.info.then(|| feed.info());
     Ok(match transport {
         Transport::Sse | Transport::Ndjson => text_response(feed, info, &opener),
@@ -304,80 +301,18 @@ impl Opener {
     }
 }
 
-/// FNV-1a of a stream path: the stream's tag in the composite position.
-fn tag(path: &str) -> u32 {
-    path.bytes().fold(0x811c_9dc5, |hash: u32, byte| {
-        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
-    })
-}
-
-/// A decoded composite position: stream tag → token.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct Position(Vec<(u32, Token)>);
-
-impl Position {
-    /// This stream's token, if the position has one.
-    fn get(&self, tag: u32) -> Option<Token> {
-        self.0
-            .iter()
-            .find(|(t, _)| *t == tag)
-            .map(|(_, t)| t.clone())
-    }
-
-    /// Decodes a composite id; `None` when it is not one.
-    pub fn decode(text: &str) -> Option<Position> {
-        if text.len() > MAX_POSITION_LEN {
-            return None;
-        }
-        let bytes = URL_SAFE_NO_PAD.decode(text.trim()).ok()?;
-        let (header, mut rest) = bytes.split_at_checked(3)?;
-        if header != [POSITION_VERSION, 0, 0] {
-            return None;
-        }
-        let mut entries = Vec::new();
-        while !rest.is_empty() {
-            let tag = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
-            let len = usize::from(u16::from_be_bytes(rest.get(4..6)?.try_into().ok()?));
-            let token = rest.get(6..6 + len)?;
-            let token = Token::parse(&hex::encode_upper(token)).ok()?;
-            entries.push((tag, token));
-            let segment = (6 + len).div_ceil(3) * 3;
-            rest = rest.get(segment..)?;
-        }
-        Some(Position(entries))
-    }
-}
-
-/// This stream's segment of the composite position, base64url-encoded (empty without a
-/// position). A whole number of base64 groups, so segments concatenate.
-fn segment(tag: u32, position: Option<&Token>) -> String {
-    let Some(token) = position else {
-        return String::new();
-    };
-    let Ok(raw) = hex::decode(token.as_str()) else {
-        return String::new();
-    };
-    let len = u16::try_from(raw.len()).unwrap_or(u16::MAX);
-    let mut bytes = Vec::with_capacity(raw.len() + 8);
-    bytes.extend_from_slice(&tag.to_be_bytes());
-    bytes.extend_from_slice(&len.to_be_bytes());
-    bytes.extend_from_slice(&raw[..usize::from(len)]);
-    bytes.resize(bytes.len().div_ceil(3) * 3, 0);
-    URL_SAFE_NO_PAD.encode(bytes)
-}
-
 /// `Last-Event-ID` wins over `?lastEventId=`; empty means "from now"; anything else must be a
 /// composite position.
 fn resume_position(headers: &HeaderMap, param: Option<&str>) -> Result<Option<Position>, ApiError> {
     let Some(raw) = super::subscribe::last_event_id(headers, param)? else {
         return Ok(None);
     };
-    Position::decode(raw).map(Some).ok_or_else(|| {
-        ApiError::bad_request(
-            "Last-Event-ID is not a /_streams position (the id of an event of this connection, \
-             as sent)",
-        )
-    })
+    Position::decode(raw).map(Some).map_err(refused_position)
+}
+
+/// The 400 for a composite id we cannot read, with its `reason`.
+fn refused_position(error: PositionError) -> ApiError {
+    ApiError::bad_request(error.to_string()).with_extra(json!({ "reason": error.reason() }))
 }
 
 /// Marks its stream as having news and wakes the connection's task.
@@ -403,13 +338,13 @@ type EventStream = Pin<Box<dyn Stream<Item = Arc<Event>> + Send>>;
 struct Slot {
     /// `/db/coll/_streams/name`.
     name: Arc<str>,
-    tag: u32,
+    /// The hash of `name` the stream's tag in the composite position is cut from.
+    hash: u64,
     /// `{"stream":"<name>","event":"`, encoded once.
     head: Bytes,
-    /// What this client has seen through on this stream.
-    position: Option<Token>,
-    /// `position` as a composite-id segment (see [`segment`]).
-    segment: String,
+    /// What this client has seen through on this stream, reduced to its composite-id entry
+    /// (`None`: no position yet, a resume starts this stream afresh).
+    entry: Option<Entry>,
     /// For delivery stats.
     worker: Arc<Worker>,
     /// The subscription, driven as a stream (boxed once, so no allocation per event).
@@ -433,7 +368,6 @@ impl Slot {
         prelude: Option<Prelude>,
         revocation: Option<Revocation>,
     ) -> Slot {
-        let tag = tag(&name);
         // With a snapshot still to come, no position yet: a client that reconnects before its
         // first event starts that stream afresh (snapshot included), not after it.
         let position = prelude
@@ -473,11 +407,10 @@ impl Slot {
             parent: Arc::new(AtomicWaker::new()),
         });
         Slot {
-            segment: segment(tag, position.as_ref()),
+            hash: position::hash(&name),
             name: Arc::from(name),
-            tag,
             head: Bytes::from(head),
-            position,
+            entry: position.as_ref().map(Entry::of),
             worker,
             events,
             waker: Waker::from(Arc::clone(&flag)),
@@ -489,8 +422,7 @@ impl Slot {
     }
 
     fn advance(&mut self, id: &Token) {
-        self.position = Some(id.clone());
-        self.segment = segment(self.tag, self.position.as_ref());
+        self.entry = Some(Entry::of(id));
     }
 
     fn flush_stats(&mut self) {
@@ -514,6 +446,11 @@ struct Streams {
     parent: Arc<AtomicWaker>,
     /// Where the next scan starts (round robin).
     next: usize,
+    /// The narrowest tag width at which the streams' tags differ (see `position.rs`), kept
+    /// in step with `slots` by `push` and `remove`.
+    width: usize,
+    /// The composite id's buffer, reused for every event.
+    encoder: Encoder,
 }
 
 impl Streams {
@@ -524,6 +461,20 @@ impl Streams {
         });
         slot.waker = Waker::from(Arc::clone(&slot.flag));
         self.slots.push(slot);
+        self.retag();
+    }
+
+    /// Takes a stream out (it ended or was unsubscribed).
+    fn remove(&mut self, index: usize) -> Slot {
+        let slot = self.slots.remove(index);
+        self.next = 0;
+        self.retag();
+        slot
+    }
+
+    fn retag(&mut self) {
+        let hashes: Vec<u64> = self.slots.iter().map(|s| s.hash).collect();
+        self.width = position::width_for(&hashes, 2);
     }
 
     fn find(&self, name: &str) -> Option<usize> {
@@ -559,14 +510,12 @@ impl Streams {
     }
 
     /// The composite position of every stream.
-    fn position(&self) -> String {
-        let mut out =
-            String::with_capacity(4 + self.slots.iter().map(|s| s.segment.len()).sum::<usize>());
-        out.push_str(&URL_SAFE_NO_PAD.encode([POSITION_VERSION, 0, 0]));
-        for slot in &self.slots {
-            out.push_str(&slot.segment);
-        }
-        out
+    fn position(&mut self) -> String {
+        let entries = self
+            .slots
+            .iter()
+            .filter_map(|s| s.entry.as_ref().map(|entry| (s.hash, entry)));
+        self.encoder.encode(self.width, entries)
     }
 }
 
@@ -631,7 +580,7 @@ impl MultiFeed {
     }
 
     /// The `info` event: the streams and the composite position at connect.
-    fn info(&self) -> Bytes {
+    fn info(&mut self) -> Bytes {
         let position = self.streams.position();
         let names: Vec<&str> = self.streams.slots.iter().map(|s| &*s.name).collect();
         let data = json!({ "streams": names, "position": position });
@@ -694,7 +643,7 @@ impl MultiFeed {
     /// Adds one event of slot `index` to the batch (or removes the slot when it ended).
     fn take(&mut self, index: usize, event: Option<Arc<Event>>, batch: &mut Batch) {
         let Some(event) = event else {
-            self.streams.slots.remove(index);
+            self.streams.remove(index);
             return;
         };
         if self.narrowing.as_ref().is_some_and(|n| !n.keeps(&event)) {
@@ -707,7 +656,7 @@ impl MultiFeed {
         let terminal = event.kind.is_terminal();
         let (name_head, removed) = if terminal {
             // The stream ends here: out of the merge and out of the composite position.
-            let slot = self.streams.slots.remove(index);
+            let slot = self.streams.remove(index);
             (slot.head.clone(), Some(slot))
         } else {
             if let Some(id) = &event.id {
@@ -742,7 +691,7 @@ impl MultiFeed {
         let name = event.kind.name();
         let data = event.data();
         let bare = !self.enveloped && event.kind == EventKind::Change;
-        let mut prefix = String::with_capacity(head.len() + 2 * position.len() + 64);
+        let mut prefix = String::with_capacity(head.len() + position.len() + 64);
         if self.transport == Transport::Sse {
             // PROTOCOL.md §8: every stream's event is an `event: change` whose data is the
             // envelope (its `event` member says what it is: change, snapshot, cancel, …).
@@ -761,9 +710,14 @@ impl MultiFeed {
         }
         prefix.push_str(std::str::from_utf8(head).unwrap_or_default());
         prefix.push_str(name);
-        prefix.push_str("\",\"id\":\"");
-        prefix.push_str(position);
-        prefix.push_str("\",\"data\":");
+        if self.transport == Transport::Sse {
+            // The `id:` line above is the id: not repeated in the envelope (§8).
+            prefix.push_str("\",\"data\":");
+        } else {
+            prefix.push_str("\",\"id\":\"");
+            prefix.push_str(position);
+            prefix.push_str("\",\"data\":");
+        }
         out.push(Bytes::from(prefix));
         out.push(data);
         out.push(self.suffix(true));
@@ -1006,10 +960,9 @@ impl Opener {
                     "this connection is not subscribed to it",
                 );
             };
-            let mut slot = feed.streams.slots.remove(index);
+            let mut slot = feed.streams.remove(index);
             slot.flush_stats();
             drop(slot);
-            feed.streams.next = 0;
             let position = feed.streams.position();
             return json!({ "event": "unsubscribed", "stream": name, "id": position }).to_string();
         }
@@ -1036,8 +989,16 @@ impl Opener {
             Some(raw) => match Token::parse(raw) {
                 Ok(token) => Some(token),
                 Err(_) => match Position::decode(raw) {
-                    Some(position) => position.get(tag(&name)),
-                    None => {
+                    Ok(position) => position.get(&name),
+                    Err(PositionError::OldFormat) => {
+                        return op_error(
+                            Some(op),
+                            Some(&name),
+                            "bad_request",
+                            &PositionError::OldFormat.to_string(),
+                        );
+                    }
+                    Err(PositionError::Malformed) => {
                         return op_error(
                             Some(op),
                             Some(&name),
@@ -1075,39 +1036,6 @@ fn code_of(error: &ApiError) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn token(n: u32) -> Token {
-        Token::parse(&format!("8265A1B2C3{n:08}2B022C0100296E5A1004")).unwrap()
-    }
-
-    #[test]
-    fn composite_positions_round_trip_and_segments_concatenate() {
-        let a = tag("/db/c/_streams/a");
-        let b = tag("/db/c/_streams/b");
-        let mut text = URL_SAFE_NO_PAD.encode([POSITION_VERSION, 0, 0]);
-        text.push_str(&segment(a, Some(&token(1))));
-        text.push_str(&segment(b, Some(&token(22))));
-        let position = Position::decode(&text).unwrap();
-        assert_eq!(position.get(a), Some(token(1)));
-        assert_eq!(position.get(b), Some(token(22)));
-        assert_eq!(position.get(tag("/db/c/_streams/x")), None);
-        // URL- and header-safe.
-        assert!(
-            text.bytes()
-                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
-        );
-    }
-
-    #[test]
-    fn malformed_positions_are_refused() {
-        for text in ["", "826B03ED", "AQAA!!", "AgAA", "AQAAAAAAAQ"] {
-            assert!(
-                Position::decode(text).is_none() || text.is_empty(),
-                "{text}"
-            );
-        }
-        assert_eq!(Position::decode("AQAA"), Some(Position::default()));
-    }
 
     #[test]
     fn stream_lists_are_checked() {
