@@ -446,9 +446,10 @@ impl RelayConfig {
             )));
         }
         let subject_ok = !self.subject_prefix.is_empty()
-            && self.subject_prefix.split('.').all(|token| {
-                !token.is_empty() && !token.contains(['*', '>', ' ', '\t'])
-            });
+            && self
+                .subject_prefix
+                .split('.')
+                .all(|token| !token.is_empty() && !token.contains(['*', '>', ' ', '\t']));
         if !subject_ok {
             return Err(ConfigError::Invalid(format!(
                 "relay.subject_prefix {:?} is not a NATS subject (dot-separated tokens, no \

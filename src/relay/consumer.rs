@@ -111,8 +111,7 @@ impl Consumer {
                     continue;
                 }
             };
-            if let (Relayed::Change(_), Some(published)) = (&relayed, wire::published_ms(headers))
-            {
+            if let (Relayed::Change(_), Some(published)) = (&relayed, wire::published_ms(headers)) {
                 let lag = now_ms().saturating_sub(published);
                 self.relay.metrics().relay.delivery_lag.observe_ms(lag);
             }
@@ -158,9 +157,9 @@ impl Consumer {
 
 /// An ordered consumer of `subject` from after `last_sequence` (0: from its last message).
 async fn subscribe(
-relay: Arc<Relay>,
-subject: String,
-last_sequence: u64,
+    relay: Arc<Relay>,
+    subject: String,
+    last_sequence: u64,
 ) -> Result<pull::Ordered, String> {
     let handles = relay.handles().await.map_err(|e| e.to_string())?;
     let deliver_policy = match last_sequence {

@@ -94,7 +94,10 @@ impl Relay {
             .split(',')
             .map(str::trim)
             .filter(|u| !u.is_empty())
-            .map(|u| u.parse().map_err(|e| RelayError::Url(format!("{u:?}: {e}"))))
+            .map(|u| {
+                u.parse()
+                    .map_err(|e| RelayError::Url(format!("{u:?}: {e}")))
+            })
             .collect::<Result<_, _>>()?;
         if addrs.is_empty() {
             return Err(RelayError::Url("no URL given".into()));
@@ -143,7 +146,9 @@ impl Relay {
         let retention = Duration::from_secs(settings.retention_secs);
         let config = jetstream::stream::Config {
             name: settings.stream.clone(),
-            description: Some("Streamgate relay: MongoDB change events, one subject per worker".into()),
+            description: Some(
+                "Streamgate relay: MongoDB change events, one subject per worker".into(),
+            ),
             subjects: vec![format!("{}.>", settings.subject_prefix)],
             max_age: retention,
             max_bytes: i64::try_from(settings.max_bytes).unwrap_or(i64::MAX),
@@ -215,7 +220,11 @@ fn instance_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_default();
-    let host = if host.is_empty() { "streamgate".to_owned() } else { host };
+    let host = if host.is_empty() {
+        "streamgate".to_owned()
+    } else {
+        host
+    };
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u128(
@@ -223,7 +232,11 @@ fn instance_name() -> String {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos()),
     );
-    format!("{host}-{}-{:06x}", std::process::id(), hasher.finish() & 0xFF_FFFF)
+    format!(
+        "{host}-{}-{:06x}",
+        std::process::id(),
+        hasher.finish() & 0xFF_FFFF
+    )
 }
 
 /// A stable name for what a cursor watches: the same on every instance and across restarts.
@@ -257,10 +270,31 @@ mod tests {
 
     #[test]
     fn subjects_follow_what_the_cursor_watches() {
-        let a = spec_hash(&spec(vec![doc! {"$match": {"x": 1}}], FullDocument::Default));
-        assert_eq!(a, spec_hash(&spec(vec![doc! {"$match": {"x": 1}}], FullDocument::Default)));
-        assert_ne!(a, spec_hash(&spec(vec![doc! {"$match": {"x": 2}}], FullDocument::Default)));
-        assert_ne!(a, spec_hash(&spec(vec![doc! {"$match": {"x": 1}}], FullDocument::UpdateLookup)));
+        let a = spec_hash(&spec(
+            vec![doc! {"$match": {"x": 1}}],
+            FullDocument::Default,
+        ));
+        assert_eq!(
+            a,
+            spec_hash(&spec(
+                vec![doc! {"$match": {"x": 1}}],
+                FullDocument::Default
+            ))
+        );
+        assert_ne!(
+            a,
+            spec_hash(&spec(
+                vec![doc! {"$match": {"x": 2}}],
+                FullDocument::Default
+            ))
+        );
+        assert_ne!(
+            a,
+            spec_hash(&spec(
+                vec![doc! {"$match": {"x": 1}}],
+                FullDocument::UpdateLookup
+            ))
+        );
         assert_eq!(a.len(), 32);
         assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
     }

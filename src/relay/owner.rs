@@ -122,7 +122,11 @@ async fn contend(
 /// Where the fleet's log of `subject` stands: the last change or position published, `None`
 /// when there is none (or the last message ended an earlier life of the stream).
 async fn last_position(handles: &Handles, subject: &str) -> Result<Option<Token>, String> {
-    match handles.stream.get_last_raw_message_by_subject(subject).await {
+    match handles
+        .stream
+        .get_last_raw_message_by_subject(subject)
+        .await
+    {
         Ok(message) => match wire::decode(Some(&message.headers), &message.payload) {
             Ok(relayed) if relayed.is_end() => Ok(None),
             Ok(relayed) => Ok(relayed.token().cloned()),
@@ -188,7 +192,9 @@ async fn own(
                 match wire::change(&raw, published) {
                     Ok(message) => {
                         if let Some(at_ms) = at_ms {
-                            metrics.publish_lag.observe_ms(published.saturating_sub(at_ms));
+                            metrics
+                                .publish_lag
+                                .observe_ms(published.saturating_sub(at_ms));
                         }
                         (Some(message), false)
                     }

@@ -236,7 +236,10 @@ mod tests {
     fn marks_and_ends_round_trip_under_ids_of_their_own() {
         let token = Token::parse(T1).unwrap();
         let out = mark(&token, 1);
-        let id = out.headers.get(async_nats::header::NATS_MESSAGE_ID).unwrap();
+        let id = out
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .unwrap();
         assert_eq!(id.as_str(), format!("m{T1}"));
         assert!(matches!(
             decode(Some(&out.headers), &out.payload).unwrap(),

@@ -109,9 +109,11 @@ async fn three_instances_hold_one_cursor_and_a_stopped_owner_hands_it_over_exact
     for client in [&mut on_b, &mut on_c, &mut also_on_c] {
         assert_eq!(exactly(client, 200).await, all);
     }
-    eventually("still one change-stream cursor on mongod", WAIT, async || {
-        change_stream_cursors(&mongo, &db, "c").await == 1
-    })
+    eventually(
+        "still one change-stream cursor on mongod",
+        WAIT,
+        async || change_stream_cursors(&mongo, &db, "c").await == 1,
+    )
     .await;
     b.stop().await;
     c.stop().await;
@@ -214,15 +216,18 @@ async fn readiness_follows_the_nats_server_in_relay_mode() {
     nats.kill();
     eventually("not ready while NATS is down", WAIT, async || {
         let response = reqwest::get(&ready).await.unwrap();
-        response.status().as_u16() == 503
-            && response.text().await.unwrap().contains("NATS")
+        response.status().as_u16() == 503 && response.text().await.unwrap().contains("NATS")
     })
     .await;
     nats.restart();
     eventually("ready again once NATS is back", WAIT, is_ready).await;
     // Relayed streams work after the outage.
     let mut client = subscribe(&server, &db, Kind::Sse).await;
-    let coll = mongod::shared().client().await.database(&db).collection("c");
+    let coll = mongod::shared()
+        .client()
+        .await
+        .database(&db)
+        .collection("c");
     insert_seqs(&coll, 0..5).await;
     assert_eq!(exactly(&mut client, 5).await, (0..5).collect::<Vec<_>>());
     server.stop().await;

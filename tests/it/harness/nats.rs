@@ -70,7 +70,10 @@ impl NatsServer {
         self.child = Some(spawn_child(args).expect("spawn nats-server"));
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen in 20 s");
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen in 20 s"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
