@@ -36,10 +36,8 @@ pub(super) struct Consumer {
     messages: Option<pull::Ordered>,
     /// Stream sequence of the last message read: a new consumer goes on after it.
     last_sequence: u64,
-    /// Whether the worker has opened (its first message was read).
-    opened: bool,
-    /// The last position applied.
-    last: Option<Token>,
+    /// Where the worker stands in the log.
+    applied: Applied,
     backoff: Backoff,
     /// Whether the last attempt failed (the next call waits out the backoff first).
     failed: bool,
@@ -62,8 +60,7 @@ impl Consumer {
             rules: worker.spec().routing.clone(),
             messages: None,
             last_sequence: 0,
-            opened: false,
-            last: None,
+            applied: Applied::default(),
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
             failed: false,
             reopened: false,
@@ -90,8 +87,8 @@ impl Consumer {
                     Err(error) => return self.retry("consume", error),
                 },
             };
-            if std::mem::take(&mut self.reopened) && self.opened {
-                return Step::Opened(self.last.clone());
+            if std::mem::take(&mut self.reopened) && self.applied.opened {
+                return Step::Opened(self.applied.last.clone());
             }
             let message = match messages.next().await {
                 Some(Ok(message)) => message,
@@ -115,7 +112,7 @@ impl Consumer {
                 let lag = now_ms().saturating_sub(published);
                 self.relay.metrics().relay.delivery_lag.observe_ms(lag);
             }
-            if let Some(step) = self.accept(relayed) {
+            if let Some(step) = self.applied.accept(relayed, &self.rules) {
                 return step;
             }
         }
@@ -129,29 +126,6 @@ impl Consumer {
         self.failed = true;
         self.reopened = true;
         Step::Retrying(format!("relay: {error}"))
-    }
-
-    /// What a message means to the worker, if anything.
-    fn accept(&mut self, relayed: Relayed) -> Option<Step<Routed>> {
-        if !self.opened {
-            // Where the log stood when the worker started: it covers what follows.
-            let start = relayed.token().filter(|_| !relayed.is_end())?.clone();
-            self.opened = true;
-            self.last = Some(start.clone());
-            return Some(Step::Opened(Some(start)));
-        }
-        if let Some(token) = relayed.token() {
-            if self.last.as_ref().is_some_and(|last| token <= last) {
-                return None;
-            }
-            self.last = Some(token.clone());
-        }
-        Some(match relayed {
-            Relayed::Change(raw) => raw.route(&self.rules),
-            Relayed::Mark(token) => Step::Quiet(Some(token)),
-            Relayed::Invalidate(event) => Step::Invalidated(event),
-            Relayed::Failed(code, message) => Step::Failed(code, message),
-        })
     }
 }
 
@@ -180,8 +154,112 @@ async fn subscribe(
     consumer.messages().await.map_err(|e| e.to_string())
 }
 
+/// Where a worker stands in its log: what each message read means to it.
+#[derive(Debug, Default)]
+struct Applied {
+    /// Whether the worker has opened (its first message was read).
+    opened: bool,
+    /// The last position applied.
+    last: Option<Token>,
+}
+
+impl Applied {
+    /// What a message means to the worker, if anything.
+    fn accept(&mut self, relayed: Relayed, rules: &[MatchRule]) -> Option<Step<Routed>> {
+        if !self.opened {
+            // Where the log stood when the worker started: it covers what follows.
+            let start = relayed.token().filter(|_| !relayed.is_end())?.clone();
+            self.opened = true;
+            self.last = Some(start.clone());
+            return Some(Step::Opened(Some(start)));
+        }
+        if let Some(token) = relayed.token() {
+            if self.last.as_ref().is_some_and(|last| token <= last) {
+                return None;
+            }
+            self.last = Some(token.clone());
+        }
+        Some(match relayed {
+            Relayed::Change(raw) => raw.route(rules),
+            Relayed::Mark(token) => Step::Quiet(Some(token)),
+            Relayed::Invalidate(event) => Step::Invalidated(event),
+            Relayed::Failed(code, message) => Step::Failed(code, message),
+        })
+    }
+}
+
 impl RelayedSource for Consumer {
     fn next(&mut self) -> BoxFuture<'_, Step<Routed>> {
         Box::pin(self.step())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{ErrorCode, Event, EventKind};
+    use crate::worker::source::RawChange;
+    use mongodb::bson::doc;
+
+    fn token(n: u8) -> Token {
+        Token::parse(&format!("8263A1B2C3000000{n:02X}2B022C0100296E5A1004AB")).unwrap()
+    }
+
+    fn change(n: u8) -> Relayed {
+        let id = token(n);
+        Relayed::Change(RawChange {
+            doc: doc! { "_id": { "_data": id.as_str() }, "operationType": "insert", "fullDocument": { "n": i32::from(n) } },
+            id,
+            skipped: false,
+        })
+    }
+
+    fn id_of(step: Option<Step<Routed>>) -> Option<Token> {
+        match step? {
+            Step::Change(routed) => Some(routed.id),
+            other => panic!("expected a change, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_first_message_opens_and_later_ones_apply_once_in_order() {
+        let mut applied = Applied::default();
+        assert!(
+            matches!(applied.accept(change(5), &[]), Some(Step::Opened(Some(t))) if t == token(5))
+        );
+        assert_eq!(id_of(applied.accept(change(6), &[])), Some(token(6)));
+        // Published again across a hand-over (outside de-duplication): dropped.
+        assert_eq!(id_of(applied.accept(change(6), &[])), None);
+        assert_eq!(id_of(applied.accept(change(4), &[])), None);
+        // A position at or before the last change means nothing; after it, a quiet step.
+        assert!(applied.accept(Relayed::Mark(token(6)), &[]).is_none());
+        assert!(
+            matches!(applied.accept(Relayed::Mark(token(7)), &[]), Some(Step::Quiet(Some(t))) if t == token(7))
+        );
+        assert_eq!(id_of(applied.accept(change(8), &[])), Some(token(8)));
+        assert!(matches!(
+            applied.accept(Relayed::Failed(ErrorCode::HistoryLost, "gone".into()), &[]),
+            Some(Step::Failed(ErrorCode::HistoryLost, _))
+        ));
+    }
+
+    #[test]
+    fn an_end_of_an_earlier_life_of_the_stream_is_passed_over() {
+        let mut applied = Applied::default();
+        let ended = Event::control(EventKind::Invalidate, "dropped", false);
+        assert!(
+            applied
+                .accept(Relayed::Invalidate(Arc::new(ended)), &[])
+                .is_none()
+        );
+        assert!(!applied.opened);
+        assert!(
+            matches!(applied.accept(Relayed::Mark(token(9)), &[]), Some(Step::Opened(Some(t))) if t == token(9))
+        );
+        let ended = Event::control(EventKind::Invalidate, "dropped", false);
+        assert!(matches!(
+            applied.accept(Relayed::Invalidate(Arc::new(ended)), &[]),
+            Some(Step::Invalidated(_))
+        ));
     }
 }

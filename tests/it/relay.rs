@@ -79,6 +79,14 @@ async fn three_instances_hold_one_cursor_and_a_stopped_owner_hands_it_over_exact
         assert_eq!(exactly(client, 100).await, all);
     }
     assert_eq!(change_stream_cursors(&mongo, &db, "c").await, 1);
+    // The owner published them (and its opening position); every instance applied them.
+    assert!(a.metrics.relay.published.get() > 100);
+    assert_eq!(b.metrics.relay.published.get(), 0);
+    assert_eq!(a.metrics.relay.takeovers.get(), 1);
+    for server in [&a, &b, &c] {
+        assert!(server.metrics.relay.delivery_lag.count() >= 100);
+    }
+    assert!(a.metrics.relay.publish_lag.count() >= 100);
 
     // The owner stops (a rolling restart) while changes are being written: it gives its lease
     // back, and one of the others goes on from the last change it published.
