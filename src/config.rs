@@ -177,6 +177,8 @@ settings! {
         pub cors: CorsConfig = CorsConfig::default(),
         /// Static stream definitions (read-only in the admin API).
         pub streams: Vec<StreamConfig> = Vec::new(),
+        /// The relay tier on NATS JetStream (off unless `nats_url` is set; see `docs/relay.md`).
+        pub relay: RelayConfig = RelayConfig::default(),
     }
 }
 
@@ -410,6 +412,85 @@ impl CorsConfig {
 }
 
 settings! {
+    /// `[relay]`: one MongoDB cursor per stream for a whole fleet of instances, through NATS
+    /// JetStream (`docs/relay.md`). Without `nats_url` every instance reads its own cursors.
+    pub struct RelayConfig in "relay", |c| c.relay;
+    keys {
+        /// NATS server URL(s), comma-separated for a cluster (`nats://nats:4222`). Set: relay
+        /// mode; for each worker one instance of the fleet holds the cursor and publishes its
+        /// changes to JetStream, and every instance serves its clients from there.
+        pub nats_url: Option<String> = None,
+        /// JetStream stream holding the relayed changes (created if missing).
+        pub stream: String = "STREAMGATE".to_owned(),
+        /// Subject prefix of the relayed changes: one subject per worker under it.
+        pub subject_prefix: String = "streamgate.relay".to_owned(),
+        /// JetStream key-value bucket holding the cursor leases (created if missing).
+        pub lease_bucket: String = "streamgate_leases".to_owned(),
+        /// Milliseconds a cursor lease lives without renewal (renewed every third of it): how
+        /// long a killed owner's streams wait before another instance takes the cursor over.
+        pub lease_ttl_ms: u64 = 1_200,
+        /// Milliseconds between the positions an owner publishes while its cursor is quiet
+        /// (the point a new owner resumes from, and the relay's lag clock).
+        pub mark_interval_ms: u64 = 1_000,
+        /// Seconds JetStream keeps relayed changes.
+        pub retention_secs: u64 = 3_600,
+        /// Most bytes the JetStream stream keeps (oldest changes go first).
+        pub max_bytes: u64 = 1024 * 1024 * 1024,
+        /// Replicas of the stream and the lease bucket (a 3-node NATS cluster: 3).
+        pub replicas: usize = 1,
+    }
+    tables {}
+}
+
+/// Shortest `relay.lease_ttl_ms`: JetStream expires nothing younger than 100 ms, and renewals
+/// every third of the lease must fit round trips to NATS.
+pub const MIN_LEASE_TTL_MS: u64 = 300;
+
+impl RelayConfig {
+    /// Checks `[relay]` (no I/O).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.lease_ttl_ms < MIN_LEASE_TTL_MS {
+            return Err(ConfigError::Invalid(format!(
+                "relay.lease_ttl_ms must be at least {MIN_LEASE_TTL_MS} (got {})",
+                self.lease_ttl_ms
+            )));
+        }
+        let subject_ok = !self.subject_prefix.is_empty()
+            && self
+                .subject_prefix
+                .split('.')
+                .all(|token| !token.is_empty() && !token.contains(['*', '>', ' ', '\t']));
+        if !subject_ok {
+            return Err(ConfigError::Invalid(format!(
+                "relay.subject_prefix {:?} is not a NATS subject (dot-separated tokens, no \
+                 wildcards or spaces)",
+                self.subject_prefix
+            )));
+        }
+        for (key, value) in [
+            ("relay.mark_interval_ms", self.mark_interval_ms),
+            ("relay.retention_secs", self.retention_secs),
+            ("relay.max_bytes", self.max_bytes),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{key} must be at least 1")));
+            }
+        }
+        if self.replicas == 0 || self.replicas > 5 {
+            return Err(ConfigError::Invalid(
+                "relay.replicas must be 1 to 5 (JetStream's limit)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Lease lifetime.
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease_ttl_ms)
+    }
+}
+
+settings! {
     /// `[admin]`: where the admin API stores dynamic stream definitions.
     pub struct AdminConfig in "admin", |c| c.admin;
     keys {
@@ -510,6 +591,7 @@ pub fn keys() -> impl Iterator<Item = &'static Key> {
         JwtConfig::KEYS,
         LimitsConfig::KEYS,
         CorsConfig::KEYS,
+        RelayConfig::KEYS,
     ]
     .into_iter()
     .flatten()
@@ -813,6 +895,7 @@ impl Config {
             }
         }
         self.limits.validate()?;
+        self.relay.validate()?;
         // `[auth]` and `trusted_proxies` are checked where they are built (`App::new`,
         // `streamgate check-config`), so configuration does not depend on authentication.
         self.cors.check().map_err(ConfigError::Invalid)?;

@@ -28,6 +28,8 @@
 //!                live ones stored in MongoDB), CORS/Origin policy, trusted proxies, resume checks
 //! limits.rs      connection limits and the upstream cursor budget, with RAII permits
 //! metrics.rs     Prometheus registry
+//! relay/         the relay tier (`[relay]`): one cursor per worker for a fleet, through NATS
+//!                JetStream (owner.rs publishes, consumer.rs feeds the hub, lease.rs, wire.rs)
 //! replset.rs     replica-set initiation for local runs and tests
 //! ```
 //! Data flow: MongoDB cursor → `Worker` (encode once, ring, live channels) → `Subscription` (per
@@ -46,6 +48,7 @@ pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod path;
+pub mod relay;
 pub mod replset;
 pub mod router;
 pub mod routing;
@@ -84,6 +87,9 @@ pub enum StartError {
     /// The `[auth]` section cannot be used (e.g. an unreadable key file).
     #[error("invalid auth configuration: {0}")]
     Auth(String),
+    /// `[relay]` cannot be used (e.g. a malformed `nats_url`).
+    #[error("invalid relay configuration: {0}")]
+    Relay(relay::RelayError),
     /// `metrics_listen` cannot be bound.
     #[error("cannot listen on {0} (metrics_listen): {1}")]
     MetricsListen(std::net::SocketAddr, std::io::Error),
@@ -167,6 +173,12 @@ impl App {
             Arc::clone(&metrics),
         ));
         metrics.watch_workers(Arc::downgrade(&registry) as std::sync::Weak<dyn metrics::LagSource>);
+        if config.relay.nats_url.is_some() {
+            let relay = relay::Relay::connect(&config.relay, Arc::clone(&metrics))
+                .await
+                .map_err(StartError::Relay)?;
+            registry.set_relay(relay);
+        }
         for stream in &config.streams {
             let (key, definition) = stream
                 .split()

@@ -243,7 +243,76 @@ pub struct Metrics {
     /// Bytes of snapshot events queued for clients' sockets, all connections together (each
     /// bounded by `snapshot_queue_bytes`).
     pub snapshot_queued_bytes: Gauge,
+    /// The relay tier (`[relay]`; zero without it).
+    pub relay: RelayMetrics,
     lag: Arc<LagCollector>,
+}
+
+/// Label of relay errors: what failed (`connect`, `publish`, `consume`, `lease`, `read`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RelayErrorLabel {
+    /// The operation.
+    pub op: &'static str,
+}
+
+/// Metrics of the relay tier (`src/relay`).
+#[derive(Debug, Default)]
+pub struct RelayMetrics {
+    /// Workers whose MongoDB cursor this instance holds for the whole fleet.
+    pub owned_cursors: Gauge,
+    /// Cursor leases this instance took (first owner or takeover).
+    pub takeovers: Counter,
+    /// Messages this instance published to JetStream (changes and positions).
+    pub published: Counter,
+    /// JetStream errors, by operation.
+    pub errors: Family<RelayErrorLabel, Counter>,
+    /// MongoDB cluster time (`wallTime`) → acknowledged by JetStream, per change published.
+    pub publish_lag: Arc<LatencyHistogram>,
+    /// Published by the owner → applied to this instance's hub, per change.
+    pub delivery_lag: Arc<LatencyHistogram>,
+}
+
+impl RelayMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "relay_owned_cursors",
+            "Workers whose MongoDB cursor this instance holds for the fleet (relay mode)",
+            self.owned_cursors.clone(),
+        );
+        registry.register(
+            "relay_takeovers",
+            "Cursor leases this instance took (first owner or takeover)",
+            self.takeovers.clone(),
+        );
+        registry.register(
+            "relay_published",
+            "Messages this instance published to JetStream",
+            self.published.clone(),
+        );
+        registry.register(
+            "relay_errors",
+            "JetStream errors, by operation",
+            self.errors.clone(),
+        );
+        registry.register(
+            "relay_publish_lag_seconds",
+            "MongoDB cluster time to JetStream acknowledgement, per relayed change",
+            Shared(Arc::clone(&self.publish_lag)),
+        );
+        registry.register(
+            "relay_delivery_lag_seconds",
+            "Owner's publish to this instance's hub, per relayed change",
+            Shared(Arc::clone(&self.delivery_lag)),
+        );
+        for op in ["connect", "publish", "consume", "lease", "read"] {
+            let _ = self.errors.get_or_create(&RelayErrorLabel { op });
+        }
+    }
+
+    /// Counts a JetStream error of `op`.
+    pub fn error(&self, op: &'static str) {
+        self.errors.get_or_create(&RelayErrorLabel { op }).inc();
+    }
 }
 
 impl Default for Metrics {
@@ -418,7 +487,10 @@ impl Metrics {
         }
         let lag = Arc::new(LagCollector::default());
         registry.register_collector(Box::new(Arc::clone(&lag)));
+        let relay = RelayMetrics::default();
+        relay.register(&mut registry);
         Metrics {
+            relay,
             registry,
             jwks_fetches,
             connection_refusals,

@@ -23,7 +23,8 @@ pub async fn live() -> Json<serde_json::Value> {
 /// `GET /health/ready`: MongoDB answers, is a replica set member (change streams need one), and
 /// the stored stream definitions are loaded and watched (otherwise stored streams would 404);
 /// with auth on, the stored permission rules too (else their grants would be 403s) and the
-/// JWKS URL's first key set (else every token would be refused).
+/// JWKS URL's first key set (else every token would be refused); in relay mode, NATS (else
+/// no relayed change would arrive).
 pub async fn ready(State(state): State<AppState>) -> Response {
     if state.shutdown.is_cancelled() {
         return not_ready("shutting down");
@@ -33,6 +34,9 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     }
     if state.auth.enabled() && !state.rules.is_synced() {
         return not_ready("stored permission rules are not loaded yet");
+    }
+    if state.registry.relay_reachable() == Some(false) {
+        return not_ready("the relay's NATS server is not reachable (relay mode)");
     }
     let admin = state.registry.mongo().database("admin");
     let hello = admin.run_command(doc! { "hello": 1 });

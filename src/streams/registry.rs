@@ -229,6 +229,17 @@ impl Registry {
         &self.context.client
     }
 
+    /// Puts every worker started from now on behind the relay tier (`[relay]`); set once, at
+    /// startup, before any worker runs.
+    pub(crate) fn set_relay(&self, relay: Arc<dyn crate::worker::relayed::Relay>) {
+        let _ = self.context.relay.set(relay);
+    }
+
+    /// In relay mode, whether the relay's server is reachable now; `None` without a relay.
+    pub fn relay_reachable(&self) -> Option<bool> {
+        self.context.relay.get().map(|relay| relay.reachable())
+    }
+
     /// Looks up a definition.
     pub fn get(&self, key: &StreamKey) -> Option<Arc<StreamEntry>> {
         crate::sync::read(&self.definitions).get(key).cloned()

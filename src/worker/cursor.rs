@@ -7,6 +7,7 @@ use tokio::time::Instant;
 
 use super::feed::{Membership, Signal};
 use super::hub::Routed;
+use super::relayed::RelayedSource;
 use super::source::{ServerFeatures, Step, WorkerSource};
 use super::{Worker, WorkerState, lock};
 use crate::event::{ErrorCode, Event, EventKind};
@@ -39,12 +40,16 @@ impl Worker {
             .copied()
             .unwrap_or_default();
         let _ = self.features.set(features);
-        let mut source = match self.context.feeds.join(&self.context, &self) {
-            Some(membership) => {
-                self.stats.on_database_feed.store(true, Ordering::Relaxed);
-                Upstream::Shared(membership)
-            }
-            None => Upstream::Own(Box::new(WorkerSource::new(&self, None))),
+        let mut source = match self.context.relay.get() {
+            // Relay mode: one instance of the fleet holds the cursor (`src/relay`).
+            Some(relay) => Upstream::Relayed(Arc::clone(relay).source(&self)),
+            None => match self.context.feeds.join(&self.context, &self) {
+                Some(membership) => {
+                    self.stats.on_database_feed.store(true, Ordering::Relaxed);
+                    Upstream::Shared(membership)
+                }
+                None => Upstream::Own(Box::new(WorkerSource::new(&self, None))),
+            },
         };
         let mut idle_since: Option<Instant> = None;
         loop {
@@ -145,6 +150,8 @@ enum Upstream {
     Own(Box<WorkerSource>),
     /// Its database's shared cursor (whose task applies the steps to this worker).
     Shared(Membership),
+    /// The relay tier's log of the fleet's one cursor for it.
+    Relayed(Box<dyn RelayedSource>),
 }
 
 impl Upstream {
@@ -155,6 +162,7 @@ impl Upstream {
         loop {
             match self {
                 Upstream::Own(source) => return Some(source.next().await),
+                Upstream::Relayed(source) => return Some(source.next().await),
                 Upstream::Shared(membership) => match membership.done().await {
                     Signal::Ended => return None,
                     Signal::Serving | Signal::OwnCursor => {

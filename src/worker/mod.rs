@@ -27,6 +27,7 @@ mod cursor;
 pub mod errors;
 pub(crate) mod feed;
 pub(crate) mod hub;
+pub(crate) mod relayed;
 pub(crate) mod source;
 pub mod subscription;
 
@@ -119,6 +120,8 @@ pub struct WorkerContext {
     features: tokio::sync::OnceCell<ServerFeatures>,
     /// Database cursors shared by workers whose pipelines only filter.
     pub(crate) feeds: feed::Feeds,
+    /// The relay tier, in relay mode (`[relay]`): workers read their steps through it.
+    pub(crate) relay: OnceLock<Arc<dyn relayed::Relay>>,
 }
 
 impl WorkerContext {
@@ -140,6 +143,7 @@ impl WorkerContext {
             owner,
             features: tokio::sync::OnceCell::new(),
             feeds: feed::Feeds::default(),
+            relay: OnceLock::new(),
         })
     }
 }

@@ -22,6 +22,7 @@ mod http_edge;
 mod limits;
 mod multi;
 mod ops;
+mod relay;
 mod security;
 mod snapshot;
 mod snapshot_fair;

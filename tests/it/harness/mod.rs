@@ -5,6 +5,7 @@ pub mod browser;
 pub mod clients;
 pub mod fixture;
 pub mod mongod;
+pub mod nats;
 pub mod panics;
 pub mod server;
 

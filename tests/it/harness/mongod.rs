@@ -54,6 +54,19 @@ fn spawner() -> &'static Mutex<mpsc::Sender<SpawnRequest>> {
     })
 }
 
+/// Spawns `args` (program first) from the spawner thread, so that the child dies with the
+/// test process.
+pub fn spawn_child(args: Vec<String>) -> std::io::Result<Child> {
+    let (tx, rx) = mpsc::channel();
+    spawner()
+        .lock()
+        .unwrap()
+        .send((args, tx))
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
+    rx.recv()
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?
+}
+
 /// Path of the mongod binary: `$MONGOD`, or whatever `scripts/fetch-mongod` finds/downloads.
 pub fn mongod_binary() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
@@ -169,9 +182,7 @@ impl MongoD {
             "--wiredTigerEngineConfigString".into(),
             "log=(prealloc=false,file_max=20MB)".into(),
         ];
-        let (tx, rx) = mpsc::channel();
-        spawner().lock().unwrap().send((args, tx)).unwrap();
-        let child = rx.recv().unwrap().expect("spawn mongod");
+        let child = spawn_child(args).expect("spawn mongod");
         *self.child.lock().unwrap() = Some(child);
     }
 

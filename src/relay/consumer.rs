@@ -1,0 +1,265 @@
+//! The reading side of a relayed worker, on every instance that has the worker (its owner
+//! too): an ordered JetStream consumer on the worker's subject whose messages become the
+//! steps a cursor would have produced.
+//!
+//! The first message read is the last one published before the worker started: the worker
+//! opens at its position (the ring covers every change after it; an older resume id is
+//! served by a catch-up cursor, as without the relay). A message ending an earlier life of
+//! the stream (an `invalidate` the collection has since outlived) is passed over: the next
+//! owner's open follows it. After that, a message at or before the last position applied
+//! (published twice across a hand-over, outside JetStream's de-duplication) is dropped, so
+//! each change reaches the hub once, in order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+
+use super::wire::{self, Relayed};
+use super::{Relay, owner};
+use crate::backoff::Backoff;
+use crate::event::Token;
+use crate::metrics::now_ms;
+use crate::routing::MatchRule;
+use crate::worker::Worker;
+use crate::worker::hub::Routed;
+use crate::worker::relayed::RelayedSource;
+use crate::worker::source::Step;
+
+/// One worker's reader of its subject.
+pub(super) struct Consumer {
+    relay: Arc<Relay>,
+    subject: String,
+    rules: Vec<MatchRule>,
+    messages: Option<pull::Ordered>,
+    /// Stream sequence of the last message read: a new consumer goes on after it.
+    last_sequence: u64,
+    /// Where the worker stands in the log.
+    applied: Applied,
+    backoff: Backoff,
+    /// Whether the last attempt failed (the next call waits out the backoff first).
+    failed: bool,
+    /// Whether the worker must be told it is reading again (after a `Retrying`).
+    reopened: bool,
+}
+
+impl Consumer {
+    /// Starts contending for the worker's cursor and returns its reader.
+    pub(super) fn start(
+        relay: Arc<Relay>,
+        worker: &Arc<Worker>,
+        subject: String,
+        key: String,
+    ) -> Box<dyn RelayedSource> {
+        owner::spawn(Arc::clone(&relay), worker, subject.clone(), key);
+        Box::new(Consumer {
+            relay,
+            subject,
+            rules: worker.spec().routing.clone(),
+            messages: None,
+            last_sequence: 0,
+            applied: Applied::default(),
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
+            failed: false,
+            reopened: false,
+        })
+    }
+
+    /// The next step (cancel-safe: a message is taken off the consumer only when returned).
+    async fn step(&mut self) -> Step<Routed> {
+        loop {
+            if self.failed {
+                tokio::time::sleep(self.backoff.next_delay()).await;
+                self.failed = false;
+            }
+            let messages = match &mut self.messages {
+                Some(messages) => messages,
+                None => match subscribe(
+                    Arc::clone(&self.relay),
+                    self.subject.clone(),
+                    self.last_sequence,
+                )
+                .await
+                {
+                    Ok(messages) => self.messages.insert(messages),
+                    Err(error) => return self.retry("consume", error),
+                },
+            };
+            if std::mem::take(&mut self.reopened) && self.applied.opened {
+                return Step::Opened(self.applied.last.clone());
+            }
+            let message = match messages.next().await {
+                Some(Ok(message)) => message,
+                Some(Err(error)) => return self.retry("consume", error.to_string()),
+                None => return self.retry("consume", "the consumer ended".into()),
+            };
+            self.backoff.reset();
+            if let Ok(info) = message.info() {
+                self.last_sequence = info.stream_sequence;
+            }
+            let headers = message.headers.as_ref();
+            let relayed = match wire::decode(headers, &message.payload) {
+                Ok(relayed) => relayed,
+                Err(error) => {
+                    self.relay.metrics().relay.error("consume");
+                    tracing::warn!(subject = %self.subject, %error, "relay: message passed over");
+                    continue;
+                }
+            };
+            if let (Relayed::Change(_), Some(published)) = (&relayed, wire::published_ms(headers)) {
+                let lag = now_ms().saturating_sub(published);
+                self.relay.metrics().relay.delivery_lag.observe_ms(lag);
+            }
+            if let Some(step) = self.applied.accept(relayed, &self.rules) {
+                return step;
+            }
+        }
+    }
+
+    /// Drops the consumer and reports a transient error; the next call subscribes again
+    /// after the last message read.
+    fn retry(&mut self, op: &'static str, error: String) -> Step<Routed> {
+        self.relay.metrics().relay.error(op);
+        self.messages = None;
+        self.failed = true;
+        self.reopened = true;
+        Step::Retrying(format!("relay: {error}"))
+    }
+}
+
+/// An ordered consumer of `subject` from after `last_sequence` (0: from its last message).
+async fn subscribe(
+    relay: Arc<Relay>,
+    subject: String,
+    last_sequence: u64,
+) -> Result<pull::Ordered, String> {
+    let handles = relay.handles().await.map_err(|e| e.to_string())?;
+    let deliver_policy = match last_sequence {
+        0 => DeliverPolicy::LastPerSubject,
+        last => DeliverPolicy::ByStartSequence {
+            start_sequence: last + 1,
+        },
+    };
+    let consumer = handles
+        .stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: subject,
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    consumer.messages().await.map_err(|e| e.to_string())
+}
+
+/// Where a worker stands in its log: what each message read means to it.
+#[derive(Debug, Default)]
+struct Applied {
+    /// Whether the worker has opened (its first message was read).
+    opened: bool,
+    /// The last position applied.
+    last: Option<Token>,
+}
+
+impl Applied {
+    /// What a message means to the worker, if anything.
+    fn accept(&mut self, relayed: Relayed, rules: &[MatchRule]) -> Option<Step<Routed>> {
+        if !self.opened {
+            // Where the log stood when the worker started: it covers what follows.
+            let start = relayed.token().filter(|_| !relayed.is_end())?.clone();
+            self.opened = true;
+            self.last = Some(start.clone());
+            return Some(Step::Opened(Some(start)));
+        }
+        if let Some(token) = relayed.token() {
+            if self.last.as_ref().is_some_and(|last| token <= last) {
+                return None;
+            }
+            self.last = Some(token.clone());
+        }
+        Some(match relayed {
+            Relayed::Change(raw) => raw.route(rules),
+            Relayed::Mark(token) => Step::Quiet(Some(token)),
+            Relayed::Invalidate(event) => Step::Invalidated(event),
+            Relayed::Failed(code, message) => Step::Failed(code, message),
+        })
+    }
+}
+
+impl RelayedSource for Consumer {
+    fn next(&mut self) -> BoxFuture<'_, Step<Routed>> {
+        Box::pin(self.step())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{ErrorCode, Event, EventKind};
+    use crate::worker::source::RawChange;
+    use mongodb::bson::doc;
+
+    fn token(n: u8) -> Token {
+        Token::parse(&format!("8263A1B2C3000000{n:02X}2B022C0100296E5A1004AB")).unwrap()
+    }
+
+    fn change(n: u8) -> Relayed {
+        let id = token(n);
+        Relayed::Change(RawChange {
+            doc: doc! { "_id": { "_data": id.as_str() }, "operationType": "insert", "fullDocument": { "n": i32::from(n) } },
+            id,
+            skipped: false,
+        })
+    }
+
+    fn id_of(step: Option<Step<Routed>>) -> Option<Token> {
+        match step? {
+            Step::Change(routed) => Some(routed.id),
+            other => panic!("expected a change, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_first_message_opens_and_later_ones_apply_once_in_order() {
+        let mut applied = Applied::default();
+        assert!(
+            matches!(applied.accept(change(5), &[]), Some(Step::Opened(Some(t))) if t == token(5))
+        );
+        assert_eq!(id_of(applied.accept(change(6), &[])), Some(token(6)));
+        // Published again across a hand-over (outside de-duplication): dropped.
+        assert_eq!(id_of(applied.accept(change(6), &[])), None);
+        assert_eq!(id_of(applied.accept(change(4), &[])), None);
+        // A position at or before the last change means nothing; after it, a quiet step.
+        assert!(applied.accept(Relayed::Mark(token(6)), &[]).is_none());
+        assert!(
+            matches!(applied.accept(Relayed::Mark(token(7)), &[]), Some(Step::Quiet(Some(t))) if t == token(7))
+        );
+        assert_eq!(id_of(applied.accept(change(8), &[])), Some(token(8)));
+        assert!(matches!(
+            applied.accept(Relayed::Failed(ErrorCode::HistoryLost, "gone".into()), &[]),
+            Some(Step::Failed(ErrorCode::HistoryLost, _))
+        ));
+    }
+
+    #[test]
+    fn an_end_of_an_earlier_life_of_the_stream_is_passed_over() {
+        let mut applied = Applied::default();
+        let ended = Event::control(EventKind::Invalidate, "dropped", false);
+        assert!(
+            applied
+                .accept(Relayed::Invalidate(Arc::new(ended)), &[])
+                .is_none()
+        );
+        assert!(!applied.opened);
+        assert!(
+            matches!(applied.accept(Relayed::Mark(token(9)), &[]), Some(Step::Opened(Some(t))) if t == token(9))
+        );
+        let ended = Event::control(EventKind::Invalidate, "dropped", false);
+        assert!(matches!(
+            applied.accept(Relayed::Invalidate(Arc::new(ended)), &[]),
+            Some(Step::Invalidated(_))
+        ));
+    }
+}

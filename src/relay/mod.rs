@@ -1,0 +1,301 @@
+//! The relay tier (`[relay]`): one MongoDB change-stream cursor per worker for a whole fleet
+//! of instances, through NATS JetStream.
+//!
+//! ```text
+//!  instance A (owner of worker W)                        instance B, C, …
+//!  ChangeSource ──raw change──▶ publish ─▶ JetStream stream ─▶ ordered consumer ─┐
+//!   (owner.rs, holds lease)     Nats-Msg-Id = token       one subject per worker   ▼
+//!                                            └──────────▶ ordered consumer ─▶ Worker::apply
+//!                                                         (consumer.rs)        (ring, hub, …)
+//! ```
+//!
+//! * Every instance with a worker reads its steps from JetStream (`consumer.rs`), the owner
+//!   too, and applies them to its hub as a cursor's would be applied: everything above the hub
+//!   (resumes, catch-ups, routing, the document view, multi-stream) works as without the relay.
+//! * Exactly one instance holds the cursor: the one holding the worker's lease in a JetStream
+//!   key-value bucket (`lease.rs`). The lease lives in NATS, not MongoDB, because it guards the
+//!   right to *publish to NATS*: an instance that cannot reach NATS cannot renew it, so the
+//!   cursor moves to one that can, while a MongoDB lease could stay with an instance cut off
+//!   from NATS; and it adds no writes to the database the relay exists to relieve. JetStream
+//!   expires it server-side (`max_age`), so a killed owner needs no one to clean up after it.
+//! * The owner (`owner.rs`) resumes from the last message of its subject: a new owner goes on
+//!   where the last one stopped, and JetStream's `Nats-Msg-Id` de-duplication (the resume
+//!   token) drops what two owners both publish during a hand-over; consumers also skip any
+//!   position at or before the last one they applied, so each change reaches the hub once.
+//! * A worker's subject is a hash of what its cursor watches (database, collection, bound
+//!   pipeline, `fullDocument…` options): instances agree on it without agreeing on anything
+//!   else, and a replaced definition gets a new log.
+//! * In relay mode workers do not share database feeds (`worker/feed.rs`): the unit of
+//!   ownership is the worker, each with its own cursor on exactly one instance.
+
+mod consumer;
+mod lease;
+mod owner;
+mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use mongodb::bson::{Document, doc};
+use sha2::{Digest, Sha256};
+use tokio::sync::OnceCell;
+
+use crate::config::RelayConfig;
+use crate::metrics::Metrics;
+use crate::spec::WatchSpec;
+use crate::worker::Worker;
+use crate::worker::relayed::RelayedSource;
+
+/// The relay could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// `relay.nats_url` is not a NATS URL list.
+    #[error("relay.nats_url: {0}")]
+    Url(String),
+    /// JetStream refused the stream or the lease bucket.
+    #[error("JetStream: {0}")]
+    JetStream(String),
+}
+
+/// The JetStream handles every worker uses, made once NATS first answers.
+#[derive(Clone)]
+struct Handles {
+    stream: jetstream::stream::Stream,
+    leases: jetstream::kv::Store,
+}
+
+/// The relay tier of one instance.
+pub struct Relay {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    settings: RelayConfig,
+    /// This instance's name in the leases it holds.
+    instance: String,
+    handles: OnceCell<Handles>,
+    metrics: Arc<Metrics>,
+}
+
+/// How long one JetStream request may take before it counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Relay {
+    /// A relay on `settings.nats_url` (which must be set). Connects in the background: an
+    /// unreachable NATS at startup is survived, and shows in `/health/ready`.
+    pub async fn connect(
+        settings: &RelayConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Relay>, RelayError> {
+        let url = settings
+            .nats_url
+            .clone()
+            .ok_or_else(|| RelayError::Url("not set".into()))?;
+        let addrs: Vec<async_nats::ServerAddr> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| {
+                u.parse()
+                    .map_err(|e| RelayError::Url(format!("{u:?}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        if addrs.is_empty() {
+            return Err(RelayError::Url("no URL given".into()));
+        }
+        let instance = instance_name();
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("streamgate {instance}"))
+            .retry_on_initial_connect()
+            .connection_timeout(REQUEST_TIMEOUT)
+            // Reconnect quickly: relayed streams wait while NATS is away.
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((50u64 << attempts.min(5)).min(1_000))
+            })
+            .connect(addrs)
+            .await
+            .map_err(|e| RelayError::Url(e.to_string()))?;
+        let jetstream = jetstream::ContextBuilder::new()
+            .timeout(REQUEST_TIMEOUT)
+            .build(client.clone());
+        tracing::info!(nats = %url, %instance, "relay mode: workers read through NATS JetStream");
+        Ok(Arc::new(Relay {
+            client,
+            jetstream,
+            settings: settings.clone(),
+            instance,
+            handles: OnceCell::new(),
+            metrics,
+        }))
+    }
+
+    /// The stream and the lease bucket, created if missing (once; a failure is retried by
+    /// the next caller).
+    async fn handles(&self) -> Result<Handles, RelayError> {
+        self.handles
+            .get_or_try_init(|| async {
+                let stream = self.open_stream().await?;
+                let leases = self.open_leases().await?;
+                Ok(Handles { stream, leases })
+            })
+            .await
+            .cloned()
+    }
+
+    async fn open_stream(&self) -> Result<jetstream::stream::Stream, RelayError> {
+        let settings = &self.settings;
+        let retention = Duration::from_secs(settings.retention_secs);
+        let config = jetstream::stream::Config {
+            name: settings.stream.clone(),
+            description: Some(
+                "Streamgate relay: MongoDB change events, one subject per worker".into(),
+            ),
+            subjects: vec![format!("{}.>", settings.subject_prefix)],
+            max_age: retention,
+            max_bytes: i64::try_from(settings.max_bytes).unwrap_or(i64::MAX),
+            // A hand-over publishes again what the last owner may have published: de-duplicate
+            // by resume token over a window longer than any hand-over.
+            duplicate_window: retention.min(Duration::from_secs(120)),
+            discard: jetstream::stream::DiscardPolicy::Old,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: settings.replicas,
+            allow_direct: true,
+            ..Default::default()
+        };
+        self.jetstream
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| RelayError::JetStream(format!("stream {}: {e}", settings.stream)))
+    }
+
+    async fn open_leases(&self) -> Result<jetstream::kv::Store, RelayError> {
+        let bucket = &self.settings.lease_bucket;
+        if let Ok(store) = self.jetstream.get_key_value(bucket).await {
+            return Ok(store);
+        }
+        let config = jetstream::kv::Config {
+            bucket: bucket.clone(),
+            description: "Streamgate relay: which instance holds each worker's cursor".into(),
+            history: 1,
+            max_age: self.settings.lease_ttl(),
+            storage: jetstream::stream::StorageType::Memory,
+            num_replicas: self.settings.replicas,
+            ..Default::default()
+        };
+        match self.jetstream.create_key_value(config).await {
+            Ok(store) => Ok(store),
+            // Another instance created it meanwhile.
+            Err(error) => self
+                .jetstream
+                .get_key_value(bucket)
+                .await
+                .map_err(|_| RelayError::JetStream(format!("lease bucket {bucket}: {error}"))),
+        }
+    }
+
+    /// The subject (and lease key) of a worker: a hash of what its cursor watches.
+    fn subject_of(&self, spec: &WatchSpec) -> (String, String) {
+        let key = spec_hash(spec);
+        (format!("{}.{key}", self.settings.subject_prefix), key)
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
+impl crate::worker::relayed::Relay for Relay {
+    fn source(self: Arc<Self>, worker: &Arc<Worker>) -> Box<dyn RelayedSource> {
+        let (subject, key) = self.subject_of(worker.spec());
+        consumer::Consumer::start(self, worker, subject, key)
+    }
+
+    fn reachable(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+/// This instance's name in leases and NATS connection names: the host name and process id,
+/// plus a random part (two in-process test servers share both).
+fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    let host = if host.is_empty() {
+        "streamgate".to_owned()
+    } else {
+        host
+    };
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    format!(
+        "{host}-{}-{:06x}",
+        std::process::id(),
+        hasher.finish() & 0xFF_FFFF
+    )
+}
+
+/// A stable name for what a cursor watches: the same on every instance and across restarts.
+fn spec_hash(spec: &WatchSpec) -> String {
+    let described: Document = doc! {
+        "db": &spec.db,
+        "coll": &spec.coll,
+        "pipeline": spec.pipeline.clone(),
+        "fullDocument": format!("{:?}", spec.full_document),
+        "fullDocumentBeforeChange": format!("{:?}", spec.full_document_before_change),
+    };
+    let bytes = mongodb::bson::to_vec(&described).unwrap_or_default();
+    hex::encode(&Sha256::digest(&bytes)[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{FullDocument, FullDocumentBeforeChange};
+
+    fn spec(pipeline: Vec<Document>, full: FullDocument) -> WatchSpec {
+        WatchSpec {
+            db: "db".into(),
+            coll: "c".into(),
+            pipeline,
+            full_document: full,
+            full_document_before_change: FullDocumentBeforeChange::Off,
+            routing: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn subjects_follow_what_the_cursor_watches() {
+        let a = spec_hash(&spec(
+            vec![doc! {"$match": {"x": 1}}],
+            FullDocument::Default,
+        ));
+        assert_eq!(
+            a,
+            spec_hash(&spec(
+                vec![doc! {"$match": {"x": 1}}],
+                FullDocument::Default
+            ))
+        );
+        assert_ne!(
+            a,
+            spec_hash(&spec(
+                vec![doc! {"$match": {"x": 2}}],
+                FullDocument::Default
+            ))
+        );
+        assert_ne!(
+            a,
+            spec_hash(&spec(
+                vec![doc! {"$match": {"x": 1}}],
+                FullDocument::UpdateLookup
+            ))
+        );
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+}

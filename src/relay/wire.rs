@@ -1,0 +1,273 @@
+//! What one relayed message carries, and how it is read back into a worker's [`Step`].
+//!
+//! The owner publishes the *raw* change document (BSON, as the cursor returned it), not the
+//! encoded event: every instance then routes and encodes it exactly as its own cursor would
+//! (`RawChange::route` with the worker's `match` rules), so per-user routing values, the
+//! document view and every transport's bytes come out identical with and without the relay.
+//!
+//! | kind | `Nats-Msg-Id` | `Sg-Token` | payload |
+//! |---|---|---|---|
+//! | `change`, `skipped` | the resume token | the resume token | the change document (BSON) |
+//! | `mark` (an open, or a quiet cursor's position) | `m` + token | the position | empty |
+//! | `invalidate` | `i` + last position | the invalidate's id, if any | the event's `data` (JSON) |
+//! | `failed` | `f` + last position | — | the message; `Sg-Code` the error code |
+//!
+//! `Nats-Msg-Id` makes JetStream drop a change two owners both publish (a hand-over, or an
+//! owner that has not yet noticed its lease expired): the fleet's log holds each change once.
+
+use std::sync::Arc;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use mongodb::bson::Document;
+
+use crate::event::{ErrorCode, Event, EventKind, Token};
+use crate::worker::source::RawChange;
+
+/// Header naming the message's kind.
+pub const KIND: &str = "Sg-Kind";
+/// Header holding the message's resume token (or position).
+pub const TOKEN: &str = "Sg-Token";
+/// Header holding a `failed` message's error code.
+pub const CODE: &str = "Sg-Code";
+/// Header holding the publisher's clock (Unix ms) when it published: the delivery-lag clock.
+pub const PUBLISHED_MS: &str = "Sg-Published-Ms";
+
+/// A relayed message, decoded.
+#[derive(Debug)]
+pub enum Relayed {
+    /// A change (or a `skipped` placeholder for one over 16 MB).
+    Change(RawChange),
+    /// A position the owner's cursor reached (its open, or an empty batch).
+    Mark(Token),
+    /// The collection was dropped or renamed: the stream is over.
+    Invalidate(Arc<Event>),
+    /// The owner's cursor failed in a way retrying cannot fix.
+    Failed(ErrorCode, String),
+}
+
+impl Relayed {
+    /// The resume position this message stands at, if it has one.
+    pub fn token(&self) -> Option<&Token> {
+        match self {
+            Relayed::Change(raw) => Some(&raw.id),
+            Relayed::Mark(token) => Some(token),
+            Relayed::Invalidate(_) | Relayed::Failed(..) => None,
+        }
+    }
+
+    /// Whether the stream ends with this message.
+    pub fn is_end(&self) -> bool {
+        matches!(self, Relayed::Invalidate(_) | Relayed::Failed(..))
+    }
+}
+
+/// A message ready to publish: headers (with `Nats-Msg-Id`) and payload.
+#[derive(Debug)]
+pub struct Outbound {
+    /// Headers, de-duplication id included.
+    pub headers: HeaderMap,
+    /// Payload.
+    pub payload: Bytes,
+}
+
+/// The message is not one this relay wrote.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed relay message: {0}")]
+pub struct Malformed(String);
+
+fn headers(kind: &str, msg_id: &str, published_ms: u64) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
+    headers.insert(KIND, kind);
+    headers.insert(PUBLISHED_MS, published_ms.to_string().as_str());
+    headers
+}
+
+/// A change read by the owner's cursor.
+pub fn change(raw: &RawChange, published_ms: u64) -> Result<Outbound, Malformed> {
+    let kind = if raw.skipped { "skipped" } else { "change" };
+    let mut headers = headers(kind, raw.id.as_str(), published_ms);
+    headers.insert(TOKEN, raw.id.as_str());
+    let payload = mongodb::bson::to_vec(&raw.doc).map_err(|e| Malformed(e.to_string()))?;
+    Ok(Outbound {
+        headers,
+        payload: Bytes::from(payload),
+    })
+}
+
+/// A position of the owner's cursor.
+pub fn mark(token: &Token, published_ms: u64) -> Outbound {
+    let mut headers = headers("mark", &format!("m{token}"), published_ms);
+    headers.insert(TOKEN, token.as_str());
+    Outbound {
+        headers,
+        payload: Bytes::new(),
+    }
+}
+
+/// The end of the stream: an invalidate (`event` as the cursor produced it).
+pub fn invalidate(event: &Event, after: Option<&Token>, published_ms: u64) -> Outbound {
+    let mut headers = headers("invalidate", &end_id('i', after), published_ms);
+    if let Some(id) = &event.id {
+        headers.insert(TOKEN, id.as_str());
+    }
+    Outbound {
+        headers,
+        payload: event.data(),
+    }
+}
+
+/// The end of the stream: an error retrying cannot fix.
+pub fn failed(
+    code: ErrorCode,
+    message: &str,
+    after: Option<&Token>,
+    published_ms: u64,
+) -> Outbound {
+    let mut headers = headers("failed", &end_id('f', after), published_ms);
+    headers.insert(CODE, code.as_str());
+    Outbound {
+        headers,
+        payload: Bytes::copy_from_slice(message.as_bytes()),
+    }
+}
+
+/// Two owners ending the same stream at the same position publish one end.
+fn end_id(prefix: char, after: Option<&Token>) -> String {
+    match after {
+        Some(token) => format!("{prefix}{token}"),
+        None => format!("{prefix}-{}", crate::metrics::now_ms()),
+    }
+}
+
+fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    headers?.get(name).map(|value| value.as_str())
+}
+
+/// When the message was published (Unix ms by the publisher's clock), if it says.
+pub fn published_ms(headers: Option<&HeaderMap>) -> Option<u64> {
+    header(headers, PUBLISHED_MS)?.parse().ok()
+}
+
+/// Reads a relayed message.
+pub fn decode(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<Relayed, Malformed> {
+    let kind = header(headers, KIND).ok_or_else(|| Malformed("no Sg-Kind header".into()))?;
+    let token = || {
+        header(headers, TOKEN)
+            .and_then(|t| Token::parse(t).ok())
+            .ok_or_else(|| Malformed(format!("{kind} without a valid Sg-Token")))
+    };
+    match kind {
+        "change" | "skipped" => {
+            let doc: Document =
+                mongodb::bson::from_slice(payload).map_err(|e| Malformed(e.to_string()))?;
+            Ok(Relayed::Change(RawChange {
+                id: token()?,
+                doc,
+                skipped: kind == "skipped",
+            }))
+        }
+        "mark" => Ok(Relayed::Mark(token()?)),
+        "invalidate" => {
+            let data: serde_json::Value = serde_json::from_slice(payload)
+                .map_err(|e| Malformed(format!("invalidate data: {e}")))?;
+            let id = header(headers, TOKEN).and_then(|t| Token::parse(t).ok());
+            Ok(Relayed::Invalidate(Arc::new(Event::new(
+                EventKind::Invalidate,
+                id,
+                &data,
+            ))))
+        }
+        "failed" => {
+            let code = match header(headers, CODE) {
+                Some("history_lost") => ErrorCode::HistoryLost,
+                _ => ErrorCode::Upstream,
+            };
+            Ok(Relayed::Failed(
+                code,
+                String::from_utf8_lossy(payload).into_owned(),
+            ))
+        }
+        other => Err(Malformed(format!("unknown kind {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mongodb::bson::doc;
+
+    const T1: &str = "8263A1B2C3000000012B022C0100296E5A1004AB";
+
+    fn raw(skipped: bool) -> RawChange {
+        RawChange {
+            id: Token::parse(T1).unwrap(),
+            doc: doc! { "_id": { "_data": T1 }, "operationType": "insert", "fullDocument": { "x": 1 } },
+            skipped,
+        }
+    }
+
+    #[test]
+    fn a_change_round_trips_with_its_token_as_message_id() {
+        let out = change(&raw(false), 42).unwrap();
+        assert_eq!(
+            out.headers
+                .get(async_nats::header::NATS_MESSAGE_ID)
+                .unwrap()
+                .as_str(),
+            T1
+        );
+        assert_eq!(published_ms(Some(&out.headers)), Some(42));
+        let Relayed::Change(back) = decode(Some(&out.headers), &out.payload).unwrap() else {
+            panic!("expected a change");
+        };
+        assert_eq!(back.id.as_str(), T1);
+        assert!(!back.skipped);
+        assert_eq!(back.doc, raw(false).doc);
+        let out = change(&raw(true), 42).unwrap();
+        let Relayed::Change(back) = decode(Some(&out.headers), &out.payload).unwrap() else {
+            panic!("expected a change");
+        };
+        assert!(back.skipped);
+    }
+
+    #[test]
+    fn marks_and_ends_round_trip_under_ids_of_their_own() {
+        let token = Token::parse(T1).unwrap();
+        let out = mark(&token, 1);
+        let id = out
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .unwrap();
+        assert_eq!(id.as_str(), format!("m{T1}"));
+        assert!(matches!(
+            decode(Some(&out.headers), &out.payload).unwrap(),
+            Relayed::Mark(t) if t == token
+        ));
+
+        let event = Event::control(EventKind::Invalidate, "dropped", false);
+        let out = invalidate(&event, Some(&token), 1);
+        let Relayed::Invalidate(back) = decode(Some(&out.headers), &out.payload).unwrap() else {
+            panic!("expected an invalidate");
+        };
+        assert_eq!(back.kind, EventKind::Invalidate);
+        assert_eq!(back.ndjson, event.ndjson);
+
+        let out = failed(ErrorCode::HistoryLost, "gone", Some(&token), 1);
+        assert!(matches!(
+            decode(Some(&out.headers), &out.payload).unwrap(),
+            Relayed::Failed(ErrorCode::HistoryLost, m) if m == "gone"
+        ));
+    }
+
+    #[test]
+    fn foreign_messages_are_refused() {
+        assert!(decode(None, b"").is_err());
+        let mut headers = HeaderMap::new();
+        headers.insert(KIND, "change");
+        assert!(decode(Some(&headers), b"not bson").is_err());
+        headers.insert(KIND, "bogus");
+        assert!(decode(Some(&headers), b"").is_err());
+    }
+}
