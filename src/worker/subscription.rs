@@ -31,7 +31,6 @@ use crate::routing::ClientFilter;
 /// (`CHUNK` `Arc`s, not a copy of the ring).
 const CHUNK: usize = 256;
 
-
 /// Why a subscription could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum SubscribeError {
