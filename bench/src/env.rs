@@ -190,6 +190,8 @@ pub struct ServerSpec<'a> {
     pub env: &'a [(String, String)],
     /// Wrapper command (e.g. `valgrind --tool=callgrind`), empty for none.
     pub wrapper: &'a [String],
+    /// `Some(nats_url)`: the relay tier (`[relay] nats_url`, docs/relay.md).
+    pub relay_url: Option<&'a str>,
 }
 
 /// The config file for a server on `addr`: only what `spec` sets, defaults for the rest.
@@ -211,7 +213,71 @@ pub fn server_config(addr: SocketAddr, spec: &ServerSpec<'_>) -> String {
             config.push_str(&format!("pipeline = {pipeline}\n"));
         }
     }
+    if let Some(url) = spec.relay_url {
+        config.push_str(&format!("\n[relay]\nnats_url = \"{url}\"\n"));
+    }
     config
+}
+
+/// A `nats-server -js` for `--relay` runs (store and log in the run's directory), killed on
+/// drop.
+pub struct Nats {
+    child: Child,
+    /// `nats://127.0.0.1:P`.
+    pub url: String,
+}
+
+impl Nats {
+    /// Starts `bin` (`--nats-server`, `$NATS_SERVER`, else what `scripts/fetch-nats` prints)
+    /// and waits until it accepts connections.
+    pub fn start(repo: &Path, dir: &Path, bin: Option<&Path>) -> Result<Nats, String> {
+        let bin = match bin {
+            Some(bin) => bin.to_owned(),
+            None => match std::env::var_os("NATS_SERVER").filter(|v| !v.is_empty()) {
+                Some(bin) => PathBuf::from(bin),
+                None => {
+                    let out = Command::new(repo.join("scripts/fetch-nats"))
+                        .stderr(Stdio::inherit())
+                        .output()
+                        .map_err(|e| format!("scripts/fetch-nats: {e}"))?;
+                    if !out.status.success() {
+                        return Err("scripts/fetch-nats failed".into());
+                    }
+                    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+                }
+            },
+        };
+        let port = free_port()?;
+        let store = dir.join("nats");
+        let child = Command::new(&bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(&store)
+            .arg("-l")
+            .arg(dir.join("nats.log"))
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let nats = Nats {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                return Err("nats-server did not listen within 20 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("bench: nats-server -js on {}", nats.url);
+        Ok(nats)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A Streamgate child process, terminated on drop.
@@ -463,6 +529,7 @@ mod tests {
             dir: Path::new("/tmp"),
             env: &[],
             wrapper: &[],
+            relay_url: None,
         };
         let text = server_config(([127, 0, 0, 1], 9).into(), &spec);
         let config: toml::Table = text.parse().expect("valid TOML");
@@ -484,6 +551,19 @@ mod tests {
         let tuned: toml::Table = tuned.parse().expect("valid TOML");
         assert_eq!(tuned["client_queue"].as_integer(), Some(5000));
         assert_eq!(tuned["ring_size"].as_integer(), Some(10_000));
+        let relayed = server_config(
+            ([127, 0, 0, 1], 9).into(),
+            &ServerSpec {
+                relay_url: Some("nats://127.0.0.1:4222"),
+                ..spec
+            },
+        );
+        let relayed: toml::Table = relayed.parse().expect("valid TOML");
+        assert_eq!(
+            relayed["relay"]["nats_url"].as_str(),
+            Some("nats://127.0.0.1:4222")
+        );
+        assert_eq!(relayed["streams"].as_array().map(Vec::len), Some(2));
     }
 
     #[test]

@@ -134,6 +134,7 @@ async fn start(ctx: &Ctx, streams: &[StreamSpec]) -> Result<Server, String> {
             dir: &ctx.dir,
             env: &ctx.cli.server_env(),
             wrapper: &[],
+            relay_url: ctx.relay_url.as_deref(),
         },
         Duration::from_secs(30),
     )

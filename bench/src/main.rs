@@ -173,6 +173,14 @@ struct Cli {
     /// Keep the run's directory (server configs and logs, mongod's data) and print its path.
     #[arg(long)]
     keep: bool,
+    /// Run the servers the tool starts with the relay tier (docs/relay.md): start a
+    /// `nats-server -js` and give them `[relay] nats_url`. Compare with the same run without.
+    #[arg(long, conflicts_with = "target")]
+    relay: bool,
+    /// With `--relay`: the nats-server binary (default `$NATS_SERVER`, else
+    /// `scripts/fetch-nats`).
+    #[arg(long, requires = "relay")]
+    nats_server: Option<PathBuf>,
 }
 
 impl Cli {
@@ -307,6 +315,8 @@ struct Ctx {
     server_bin: PathBuf,
     dir: PathBuf,
     clients_rt: tokio::runtime::Runtime,
+    /// `--relay`: the NATS URL the servers relay through.
+    relay_url: Option<String>,
 }
 
 /// Where one scenario sends its clients and inserts.
@@ -387,6 +397,16 @@ async fn main_async(cli: Cli) -> Result<(), String> {
             out
         }
     };
+    // Stopped after the servers (dropped at the end of main_async, like mongod).
+    let nats = if cli.relay {
+        Some(env::Nats::start(
+            &cli.repo,
+            &dir,
+            cli.nats_server.as_deref(),
+        )?)
+    } else {
+        None
+    };
     let mongo = mongodb::Client::with_uri_str(&mongo_uri)
         .await
         .map_err(|e| format!("MongoDB URI: {e}"))?;
@@ -404,6 +424,7 @@ async fn main_async(cli: Cli) -> Result<(), String> {
         server_bin,
         dir: dir.clone(),
         clients_rt,
+        relay_url: nats.as_ref().map(|n| n.url.clone()),
     };
 
     let mut reports = Vec::new();
@@ -447,6 +468,7 @@ async fn main_async(cli: Cli) -> Result<(), String> {
     }
     let Ctx { clients_rt, .. } = ctx;
     clients_rt.shutdown_background();
+    drop(nats);
     drop(_mongod);
     if cli.keep {
         eprintln!("bench: kept {}", dir.display());
@@ -531,6 +553,7 @@ async fn place(ctx: &Ctx, index: usize, scenario: &Scenario) -> Result<Place, St
             dir: &ctx.dir,
             env: &cli.server_env(),
             wrapper: &wrapper,
+            relay_url: ctx.relay_url.as_deref(),
         },
         ready_timeout,
     )
@@ -640,6 +663,9 @@ async fn live(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Report, S
         report.server_rss_per_client_kib =
             Some((conn as f64 - base as f64) / report.connected as f64);
     }
+    // Every client attached: what the run costs mongod in cursors (the relay's point).
+    report.relay = ctx.relay_url.is_some();
+    report.mongod_cursors = upstream::change_stream_cursors(&ctx.mongo).await.ok();
 
     let cpu0 = Cpu::read(ctx, place.server_pid);
     let bytes0 = shared.bytes.load(Ordering::Relaxed);

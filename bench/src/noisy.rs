@@ -193,6 +193,7 @@ async fn one_run(ctx: &Ctx, abuser: Abuser, run: usize) -> Result<Report, String
             dir: &ctx.dir,
             env: &cli.server_env(),
             wrapper: &[],
+            relay_url: ctx.relay_url.as_deref(),
         },
         Duration::from_secs(30),
     )

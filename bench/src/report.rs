@@ -130,6 +130,11 @@ pub struct Report {
     pub slow_consumer_cuts: usize,
     /// Events clients received that belonged to another client's binding (must be 0).
     pub other_bindings: u64,
+    /// Run with `--relay` (the servers read through NATS JetStream).
+    pub relay: bool,
+    /// Change-stream cursors on mongod with every client attached (live runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mongod_cursors: Option<u64>,
     /// Issue 8 scenarios: change-stream cursors and connections on mongod, server counters.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream: Option<Upstream>,
@@ -230,6 +235,13 @@ impl Report {
             },
             self.insert_rate
         );
+        if let Some(cursors) = self.mongod_cursors {
+            println!(
+                "mongod         {cursors} change-stream cursors with every client attached \
+                 (relay {})",
+                if self.relay { "on" } else { "off" }
+            );
+        }
         println!(
             "latency ms     p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  (mean {:.2}, n={})",
             l.p50, l.p90, l.p99, l.p999, l.max, l.mean, l.count

@@ -156,6 +156,7 @@ async fn own(
             return (Outcome::Unpublished, Some(lease));
         }
     };
+    tracing::debug!(subject, "relay: the log's last position read");
     let mut position = after.clone();
     let mut source = ChangeSource::new(Watch::of_worker(worker), after);
     let every = Lease::renew_every(relay.settings.lease_ttl());
@@ -177,6 +178,7 @@ async fn own(
         let published = now_ms();
         let (message, ends) = match step {
             Step::Opened(start) => {
+                tracing::debug!(subject, "relay: cursor open");
                 if start.is_some() {
                     position = start;
                 }

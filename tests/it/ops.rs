@@ -17,6 +17,7 @@ use crate::harness::browser::BrowserScript;
 use crate::harness::clients::{Client, Kind};
 use crate::harness::eventually;
 use crate::harness::fixture::{Fixture, seqs};
+use crate::harness::fleet::{self, Fleet, sample};
 use crate::harness::mongod::{self, MongoD};
 use crate::harness::server::{self, TestServer};
 use crate::harness::unique_db;
@@ -36,13 +37,6 @@ async fn scrape(server: &TestServer) -> String {
         "{content_type}"
     );
     response.text().await.unwrap()
-}
-
-/// The value of the sample named exactly `series` (name plus labels), if exposed.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
 }
 
 /// Runs `promtool check metrics` on `text`; panics with its findings if it objects.
@@ -671,137 +665,8 @@ async fn browser_console_defines_fixes_tails_and_deletes_a_stream() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The fleet: deploy/haproxy.cfg in front of three streamgate processes on one replica set.
-
-/// A streamgate process on a fixed port (restartable on the same one).
-struct Instance {
-    port: u16,
-    config: tempfile::NamedTempFile,
-    child: Option<tokio::process::Child>,
-}
-
-impl Instance {
-    fn new(db: &str) -> Instance {
-        let port = mongod::free_port();
-        let mut config = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-        let text = format!(
-            "listen = \"127.0.0.1:{port}\"\nmongo_uri = {:?}\nkeepalive_secs = 5\n\
-             shutdown_grace_secs = 3\nsse_retry_ms = 300\n\
-             [[streams]]\ndb = {db:?}\ncoll = \"c\"\nname = \"s\"\n",
-            mongod::shared().uri()
-        );
-        std::io::Write::write_all(&mut config, text.as_bytes()).unwrap();
-        Instance {
-            port,
-            config,
-            child: None,
-        }
-    }
-
-    async fn start(&mut self) {
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamgate"))
-            .arg("--config")
-            .arg(self.config.path())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let url = format!("http://127.0.0.1:{}/health/ready", self.port);
-        eventually("instance ready", WAIT, async || {
-            reqwest::get(&url).await.is_ok_and(|r| r.status() == 200)
-        })
-        .await;
-    }
-
-    fn signal(&self, signal: &str) {
-        let pid = self
-            .child
-            .as_ref()
-            .and_then(|c| c.id())
-            .unwrap()
-            .to_string();
-        let sent = std::process::Command::new("kill")
-            .args([signal, &pid])
-            .status()
-            .unwrap();
-        assert!(sent.success());
-    }
-
-    /// Sends `signal` and waits for the process to exit.
-    async fn stop(&mut self, signal: &str) -> std::process::ExitStatus {
-        self.signal(signal);
-        let mut child = self.child.take().unwrap();
-        tokio::time::timeout(WAIT, child.wait())
-            .await
-            .unwrap()
-            .unwrap()
-    }
-}
-
-/// One SSE client through the load balancer that reconnects with `Last-Event-ID` on every
-/// failure and records the `seq` of every change, in order.
-async fn fleet_client(
-    url: String,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<i64>>>,
-    done: tokio_util::sync::CancellationToken,
-) -> usize {
-    use futures::StreamExt;
-    let http = reqwest::Client::new();
-    let mut last_id: Option<String> = None;
-    let mut connects = 0;
-    while !done.is_cancelled() {
-        let mut request = http.get(&url).header("accept", "text/event-stream");
-        if let Some(id) = &last_id {
-            request = request.header("last-event-id", id);
-        }
-        let response = tokio::select! {
-            _ = done.cancelled() => break,
-            response = request.send() => response,
-        };
-        match response {
-            Ok(response) if response.status() == 200 => {
-                connects += 1;
-                let mut body = response.bytes_stream();
-                let mut buffer = String::new();
-                let (mut id, mut event, mut data) = (None::<String>, String::new(), String::new());
-                loop {
-                    let chunk = tokio::select! {
-                        _ = done.cancelled() => return connects,
-                        chunk = body.next() => chunk,
-                    };
-                    let Some(Ok(chunk)) = chunk else { break };
-                    buffer.push_str(&String::from_utf8_lossy(&chunk));
-                    while let Some(end) = buffer.find('\n') {
-                        let line: String = buffer.drain(..=end).collect();
-                        let line = line.trim_end_matches(['\n', '\r']);
-                        if let Some(value) = line.strip_prefix("id: ") {
-                            id = Some(value.to_owned());
-                        } else if let Some(value) = line.strip_prefix("event: ") {
-                            event = value.to_owned();
-                        } else if let Some(value) = line.strip_prefix("data: ") {
-                            data = value.to_owned();
-                        } else if line.is_empty() && !event.is_empty() {
-                            assert_ne!(event, "error", "a fleet client got {data}");
-                            if event == "change" {
-                                let change: Value = serde_json::from_str(&data).unwrap();
-                                let seq = change["fullDocument"]["seq"].as_i64().unwrap();
-                                seen.lock().unwrap().push(seq);
-                                last_id = id.take();
-                            }
-                            event.clear();
-                        }
-                    }
-                }
-            }
-            // Refused (an instance going away) or unreachable: try again through the LB.
-            _ => {}
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    connects
-}
+// The fleet (harness/fleet.rs): deploy/haproxy.cfg in front of three streamgate processes on
+// one replica set. relay.rs runs the same fleet in relay mode.
 
 /// 300 SSE clients through haproxy (`STREAMGATE_FLEET_CLIENTS` changes it; a debug build runs
 /// it in about 3 s), inserts flowing all along; one instance is killed with SIGKILL, then all
@@ -810,140 +675,13 @@ async fn fleet_client(
 /// printed.
 #[tokio::test]
 async fn fleet_behind_haproxy_survives_kill_and_rolling_restart_exactly_once() {
-    use std::sync::{Arc, Mutex};
-    let clients: usize = std::env::var("STREAMGATE_FLEET_CLIENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
-    let mongo = mongod::shared();
     let db = unique_db("ops_fleet");
-    let coll = mongo
-        .client()
-        .await
-        .database(&db)
-        .collection::<Document>("c");
-    let mut instances: Vec<Instance> = (0..3).map(|_| Instance::new(&db)).collect();
-    for instance in &mut instances {
-        instance.start().await;
-    }
-    let lb_port = mongod::free_port();
-    let lb = format!("127.0.0.1:{lb_port}");
-    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy.cfg");
-    let mut haproxy = tokio::process::Command::new("haproxy");
-    haproxy
-        .args(["-db", "-f", cfg])
-        .env("STREAMGATE_LB_BIND", &lb);
-    for (i, instance) in instances.iter().enumerate() {
-        haproxy.env(
-            format!("STREAMGATE_{}", i + 1),
-            format!("127.0.0.1:{}", instance.port),
-        );
-    }
-    let mut haproxy = haproxy
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("haproxy is installed (Debian package haproxy; scripts/test installs it)");
-    let ready = format!("http://{lb}/health/ready");
-    eventually("haproxy forwards", WAIT, async || {
-        reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-
-    let done = tokio_util::sync::CancellationToken::new();
-    let url = format!("http://{lb}/{db}/c/_streams/s");
-    let seen: Vec<Arc<Mutex<Vec<i64>>>> = (0..clients).map(|_| Arc::default()).collect();
-    let tasks: Vec<_> = seen
-        .iter()
-        .map(|seen| tokio::spawn(fleet_client(url.clone(), Arc::clone(seen), done.clone())))
-        .collect();
-    // Clients record changes in order (asserted at the end), so the last one tells.
-    let has = |seq: i64| {
-        seen.iter()
-            .all(|s| s.lock().unwrap().last().is_some_and(|last| *last >= seq))
-    };
-    // Every client has a position (the first change) before anything fails. Until then a
-    // client may still be connecting: insert seq 0 again only once all are attached.
-    eventually("every client attached", WAIT, async || {
-        let mut total = 0;
-        for instance in &instances {
-            let url = format!("http://127.0.0.1:{}/metrics", instance.port);
-            let text = reqwest::get(url).await.unwrap().text().await.unwrap();
-            let sse = sample(&text, "streamgate_clients{transport=\"sse\"}").unwrap_or(0.0);
-            total += sse as usize;
-        }
-        total == clients
-    })
-    .await;
-    coll.insert_one(doc! { "seq": 0_i64 }).await.unwrap();
-    eventually("every client has seq 0", WAIT, async || has(0)).await;
-
-    // Inserts flow from now until the last restart is over.
-    let next_seq = Arc::new(std::sync::atomic::AtomicI64::new(1));
-    let inserting = tokio_util::sync::CancellationToken::new();
-    let inserter = tokio::spawn({
-        let (coll, next_seq, inserting) = (coll.clone(), Arc::clone(&next_seq), inserting.clone());
-        async move {
-            while !inserting.is_cancelled() {
-                let seq = next_seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                coll.insert_one(doc! { "seq": seq }).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    });
-    let current = || next_seq.load(std::sync::atomic::Ordering::SeqCst);
-    // From the signal until every client has a change inserted after it.
-    let recover = async |what: &str, instance: &mut Instance, signal: &str| {
-        let after = current() + 1;
-        let started = std::time::Instant::now();
-        let status = instance.stop(signal).await;
-        eventually(what, Duration::from_secs(60), async || has(after)).await;
-        let took = started.elapsed();
-        println!(
-            "fleet ({clients} clients): {what}: every client had the next change after {took:?}"
-        );
-        (status, took)
-    };
-    eventually("inserts flowing", WAIT, async || has(20)).await;
-
-    let mut recoveries = Vec::new();
-    let (_, took) = recover("kill -9 instance 1", &mut instances[0], "-KILL").await;
-    recoveries.push(took);
-    instances[0].start().await;
-    for (i, instance) in instances.iter_mut().enumerate() {
-        let what = format!("SIGTERM instance {} (rolling restart)", i + 1);
-        let (status, took) = recover(&what, instance, "-TERM").await;
-        assert!(status.success(), "SIGTERM exits cleanly: {status}");
-        recoveries.push(took);
-        instance.start().await;
-    }
-    inserting.cancel();
-    inserter.await.unwrap();
-    let last = current() - 1;
-    eventually(
-        "every client has every change",
-        Duration::from_secs(60),
-        async || has(last),
-    )
-    .await;
-    done.cancel();
-    let mut reconnects = 0;
-    for task in tasks {
-        reconnects += task.await.unwrap() - 1;
-    }
-    let expected: Vec<i64> = (0..=last).collect();
-    for (i, seen) in seen.iter().enumerate() {
-        // Exactly once, in order: no gap, no duplicate.
-        assert_eq!(*seen.lock().unwrap(), expected, "client {i}");
-    }
-    println!(
-        "fleet ({clients} clients): {} changes each, {reconnects} reconnects in all",
-        last + 1
-    );
-    let _ = haproxy.kill().await;
-    for instance in &mut instances {
-        let _ = instance.stop("-TERM").await;
-    }
+    let mut fleet = Fleet::start(&db, fleet::client_count(), "").await;
+    let (_, took) = fleet.recover("kill -9 instance 1", 0, "-KILL").await;
+    let mut recoveries = vec![took];
+    fleet.instances[0].start().await;
+    recoveries.extend(fleet.rolling_restart().await);
+    fleet.finish().await;
     for took in &recoveries {
         assert!(*took < Duration::from_secs(30), "a recovery took {took:?}");
     }

@@ -12,6 +12,7 @@ use streamgate::config::Config;
 use crate::harness::clients::{Client, Kind, Next};
 use crate::harness::eventually;
 use crate::harness::fixture::{insert_seqs, seqs};
+use crate::harness::fleet::{self, Fleet};
 use crate::harness::mongod::{self, change_stream_cursors, free_port};
 use crate::harness::nats::NatsServer;
 use crate::harness::server::{self, TestServer};
@@ -239,4 +240,100 @@ async fn readiness_follows_the_nats_server_in_relay_mode() {
     insert_seqs(&coll, 0..5).await;
     assert_eq!(exactly(&mut client, 5).await, (0..5).collect::<Vec<_>>());
     server.stop().await;
+}
+
+/// Each instance's `streamgate_relay_owned_cursors` (0 for one that does not answer).
+async fn fleet_owners(fleet: &Fleet) -> Vec<f64> {
+    let mut owned = Vec::new();
+    for instance in &fleet.instances {
+        owned.push(instance.metric("streamgate_relay_owned_cursors").await);
+    }
+    owned
+}
+
+/// The fleet test of `ops.rs` (haproxy in front of three processes, `fleet::client_count()`
+/// = 300 reconnecting SSE clients, inserts every 20 ms all along) in relay mode, with one
+/// `nats-server -js`: the fleet holds one change-stream cursor; the instance holding it (found
+/// through the relay metrics) is killed with SIGKILL and another takes it over within 2 s;
+/// then a rolling restart. Every client ends with every change exactly once, in order, and
+/// mongod with one change-stream cursor for the stream.
+#[tokio::test]
+async fn fleet_behind_haproxy_in_relay_mode_survives_sigkill_of_the_owner_and_rolling_restart() {
+    let nats = NatsServer::start();
+    let db = unique_db("relay_fleet");
+    let mongo = mongod::shared().client().await;
+    let relay = format!(
+        "[relay]\nnats_url = {:?}\nlease_ttl_ms = 1000\n",
+        nats.url()
+    );
+    let mut fleet = Fleet::start(&db, fleet::client_count(), &relay).await;
+    let cursors = async || change_stream_cursors(&mongo, &db, "c").await;
+    assert_eq!(cursors().await, 1, "one cursor for the fleet");
+    let owners = fleet_owners(&fleet).await;
+    assert_eq!(owners.iter().sum::<f64>(), 1.0, "one owner: {owners:?}");
+    let owner = owners.iter().position(|o| *o == 1.0).unwrap();
+
+    // SIGKILL the owner: its lease is left to expire (lease_ttl_ms), then another instance
+    // takes it and opens the cursor after the last change published.
+    let after = fleet.next_seq() + 1;
+    let killed = Instant::now();
+    fleet.instances[owner].stop("-KILL").await;
+    let others: Vec<usize> = (0..3).filter(|i| *i != owner).collect();
+    // Measured side by side (a scrape of a busy instance can take a few hundred ms): the lease
+    // taken, the first message the new owner published, every client has the next change.
+    let metric_sum = async |series: &str| {
+        let mut sum = 0.0;
+        for i in &others {
+            sum += fleet.instances[*i].metric(series).await;
+        }
+        sum
+    };
+    let (leased, publishing, delivered) = tokio::join!(
+        async {
+            eventually("another instance takes the lease", WAIT, async || {
+                metric_sum("streamgate_relay_owned_cursors").await == 1.0
+            })
+            .await;
+            killed.elapsed()
+        },
+        async {
+            eventually("the new owner publishes", WAIT, async || {
+                metric_sum("streamgate_relay_published_total").await > 0.0
+            })
+            .await;
+            killed.elapsed()
+        },
+        async {
+            fleet
+                .until_every_client_has(after, "every client has the next change after the kill")
+                .await;
+            killed.elapsed()
+        },
+    );
+    println!(
+        "relay fleet ({} clients): owner (instance {}) killed; lease taken after {leased:?}, \
+         first message published by the new owner after {publishing:?}, the next change on \
+         every client after {delivered:?}",
+        fleet.clients,
+        owner + 1,
+    );
+    // Takeover: the new owner reads the cursor and its changes reach the clients.
+    assert!(
+        delivered < Duration::from_secs(2),
+        "takeover took {delivered:?}"
+    );
+
+    fleet.instances[owner].start().await;
+    let restarts = fleet.rolling_restart().await;
+    let owners = fleet_owners(&fleet).await;
+    assert_eq!(owners.iter().sum::<f64>(), 1.0, "one owner: {owners:?}");
+    // The killed owner's cursor is gone too (mongod ends a cursor whose connection closed).
+    eventually("one change-stream cursor on mongod", WAIT, async || {
+        cursors().await == 1
+    })
+    .await;
+    fleet.finish().await;
+    for took in &restarts {
+        assert!(*took < Duration::from_secs(30), "a recovery took {took:?}");
+    }
 }

@@ -4,6 +4,7 @@
 pub mod browser;
 pub mod clients;
 pub mod fixture;
+pub mod fleet;
 pub mod mongod;
 pub mod nats;
 pub mod panics;
