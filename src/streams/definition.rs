@@ -48,6 +48,8 @@ pub struct CompiledDefinition {
     /// Why membership (PROTOCOL.md §10) is partial or off although the filter reads the
     /// document: an admin API warning.
     membership_note: Option<String>,
+    /// Whether this stream decides membership (so it wants its collection's pre-images).
+    decides_membership: bool,
 }
 
 /// A `$var` that is only the value of an equality or `$in` on a field of a top-level `$match`
@@ -149,20 +151,20 @@ impl StreamDefinition {
                 .values()
                 .flatten()
                 .any(|u| u.field == "fullDocument" || u.field.starts_with("fullDocument."));
-        let membership_note = membership::plan(
+        let planned = membership::plan(
             &typical,
             rules_read,
             self.membership,
             self.full_document != FullDocument::Default,
-        )
-        .note;
+        );
         Ok(CompiledDefinition {
             source: self,
             stages,
             variables,
             routing,
             routable,
-            membership_note,
+            membership_note: planned.note,
+            decides_membership: planned.enabled,
         })
     }
 }
@@ -514,6 +516,11 @@ impl CompiledDefinition {
     /// document, if it is.
     pub fn membership_note(&self) -> Option<&str> {
         self.membership_note.as_deref()
+    }
+
+    /// Whether the stream decides membership, and so wants its collection's pre-images.
+    pub fn decides_membership(&self) -> bool {
+        self.decides_membership
     }
 }
 
