@@ -252,7 +252,7 @@ impl Op {
                     other => hit(other),
                 }
             }),
-            Op::Exists(wanted) => !leaves.is_empty() == *wanted,
+            Op::Exists(wanted) => leaves.is_empty() != *wanted,
             Op::Not(ops) => !ops.iter().all(|op| op.holds(leaves)),
         }
     }
