@@ -104,6 +104,13 @@ settings! {
         /// change-stream cursor per database, routed by collection. `false` gives every stream
         /// a cursor of its own (one `getMore` loop on MongoDB per stream).
         pub shared_database_cursors: bool = true,
+        /// Streams that decide membership (documents entering and leaving a filter, PROTOCOL.md
+        /// §10) turn on `changeStreamPreAndPostImages` on their collection (`collMod`, MongoDB
+        /// 6.0+) when a worker starts and finds it off; a stream can ask for it alone with
+        /// `"enablePreImages": true`. Needs the `collMod` action on the collection (the
+        /// `dbAdmin` role on its database has it). Off: the worker logs the `collMod` to run and
+        /// decides by post-images only.
+        pub enable_pre_images: bool = false,
         /// Milliseconds a database feed may spend, when its cursor fails on a change, finding
         /// which stream's `$match` failed (one probe cursor per suspect group); the streams it
         /// finds move to cursors of their own and the others go on. Its other streams wait

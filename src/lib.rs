@@ -6,6 +6,7 @@
 //! event.rs       Token (resume token, oplog-ordered) and Event (encoded once per wire format)
 //! path.rs        dotted paths into BSON and JSON (one walker)
 //! routing.rs     per-client routing rules and filters (claims, routable $var bindings)
+//! membership.rs  in-process $match evaluation on pre- and post-images (entries, removals)
 //! spec.rs        what a cursor watches: StreamKey, fullDocument options, WatchSpec
 //! backoff.rs     exponential backoff for every retry loop
 //! sync.rs        lock helpers (poison-recovering), one way to take a lock
@@ -15,6 +16,7 @@
 //! worker/        mod.rs (worker, context) · hub.rs (ring read by position + live channels)
 //!                source.rs (self-reopening cursor, oversize changes) · cursor.rs (the loop)
 //!                catchup.rs (shared catch-up cursors) · subscription.rs (one client, by position)
+//!                membership.rs (per change: plain, removal or entry per client; pre-images)
 //! http/          server.rs (accept loop, direct SSE/NDJSON writes) · deadline.rs (write deadline)
 //!                error.rs (ApiError → application/problem+json, from every lower layer's
 //!                error type) · guard.rs (the authentication middleware) · clients.rs
@@ -46,6 +48,7 @@ pub mod config;
 pub mod event;
 pub mod http;
 pub mod limits;
+pub mod membership;
 pub mod metrics;
 pub mod path;
 pub mod relay;
@@ -158,6 +161,7 @@ impl App {
             ring_size: config.ring_size,
             linger: config.worker_linger(),
             shared_database_cursors: config.shared_database_cursors,
+            enable_pre_images: config.enable_pre_images,
             feed_probe_timeout: config.feed_probe_timeout(),
             oversize_isolation_changes: config.oversize_isolation_changes,
             cursor_open_wait: config.cursor_open_wait(),

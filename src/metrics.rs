@@ -218,6 +218,11 @@ pub struct Metrics {
     pub catchup_readers_detached: Counter,
     /// Changes over 16 MB replaced by `event: skipped`.
     pub oversize_skipped: Counter,
+    /// Updates and replaces on membership streams (PROTOCOL.md §10) that came without a
+    /// pre-image, so only their post-image decided who got them.
+    pub membership_without_pre_image: Counter,
+    /// Workers of membership streams that started on a collection without pre-images.
+    pub membership_pre_images_off: Counter,
     /// Change-stream cursors holding a slot of `limits.max_workers` (workers and catch-ups).
     pub upstream_cursors: Gauge,
     /// The most cursors any one stream definition holds (against
@@ -401,6 +406,18 @@ impl Metrics {
             "Changes over 16 MB delivered as event: skipped",
             oversize_skipped.clone(),
         );
+        let membership_without_pre_image = Counter::default();
+        registry.register(
+            "membership_without_pre_image",
+            "Updates and replaces on streams that decide membership (entries, removals) that came without a pre-image: decided by the post-image alone",
+            membership_without_pre_image.clone(),
+        );
+        let membership_pre_images_off = Counter::default();
+        registry.register(
+            "membership_pre_images_off",
+            "Workers of membership streams that started on a collection without changeStreamPreAndPostImages (see the log for the collMod to run)",
+            membership_pre_images_off.clone(),
+        );
         let upstream_cursors = Gauge::default();
         registry.register(
             "upstream_cursors",
@@ -504,6 +521,8 @@ impl Metrics {
             lag_recoveries,
             catchup_readers_detached,
             oversize_skipped,
+            membership_without_pre_image,
+            membership_pre_images_off,
             clients,
             workers,
             database_feeds,

@@ -89,6 +89,38 @@ pub fn route_values(rules: &[MatchRule], change: &Document) -> RouteValues {
         .into()
 }
 
+/// Which image of the document a rule on `fullDocument…` reads (membership, PROTOCOL.md §10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Image {
+    /// `fullDocument` only (what the document is after the change).
+    Post,
+    /// `fullDocumentBeforeChange` (what it was before).
+    Pre,
+}
+
+/// For each rule, the values of one image of the document (no fallback from one image to the
+/// other: a missing image has no values). Rules on other fields read the change as it is.
+pub fn image_values(rules: &[MatchRule], change: &Document, image: Image) -> RouteValues {
+    let source = match image {
+        Image::Post => "fullDocument",
+        Image::Pre => "fullDocumentBeforeChange",
+    };
+    rules
+        .iter()
+        .map(|rule| {
+            let value = match rule.field.split_first() {
+                Some((first, rest)) if first == "fullDocument" => change
+                    .get_document(source)
+                    .ok()
+                    .and_then(|image| lookup(image, rest)),
+                _ => lookup(change, &rule.field),
+            };
+            value.map(values_of).unwrap_or_default()
+        })
+        .collect::<Vec<_>>()
+        .into()
+}
+
 /// The value at a dotted path (already split) of a change document.
 fn lookup<'a>(doc: &'a Document, path: &[String]) -> Option<&'a Bson> {
     let (first, rest) = path.split_first()?;
@@ -258,6 +290,22 @@ mod tests {
         assert_eq!(
             &*route_values(&rules(), &update),
             &[vec!["\"B\"".to_owned()]]
+        );
+    }
+
+    #[test]
+    fn images_are_read_without_fallback() {
+        let update = doc! {
+            "fullDocument": null,
+            "fullDocumentBeforeChange": { "tenantId": "A" },
+        };
+        assert_eq!(
+            &*image_values(&rules(), &update, Image::Pre),
+            &[vec!["\"A\"".to_owned()]]
+        );
+        assert_eq!(
+            &*image_values(&rules(), &update, Image::Post),
+            &[Vec::<String>::new()]
         );
     }
 

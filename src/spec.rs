@@ -152,6 +152,22 @@ pub struct StreamDefinition {
     /// PROTOCOL.md §6).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub snapshot: bool,
+    /// Decide membership (PROTOCOL.md §10) when the filter reads the document: removals and
+    /// entries for documents that stop or start matching. On by default.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub membership: bool,
+    /// Turn on the collection's `changeStreamPreAndPostImages` (a `collMod`) when a worker of
+    /// this stream starts and finds them off (as `[streams] enable_pre_images` does for all).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub enable_pre_images: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 impl Default for StreamDefinition {
@@ -163,6 +179,8 @@ impl Default for StreamDefinition {
             description: None,
             match_rules: None,
             snapshot: false,
+            membership: true,
+            enable_pre_images: false,
         }
     }
 }
@@ -182,6 +200,8 @@ pub struct WatchSpec {
     pub full_document_before_change: FullDocumentBeforeChange,
     /// Per-user `match` rules (empty: no filtering).
     pub routing: Vec<MatchRule>,
+    /// How membership is decided (PROTOCOL.md §10); `None`: post-image filtering only.
+    pub membership: Option<std::sync::Arc<crate::membership::Membership>>,
 }
 
 impl WatchSpec {

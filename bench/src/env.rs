@@ -159,6 +159,8 @@ pub struct StreamSpec {
     pub name: String,
     /// The `pipeline` value as TOML (an inline array), `None` for every change.
     pub pipeline_toml: Option<String>,
+    /// More members of the definition, as TOML lines (`membership = false`).
+    pub more_toml: Option<String>,
 }
 
 impl StreamSpec {
@@ -169,6 +171,7 @@ impl StreamSpec {
             coll: coll.to_owned(),
             name: name.to_owned(),
             pipeline_toml: None,
+            more_toml: None,
         }
     }
 }
@@ -211,6 +214,10 @@ pub fn server_config(addr: SocketAddr, spec: &ServerSpec<'_>) -> String {
         ));
         if let Some(pipeline) = &s.pipeline_toml {
             config.push_str(&format!("pipeline = {pipeline}\n"));
+        }
+        if let Some(more) = &s.more_toml {
+            config.push_str(more);
+            config.push('\n');
         }
     }
     if let Some(url) = spec.relay_url {

@@ -18,6 +18,12 @@
 //! * `stall`: a client with a 4 KiB receive buffer that never reads while 2 KB events flow
 //!   (and a second client that reads): when does the server close it, and what does it hold.
 //!
+//! * `membership`: K SSE clients (default 1,000) over 100 owners of one `$var` stream (routed
+//!   in-process, the same mechanism as `match` claims), updates at `--rate` (default 100/s)
+//!   for `--events-secs` of documents that stay with their owner; the same run with the
+//!   definition's `membership = false`, then with membership on (pre-images on the collection
+//!   in both), to compare their latency (issue 19: p99 within 1.2x).
+//!
 //! Every phase is bounded (`--subscribe-secs`, `--drain-secs`, `--max-secs`, `--stall-secs`).
 
 use std::sync::Arc;
@@ -56,6 +62,9 @@ pub enum FanIn {
     All,
     /// Issue 23: 100 well-behaved SSE clients beside an abuser (`--abuser`; not part of `all`).
     Noisy,
+    /// Issue 19: K SSE clients × 100 updates/s on an owner-bound stream, membership off then
+    /// on (`--size` clients, default 1000; not part of `all`).
+    Membership,
 }
 
 /// The pipeline of the `bindings` stream, as TOML.
@@ -75,6 +84,7 @@ pub fn most_clients(which: FanIn, cli: &Cli) -> usize {
         FanIn::Burst => size(1000) + 1,
         FanIn::Bulk | FanIn::Stall => 2,
         FanIn::Noisy => 130,
+        FanIn::Membership => size(1000),
         FanIn::All => [300 + 1, 1000 + 1, 40 + cli.cold + 1, 120]
             .into_iter()
             .max()
@@ -113,6 +123,10 @@ pub async fn run(ctx: &Ctx, which: FanIn, on_report: &mut dyn FnMut(Report)) -> 
                 vec![bulk(ctx, 1000).await?, bulk(ctx, 20_000).await?]
             }
             FanIn::Stall => vec![stall(ctx).await?],
+            FanIn::Membership => vec![
+                membership(ctx, size(1000), false).await?,
+                membership(ctx, size(1000), true).await?,
+            ],
             FanIn::All | FanIn::Noisy => Vec::new(),
         };
         for report in &mut reports {
@@ -401,6 +415,99 @@ async fn bindings(ctx: &Ctx, k: usize) -> Result<Report, String> {
     shared.stop.cancel();
     let results = join_clients(handles).await?;
     finish(&mut report, &shared, &results, first_insert_us);
+    Ok(report)
+}
+
+/// Owners of the `membership` scenario's documents (one document each).
+const MEMBERSHIP_OWNERS: u64 = 100;
+
+/// `membership`: K SSE clients over 100 owners, updates that keep each document with its owner,
+/// with the stream's membership `on` or off.
+async fn membership(ctx: &Ctx, k: usize, on: bool) -> Result<Report, String> {
+    let cli = &ctx.cli;
+    let label = if on { "on" } else { "off" };
+    let coll = coll_name(&format!("membership{k}_{label}"));
+    let db = ctx.mongo.database(&cli.db);
+    db.run_command(mongodb::bson::doc! {
+        "create": &coll,
+        "changeStreamPreAndPostImages": { "enabled": true },
+    })
+    .await
+    .map_err(|e| format!("create {coll} with pre-images: {e}"))?;
+    let target_coll = db.collection::<Document>(&coll);
+    // One document per owner; seq below the run's, so never counted.
+    let seeds = (0..MEMBERSHIP_OWNERS).map(|o| {
+        mongodb::bson::doc! { "_id": o as i64, "owner": owner(o), "seq": -1 - o as i64 }
+    });
+    target_coll
+        .insert_many(seeds)
+        .await
+        .map_err(|e| format!("seed {coll}: {e}"))?;
+    let stream = StreamSpec {
+        pipeline_toml: Some(BY_OWNER.into()),
+        more_toml: (!on).then(|| "membership = false".to_owned()),
+        ..StreamSpec::all(&cli.db, &coll, "byowner")
+    };
+    eprintln!(
+        "bench: membership {label}: {k} SSE clients over {MEMBERSHIP_OWNERS} owners, updates, default config"
+    );
+    let server = start(ctx, &[stream]).await?;
+    let rate = if cli.rate > 0.0 { cli.rate } else { 100.0 };
+    let per_owner = ((rate * cli.events_secs as f64) as u64 / MEMBERSHIP_OWNERS).max(1);
+    let docs = per_owner * MEMBERSHIP_OWNERS;
+    let mut report = Report {
+        scenario: format!("membership {label} x{k}"),
+        mode: "updates".into(),
+        transport: "sse".into(),
+        clients: k,
+        docs,
+        rate,
+        ..Report::default()
+    };
+    let before = Snapshot::take(&ctx.mongo, server.addr).await;
+    let probe = Probe::start(&ctx.mongo);
+    report.server_rss_base_kib = env::rss_kib(server.pid());
+    let base = Target::stream(server.addr, &cli.db, &coll, "byowner");
+    let shared = Shared::new(64);
+    let clients = (0..k)
+        .map(|i| {
+            let o = i as u64 % MEMBERSHIP_OWNERS;
+            let target = base.with_avars(&serde_json::json!({ "who": owner(o) }));
+            let expect = Expect::every(0, per_owner, MEMBERSHIP_OWNERS, o);
+            (Arc::new(target), expect, None)
+        })
+        .collect();
+    let gate = Arc::new(Semaphore::new(cli.connect_concurrency.max(1)));
+    let handles = spawn_clients(ctx, clients, &gate, &shared);
+    report.connect_all_secs =
+        wait_connected(&shared, k, Duration::from_secs_f64(cli.subscribe_secs)).await;
+    report.connected = shared.connected.load(Ordering::Acquire);
+    report.server_rss_connected_kib = env::rss_kib(server.pid());
+
+    let cpu0 = Cpu::read(ctx, Some(server.pid()));
+    let first_us = now_us();
+    let started = tokio::time::Instant::now();
+    for seq in 0..docs {
+        tokio::time::sleep_until(started + Duration::from_secs_f64(seq as f64 / rate)).await;
+        let id = (seq % MEMBERSHIP_OWNERS) as i64;
+        target_coll
+            .update_one(
+                mongodb::bson::doc! { "_id": id },
+                mongodb::bson::doc! { "$set": { "seq": seq as i64, "sentAt": now_us() } },
+            )
+            .await
+            .map_err(|e| format!("update failed: {e}"))?;
+    }
+    report.insert_rate = docs as f64 / ((now_us() - first_us) as f64 / 1e6).max(1e-9);
+    wait_delivered(&shared, report.connected, true, cli).await;
+    let cpu1 = Cpu::read(ctx, Some(server.pid()));
+    cpu0.fill(&cpu1, &mut report);
+    let after = Snapshot::take(&ctx.mongo, server.addr).await;
+    report.upstream = Some(probe.finish(&before, &after).await);
+    report.server_rss_peak_kib = env::hwm_kib(server.pid());
+    shared.stop.cancel();
+    let results = join_clients(handles).await?;
+    finish(&mut report, &shared, &results, first_us);
     Ok(report)
 }
 

@@ -41,6 +41,7 @@ use crate::http::AppState;
 use crate::http::error::ApiError;
 use crate::streams::definition::CompiledDefinition;
 use crate::streams::{Origin, Put, StreamDefinition, StreamKey};
+use crate::worker::membership::{PreImages, check_pre_images};
 use view::StreamView;
 
 /// The OpenAPI document, kept true by `tests/it/admin.rs`, which validates real responses
@@ -125,11 +126,19 @@ async fn put_stream(
     let entry = state.registry.get(&key).ok_or_else(|| {
         ApiError::conflict(format!("{key} was deleted while it was being stored"))
     })?;
-    let body = Json(view::stream(
-        &entry,
-        &state.registry.workers_of(&key),
-        &state.clients,
-    ));
+    let mut view = view::stream(&entry, &state.registry.workers_of(&key), &state.clients);
+    if entry.definition.decides_membership() {
+        // Said when the definition is created, not only once a client starts a worker.
+        let enable = entry.definition.source.enable_pre_images || state.config.enable_pre_images;
+        let mongo = state.registry.mongo();
+        if let PreImages::Off(warning) = check_pre_images(mongo, &key.db, &key.coll, enable).await {
+            tracing::warn!(stream = %key, "{warning}");
+            if !view.warnings.contains(&warning) {
+                view.warnings.push(warning);
+            }
+        }
+    }
+    let body = Json(view);
     Ok(match put {
         Put::Created => {
             let location = format!("/_admin/streams/{}/{}/{}", key.db, key.coll, key.name);
@@ -352,6 +361,7 @@ mod tests {
             revision: 4,
             variables: vec!["x".into()],
             stats: serde_json::json!({"state": "idle", "workers": []}),
+            warnings: vec!["read-only".into()],
         };
         let body = serde_json::to_vec(&view).unwrap();
         let parsed = parse_definition(&key, &HeaderMap::new(), &body).unwrap();

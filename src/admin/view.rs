@@ -57,6 +57,14 @@ pub struct StreamView<D = StreamDefinition> {
     /// Live stats of the stream's workers (read-only).
     #[serde(default, deserialize_with = "read_only")]
     pub stats: Value,
+    /// What does not work as the definition asks, and how to fix it: membership (PROTOCOL.md
+    /// §10) that is partial, or a collection without pre-images (read-only).
+    #[serde(
+        default,
+        deserialize_with = "read_only",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub warnings: Vec<String>,
 }
 
 /// Takes a read-only member's value, whatever it is, and keeps the default.
@@ -94,7 +102,24 @@ pub fn stream(
             .map(str::to_owned)
             .collect(),
         stats: stats(workers, clients),
+        warnings: warnings(entry, workers),
     }
+}
+
+/// The definition's membership note and the workers' pre-image warnings, each once.
+fn warnings(entry: &StreamEntry, workers: &[Arc<Worker>]) -> Vec<String> {
+    let mut warnings: Vec<String> = entry
+        .definition
+        .membership_note()
+        .map(str::to_owned)
+        .into_iter()
+        .collect();
+    for warning in workers.iter().filter_map(|w| w.pre_images_warning()) {
+        if !warnings.iter().any(|w| w == warning) {
+            warnings.push(warning.to_owned());
+        }
+    }
+    warnings
 }
 
 /// Aggregate stats over `workers`, plus one entry per worker; client counts per transport

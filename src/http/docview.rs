@@ -3,9 +3,9 @@
 //!
 //! ```text
 //! event: put     data: {"path":"/","data":{"<id>":{…},…}}        first: every document
-//! event: put     data: {"path":"/<id>","data":{…}}                insert, replace
+//! event: put     data: {"path":"/<id>","data":{…}}                insert, replace, entering
 //! event: patch   data: {"path":"/<id>","data":{"a/b":1,"c":null}} update (multi-path update)
-//! event: put     data: {"path":"/<id>","data":null}               delete
+//! event: put     data: {"path":"/<id>","data":null}               delete, leaving the filter
 //! event: keep-alive  data: null
 //! ```
 //!
@@ -112,6 +112,16 @@ fn change_to_view(change: &Value) -> Option<(&'static str, Value)> {
     let id = Bson::try_from(change.get("documentKey")?.get("_id")?.clone()).ok()?;
     let path = format!("/{}", id_text(&id));
     let full = change.get("fullDocument").filter(|d| d.is_object());
+    // Membership (PROTOCOL.md §10): a document leaving the filter is gone from the view, one
+    // entering it arrives whole (never as a patch on a document the view does not have).
+    match change
+        .pointer("/streamgate/membership")
+        .and_then(Value::as_str)
+    {
+        Some("left") => return Some(("put", json!({ "path": path, "data": null }))),
+        Some("entered") => return Some(("put", json!({ "path": path, "data": full? }))),
+        _ => {}
+    }
     match change.get("operationType")?.as_str()? {
         "insert" | "replace" => Some(("put", json!({ "path": path, "data": full? }))),
         "delete" => Some(("put", json!({ "path": path, "data": null }))),
@@ -234,5 +244,26 @@ mod tests {
             let event = Event::control(EventKind::Error(dropped), "bye", false);
             assert_eq!(block(event), None);
         }
+    }
+
+    #[test]
+    fn entries_are_puts_and_removals_are_null_puts() {
+        let moved = |membership: &str| {
+            json!({"operationType": "update", "documentKey": {"_id": 7},
+                "updateDescription": {"updatedFields": {"t": "B"}, "removedFields": []},
+                "fullDocument": {"_id": 7, "t": "B", "n": 1},
+                "streamgate": {"membership": membership}})
+        };
+        assert_eq!(
+            change_to_view(&moved("left")),
+            Some(("put", json!({"path": "/7", "data": null})))
+        );
+        assert_eq!(
+            change_to_view(&moved("entered")),
+            Some((
+                "put",
+                json!({"path": "/7", "data": {"_id": 7, "t": "B", "n": 1}})
+            ))
+        );
     }
 }

@@ -22,17 +22,16 @@ use super::{Relay, owner};
 use crate::backoff::Backoff;
 use crate::event::Token;
 use crate::metrics::now_ms;
-use crate::routing::MatchRule;
 use crate::worker::Worker;
 use crate::worker::hub::Routed;
 use crate::worker::relayed::RelayedSource;
-use crate::worker::source::Step;
+use crate::worker::source::{ChangeRouter, RawChange, Step};
 
 /// One worker's reader of its subject.
 pub(super) struct Consumer {
     relay: Arc<Relay>,
     subject: String,
-    rules: Vec<MatchRule>,
+    router: ChangeRouter,
     messages: Option<pull::Ordered>,
     /// Stream sequence of the last message read: a new consumer goes on after it.
     last_sequence: u64,
@@ -57,7 +56,7 @@ impl Consumer {
         Box::new(Consumer {
             relay,
             subject,
-            rules: worker.spec().routing.clone(),
+            router: ChangeRouter::of_worker(worker),
             messages: None,
             last_sequence: 0,
             applied: Applied::default(),
@@ -112,8 +111,8 @@ impl Consumer {
                 let lag = now_ms().saturating_sub(published);
                 self.relay.metrics().relay.delivery_lag.observe_ms(lag);
             }
-            if let Some(step) = self.applied.accept(relayed, &self.rules) {
-                return step;
+            if let Some(step) = self.applied.accept(relayed) {
+                return self.router.route(step);
             }
         }
     }
@@ -165,7 +164,7 @@ struct Applied {
 
 impl Applied {
     /// What a message means to the worker, if anything.
-    fn accept(&mut self, relayed: Relayed, rules: &[MatchRule]) -> Option<Step<Routed>> {
+    fn accept(&mut self, relayed: Relayed) -> Option<Step<RawChange>> {
         if !self.opened {
             // Where the log stood when the worker started: it covers what follows.
             let start = relayed.token().filter(|_| !relayed.is_end())?.clone();
@@ -180,7 +179,7 @@ impl Applied {
             self.last = Some(token.clone());
         }
         Some(match relayed {
-            Relayed::Change(raw) => raw.route(rules),
+            Relayed::Change(raw) => Step::Change(raw),
             Relayed::Mark(token) => Step::Quiet(Some(token)),
             Relayed::Invalidate(event) => Step::Invalidated(event),
             Relayed::Failed(code, message) => Step::Failed(code, message),
@@ -198,7 +197,6 @@ impl RelayedSource for Consumer {
 mod tests {
     use super::*;
     use crate::event::{ErrorCode, Event, EventKind};
-    use crate::worker::source::RawChange;
     use mongodb::bson::doc;
 
     fn token(n: u8) -> Token {
@@ -214,9 +212,9 @@ mod tests {
         })
     }
 
-    fn id_of(step: Option<Step<Routed>>) -> Option<Token> {
+    fn id_of(step: Option<Step<RawChange>>) -> Option<Token> {
         match step? {
-            Step::Change(routed) => Some(routed.id),
+            Step::Change(raw) => Some(raw.id),
             other => panic!("expected a change, got {other:?}"),
         }
     }
@@ -224,21 +222,19 @@ mod tests {
     #[test]
     fn the_first_message_opens_and_later_ones_apply_once_in_order() {
         let mut applied = Applied::default();
-        assert!(
-            matches!(applied.accept(change(5), &[]), Some(Step::Opened(Some(t))) if t == token(5))
-        );
-        assert_eq!(id_of(applied.accept(change(6), &[])), Some(token(6)));
+        assert!(matches!(applied.accept(change(5)), Some(Step::Opened(Some(t))) if t == token(5)));
+        assert_eq!(id_of(applied.accept(change(6))), Some(token(6)));
         // Published again across a hand-over (outside de-duplication): dropped.
-        assert_eq!(id_of(applied.accept(change(6), &[])), None);
-        assert_eq!(id_of(applied.accept(change(4), &[])), None);
+        assert_eq!(id_of(applied.accept(change(6))), None);
+        assert_eq!(id_of(applied.accept(change(4))), None);
         // A position at or before the last change means nothing; after it, a quiet step.
-        assert!(applied.accept(Relayed::Mark(token(6)), &[]).is_none());
+        assert!(applied.accept(Relayed::Mark(token(6))).is_none());
         assert!(
-            matches!(applied.accept(Relayed::Mark(token(7)), &[]), Some(Step::Quiet(Some(t))) if t == token(7))
+            matches!(applied.accept(Relayed::Mark(token(7))), Some(Step::Quiet(Some(t))) if t == token(7))
         );
-        assert_eq!(id_of(applied.accept(change(8), &[])), Some(token(8)));
+        assert_eq!(id_of(applied.accept(change(8))), Some(token(8)));
         assert!(matches!(
-            applied.accept(Relayed::Failed(ErrorCode::HistoryLost, "gone".into()), &[]),
+            applied.accept(Relayed::Failed(ErrorCode::HistoryLost, "gone".into())),
             Some(Step::Failed(ErrorCode::HistoryLost, _))
         ));
     }
@@ -249,16 +245,16 @@ mod tests {
         let ended = Event::control(EventKind::Invalidate, "dropped", false);
         assert!(
             applied
-                .accept(Relayed::Invalidate(Arc::new(ended)), &[])
+                .accept(Relayed::Invalidate(Arc::new(ended)))
                 .is_none()
         );
         assert!(!applied.opened);
         assert!(
-            matches!(applied.accept(Relayed::Mark(token(9)), &[]), Some(Step::Opened(Some(t))) if t == token(9))
+            matches!(applied.accept(Relayed::Mark(token(9))), Some(Step::Opened(Some(t))) if t == token(9))
         );
         let ended = Event::control(EventKind::Invalidate, "dropped", false);
         assert!(matches!(
-            applied.accept(Relayed::Invalidate(Arc::new(ended)), &[]),
+            applied.accept(Relayed::Invalidate(Arc::new(ended))),
             Some(Step::Invalidated(_))
         ));
     }

@@ -265,6 +265,7 @@ mod tests {
             full_document: full,
             full_document_before_change: FullDocumentBeforeChange::Off,
             routing: Vec::new(),
+            membership: None,
         }
     }
 

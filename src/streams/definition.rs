@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use mongodb::bson::{Bson, Document};
 use serde_json::Value;
 
+use crate::membership::{self, Membership};
 use crate::routing::{MatchRule, RuleSource};
 use crate::spec::MAX_NAME_LEN;
 pub use crate::spec::{
@@ -44,6 +45,11 @@ pub struct CompiledDefinition {
     routing: Vec<MatchRule>,
     /// Variables used only as routable conditions, with where (see [`routable_uses`]).
     routable: BTreeMap<String, Vec<RoutableUse>>,
+    /// Why membership (PROTOCOL.md §10) is partial or off although the filter reads the
+    /// document: an admin API warning.
+    membership_note: Option<String>,
+    /// Whether this stream decides membership (so it wants its collection's pre-images).
+    decides_membership: bool,
 }
 
 /// A `$var` that is only the value of an equality or `$in` on a field of a top-level `$match`
@@ -128,12 +134,37 @@ impl StreamDefinition {
         }
         let routing = compile_match(self.match_rules.as_ref())?;
         let routable = routable_uses(&stages);
+        // As bound with every routable variable routed and the others unknown (`null`).
+        let unrouted: BTreeMap<&str, Bson> = variables
+            .keys()
+            .filter(|name| !routable.contains_key(*name))
+            .map(|name| (name.as_str(), Bson::Null))
+            .collect();
+        let removed: Vec<(usize, &str)> = routable
+            .values()
+            .flatten()
+            .map(|u| (u.stage, u.field.as_str()))
+            .collect();
+        let typical = without_routed(&stages, &unrouted, &removed);
+        let rules_read = routing.iter().any(reads_document)
+            || routable
+                .values()
+                .flatten()
+                .any(|u| u.field == "fullDocument" || u.field.starts_with("fullDocument."));
+        let planned = membership::plan(
+            &typical,
+            rules_read,
+            self.membership,
+            self.full_document != FullDocument::Default,
+        );
         Ok(CompiledDefinition {
             source: self,
             stages,
             variables,
             routing,
             routable,
+            membership_note: planned.note,
+            decides_membership: planned.enabled,
         })
     }
 }
@@ -419,27 +450,39 @@ impl CompiledDefinition {
                 });
             }
         }
-        let pipeline = self
-            .stages
-            .iter()
-            .enumerate()
-            .filter_map(|(index, stage)| {
-                let mut stage = substitute_doc(stage, &bound);
-                let mut emptied = false;
-                for (_, field) in removed.iter().filter(|(i, _)| *i == index) {
-                    if let Ok(conditions) = stage.get_document_mut("$match") {
-                        conditions.remove(*field);
-                        emptied = conditions.is_empty();
-                    }
-                }
-                (!emptied).then_some(stage)
-            })
-            .collect();
-        let pre_image = self.source.full_document_before_change != FullDocumentBeforeChange::Off;
-        routing.extend(self.routing.iter().map(|rule| MatchRule {
-            pre_image,
-            ..rule.clone()
-        }));
+        let mut pipeline = without_routed(&self.stages, &bound, &removed);
+        routing.extend(self.routing.iter().cloned());
+        let plan = membership::plan(
+            &pipeline,
+            routing.iter().any(reads_document),
+            self.source.membership,
+            self.source.full_document != FullDocument::Default,
+        );
+        let mut full_document_before_change = self.source.full_document_before_change;
+        let mut membership = None;
+        if plan.enabled {
+            let mut filter = None;
+            if plan.pipeline
+                && let Ok(Some((rewritten, matcher))) = membership::rewrite(&pipeline)
+            {
+                pipeline = rewritten;
+                filter = Some(matcher);
+            }
+            let strip_pre_image = full_document_before_change == FullDocumentBeforeChange::Off;
+            if strip_pre_image {
+                full_document_before_change = FullDocumentBeforeChange::WhenAvailable;
+            }
+            membership = Some(std::sync::Arc::new(Membership {
+                filter,
+                strip_pre_image,
+                enable_pre_images: self.source.enable_pre_images,
+            }));
+        }
+        // With pre-images on, a delete is routed by its pre-image (its owners learn it).
+        let pre_image = full_document_before_change != FullDocumentBeforeChange::Off;
+        for rule in &mut routing {
+            rule.pre_image = pre_image;
+        }
         let vars = Bson::Document(
             bound
                 .iter()
@@ -455,8 +498,9 @@ impl CompiledDefinition {
                 coll: key.coll.clone(),
                 pipeline,
                 full_document: self.source.full_document,
-                full_document_before_change: self.source.full_document_before_change,
+                full_document_before_change,
                 routing,
+                membership,
             },
             vars,
             routed,
@@ -467,6 +511,46 @@ impl CompiledDefinition {
     pub fn variable_names(&self) -> impl Iterator<Item = &str> {
         self.variables.keys().map(String::as_str)
     }
+
+    /// Why membership (PROTOCOL.md §10) is partial or off although the filter reads the
+    /// document, if it is.
+    pub fn membership_note(&self) -> Option<&str> {
+        self.membership_note.as_deref()
+    }
+
+    /// Whether the stream decides membership, and so wants its collection's pre-images.
+    pub fn decides_membership(&self) -> bool {
+        self.decides_membership
+    }
+}
+
+/// Whether a routing rule reads the document (so its verdict can change with an update).
+fn reads_document(rule: &MatchRule) -> bool {
+    rule.field.first().is_some_and(|f| f == "fullDocument")
+}
+
+/// The stages with `bound` substituted and the routed conditions (`removed`: stage index,
+/// field) taken out; a `$match` emptied by that is dropped.
+fn without_routed(
+    stages: &[Document],
+    bound: &BTreeMap<&str, Bson>,
+    removed: &[(usize, &str)],
+) -> Vec<Document> {
+    stages
+        .iter()
+        .enumerate()
+        .filter_map(|(index, stage)| {
+            let mut stage = substitute_doc(stage, bound);
+            let mut emptied = false;
+            for (_, field) in removed.iter().filter(|(i, _)| *i == index) {
+                if let Ok(conditions) = stage.get_document_mut("$match") {
+                    conditions.remove(*field);
+                    emptied = conditions.is_empty();
+                }
+            }
+            (!emptied).then_some(stage)
+        })
+        .collect()
 }
 
 fn substitute(value: &Bson, bound: &BTreeMap<&str, Bson>) -> Bson {
@@ -565,10 +649,14 @@ mod tests {
 
     #[test]
     fn binds_variables_and_defaults() {
-        let compiled = def(json!([{"$match": {
-            "fullDocument.owner": {"$var": "owner"},
-            "fullDocument.kind": {"$var": ["kind", "a"]}
-        }}]))
+        // Without membership, so the bound pipeline is the definition's own.
+        let compiled = StreamDefinition {
+            membership: false,
+            ..def(json!([{"$match": {
+                "fullDocument.owner": {"$var": "owner"},
+                "fullDocument.kind": {"$var": ["kind", "a"]}
+            }}]))
+        }
         .compile()
         .unwrap();
         // `owner` is routable for a string, `kind` too; a document value keeps its cursor.
@@ -634,6 +722,67 @@ mod tests {
         );
         assert_eq!(null.vars, r#"{"who":null}"#);
         assert!(null.spec.routing.is_empty());
+    }
+
+    #[test]
+    fn membership_rewrites_the_match_and_reads_pre_images_for_itself() {
+        let compiled = def(json!([{"$match": {
+            "fullDocument.status": "open",
+            "fullDocument.owner": {"$var": "who"}
+        }}]))
+        .compile()
+        .unwrap();
+        assert_eq!(compiled.membership_note(), None);
+        let binding = compiled
+            .bind(&key(), &parse_avars(Some(r#"{"who":"a"}"#)).unwrap())
+            .unwrap();
+        let spec = &binding.spec;
+        let membership = spec.membership.as_ref().unwrap();
+        assert!(membership.filter.is_some() && membership.strip_pre_image);
+        assert_eq!(
+            spec.full_document_before_change,
+            FullDocumentBeforeChange::WhenAvailable
+        );
+        assert!(spec.routing.iter().all(|r| r.pre_image));
+        let or = spec.pipeline[0]
+            .get_document("$match")
+            .unwrap()
+            .get_array("$or")
+            .unwrap();
+        assert_eq!(or.len(), 2);
+        // Claims only: no rewrite, membership by the rules.
+        let claims = StreamDefinition {
+            match_rules: Some(json!({"fullDocument.tenantId": {"$claim": "tenant"}})),
+            full_document_before_change: FullDocumentBeforeChange::Required,
+            ..StreamDefinition::default()
+        }
+        .compile()
+        .unwrap()
+        .bind(&key(), &serde_json::Map::new())
+        .unwrap();
+        let membership = claims.spec.membership.as_ref().unwrap();
+        assert!(membership.filter.is_none() && !membership.strip_pre_image);
+        assert!(claims.spec.pipeline.is_empty());
+        // An operator only MongoDB evaluates: the pipeline stays, the admin API is told why.
+        let regex = def(json!([{"$match": {"fullDocument.s": {"$regex": "^o"}}}]))
+            .compile()
+            .unwrap();
+        assert!(regex.membership_note().unwrap().contains("$regex"));
+        let bound = regex.bind(&key(), &serde_json::Map::new()).unwrap();
+        assert!(bound.spec.membership.is_none());
+        assert!(
+            bound.spec.pipeline[0]
+                .get_document("$match")
+                .unwrap()
+                .contains_key("fullDocument.s")
+        );
+        // Nothing reads the document: no membership.
+        let plain = def(json!([{"$match": {"operationType": "insert"}}]))
+            .compile()
+            .unwrap()
+            .bind(&key(), &serde_json::Map::new())
+            .unwrap();
+        assert!(plain.spec.membership.is_none());
     }
 
     #[test]

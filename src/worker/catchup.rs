@@ -543,6 +543,7 @@ mod tests {
             id: token(n),
             event: Arc::new(Event::from_change(change).unwrap()),
             values: Default::default(),
+            moves: None,
         }
     }
 

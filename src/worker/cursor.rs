@@ -7,6 +7,7 @@ use tokio::time::Instant;
 
 use super::feed::{Membership, Signal};
 use super::hub::Routed;
+use super::membership::{PreImages, check_pre_images};
 use super::relayed::RelayedSource;
 use super::source::{ServerFeatures, Step, WorkerSource};
 use super::{Worker, WorkerState, lock};
@@ -40,6 +41,7 @@ impl Worker {
             .copied()
             .unwrap_or_default();
         let _ = self.features.set(features);
+        self.check_pre_images().await;
         let mut source = match self.context.relay.get() {
             // Relay mode: one instance of the fleet holds the cursor (`src/relay`).
             Some(relay) => Upstream::Relayed(Arc::clone(relay).source(&self)),
@@ -74,6 +76,27 @@ impl Worker {
         self.cancel_token().cancel();
         self.catch_ups.notify_ended();
         tracing::info!(stream = %self.key.stream, vars = %self.key.vars, "worker stopped");
+    }
+
+    /// A membership stream (PROTOCOL.md §10) needs its collection's pre-images: turn them on
+    /// when configured to, else say which command would (log, metric, admin stats).
+    async fn check_pre_images(&self) {
+        let Some(membership) = &self.spec().membership else {
+            return;
+        };
+        let enable = membership.enable_pre_images || self.settings().enable_pre_images;
+        let spec = self.spec();
+        match check_pre_images(&self.context.client, &spec.db, &spec.coll, enable).await {
+            PreImages::On => {}
+            PreImages::Enabled => {
+                tracing::info!(stream = %self.key.stream, "turned on changeStreamPreAndPostImages for membership");
+            }
+            PreImages::Off(warning) => {
+                tracing::warn!(stream = %self.key.stream, "{warning}");
+                self.metrics().membership_pre_images_off.inc();
+                let _ = self.pre_images_warning.set(warning);
+            }
+        }
     }
 
     /// Tracks the linger clock; `true` when the worker has been idle for `linger` and retired.

@@ -47,10 +47,12 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use super::hub::Routed;
+use super::membership::Encoder;
 use super::source::{ChangeSource, RawChange, Step, Watch};
 use super::{Worker, WorkerContext, lock};
 use crate::event::{ErrorCode, Event, EventKind, Token};
-use crate::routing::{MatchRule, route_values};
+use crate::membership::Membership as MembershipSpec;
+use crate::routing::MatchRule;
 use crate::spec::{FullDocument, FullDocumentBeforeChange, WatchSpec};
 
 /// How long MongoDB gets to say whether a filtering member's `$match` takes its collection's
@@ -106,7 +108,9 @@ struct Member {
     id: u64,
     coll: String,
     pipeline: Vec<Document>,
-    rules: Vec<MatchRule>,
+    rules: Arc<[MatchRule]>,
+    /// How its worker decides membership (PROTOCOL.md §10).
+    membership: Option<Arc<MembershipSpec>>,
     /// Joined since the cursor last opened: not served yet.
     pending: bool,
     /// In the filter of the cursor being opened or read. A member that joins while a reopen is
@@ -215,7 +219,8 @@ impl Feeds {
             id: 0,
             coll: spec.coll.clone(),
             pipeline: spec.pipeline.clone(),
-            rules: spec.routing.clone(),
+            rules: spec.routing.clone().into(),
+            membership: spec.membership.clone(),
             pending: true,
             included: false,
             through: None,
@@ -501,7 +506,8 @@ impl FeedTask {
             .map(|m| Target {
                 id: m.id,
                 link: Arc::clone(&m.link),
-                values: route_values(&m.rules, &raw.doc),
+                rules: Arc::clone(&m.rules),
+                membership: m.membership.clone(),
                 end_check: (ends && !m.pipeline.is_empty()).then(|| m.pipeline.clone()),
             })
             .collect();
@@ -513,29 +519,26 @@ impl FeedTask {
             state.members.retain(|m| !served(m));
         }
         drop(state);
-        let id = raw.id.clone();
         let invalidate = ends.then(|| Arc::new(invalidate_after(&raw)));
         // Whether a filtering member's `$match` takes the `drop`/`rename` is MongoDB's to say.
         let ending = targets
             .iter()
             .any(|t| t.end_check.is_some())
             .then(|| raw.doc.clone());
-        let event = match raw.encode() {
-            Ok(event) => Arc::new(event),
-            Err(error) => {
-                let message = error.to_string();
-                for target in targets {
-                    let step = Step::Failed(ErrorCode::Upstream, message.clone());
-                    outbox.push(target.id, &target.link, step);
-                }
-                return;
-            }
-        };
+        let mut encoder = Encoder::new(raw);
         for target in targets {
-            let routed = Routed {
-                id: id.clone(),
-                event: Arc::clone(&event),
-                values: target.values,
+            let routed = match encoder.routed(&target.rules, target.membership.as_deref()) {
+                Ok((routed, missing)) => {
+                    if missing {
+                        self.context.metrics.membership_without_pre_image.inc();
+                    }
+                    routed
+                }
+                Err(error) => {
+                    let step = Step::Failed(ErrorCode::Upstream, error.to_string());
+                    outbox.push(target.id, &target.link, step);
+                    continue;
+                }
             };
             match (&invalidate, target.end_check, &ending) {
                 (Some(invalidate), Some(pipeline), Some(change)) => {
@@ -823,7 +826,8 @@ type Batch = Vec<Step<Routed>>;
 struct Target {
     id: u64,
     link: Arc<Link>,
-    values: crate::routing::RouteValues,
+    rules: Arc<[MatchRule]>,
+    membership: Option<Arc<MembershipSpec>>,
     /// For a `drop`/`rename` reaching a filtering member: its `$match` stages, for MongoDB to
     /// say whether they take it.
     end_check: Option<Vec<Document>>,
@@ -1025,7 +1029,8 @@ mod tests {
             id: 0,
             coll: coll.into(),
             pipeline,
-            rules: Vec::new(),
+            rules: Vec::new().into(),
+            membership: None,
             pending,
             included: !pending,
             through: None,
@@ -1045,6 +1050,7 @@ mod tests {
             full_document: FullDocument::Default,
             full_document_before_change: FullDocumentBeforeChange::Off,
             routing: Vec::new(),
+            membership: None,
         };
         assert!(shareable(&spec(vec![])));
         assert!(shareable(&spec(vec![

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
+use super::membership::Moves;
 use crate::event::{Event, Token};
 use crate::routing::{ClientFilter, RouteValues};
 
@@ -31,6 +32,9 @@ pub(crate) struct Routed {
     pub event: Arc<Event>,
     /// Per routing rule, the event's values (empty for unfiltered streams).
     pub values: RouteValues,
+    /// Membership streams (PROTOCOL.md §10): the document's verdicts before and after the
+    /// change, and its removal/entry encodings; `None`: `values` alone decide.
+    pub moves: Option<Arc<Moves>>,
 }
 
 /// Clients that share a filter share this channel.
@@ -137,8 +141,7 @@ impl Hub {
         let entries = self.ring.range(first..stop);
         let events = entries
             .clone()
-            .filter(|r| filter.is_none_or(|f| f.matches(&r.values)))
-            .map(|r| Arc::clone(&r.event))
+            .filter_map(|r| r.for_client(filter).cloned())
             .collect();
         Some(Scan {
             events,
@@ -199,9 +202,8 @@ impl Hub {
             .iter()
             .rev()
             .filter(|r| through.is_none_or(|t| &r.id <= t))
-            .filter(|r| filter.is_none_or(|f| f.matches(&r.values)) && keep(&r.event))
+            .filter_map(|r| r.for_client(filter).filter(|e| keep(e)).cloned())
             .take(n)
-            .map(|r| Arc::clone(&r.event))
             .collect();
         events.reverse();
         events
@@ -220,15 +222,15 @@ impl Hub {
 
     /// Appends a change and sends it to the live clients it is for.
     pub fn publish(&mut self, routed: Routed) {
-        let event = Arc::clone(&routed.event);
-        let values = Arc::clone(&routed.values);
-        self.push(routed);
-        if values.is_empty() {
+        self.push(routed.clone());
+        if routed.values.is_empty() {
             // Unfiltered stream (no routing rules).
             // No receivers is fine: the event stays in the ring for readers by position.
-            let _ = self.live.send(event);
+            if let Some(event) = routed.for_client(None) {
+                let _ = self.live.send(Arc::clone(event));
+            }
         } else {
-            self.route(&event, &values);
+            self.route(&routed);
         }
     }
 
@@ -279,20 +281,28 @@ impl Hub {
         added
     }
 
-    /// Sends a filtered event to the partitions it matches: O(matching partitions).
-    fn route(&mut self, event: &Arc<Event>, values: &[Vec<String>]) {
-        let Some(first) = values.first() else {
+    /// Sends a filtered event to the partitions it is for: O(matching partitions), looked up
+    /// by the post-image's values and, for a membership change, the pre-image's too (the
+    /// partitions the document leaves).
+    fn route(&mut self, routed: &Routed) {
+        let Some(first) = routed.values.first() else {
             return;
         };
+        let before = routed
+            .moves
+            .as_ref()
+            .and_then(|m| m.pre_values())
+            .and_then(|values| values.first())
+            .filter(|values| *values != first);
         let mut sent: Vec<&Arc<str>> = Vec::new();
-        for value in first {
+        for value in first.iter().chain(before.into_iter().flatten()) {
             for key in self.index.get(value).into_iter().flatten() {
                 if sent.contains(&key) {
                     continue;
                 }
                 sent.push(key);
                 if let Some(partition) = self.partitions.get(key)
-                    && partition.filter.matches(values)
+                    && let Some(event) = routed.for_client(Some(&partition.filter))
                 {
                     // A partition without receivers is removed by `release_partition`.
                     let _ = partition.live.send(Arc::clone(event));
@@ -373,6 +383,7 @@ mod tests {
             id: token(n),
             event: Arc::new(Event::from_change(change).unwrap()),
             values,
+            moves: None,
         }
     }
 

@@ -27,6 +27,7 @@ mod cursor;
 pub mod errors;
 pub(crate) mod feed;
 pub(crate) mod hub;
+pub(crate) mod membership;
 pub(crate) mod relayed;
 pub(crate) mod source;
 pub mod subscription;
@@ -76,6 +77,8 @@ pub struct WorkerSettings {
     pub max_backoff: Duration,
     /// Whether `$match`-only streams share their database's cursor (`worker::feed`).
     pub shared_database_cursors: bool,
+    /// Whether membership streams turn on their collection's pre-images (`worker::membership`).
+    pub enable_pre_images: bool,
     /// How long a feed may look for the member whose `$match` failed (`worker::feed`).
     pub feed_probe_timeout: Duration,
     /// Changes a cursor re-reads one per batch while isolating a change over 16 MB.
@@ -95,6 +98,7 @@ impl Default for WorkerSettings {
             max_await: Duration::from_millis(500),
             max_backoff: Duration::from_secs(5),
             shared_database_cursors: config.shared_database_cursors,
+            enable_pre_images: config.enable_pre_images,
             feed_probe_timeout: config.feed_probe_timeout(),
             oversize_isolation_changes: config.oversize_isolation_changes,
             cursor_open_wait: config.cursor_open_wait(),
@@ -217,6 +221,8 @@ pub struct Worker {
     spec: WatchSpec,
     context: Arc<WorkerContext>,
     features: OnceLock<ServerFeatures>,
+    /// Set when this membership stream's collection has no pre-images (the `collMod` to run).
+    pre_images_warning: OnceLock<String>,
     hub: Mutex<Hub>,
     catch_ups: CatchUps,
     state: watch::Sender<WorkerState>,
@@ -252,6 +258,7 @@ impl Worker {
             hub: Mutex::new(Hub::new(context.settings.ring_size)),
             context: Arc::clone(context),
             features: OnceLock::new(),
+            pre_images_warning: OnceLock::new(),
             catch_ups: CatchUps::default(),
             state,
             clients: AtomicUsize::new(0),
@@ -387,6 +394,11 @@ impl Worker {
         tracing::debug!(stream = %self.key.stream, added, "catch-up extended the ring backwards");
     }
 
+    /// Why this membership stream decides by post-images only (no pre-images), if it does.
+    pub fn pre_images_warning(&self) -> Option<&str> {
+        self.pre_images_warning.get().map(String::as_str)
+    }
+
     /// Forgets a filtered client's partition if nobody else listens to it.
     pub(crate) fn release_partition(&self, filter: &ClientFilter) {
         lock(&self.hub).release_partition(&filter.key);
@@ -412,6 +424,7 @@ impl Worker {
                 id,
                 event: Arc::new(event),
                 values: Arc::from(Vec::new()),
+                moves: None,
             });
         }
     }
@@ -524,6 +537,7 @@ pub(crate) async fn test_worker(ring_size: usize) -> Arc<Worker> {
             full_document: FullDocument::Default,
             full_document_before_change: FullDocumentBeforeChange::Off,
             routing: Vec::new(),
+            membership: None,
         },
         &WorkerContext::new(
             client,

@@ -30,9 +30,12 @@ use mongodb::options::ChangeStreamOptions;
 use super::Worker;
 use super::errors::{Disposition, classify, server_code};
 use super::hub::Routed;
+use super::membership::Encoder;
 use crate::backoff::Backoff;
 use crate::event::{EncodeError, ErrorCode, Event, EventKind, Token};
-use crate::routing::{MatchRule, route_values};
+use crate::membership::Membership;
+use crate::routing::MatchRule;
+use prometheus_client::metrics::counter::Counter;
 
 /// `BSONObjectTooLarge`: a change event over 16 MB on a server that cannot split it.
 const BSON_OBJECT_TOO_LARGE: i32 = 10334;
@@ -127,29 +130,6 @@ impl RawChange {
     pub fn operation_type(&self) -> &str {
         self.doc.get_str("operationType").unwrap_or("")
     }
-
-    /// Routes and encodes the change for a worker with `rules`.
-    pub fn route(self, rules: &[MatchRule]) -> Step<Routed> {
-        let values = route_values(rules, &self.doc);
-        let id = self.id.clone();
-        match self.encode() {
-            Ok(event) => Step::Change(Routed {
-                id,
-                event: Arc::new(event),
-                values,
-            }),
-            Err(error) => Step::Failed(ErrorCode::Upstream, error.to_string()),
-        }
-    }
-
-    /// The event clients get for this change.
-    pub fn encode(self) -> Result<Event, EncodeError> {
-        if self.skipped {
-            Ok(Event::skipped(&self.id, &self.doc))
-        } else {
-            Event::from_change(self.doc)
-        }
-    }
 }
 
 /// What a [`ChangeSource`] watches, and what it needs to do so.
@@ -208,11 +188,53 @@ impl Watch {
     }
 }
 
+/// Routes and encodes a worker's raw changes with its `match` rules and membership (§10):
+/// the one step between a cursor (own, or relayed from the fleet's owner) and the hub.
+pub struct ChangeRouter {
+    rules: Vec<MatchRule>,
+    membership: Option<Arc<Membership>>,
+    /// Counts membership changes that came without a pre-image.
+    without_pre_image: Counter,
+}
+
+impl ChangeRouter {
+    /// The router of `worker`'s changes.
+    pub fn of_worker(worker: &Worker) -> ChangeRouter {
+        ChangeRouter {
+            rules: worker.spec().routing.clone(),
+            membership: worker.spec().membership.clone(),
+            without_pre_image: worker.metrics().membership_without_pre_image.clone(),
+        }
+    }
+
+    /// `step` with its change (if any) routed and encoded.
+    pub fn route(&self, step: Step<RawChange>) -> Step<Routed> {
+        match step {
+            Step::Change(raw) => {
+                match Encoder::new(raw).routed(&self.rules, self.membership.as_deref()) {
+                    Ok((routed, missing)) => {
+                        if missing {
+                            self.without_pre_image.inc();
+                        }
+                        Step::Change(routed)
+                    }
+                    Err(error) => Step::Failed(ErrorCode::Upstream, error.to_string()),
+                }
+            }
+            Step::Opened(start) => Step::Opened(start),
+            Step::Quiet(token) => Step::Quiet(token),
+            Step::Invalidated(event) => Step::Invalidated(event),
+            Step::Retrying(error) => Step::Retrying(error),
+            Step::Failed(code, message) => Step::Failed(code, message),
+        }
+    }
+}
+
 /// A worker's cursor: a [`ChangeSource`] whose changes are routed and encoded with the
-/// worker's rules.
+/// worker's rules and membership.
 pub struct WorkerSource {
     source: ChangeSource,
-    rules: Vec<MatchRule>,
+    router: ChangeRouter,
 }
 
 impl WorkerSource {
@@ -220,20 +242,14 @@ impl WorkerSource {
     pub fn new(worker: &Arc<Worker>, after: Option<Token>) -> WorkerSource {
         WorkerSource {
             source: ChangeSource::new(Watch::of_worker(worker), after),
-            rules: worker.spec().routing.clone(),
+            router: ChangeRouter::of_worker(worker),
         }
     }
 
     /// The next step (cancel-safe, like [`ChangeSource::next`]).
     pub async fn next(&mut self) -> Step<Routed> {
-        match self.source.next().await {
-            Step::Change(raw) => raw.route(&self.rules),
-            Step::Opened(start) => Step::Opened(start),
-            Step::Quiet(token) => Step::Quiet(token),
-            Step::Invalidated(event) => Step::Invalidated(event),
-            Step::Retrying(error) => Step::Retrying(error),
-            Step::Failed(code, message) => Step::Failed(code, message),
-        }
+        let step = self.source.next().await;
+        self.router.route(step)
     }
 }
 

@@ -18,16 +18,16 @@ use crate::snapshot::{random_writes, seed, shaping_pipeline};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// A Firebase REST-streaming client's tree.
+/// A Firebase REST-streaming client's tree (also used by `membership.rs`).
 #[derive(Default)]
-struct Tree {
+pub(crate) struct Tree {
     root: Value,
     last_id: Option<String>,
 }
 
 impl Tree {
     /// Applies `put`/`patch`; `true` when the `end` marker arrived.
-    fn apply(&mut self, event: &Envelope) -> bool {
+    pub(crate) fn apply(&mut self, event: &Envelope) -> bool {
         if event.event == "keep-alive" {
             return false;
         }
@@ -50,7 +50,7 @@ impl Tree {
         path == "/end"
     }
 
-    fn documents(&self) -> BTreeMap<String, Value> {
+    pub(crate) fn documents(&self) -> BTreeMap<String, Value> {
         match &self.root {
             Value::Object(map) => map
                 .iter()

@@ -20,6 +20,7 @@ mod feeds;
 mod filtering;
 mod http_edge;
 mod limits;
+mod membership;
 mod multi;
 mod ops;
 mod relay;

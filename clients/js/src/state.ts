@@ -83,13 +83,22 @@ function structuredCloneJson<T>(value: T): T {
  *
  * insert / replace / update with a full document: the document; update without one: the
  * delta applied to what we hold; delete: gone; drop / rename / dropDatabase: the collection
- * is gone, so every document is.
+ * is gone, so every document is. A change marked `"streamgate":{"membership":"left"}` removes
+ * the document (it stopped matching the stream's filter); `"entered"` sets it whole (it
+ * started matching), PROTOCOL.md §10.
  */
 export function applyChange(docs: Map<string, Doc>, change: unknown): boolean {
   if (!isObject(change)) return false;
   const op = change.operationType;
   const key = isObject(change.documentKey) && "_id" in change.documentKey ? idKey(change.documentKey._id) : undefined;
   const full = isObject(change.fullDocument) ? change.fullDocument : undefined;
+  const membership = isObject(change.streamgate) ? change.streamgate.membership : undefined;
+  if (membership === "left") return key !== undefined && docs.delete(key);
+  if (membership === "entered") {
+    if (key === undefined || !full) return false;
+    docs.set(key, full);
+    return true;
+  }
   switch (op) {
     case "insert":
     case "replace":

@@ -32,6 +32,22 @@ test("applyChange: insert, update (full and delta), replace, delete, drop", () =
   assert.equal(docs.size, 0);
 });
 
+test("applyChange: membership removals and entries (PROTOCOL.md §10)", () => {
+  const docs = new Map();
+  applyChange(docs, { operationType: "insert", documentKey: { _id: 1 }, fullDocument: { _id: 1, t: "A" } });
+  // Document 1 moved to another tenant: removed, although the change is an update.
+  assert.equal(
+    applyChange(docs, { operationType: "update", documentKey: { _id: 1 }, fullDocument: { _id: 1, t: "B" }, updateDescription: { updatedFields: { t: "B" } }, streamgate: { membership: "left" } }),
+    true,
+  );
+  assert.equal(docs.size, 0);
+  // Document 2 moved in: held whole, not patched from a delta.
+  applyChange(docs, { operationType: "update", documentKey: { _id: 2 }, fullDocument: { _id: 2, t: "A", n: 1 }, updateDescription: { updatedFields: { t: "A" } }, streamgate: { membership: "entered" } });
+  assert.deepEqual(Object.fromEntries(docs), { 2: { _id: 2, t: "A", n: 1 } });
+  // A removal of a document not held changes nothing.
+  assert.equal(applyChange(docs, { operationType: "replace", documentKey: { _id: 9 }, fullDocument: { _id: 9 }, streamgate: { membership: "left" } }), false);
+});
+
 test("applyView: the example of PROTOCOL.md §7", () => {
   const docs = new Map();
   applyView(docs, "put", { path: "/", data: { a: { _id: "a", score: 1, f: { g: 1 }, removedField: 1 }, b: { _id: "b" } } });
