@@ -13,6 +13,7 @@ use mongodb::Collection;
 use mongodb::bson::{Document, doc};
 use serde_json::{Value, json};
 use streamgate::config::Config;
+use tokio::time::Instant;
 
 use crate::harness::clients::{Client, Envelope, Kind, Next};
 use crate::harness::fixture::insert_seqs;
@@ -577,8 +578,20 @@ async fn drain(
     seen: &mut BTreeMap<String, Vec<i64>>,
     quiet: Duration,
 ) {
-    loop {
-        match client.next(quiet).await {
+    drain_until(kind, client, seen, quiet, Instant::now() + WAIT).await;
+}
+
+/// [`drain`], but returning at `until` too: with a writer still running the stream is never
+/// quiet, and a read bounded only by quiet would never end.
+async fn drain_until(
+    kind: Kind,
+    client: &mut Client,
+    seen: &mut BTreeMap<String, Vec<i64>>,
+    quiet: Duration,
+    until: Instant,
+) {
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        match client.next(quiet.min(left)).await {
             Next::Event(event) if event.event == "change" => {
                 let (stream, seq) = stream_seq(kind, &event);
                 seen.entry(stream).or_default().push(seq);
@@ -829,13 +842,14 @@ async fn composite_id_resumes_every_stream_exactly_once_after_kill_9_and_restart
         .await
         .unwrap();
     // Read on for a while with changes still flowing, then stop them and read the rest.
-    let until = tokio::time::Instant::now() + Duration::from_secs(2);
-    while tokio::time::Instant::now() < until {
-        drain(
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        drain_until(
             Kind::Sse,
             &mut client,
             &mut seen,
             Duration::from_millis(200),
+            until,
         )
         .await;
     }
