@@ -341,6 +341,12 @@ settings! {
         /// `worker_linger_ms` after its client leaves: a burst of 60 was 60 cursors opened in
         /// one second and held together, a noticeable load for everyone else. Default 10.
         pub new_bindings_burst: usize = 10,
+        /// Bindings a principal started that may linger (no client left, kept
+        /// `worker_linger_ms` for a reconnect) at once: its next new binding first closes its
+        /// longest-idle one past this. A churning client then holds this many idle cursors on
+        /// MongoDB, not one per binding of the last `worker_linger_ms`; a client reconnecting
+        /// to a closed one resumes exactly, through a catch-up. Default 2; 0: unbounded.
+        pub idle_bindings_per_principal: usize = 2,
     }
     tables {}
 }

@@ -322,6 +322,8 @@ struct CursorCounts {
 struct BudgetInner {
     max_workers: usize,
     max_bindings: usize,
+    /// `limits.idle_bindings_per_principal` (0: unbounded).
+    idle_bindings_per_principal: usize,
     retry_after_secs: u64,
     counts: Mutex<CursorCounts>,
     cursors_gauge: Gauge,
@@ -401,6 +403,7 @@ impl CursorBudget {
             inner: Arc::new(BudgetInner {
                 max_workers: limits.max_workers,
                 max_bindings: limits.max_bindings_per_stream,
+                idle_bindings_per_principal: limits.idle_bindings_per_principal,
                 retry_after_secs: limits.retry_after_secs,
                 counts: Mutex::new(CursorCounts::default()),
                 cursors_gauge: metrics.upstream_cursors.clone(),
@@ -426,6 +429,12 @@ impl CursorBudget {
     /// is not started after all.
     pub fn take_binding(&self, principal: &PrincipalKey) -> Result<(), BindingsRefused> {
         self.inner.binding_rate.take(principal, Instant::now())
+    }
+
+    /// How many lingering bindings a principal may leave (`limits.idle_bindings_per_principal`;
+    /// `None`: unbounded).
+    pub fn idle_bindings_per_principal(&self) -> Option<usize> {
+        Some(self.inner.idle_bindings_per_principal).filter(|n| *n > 0)
     }
 
     /// Gives back a binding taken by [`take_binding`](Self::take_binding) whose worker was not

@@ -18,7 +18,10 @@
 //! same way ([`Owner::free_idle_slot`]).
 //! A new binding of `$var` values that need their own cursor is also counted against its
 //! principal (`limits.new_bindings_per_minute`), so that one client cannot churn through the
-//! budget closing everybody's lingering workers.
+//! budget closing everybody's lingering workers; and the bindings a principal started that
+//! linger are at most `limits.idle_bindings_per_principal` (its next new binding closes its own
+//! longest-idle one first), so that a churning client holds a few idle cursors on MongoDB, not
+//! one per binding of the last `worker_linger_ms`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -159,7 +162,7 @@ impl Owner for Workers {
 
     fn free_idle_slot(&self) -> bool {
         let mut map = lock(&self.map);
-        evict_longest_idle(&mut map, None)
+        evict_longest_idle(&mut map, None, None)
     }
 }
 
@@ -169,12 +172,14 @@ impl Owner for Workers {
 fn evict_longest_idle(
     map: &mut HashMap<WorkerKey, Arc<Worker>>,
     stream: Option<&StreamKey>,
+    started_by: Option<&PrincipalKey>,
 ) -> bool {
     let now = Instant::now();
     let idle = map
         .values()
         .filter(|worker| worker.client_count() == 0)
         .filter(|worker| stream.is_none_or(|stream| &worker.key.stream == stream))
+        .filter(|worker| started_by.is_none_or(|p| worker.started_by() == Some(p)))
         .min_by_key(|worker| worker.idle_since().unwrap_or(now))
         .cloned();
     let Some(idle) = idle else {
@@ -186,6 +191,13 @@ fn evict_longest_idle(
         permit.evicted();
     }
     true
+}
+
+/// How many bindings `principal` started that have no client left (under the map lock).
+fn idle_bindings_of(map: &HashMap<WorkerKey, Arc<Worker>>, principal: &PrincipalKey) -> usize {
+    map.values()
+        .filter(|worker| worker.client_count() == 0 && worker.started_by() == Some(principal))
+        .count()
 }
 
 /// Definitions and workers.
@@ -416,6 +428,9 @@ impl Registry {
                         &self.cancel,
                         permit,
                     );
+                    if let Some(principal) = principal {
+                        worker.set_started_by(principal.clone());
+                    }
                     map.insert(worker_key, Arc::clone(&worker));
                     worker.spawn();
                     worker
@@ -445,11 +460,20 @@ impl Registry {
         let budget = &self.context.budget;
         if let Some(principal) = principal {
             budget.take_binding(principal)?;
+            // The principal's lingering bindings, bounded: a client that opens and drops
+            // bindings leaves `idle_bindings_per_principal` cursors behind, not one per binding
+            // of the last `worker_linger_ms` (each a cursor every write costs MongoDB).
+            if let Some(bound) = budget.idle_bindings_per_principal() {
+                // (Each counted in `streamgate_upstream_idle_evictions_total`.)
+                while idle_bindings_of(map, principal) >= bound
+                    && evict_longest_idle(map, None, Some(principal))
+                {}
+            }
         }
         let slot = budget.try_acquire_evicting(key, |limit| {
             // For the stream's own limit only one of its workers can make room.
             let stream = (limit == CursorLimit::MaxBindingsPerStream).then_some(key);
-            evict_longest_idle(map, stream)
+            evict_longest_idle(map, stream, None)
         });
         if slot.is_err()
             && let Some(principal) = principal

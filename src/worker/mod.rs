@@ -237,6 +237,9 @@ pub struct Worker {
     /// evicts the longest-idle worker first. Only an ordering hint: whether a worker may be
     /// evicted is decided by `clients`, under the owner's lock.
     idle_since: Mutex<Option<Instant>>,
+    /// Who started this worker, for a binding the client chose (`$var` values that need a
+    /// cursor of their own): the registry keeps each principal's lingering ones bounded.
+    started_by: OnceLock<crate::limits::PrincipalKey>,
     /// This worker's cursor slot, freed when the worker is dropped, or taken by
     /// [`evict`](Self::evict) so that a new worker can have it at once.
     permit: Mutex<Option<CursorPermit>>,
@@ -264,6 +267,7 @@ impl Worker {
             clients: AtomicUsize::new(0),
             idle: Notify::new(),
             idle_since: Mutex::new(None),
+            started_by: OnceLock::new(),
             cancel: parent_cancel.child_token(),
             // A new worker opens "from now": it is not behind until time passes unread.
             stats: WorkerStats {
@@ -343,6 +347,16 @@ impl Worker {
     }
 
     /// Since when the worker has had no clients (`None`: it has some, or never had one).
+    /// Records who started this worker (a chosen binding); see [`started_by`](Self::started_by).
+    pub(crate) fn set_started_by(&self, principal: crate::limits::PrincipalKey) {
+        let _ = self.started_by.set(principal);
+    }
+
+    /// Who started this worker, if it is a binding a client chose.
+    pub(crate) fn started_by(&self) -> Option<&crate::limits::PrincipalKey> {
+        self.started_by.get()
+    }
+
     pub fn idle_since(&self) -> Option<Instant> {
         *lock(&self.idle_since)
     }

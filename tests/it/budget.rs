@@ -353,3 +353,51 @@ async fn a_catch_up_takes_the_slot_of_an_idle_worker() {
     assert_eq!(seqs(&a.changes(1, WAIT).await), vec![10]);
     f.server.stop().await;
 }
+
+/// A principal's lingering bindings are bounded (`limits.idle_bindings_per_principal`): one
+/// address that opens and drops distinct unroutable bindings leaves at most that many idle
+/// cursors behind (before, one per binding for as long as they lingered: the noisy-neighbour
+/// bench's binding churn held a dozen extra cursors on mongod), and only its own: another
+/// principal's lingering binding is not touched.
+#[tokio::test]
+async fn a_churning_principal_leaves_at_most_its_bound_of_lingering_bindings() {
+    const CHURN: usize = 8;
+    const BOUND: usize = 2;
+    let f = Fixture::start("budget_idle_bound", |config| {
+        unroutable(config);
+        // Neither the rate nor the stream's budget is what stops the churn here.
+        config.limits.new_bindings_burst = 100;
+        config.limits.idle_bindings_per_principal = BOUND;
+    })
+    .await;
+    // Another principal's binding, lingering since its client left.
+    let keep = connect(&f, "keep", None).await.unwrap();
+    drop(keep);
+    idle_but(&f, 0).await;
+
+    for n in 0..CHURN {
+        let stream = open(&f, &format!("churn{n}"), churner())
+            .await
+            .unwrap_or_else(|refused| panic!("churn{n}: {}", refused.status()));
+        drop(stream);
+        idle_but(&f, 0).await;
+    }
+    let workers = f.server.registry.workers_of(&f.key());
+    assert_eq!(
+        workers.len(),
+        BOUND + 1,
+        "the churner's {BOUND} most recent bindings and the other principal's one"
+    );
+    assert_eq!(
+        f.server.metrics.upstream_idle_evictions.get() as usize,
+        CHURN - BOUND
+    );
+
+    // The other principal's binding was kept: its client comes back to it (no new worker),
+    // and it is live.
+    let mut keep = connect(&f, "keep", None).await.unwrap();
+    assert_eq!(f.server.registry.workers_of(&f.key()).len(), BOUND + 1);
+    insert(&f, "keep", 7).await;
+    assert_eq!(seqs(&keep.changes(1, WAIT).await), vec![7]);
+    f.server.stop().await;
+}
