@@ -574,7 +574,10 @@ async fn a_catch_up_reader_that_stops_does_not_hold_up_the_others() {
     f.server.stop().await;
 }
 
-#[tokio::test]
+// Readers on threads of their own, as real clients are: on one thread the fast reader parses
+// what its socket already holds without yielding (seconds of a debug build under load), the
+// slow one's socket then stands still past the stall deadline and the server rightly cuts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_but_moving_catch_up_reader_does_not_set_the_others_pace() {
     // Two clients resume at the same old id and share one catch-up. One reads slowly but
     // steadily: 20 events every 100 ms (~400 KB/s), so its server side pulls a 256-event chunk
