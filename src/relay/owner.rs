@@ -7,11 +7,16 @@
 //! dropped and the instance contends again, resuming, if it wins, from the subject's last
 //! message once more. JetStream's de-duplication by resume token makes those re-reads
 //! publish nothing twice.
+//!
+//! An owner's cursor carries a comment naming the worker and the instance, so that a new
+//! owner can end the cursor a killed one left idle on mongod ([`kill_orphans`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
+use futures::TryStreamExt;
+use mongodb::bson::{Document, doc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -80,7 +85,7 @@ async fn contend(
                         metrics.owned_cursors.inc();
                         tracing::info!(stream = %worker.key.stream, subject, "relay: this instance reads the stream's cursor for the fleet");
                         let (outcome, lease) =
-                            own(relay, &handles, worker, subject, lease, cancel).await;
+                            own(relay, &handles, worker, subject, key, lease, cancel).await;
                         metrics.owned_cursors.dec();
                         match outcome {
                             Outcome::Cancelled => {
@@ -119,6 +124,84 @@ async fn contend(
     }
 }
 
+/// The comment an owner's change stream carries (its pipeline's first stage after
+/// `$changeStream`, `{$match: {$comment}}`, shown by `$currentOp` and in mongod's log): how a
+/// later owner finds the cursor of one that was killed.
+fn cursor_comment(key: &str, instance: &str) -> String {
+    format!("streamgate relay {key} {instance}")
+}
+
+/// Kills the cursors that earlier owners of `key` left on mongod; returns how many.
+///
+/// An owner killed between two `getMore`s leaves its cursor idle on mongod: mongod ends a
+/// cursor whose running `getMore`'s connection closes, but an idle one only when it times
+/// out (`cursorTimeoutMillis`, 10 minutes by default), holding its memory meanwhile and
+/// counting as a second cursor of the fleet. `$currentOp` with `allUsers: false` lists a
+/// user's own cursors without further privileges; where even that is refused, they time out
+/// as before.
+async fn kill_orphans(
+    client: &mongodb::Client,
+    key: &str,
+    instance: &str,
+) -> mongodb::error::Result<usize> {
+    let pipeline = vec![
+        doc! { "$currentOp": { "idleCursors": true, "allUsers": false } },
+        doc! { "$match": { "cursor.originatingCommand.pipeline.1.$match.$comment": {
+            "$regex": format!("^streamgate relay {key} "),
+            "$ne": cursor_comment(key, instance),
+        } } },
+        doc! { "$project": { "ns": 1, "id": "$cursor.cursorId" } },
+    ];
+    let found: Vec<Document> = client
+        .database("admin")
+        .aggregate(pipeline)
+        .await?
+        .try_collect()
+        .await?;
+    let mut killed = 0;
+    for cursor in found {
+        let (Ok(ns), Ok(id)) = (cursor.get_str("ns"), cursor.get_i64("id")) else {
+            continue;
+        };
+        // Database names hold no dots; collection names may.
+        let Some((db, coll)) = ns.split_once('.') else {
+            continue;
+        };
+        let reply = client
+            .database(db)
+            .run_command(doc! { "killCursors": coll, "cursors": [id] })
+            .await?;
+        killed += reply.get_array("cursorsKilled").map_or(0, Vec::len);
+    }
+    Ok(killed)
+}
+
+/// Ends, beside a takeover (not before it), the cursors earlier owners of `key` left.
+fn spawn_kill_orphans(relay: &Relay, worker: &Arc<Worker>, key: &str) {
+    let client = worker.client().clone();
+    let (key, instance) = (key.to_owned(), relay.instance.clone());
+    worker.tracker().spawn(async move {
+        let killed = tokio::time::timeout(
+            Duration::from_secs(5),
+            kill_orphans(&client, &key, &instance),
+        )
+        .await;
+        match killed {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => {
+                tracing::info!(
+                    cursors = n,
+                    "relay: ended the cursors an earlier owner left on mongod"
+                );
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "relay: cannot look for cursors an earlier owner left");
+            }
+            Err(_) => tracing::debug!("relay: looking for cursors an earlier owner left timed out"),
+        }
+    });
+}
+
 /// Where the fleet's log of `subject` stands: the last change or position published, `None`
 /// when there is none (or the last message ended an earlier life of the stream).
 async fn last_position(handles: &Handles, subject: &str) -> Result<Option<Token>, String> {
@@ -144,10 +227,12 @@ async fn own(
     handles: &Handles,
     worker: &Arc<Worker>,
     subject: &str,
+    key: &str,
     mut lease: Lease,
     cancel: &CancellationToken,
 ) -> (Outcome, Option<Lease>) {
     let metrics = &relay.metrics().relay;
+    spawn_kill_orphans(relay, worker, key);
     let after = match last_position(handles, subject).await {
         Ok(after) => after,
         Err(error) => {
@@ -158,7 +243,14 @@ async fn own(
     };
     tracing::debug!(subject, "relay: the log's last position read");
     let mut position = after.clone();
-    let mut source = ChangeSource::new(Watch::of_worker(worker), after);
+    let mut watch = Watch::of_worker(worker);
+    // A `$match` that keeps everything, for the comment: the driver would put the `comment`
+    // option into the `$changeStream` stage too, which MongoDB refuses.
+    watch.pipeline.insert(
+        0,
+        doc! { "$match": { "$comment": cursor_comment(key, &relay.instance) } },
+    );
+    let mut source = ChangeSource::new(watch, after);
     let every = Lease::renew_every(relay.settings.lease_ttl());
     let mut renew = tokio::time::interval_at(Instant::now() + every, every);
     let mark_every = Duration::from_millis(relay.settings.mark_interval_ms);

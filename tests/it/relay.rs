@@ -194,8 +194,18 @@ async fn an_owner_killed_with_sigkill_is_taken_over_within_two_seconds_losing_no
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    owner.start_kill().unwrap();
+    // Frozen first (SIGSTOP): its running `getMore` is answered and its cursor sits idle on
+    // mongod, as when an owner dies between two `getMore`s; then killed. mongod keeps such a
+    // cursor until `cursorTimeoutMillis` (10 minutes): the new owner must end it.
+    let pid = owner.id().unwrap().to_string();
+    let frozen = std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
+    assert!(frozen.success());
     let killed = Instant::now();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    owner.start_kill().unwrap();
     owner.wait().await.unwrap();
     eventually("an instance takes the cursor over", WAIT, async || {
         owned(&[&b, &c]).iter().sum::<i64>() == 1
@@ -203,12 +213,19 @@ async fn an_owner_killed_with_sigkill_is_taken_over_within_two_seconds_losing_no
     .await;
     // Taken over: the next change written reaches the clients.
     let took = killed.elapsed();
-    eprintln!("relay takeover after SIGKILL of the owner: {took:?}");
+    eprintln!("relay takeover after SIGSTOP + SIGKILL of the owner: {took:?}");
     assert!(took < Duration::from_secs(2), "takeover took {took:?}");
     writer.await.unwrap();
     let rest: Vec<i64> = (20..400).collect();
     assert_eq!(exactly(&mut on_b, 380).await, rest);
     assert_eq!(exactly(&mut on_c, 380).await, rest);
+    // The new owner's cursor is open (it read those changes); the killed one's is gone.
+    eventually(
+        "the killed owner's idle cursor ended: one cursor on mongod",
+        Duration::from_secs(1),
+        async || change_stream_cursors(&mongo, &db, "c").await == 1,
+    )
+    .await;
     drop(on_owner);
     b.stop().await;
     c.stop().await;
@@ -327,7 +344,8 @@ async fn fleet_behind_haproxy_in_relay_mode_survives_sigkill_of_the_owner_and_ro
     let restarts = fleet.rolling_restart().await;
     let owners = fleet_owners(&fleet).await;
     assert_eq!(owners.iter().sum::<f64>(), 1.0, "one owner: {owners:?}");
-    // The killed owner's cursor is gone too (mongod ends a cursor whose connection closed).
+    // The killed owner's cursor is gone too: mongod ends it if a `getMore` was running when
+    // the connection closed, else the new owner did (`owner.rs`, `kill_orphans`).
     eventually("one change-stream cursor on mongod", WAIT, async || {
         cursors().await == 1
     })
