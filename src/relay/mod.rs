@@ -18,10 +18,16 @@
 //!   cursor moves to one that can, while a MongoDB lease could stay with an instance cut off
 //!   from NATS; and it adds no writes to the database the relay exists to relieve. JetStream
 //!   expires it server-side (`max_age`), so a killed owner needs no one to clean up after it.
+//! * Which instance should hold it is placed (`membership.rs`): every instance heartbeats the
+//!   workers it has into a second key-value bucket, and each computes the same placement,
+//!   rendezvous hashing with bounded loads over the live instances that have the worker. The
+//!   named instance takes a free lease at once, the others only after a grace; an owner no
+//!   longer named hands over. Cursors spread evenly and move when instances join or leave.
 //! * The owner (`owner.rs`) resumes from the last message of its subject: a new owner goes on
-//!   where the last one stopped, and JetStream's `Nats-Msg-Id` de-duplication (the resume
-//!   token) drops what two owners both publish during a hand-over; consumers also skip any
-//!   position at or before the last one they applied, so each change reaches the hub once.
+//!   where the last one stopped, and JetStream's `Nats-Msg-Id` de-duplication (the worker and
+//!   the resume token) drops what two owners both publish during a hand-over; consumers also
+//!   skip any position at or before the last one they applied, so each change reaches the hub
+//!   once.
 //! * A worker's subject is a hash of what its cursor watches (database, collection, bound
 //!   pipeline, `fullDocument…` options): instances agree on it without agreeing on anything
 //!   else, and a replaced definition gets a new log.
