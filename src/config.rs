@@ -449,8 +449,21 @@ settings! {
         pub retention_secs: u64 = 3_600,
         /// Most bytes the JetStream stream keeps (oldest changes go first).
         pub max_bytes: u64 = 1024 * 1024 * 1024,
-        /// Replicas of the stream and the lease bucket (a 3-node NATS cluster: 3).
+        /// Replicas of the stream and the key-value buckets (a 3-node NATS cluster: 3).
         pub replicas: usize = 1,
+        /// JetStream key-value bucket of the instances' heartbeats, each listing the workers
+        /// the instance has (created if missing): who is live and who could read each cursor.
+        pub instance_bucket: String = "streamgate_instances".to_owned(),
+        /// Milliseconds between an instance's heartbeats (and its reads of the others'): how
+        /// soon ownership moves when an instance joins or leaves.
+        pub heartbeat_ms: u64 = 300,
+        /// Milliseconds an instance counts as live after its last heartbeat (at least twice
+        /// `heartbeat_ms`; keep it at most `lease_ttl_ms`, so that a killed instance is out of
+        /// the others' view by the time its leases expire).
+        pub instance_ttl_ms: u64 = 900,
+        /// Milliseconds a cursor lease may stay free before an instance that is not the one
+        /// chosen for it takes it anyway (the chosen one cannot, or the views differ).
+        pub takeover_grace_ms: u64 = 900,
     }
     tables {}
 }
@@ -458,6 +471,12 @@ settings! {
 /// Shortest `relay.lease_ttl_ms`: JetStream expires nothing younger than 100 ms, and renewals
 /// every third of the lease must fit round trips to NATS.
 pub const MIN_LEASE_TTL_MS: u64 = 300;
+
+/// Shortest `relay.heartbeat_ms`: each heartbeat is a write and a read of the bucket.
+pub const MIN_HEARTBEAT_MS: u64 = 20;
+
+/// Shortest `relay.instance_ttl_ms`: JetStream's shortest `max_age`.
+pub const MIN_INSTANCE_TTL_MS: u64 = 100;
 
 impl RelayConfig {
     /// Checks `[relay]` (no I/O).
@@ -489,6 +508,24 @@ impl RelayConfig {
                 return Err(ConfigError::Invalid(format!("{key} must be at least 1")));
             }
         }
+        if self.heartbeat_ms < MIN_HEARTBEAT_MS {
+            return Err(ConfigError::Invalid(format!(
+                "relay.heartbeat_ms must be at least {MIN_HEARTBEAT_MS} (got {})",
+                self.heartbeat_ms
+            )));
+        }
+        if self.instance_ttl_ms < (2 * self.heartbeat_ms).max(MIN_INSTANCE_TTL_MS) {
+            return Err(ConfigError::Invalid(format!(
+                "relay.instance_ttl_ms must be at least twice relay.heartbeat_ms and at least \
+                 {MIN_INSTANCE_TTL_MS} (got {} with heartbeat_ms = {})",
+                self.instance_ttl_ms, self.heartbeat_ms
+            )));
+        }
+        if self.takeover_grace_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "relay.takeover_grace_ms must be at least 1".into(),
+            ));
+        }
         if self.replicas == 0 || self.replicas > 5 {
             return Err(ConfigError::Invalid(
                 "relay.replicas must be 1 to 5 (JetStream's limit)".into(),
@@ -500,6 +537,21 @@ impl RelayConfig {
     /// Lease lifetime.
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_millis(self.lease_ttl_ms)
+    }
+
+    /// Interval of an instance's heartbeats.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+
+    /// How long an instance counts as live after its last heartbeat.
+    pub fn instance_ttl(&self) -> Duration {
+        Duration::from_millis(self.instance_ttl_ms)
+    }
+
+    /// How long a lease may stay free before any instance that wants it takes it.
+    pub fn takeover_grace(&self) -> Duration {
+        Duration::from_millis(self.takeover_grace_ms)
     }
 }
 

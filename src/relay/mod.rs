@@ -18,10 +18,16 @@
 //!   cursor moves to one that can, while a MongoDB lease could stay with an instance cut off
 //!   from NATS; and it adds no writes to the database the relay exists to relieve. JetStream
 //!   expires it server-side (`max_age`), so a killed owner needs no one to clean up after it.
+//! * Which instance should hold it is placed (`membership.rs`): every instance heartbeats the
+//!   workers it has into a second key-value bucket, and each computes the same placement,
+//!   rendezvous hashing with bounded loads over the live instances that have the worker. The
+//!   named instance takes a free lease at once, the others only after a grace; an owner no
+//!   longer named hands over. Cursors spread evenly and move when instances join or leave.
 //! * The owner (`owner.rs`) resumes from the last message of its subject: a new owner goes on
-//!   where the last one stopped, and JetStream's `Nats-Msg-Id` de-duplication (the resume
-//!   token) drops what two owners both publish during a hand-over; consumers also skip any
-//!   position at or before the last one they applied, so each change reaches the hub once.
+//!   where the last one stopped, and JetStream's `Nats-Msg-Id` de-duplication (the worker and
+//!   the resume token) drops what two owners both publish during a hand-over; consumers also
+//!   skip any position at or before the last one they applied, so each change reaches the hub
+//!   once.
 //! * A worker's subject is a hash of what its cursor watches (database, collection, bound
 //!   pipeline, `fullDocument…` options): instances agree on it without agreeing on anything
 //!   else, and a replaced definition gets a new log.
@@ -30,6 +36,7 @@
 
 mod consumer;
 mod lease;
+mod membership;
 mod owner;
 mod wire;
 
@@ -63,6 +70,8 @@ pub enum RelayError {
 struct Handles {
     stream: jetstream::stream::Stream,
     leases: jetstream::kv::Store,
+    /// The instances' heartbeats (`membership.rs`).
+    instances: jetstream::kv::Store,
 }
 
 /// The relay tier of one instance.
@@ -70,10 +79,19 @@ pub struct Relay {
     client: async_nats::Client,
     jetstream: jetstream::Context,
     settings: RelayConfig,
-    /// This instance's name in the leases it holds.
+    /// This instance's name in the leases it holds and in its heartbeat.
     instance: String,
     handles: OnceCell<Handles>,
     metrics: Arc<Metrics>,
+    /// Who of the fleet is live and should read which cursor.
+    membership: Arc<membership::Membership>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        // The heartbeat task waits on it, holding the relay only weakly: let it end.
+        self.membership.wake.notify_one();
+    }
 }
 
 /// How long one JetStream request may take before it counts as failed.
@@ -122,6 +140,7 @@ impl Relay {
             client,
             jetstream,
             settings: settings.clone(),
+            membership: Arc::new(membership::Membership::new(instance.clone())),
             instance,
             handles: OnceCell::new(),
             metrics,
@@ -134,8 +153,25 @@ impl Relay {
         self.handles
             .get_or_try_init(|| async {
                 let stream = self.open_stream().await?;
-                let leases = self.open_leases().await?;
-                Ok(Handles { stream, leases })
+                let leases = self
+                    .open_bucket(
+                        &self.settings.lease_bucket,
+                        "Streamgate relay: which instance holds each worker's cursor",
+                        self.settings.lease_ttl(),
+                    )
+                    .await?;
+                let instances = self
+                    .open_bucket(
+                        &self.settings.instance_bucket,
+                        "Streamgate relay: live instances and the workers each has",
+                        self.settings.instance_ttl(),
+                    )
+                    .await?;
+                Ok(Handles {
+                    stream,
+                    leases,
+                    instances,
+                })
             })
             .await
             .cloned()
@@ -167,16 +203,22 @@ impl Relay {
             .map_err(|e| RelayError::JetStream(format!("stream {}: {e}", settings.stream)))
     }
 
-    async fn open_leases(&self) -> Result<jetstream::kv::Store, RelayError> {
-        let bucket = &self.settings.lease_bucket;
+    /// A key-value bucket whose entries live `max_age` unless written again (created if
+    /// missing).
+    async fn open_bucket(
+        &self,
+        bucket: &str,
+        description: &str,
+        max_age: Duration,
+    ) -> Result<jetstream::kv::Store, RelayError> {
         if let Ok(store) = self.jetstream.get_key_value(bucket).await {
             return Ok(store);
         }
         let config = jetstream::kv::Config {
-            bucket: bucket.clone(),
-            description: "Streamgate relay: which instance holds each worker's cursor".into(),
+            bucket: bucket.to_owned(),
+            description: description.to_owned(),
             history: 1,
-            max_age: self.settings.lease_ttl(),
+            max_age,
             storage: jetstream::stream::StorageType::Memory,
             num_replicas: self.settings.replicas,
             ..Default::default()
@@ -188,7 +230,7 @@ impl Relay {
                 .jetstream
                 .get_key_value(bucket)
                 .await
-                .map_err(|_| RelayError::JetStream(format!("lease bucket {bucket}: {error}"))),
+                .map_err(|_| RelayError::JetStream(format!("bucket {bucket}: {error}"))),
         }
     }
 
@@ -214,11 +256,23 @@ impl crate::worker::relayed::Relay for Relay {
     }
 }
 
-/// This instance's name in leases and NATS connection names: the host name and process id,
-/// plus a random part (two in-process test servers share both).
+/// This instance's name in leases, heartbeats and NATS connection names: the host name and
+/// process id, plus a random part (two in-process test servers share both). Only characters
+/// a key-value key may hold.
 fn instance_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
+    let host: String = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| {
+            h.trim()
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect()
+        })
         .unwrap_or_default();
     let host = if host.is_empty() {
         "streamgate".to_owned()
@@ -266,6 +320,29 @@ mod tests {
             full_document_before_change: FullDocumentBeforeChange::Off,
             routing: Vec::new(),
             membership: None,
+        }
+    }
+
+    #[test]
+    fn heartbeats_must_fit_their_lifetime() {
+        let valid = RelayConfig::default();
+        assert!(valid.validate().is_ok());
+        for (heartbeat_ms, instance_ttl_ms, takeover_grace_ms) in [
+            (10, 900, 900),
+            (300, 500, 900),
+            (40, 90, 900),
+            (300, 900, 0),
+        ] {
+            let settings = RelayConfig {
+                heartbeat_ms,
+                instance_ttl_ms,
+                takeover_grace_ms,
+                ..RelayConfig::default()
+            };
+            assert!(
+                settings.validate().is_err(),
+                "{heartbeat_ms} / {instance_ttl_ms} / {takeover_grace_ms}"
+            );
         }
     }
 

@@ -1,6 +1,13 @@
 //! The owner side of a relayed worker: contend for its lease; while holding it, read the
 //! worker's MongoDB cursor and publish every step to the worker's subject.
 //!
+//! Who contends: the instance the fleet's placement (`membership.rs`) names for the worker
+//! takes a free lease at once; any other instance that has the worker only once the lease has
+//! been free for `takeover_grace_ms` (the named one cannot take it, or the views differ for a
+//! moment). An owner the placement no longer names (an instance joined, or it took the lease
+//! in the grace) hands it over: it stops reading, publishes its last position, releases the
+//! lease, and the named instance goes on from there.
+//!
 //! A new owner resumes from the last message of the subject (a change's token or a marked
 //! position): what the last owner published is where the fleet stands. Whatever goes wrong
 //! while owning (a publish not acknowledged, the lease lost) ends the turn: the cursor is
@@ -14,13 +21,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use futures::TryStreamExt;
 use mongodb::bson::{Document, doc};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::lease::{Lease, Renewal};
+use super::membership::{Membership, View};
 use super::wire::{self, Outbound};
 use super::{Handles, Relay};
 use crate::backoff::Backoff;
@@ -39,6 +49,9 @@ enum Outcome {
     Ended,
     /// JetStream did not take a message (or could not say where the log stands).
     Unpublished,
+    /// The placement names another instance: the last position is published, the lease is
+    /// to be released.
+    HandedOver,
 }
 
 /// Starts contending for `worker`'s cursor, on its tracker, until the worker stops.
@@ -46,82 +59,172 @@ pub(super) fn spawn(relay: Arc<Relay>, worker: &Arc<Worker>, subject: String, ke
     let worker = Arc::clone(worker);
     let tracker = worker.tracker().clone();
     tracker.spawn(async move {
-        let cancel = worker.cancel_token().clone();
-        contend(&relay, &worker, &subject, &key, &cancel).await;
+        // Announced in this instance's heartbeat while the worker runs.
+        Membership::want(&relay, &key);
+        let ttl = relay.settings.lease_ttl();
+        let mut contender = Contender {
+            relay: &relay,
+            worker: &worker,
+            subject: &subject,
+            key: &key,
+            view: relay.membership.subscribe(),
+            backoff: Backoff::new(Duration::from_millis(100), ttl),
+            free_since: None,
+            hold: ttl,
+        };
+        contender.run().await;
+        Membership::unwant(&relay, &key).await;
     });
 }
 
-async fn contend(
-    relay: &Relay,
-    worker: &Arc<Worker>,
-    subject: &str,
-    key: &str,
-    cancel: &CancellationToken,
-) {
-    let ttl = relay.settings.lease_ttl();
-    // Contenders try a few times per lease lifetime: a killed owner's cursor moves within
-    // about `ttl` plus a quarter of it.
-    let poll = ttl / 4;
-    let mut backoff = Backoff::new(Duration::from_millis(100), ttl);
-    loop {
-        let wait = match relay.handles().await {
-            Err(error) => {
-                relay.metrics().relay.error("connect");
-                tracing::warn!(%error, "relay: JetStream not available yet");
-                backoff.next_delay()
-            }
-            Ok(handles) => {
-                match Lease::try_take(&handles.leases, key, &relay.instance, ttl).await {
-                    Ok(None) => poll,
-                    Err(error) => {
-                        relay.metrics().relay.error("lease");
-                        tracing::warn!(%error, "relay: cannot ask for a cursor lease");
-                        backoff.next_delay()
-                    }
-                    Ok(Some(lease)) => {
-                        backoff.reset();
-                        let metrics = &relay.metrics().relay;
-                        metrics.takeovers.inc();
-                        metrics.owned_cursors.inc();
-                        tracing::info!(stream = %worker.key.stream, subject, "relay: this instance reads the stream's cursor for the fleet");
-                        let (outcome, lease) =
-                            own(relay, &handles, worker, subject, key, lease, cancel).await;
-                        metrics.owned_cursors.dec();
-                        match outcome {
-                            Outcome::Cancelled => {
-                                if let Some(lease) = lease {
-                                    lease.release().await;
-                                }
-                                return;
-                            }
-                            Outcome::Ended => {
-                                if let Some(lease) = lease {
-                                    lease.release().await;
-                                }
-                                // The consumers (this instance's too) end the worker.
-                                cancel.cancelled().await;
-                                return;
-                            }
-                            Outcome::Lost => {
-                                tracing::info!(stream = %worker.key.stream, "relay: cursor lease lost; another instance reads it");
-                                poll
-                            }
-                            Outcome::Unpublished => {
-                                if let Some(lease) = lease {
-                                    lease.release().await;
-                                }
-                                backoff.next_delay()
-                            }
-                        }
+/// Longest an owner that keeps taking leases in the grace keeps one before handing it over
+/// again, in lease lifetimes.
+const MAX_HOLD_LIFETIMES: u32 = 32;
+
+/// One worker's contention for its cursor on this instance.
+struct Contender<'a> {
+    relay: &'a Relay,
+    worker: &'a Arc<Worker>,
+    subject: &'a str,
+    key: &'a str,
+    view: watch::Receiver<Arc<View>>,
+    backoff: Backoff,
+    /// Since when this instance has seen the lease free (for the grace).
+    free_since: Option<Instant>,
+    /// How long an owner keeps a lease before handing it over: one lifetime, doubled for
+    /// each lease in a row taken in the grace (so that an instance the placement names but
+    /// that cannot take it costs a pause per hand-over attempt, ever more rarely).
+    hold: Duration,
+}
+
+impl Contender<'_> {
+    /// Contends (and owns, when it wins) until the worker stops.
+    async fn run(&mut self) {
+        let ttl = self.relay.settings.lease_ttl();
+        // Others look a few times per lease lifetime (a killed owner's cursor moves within
+        // about `ttl` plus a quarter of it); the instance the placement names, twice as
+        // often (it waits for a hand-over, or for the lease to expire).
+        let (poll, poll_named) = (ttl / 4, ttl / 8);
+        let cancel = self.worker.cancel_token().clone();
+        loop {
+            let named = self.view.borrow_and_update().assignee(self.key)
+                == Some(self.relay.instance.as_str());
+            let wait = match self.relay.handles().await {
+                Err(error) => {
+                    self.relay.metrics().relay.error("connect");
+                    tracing::warn!(%error, "relay: JetStream not available yet");
+                    Some(self.backoff.next_delay())
+                }
+                Ok(handles) => {
+                    if named || self.free_long_enough(&handles).await {
+                        self.try_own(&handles, named, &cancel).await
+                    } else {
+                        Some(poll)
                     }
                 }
+            };
+            let Some(wait) = wait else {
+                return;
+            };
+            let wait = if named { wait.min(poll_named) } else { wait };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+                // The placement changed: this instance may be the one named now.
+                Ok(()) = self.view.changed() => {}
             }
-        };
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
         }
     }
+
+    /// Whether the lease has been free for the grace (as this instance saw it).
+    async fn free_long_enough(&mut self, handles: &Handles) -> bool {
+        match lease_is_free(&handles.leases, self.key).await {
+            Ok(false) => {
+                self.free_since = None;
+                false
+            }
+            Ok(true) => {
+                let since = *self.free_since.get_or_insert_with(Instant::now);
+                since.elapsed() >= self.relay.settings.takeover_grace()
+            }
+            Err(error) => {
+                self.relay.metrics().relay.error("lease");
+                tracing::warn!(%error, "relay: cannot read a cursor lease");
+                false
+            }
+        }
+    }
+
+    /// Tries to take the lease and, if taken, owns the cursor for a turn. Returns how long
+    /// to wait before the next try, `None` once the worker is over.
+    async fn try_own(
+        &mut self,
+        handles: &Handles,
+        named: bool,
+        cancel: &CancellationToken,
+    ) -> Option<Duration> {
+        let (relay, worker) = (self.relay, self.worker);
+        let ttl = relay.settings.lease_ttl();
+        let lease = match Lease::try_take(&handles.leases, self.key, &relay.instance, ttl).await {
+            Ok(None) => return Some(ttl / 4),
+            Err(error) => {
+                relay.metrics().relay.error("lease");
+                tracing::warn!(%error, "relay: cannot ask for a cursor lease");
+                return Some(self.backoff.next_delay());
+            }
+            Ok(Some(lease)) => lease,
+        };
+        self.backoff.reset();
+        self.free_since = None;
+        let hold = self.hold;
+        self.hold = if named {
+            ttl
+        } else {
+            (self.hold * 2).min(ttl * MAX_HOLD_LIFETIMES)
+        };
+        let metrics = &relay.metrics().relay;
+        metrics.takeovers.inc();
+        metrics.owned_cursors.inc();
+        tracing::info!(stream = %worker.key.stream, subject = self.subject, named, "relay: this instance reads the stream's cursor for the fleet");
+        let turn = Turn {
+            relay,
+            handles,
+            worker,
+            subject: self.subject,
+            key: self.key,
+            hold,
+        };
+        let (outcome, lease) = turn.own(lease, &mut self.view, cancel).await;
+        metrics.owned_cursors.dec();
+        if let Some(lease) = lease {
+            lease.release().await;
+        }
+        match outcome {
+            Outcome::Cancelled => None,
+            Outcome::Ended => {
+                // The consumers (this instance's too) end the worker.
+                cancel.cancelled().await;
+                None
+            }
+            Outcome::Lost => {
+                tracing::info!(stream = %worker.key.stream, "relay: cursor lease lost; another instance reads it");
+                Some(ttl / 4)
+            }
+            Outcome::HandedOver => {
+                tracing::info!(stream = %worker.key.stream, "relay: cursor handed over to the instance the placement names");
+                Some(ttl / 4)
+            }
+            Outcome::Unpublished => Some(self.backoff.next_delay()),
+        }
+    }
+}
+
+/// Whether nobody holds the lease on `key` (never taken, released, or expired).
+async fn lease_is_free(leases: &kv::Store, key: &str) -> Result<bool, kv::EntryError> {
+    Ok(match leases.entry(key).await? {
+        Some(entry) => entry.operation != kv::Operation::Put,
+        None => true,
+    })
 }
 
 /// The comment an owner's change stream carries (its pipeline's first stage after
@@ -202,6 +305,30 @@ fn spawn_kill_orphans(relay: &Relay, worker: &Arc<Worker>, key: &str) {
     });
 }
 
+/// Longest an owner stopping waits for a cursor open in flight to finish.
+const OPEN_SETTLE: Duration = Duration::from_secs(2);
+
+/// Why an owner stops reading.
+enum Exit {
+    /// The worker stopped.
+    Cancelled,
+    /// The lease was lost.
+    Lost,
+    /// The placement names another instance.
+    HandOver,
+}
+
+/// One turn as owner of a worker's cursor.
+struct Turn<'a> {
+    relay: &'a Relay,
+    handles: &'a Handles,
+    worker: &'a Arc<Worker>,
+    subject: &'a str,
+    key: &'a str,
+    /// How long to keep the lease before handing it over.
+    hold: Duration,
+}
+
 /// Where the fleet's log of `subject` stands: the last change or position published, `None`
 /// when there is none (or the last message ended an earlier life of the stream).
 async fn last_position(handles: &Handles, subject: &str) -> Result<Option<Token>, String> {
@@ -220,130 +347,192 @@ async fn last_position(handles: &Handles, subject: &str) -> Result<Option<Token>
     }
 }
 
-/// One turn as owner: read the cursor and publish, until something ends the turn. Gives the
-/// lease back when it may still be held.
-async fn own(
-    relay: &Relay,
-    handles: &Handles,
-    worker: &Arc<Worker>,
-    subject: &str,
-    key: &str,
-    mut lease: Lease,
-    cancel: &CancellationToken,
-) -> (Outcome, Option<Lease>) {
-    let metrics = &relay.metrics().relay;
-    spawn_kill_orphans(relay, worker, key);
-    let after = match last_position(handles, subject).await {
-        Ok(after) => after,
-        Err(error) => {
-            metrics.error("read");
-            tracing::warn!(%error, subject, "relay: cannot read where the stream's log stands");
-            return (Outcome::Unpublished, Some(lease));
-        }
-    };
-    tracing::debug!(subject, "relay: the log's last position read");
-    let mut position = after.clone();
-    let mut watch = Watch::of_worker(worker);
-    // A `$match` that keeps everything, for the comment: the driver would put the `comment`
-    // option into the `$changeStream` stage too, which MongoDB refuses.
-    watch.pipeline.insert(
-        0,
-        doc! { "$match": { "$comment": cursor_comment(key, &relay.instance) } },
-    );
-    let mut source = ChangeSource::new(watch, after);
-    let every = Lease::renew_every(relay.settings.lease_ttl());
-    let mut renew = tokio::time::interval_at(Instant::now() + every, every);
-    let mark_every = Duration::from_millis(relay.settings.mark_interval_ms);
-    let mut marked = Instant::now();
-    loop {
-        let step = tokio::select! {
-            _ = cancel.cancelled() => return (Outcome::Cancelled, Some(lease)),
-            _ = renew.tick() => {
-                match lease.renew().await {
-                    Renewal::Held | Renewal::Unsure => {}
-                    Renewal::Lost => return (Outcome::Lost, None),
-                }
-                continue;
+impl Turn<'_> {
+    /// Reads the cursor and publishes, until something ends the turn. Gives the lease back
+    /// when it may still be held.
+    async fn own(
+        &self,
+        mut lease: Lease,
+        view: &mut watch::Receiver<Arc<View>>,
+        cancel: &CancellationToken,
+    ) -> (Outcome, Option<Lease>) {
+        let Turn {
+            relay,
+            handles,
+            worker,
+            subject,
+            key,
+            ..
+        } = *self;
+        let taken = Instant::now();
+        let metrics = &relay.metrics().relay;
+        spawn_kill_orphans(relay, worker, key);
+        let after = match last_position(handles, subject).await {
+            Ok(after) => after,
+            Err(error) => {
+                metrics.error("read");
+                tracing::warn!(%error, subject, "relay: cannot read where the stream's log stands");
+                return (Outcome::Unpublished, Some(lease));
             }
-            step = source.next() => step,
         };
-        let published = now_ms();
-        let (message, ends) = match step {
-            Step::Opened(start) => {
-                tracing::debug!(subject, "relay: cursor open");
-                if start.is_some() {
-                    position = start;
-                }
-                (position.as_ref().map(|t| wire::mark(t, published)), false)
-            }
-            Step::Change(raw) => {
-                position = Some(raw.id.clone());
-                let at_ms = raw
-                    .doc
-                    .get_datetime("wallTime")
-                    .ok()
-                    .and_then(|wall| u64::try_from(wall.timestamp_millis()).ok());
-                match wire::change(&raw, published) {
-                    Ok(message) => {
-                        if let Some(at_ms) = at_ms {
-                            metrics
-                                .publish_lag
-                                .observe_ms(published.saturating_sub(at_ms));
-                        }
-                        (Some(message), false)
+        tracing::debug!(subject, "relay: the log's last position read");
+        let mut position = after.clone();
+        let mut watch = Watch::of_worker(worker);
+        // A `$match` that keeps everything, for the comment: the driver would put the
+        // `comment` option into the `$changeStream` stage too, which MongoDB refuses.
+        watch.pipeline.insert(
+            0,
+            doc! { "$match": { "$comment": cursor_comment(key, &relay.instance) } },
+        );
+        let mut source = ChangeSource::new(watch, after);
+        let every = Lease::renew_every(relay.settings.lease_ttl());
+        let mut renew = tokio::time::interval_at(Instant::now() + every, every);
+        let mark_every = Duration::from_millis(relay.settings.mark_interval_ms);
+        let mut marked = Instant::now();
+        // Whether the placement names another instance and the lease was held long enough.
+        let handing_over = |view: &View| {
+            taken.elapsed() >= self.hold
+                && view
+                    .assignee(key)
+                    .is_some_and(|named| named != relay.instance)
+        };
+        // The step in flight is kept across renewals and view changes rather than dropped: an
+        // open dropped in flight would leave its cursor on mongod (the driver never learns
+        // its id), idle there until `cursorTimeoutMillis`. When the turn ends with an open in
+        // flight, it is let finish (bounded), so that dropping the source ends its cursor.
+        let exit = 'turn: loop {
+            let opening = !source.is_open();
+            let step = {
+                let mut pending = std::pin::pin!(source.next());
+                let settle = async |pending: std::pin::Pin<&mut _>| {
+                    if opening {
+                        let _ = tokio::time::timeout(OPEN_SETTLE, pending).await;
                     }
-                    Err(error) => (
-                        Some(wire::failed(
-                            ErrorCode::Upstream,
-                            &error.to_string(),
-                            position.as_ref(),
-                            published,
-                        )),
-                        true,
-                    ),
+                };
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => {
+                            settle(pending.as_mut()).await;
+                            break 'turn Exit::Cancelled;
+                        }
+                        _ = renew.tick() => {
+                            let exit = match lease.renew().await {
+                                Renewal::Held | Renewal::Unsure => {
+                                    handing_over(&view.borrow_and_update()).then_some(Exit::HandOver)
+                                }
+                                Renewal::Lost => Some(Exit::Lost),
+                            };
+                            if let Some(exit) = exit {
+                                settle(pending.as_mut()).await;
+                                break 'turn exit;
+                            }
+                        }
+                        Ok(()) = view.changed() => {
+                            if handing_over(&view.borrow_and_update()) {
+                                settle(pending.as_mut()).await;
+                                break 'turn Exit::HandOver;
+                            }
+                        }
+                        step = &mut pending => break step,
+                    }
                 }
-            }
-            Step::Quiet(Some(token)) => {
-                let moved = position.as_ref() != Some(&token);
-                position = Some(token);
-                if moved && marked.elapsed() >= mark_every {
-                    marked = Instant::now();
+            };
+            let published = now_ms();
+            let (message, ends) = match step {
+                Step::Opened(start) => {
+                    tracing::debug!(subject, "relay: cursor open");
+                    if start.is_some() {
+                        position = start;
+                    }
                     (position.as_ref().map(|t| wire::mark(t, published)), false)
-                } else {
+                }
+                Step::Change(raw) => {
+                    position = Some(raw.id.clone());
+                    let at_ms = raw
+                        .doc
+                        .get_datetime("wallTime")
+                        .ok()
+                        .and_then(|wall| u64::try_from(wall.timestamp_millis()).ok());
+                    match wire::change(&raw, published) {
+                        Ok(message) => {
+                            if let Some(at_ms) = at_ms {
+                                metrics
+                                    .publish_lag
+                                    .observe_ms(published.saturating_sub(at_ms));
+                            }
+                            (Some(message), false)
+                        }
+                        Err(error) => (
+                            Some(wire::failed(
+                                ErrorCode::Upstream,
+                                &error.to_string(),
+                                position.as_ref(),
+                                published,
+                            )),
+                            true,
+                        ),
+                    }
+                }
+                Step::Quiet(Some(token)) => {
+                    let moved = position.as_ref() != Some(&token);
+                    position = Some(token);
+                    if moved && marked.elapsed() >= mark_every {
+                        marked = Instant::now();
+                        (position.as_ref().map(|t| wire::mark(t, published)), false)
+                    } else {
+                        (None, false)
+                    }
+                }
+                Step::Quiet(None) => (None, false),
+                Step::Retrying(error) => {
+                    tracing::warn!(stream = %worker.key.stream, %error, "relay: cursor lost, retrying");
+                    worker.metrics().worker_retries.inc();
                     (None, false)
                 }
+                Step::Invalidated(event) => (
+                    Some(wire::invalidate(&event, position.as_ref(), published)),
+                    true,
+                ),
+                Step::Failed(code, message) => (
+                    Some(wire::failed(code, &message, position.as_ref(), published)),
+                    true,
+                ),
+            };
+            if let Some(message) = message
+                && let Err(error) = publish(relay, subject, key, message).await
+            {
+                metrics.error("publish");
+                tracing::warn!(%error, subject, "relay: JetStream did not take a change; resuming from the log");
+                return (Outcome::Unpublished, Some(lease));
             }
-            Step::Quiet(None) => (None, false),
-            Step::Retrying(error) => {
-                tracing::warn!(stream = %worker.key.stream, %error, "relay: cursor lost, retrying");
-                worker.metrics().worker_retries.inc();
-                (None, false)
+            if ends {
+                return (Outcome::Ended, Some(lease));
             }
-            Step::Invalidated(event) => (
-                Some(wire::invalidate(&event, position.as_ref(), published)),
-                true,
-            ),
-            Step::Failed(code, message) => (
-                Some(wire::failed(code, &message, position.as_ref(), published)),
-                true,
-            ),
         };
-        if let Some(message) = message
-            && let Err(error) = publish(relay, subject, message).await
+        match exit {
+            Exit::Cancelled => return (Outcome::Cancelled, Some(lease)),
+            Exit::Lost => return (Outcome::Lost, None),
+            Exit::HandOver => {}
+        }
+        // Hand-over: stop reading (dropping the cursor ends it on mongod), then say where the
+        // cursor stood, so that the next owner opens there. Every change before that position
+        // was published before it (steps are published in order), so nothing is lost; a
+        // change the next owner reads again is one JetStream and the consumers drop.
+        drop(source);
+        if let Some(position) = &position
+            && let Err(error) = publish(relay, subject, key, wire::mark(position, now_ms())).await
         {
             metrics.error("publish");
-            tracing::warn!(%error, subject, "relay: JetStream did not take a change; resuming from the log");
-            return (Outcome::Unpublished, Some(lease));
+            tracing::warn!(%error, subject, "relay: the last position before a hand-over was not published");
         }
-        if ends {
-            return (Outcome::Ended, Some(lease));
-        }
+        (Outcome::HandedOver, Some(lease))
     }
 }
 
 /// Publishes one message and waits for JetStream's acknowledgement (a duplicate, which
 /// another owner published already, is as good).
-async fn publish(relay: &Relay, subject: &str, message: Outbound) -> Result<(), String> {
+async fn publish(relay: &Relay, subject: &str, key: &str, message: Outbound) -> Result<(), String> {
+    let message = message.scoped(key);
     let ack = relay
         .jetstream
         .publish_with_headers(subject.to_owned(), message.headers, message.payload)

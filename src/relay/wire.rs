@@ -14,6 +14,10 @@
 //!
 //! `Nats-Msg-Id` makes JetStream drop a change two owners both publish (a hand-over, or an
 //! owner that has not yet noticed its lease expired): the fleet's log holds each change once.
+//! JetStream de-duplicates over the whole stream, not per subject, so the owner scopes each id
+//! to its worker ([`Outbound::scoped`]): two workers' logs may hold the same token (two
+//! streams on one collection both get a change; two cursors opened at one cluster time start
+//! at the same position), and each must keep its copy.
 
 use std::sync::Arc;
 
@@ -69,6 +73,21 @@ pub struct Outbound {
     pub headers: HeaderMap,
     /// Payload.
     pub payload: Bytes,
+}
+
+impl Outbound {
+    /// The message with its de-duplication id scoped to the worker `key` (`<key>.<id>`).
+    pub fn scoped(mut self, key: &str) -> Outbound {
+        let id = self
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .map(|id| format!("{key}.{}", id.as_str()));
+        if let Some(id) = id {
+            self.headers
+                .insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        }
+        self
+    }
 }
 
 /// The message is not one this relay wrote.
@@ -230,6 +249,33 @@ mod tests {
             panic!("expected a change");
         };
         assert!(back.skipped);
+    }
+
+    #[test]
+    fn ids_are_scoped_to_the_worker_and_nothing_else_changes() {
+        let id = |out: &Outbound| {
+            out.headers
+                .get(async_nats::header::NATS_MESSAGE_ID)
+                .unwrap()
+                .as_str()
+                .to_owned()
+        };
+        let token = Token::parse(T1).unwrap();
+        // The same change, or the same opening position, in two workers' logs: two ids.
+        let (a, b) = (
+            change(&raw(false), 1).unwrap().scoped("aa"),
+            change(&raw(false), 1).unwrap().scoped("bb"),
+        );
+        assert_eq!(id(&a), format!("aa.{T1}"));
+        assert_ne!(id(&a), id(&b));
+        assert_ne!(
+            id(&mark(&token, 1).scoped("aa")),
+            id(&mark(&token, 1).scoped("bb"))
+        );
+        let Relayed::Change(back) = decode(Some(&a.headers), &a.payload).unwrap() else {
+            panic!("expected a change");
+        };
+        assert_eq!(back.id.as_str(), T1);
     }
 
     #[test]

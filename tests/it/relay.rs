@@ -1,24 +1,49 @@
 //! The relay tier (issue 22, `[relay]`): instances sharing one mongod and one `nats-server -js`
 //! hold ONE change-stream cursor per stream between them, every client of every instance gets
 //! every change exactly once, and when the cursor's owner stops or is killed another instance
-//! takes the cursor over from the last change published, losing and repeating nothing.
+//! takes the cursor over from the last change published, losing and repeating nothing. The
+//! cursors spread evenly over the instances and move when one joins or leaves.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use mongodb::bson::doc;
+use mongodb::Collection;
+use mongodb::bson::{Document, doc};
 use streamgate::config::Config;
+use tokio_util::sync::CancellationToken;
 
 use crate::harness::clients::{Client, Kind, Next};
 use crate::harness::eventually;
 use crate::harness::fixture::{insert_seqs, seqs};
-use crate::harness::fleet::{self, Fleet};
-use crate::harness::mongod::{self, change_stream_cursors, free_port};
+use crate::harness::fleet::{self, Fleet, Instance};
+use crate::harness::mongod::{self, change_stream_cursors};
 use crate::harness::nats::NatsServer;
 use crate::harness::server::{self, TestServer};
 use crate::harness::unique_db;
 
 const WAIT: Duration = Duration::from_secs(30);
+
+/// The tests' lease lifetime and heartbeat (`[relay]`): short clocks.
+const LEASE_TTL_MS: u64 = 1_000;
+const HEARTBEAT_MS: u64 = 100;
+
+/// The tests' `[relay]` settings on `nats`.
+fn set_relay(config: &mut Config, nats: &NatsServer) {
+    config.relay.nats_url = Some(nats.url());
+    config.relay.lease_ttl_ms = LEASE_TTL_MS;
+    config.relay.heartbeat_ms = HEARTBEAT_MS;
+    config.relay.instance_ttl_ms = 5 * HEARTBEAT_MS;
+    config.relay.takeover_grace_ms = 600;
+}
+
+/// The same as a TOML section, for instances run as processes.
+fn relay_toml(nats: &NatsServer) -> String {
+    format!(
+        "[relay]\nnats_url = {:?}\nlease_ttl_ms = {LEASE_TTL_MS}\nheartbeat_ms = {HEARTBEAT_MS}\n\
+         instance_ttl_ms = {}\ntakeover_grace_ms = 600\n",
+        nats.url(),
+        5 * HEARTBEAT_MS,
+    )
+}
 
 /// A relay-mode config for stream `c`/`s` of `db` on the shared replica set.
 fn relay_config(db: &str, nats: &NatsServer) -> Config {
@@ -26,8 +51,7 @@ fn relay_config(db: &str, nats: &NatsServer) -> Config {
     config
         .streams
         .push(server::stream(db, "c", "s", serde_json::json!([])));
-    config.relay.nats_url = Some(nats.url());
-    config.relay.lease_ttl_ms = 1_000;
+    set_relay(&mut config, nats);
     config
 }
 
@@ -54,40 +78,88 @@ fn owned(servers: &[&TestServer]) -> Vec<i64> {
         .collect()
 }
 
+/// Waits until one instance (of those `owned` reports on) owns the one cursor, and has for
+/// longer than an owner keeps a lease before handing it over plus a few heartbeats (for the
+/// views to agree): the instance the placement names, which keeps it. Returns its index.
+async fn settled_owner(mut owned: impl AsyncFnMut() -> Vec<f64>) -> usize {
+    let settle = Duration::from_millis(LEASE_TTL_MS + 3 * HEARTBEAT_MS);
+    let started = Instant::now();
+    let mut current: Option<(usize, Instant)> = None;
+    loop {
+        let counts = owned().await;
+        let owner = (counts.iter().sum::<f64>() == 1.0)
+            .then(|| counts.iter().position(|c| *c == 1.0))
+            .flatten();
+        current = match (owner, current) {
+            (Some(owner), Some((same, since))) if owner == same => {
+                if since.elapsed() >= settle {
+                    return owner;
+                }
+                Some((same, since))
+            }
+            (Some(owner), _) => Some((owner, Instant::now())),
+            (None, _) => None,
+        };
+        assert!(
+            started.elapsed() < WAIT,
+            "no owner kept the cursor: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn three_instances_hold_one_cursor_and_a_stopped_owner_hands_it_over_exactly_once() {
     let nats = NatsServer::start();
     let db = unique_db("relay_one");
     let mongo = mongod::shared().client().await;
     let coll = mongo.database(&db).collection("c");
-    let a = TestServer::start(relay_config(&db, &nats)).await;
-    let b = TestServer::start(relay_config(&db, &nats)).await;
-    let c = TestServer::start(relay_config(&db, &nats)).await;
-    // The first subscriber's instance takes the cursor; the others read its log.
-    let mut on_a = subscribe(&a, &db, Kind::Sse).await;
-    let mut on_b = subscribe(&b, &db, Kind::Ws).await;
-    let mut on_c = subscribe(&c, &db, Kind::Ndjson).await;
-    let mut also_on_c = subscribe(&c, &db, Kind::Sse).await;
-    assert_eq!(owned(&[&a, &b, &c]), vec![1, 0, 0]);
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        servers.push(TestServer::start(relay_config(&db, &nats)).await);
+    }
+    // (instance, client): one instance has two.
+    let mut clients = Vec::new();
+    for (i, kind) in [
+        (0, Kind::Sse),
+        (1, Kind::Ws),
+        (2, Kind::Ndjson),
+        (2, Kind::Sse),
+    ] {
+        clients.push((i, subscribe(&servers[i], &db, kind).await));
+    }
+    // One instance reads the cursor; the others read its log.
+    let owner = settled_owner(async || {
+        let servers: Vec<&TestServer> = servers.iter().collect();
+        owned(&servers).into_iter().map(|n| n as f64).collect()
+    })
+    .await;
     eventually("one change-stream cursor on mongod", WAIT, async || {
         change_stream_cursors(&mongo, &db, "c").await == 1
     })
     .await;
 
+    let published_before: Vec<u64> = servers
+        .iter()
+        .map(|s| s.metrics.relay.published.get())
+        .collect();
     insert_seqs(&coll, 0..100).await;
     let all: Vec<i64> = (0..100).collect();
-    for client in [&mut on_a, &mut on_b, &mut on_c, &mut also_on_c] {
+    for (_, client) in &mut clients {
         assert_eq!(exactly(client, 100).await, all);
     }
     assert_eq!(change_stream_cursors(&mongo, &db, "c").await, 1);
-    // The owner published them (and its opening position); every instance applied them.
-    assert!(a.metrics.relay.published.get() > 100);
-    assert_eq!(b.metrics.relay.published.get(), 0);
-    assert_eq!(a.metrics.relay.takeovers.get(), 1);
-    for server in [&a, &b, &c] {
+    // The owner published them; every instance applied them.
+    for (i, server) in servers.iter().enumerate() {
+        let published = server.metrics.relay.published.get() - published_before[i];
+        if i == owner {
+            assert!(published >= 100, "the owner published {published}");
+            assert!(server.metrics.relay.publish_lag.count() >= 100);
+        } else {
+            assert_eq!(published, 0, "instance {i} is not the owner");
+        }
         assert!(server.metrics.relay.delivery_lag.count() >= 100);
     }
-    assert!(a.metrics.relay.publish_lag.count() >= 100);
 
     // The owner stops (a rolling restart) while changes are being written: it gives its lease
     // back, and one of the others goes on from the last change it published.
@@ -101,11 +173,13 @@ async fn three_instances_hold_one_cursor_and_a_stopped_owner_hands_it_over_exact
         })
     };
     tokio::time::sleep(Duration::from_millis(150)).await;
-    drop(on_a);
+    clients.retain(|(i, _)| *i != owner);
+    let stopping = servers.remove(owner);
     let stopped = Instant::now();
-    a.stop().await;
+    stopping.stop().await;
     let took = eventually("another instance owns the cursor", WAIT, async || {
-        owned(&[&b, &c]).iter().sum::<i64>() == 1
+        let servers: Vec<&TestServer> = servers.iter().collect();
+        owned(&servers).iter().sum::<i64>() == 1
     })
     .await;
     eprintln!(
@@ -115,7 +189,7 @@ async fn three_instances_hold_one_cursor_and_a_stopped_owner_hands_it_over_exact
     );
     writer.await.unwrap();
     let all: Vec<i64> = (100..300).collect();
-    for client in [&mut on_b, &mut on_c, &mut also_on_c] {
+    for (_, client) in &mut clients {
         assert_eq!(exactly(client, 200).await, all);
     }
     eventually(
@@ -124,41 +198,18 @@ async fn three_instances_hold_one_cursor_and_a_stopped_owner_hands_it_over_exact
         async || change_stream_cursors(&mongo, &db, "c").await == 1,
     )
     .await;
-    b.stop().await;
-    c.stop().await;
+    for server in servers {
+        server.stop().await;
+    }
 }
 
-/// `streamgate --config <file>` in relay mode on a port of its own, killed on drop.
-async fn spawn_instance(db: &str, nats: &NatsServer) -> (tokio::process::Child, String) {
-    let port = free_port();
-    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    let text = format!(
-        "listen = \"127.0.0.1:{port}\"\nmongo_uri = {:?}\nworker_linger_ms = 300\n\
-         [relay]\nnats_url = {:?}\nlease_ttl_ms = 1000\n\
-         [[streams]]\ndb = {db:?}\ncoll = \"c\"\nname = \"s\"\n",
-        mongod::shared().uri(),
-        nats.url(),
-    );
-    std::io::Write::write_all(&mut file, text.as_bytes()).unwrap();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamgate"))
-        .arg("--config")
-        .arg(file.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let ready = format!("{base}/health/ready");
-    eventually("the spawned instance is ready", WAIT, async || {
-        reqwest::get(&ready)
-            .await
-            .is_ok_and(|r| r.status().is_success())
-    })
-    .await;
-    // The config file must outlive the read of it at startup only.
-    drop(file);
-    (child, base)
+/// Each process's `streamgate_relay_owned_cursors` (0 for one that does not answer).
+async fn instance_owners(instances: &[Instance]) -> Vec<f64> {
+    let mut owned = Vec::new();
+    for instance in instances {
+        owned.push(instance.metric("streamgate_relay_owned_cursors").await);
+    }
+    owned
 }
 
 #[tokio::test]
@@ -167,22 +218,31 @@ async fn an_owner_killed_with_sigkill_is_taken_over_within_two_seconds_losing_no
     let db = unique_db("relay_kill");
     let mongo = mongod::shared().client().await;
     let coll = mongo.database(&db).collection("c");
-    // The owner is a process of its own, so that it can really be killed.
-    let (mut owner, owner_url) = spawn_instance(&db, &nats).await;
-    let mut on_owner = Client::connect(Kind::Sse, &owner_url, &format!("/{db}/c/_streams/s"), None)
-        .await
-        .unwrap();
-    let b = TestServer::start(relay_config(&db, &nats)).await;
-    let c = TestServer::start(relay_config(&db, &nats)).await;
-    let mut on_b = subscribe(&b, &db, Kind::Sse).await;
-    let mut on_c = subscribe(&c, &db, Kind::Ws).await;
-    assert_eq!(owned(&[&b, &c]), vec![0, 0], "the spawned instance owns");
+    // Processes, so that the owner can really be frozen and killed.
+    let mut instances: Vec<Instance> = (0..3)
+        .map(|_| Instance::new(&db, &relay_toml(&nats)))
+        .collect();
+    for instance in &mut instances {
+        instance.start().await;
+    }
+    let path = format!("/{db}/c/_streams/s");
+    let mut clients = Vec::new();
+    for (i, kind) in [Kind::Sse, Kind::Ws, Kind::Ndjson].into_iter().enumerate() {
+        let client = Client::connect(kind, &instances[i].url(), &path, None)
+            .await
+            .unwrap();
+        clients.push((i, client));
+    }
     insert_seqs(&coll, 0..20).await;
     let first: Vec<i64> = (0..20).collect();
-    assert_eq!(seqs(&on_owner.changes(20, WAIT).await), first);
-    assert_eq!(exactly(&mut on_b, 20).await, first);
-    assert_eq!(exactly(&mut on_c, 20).await, first);
-    assert_eq!(change_stream_cursors(&mongo, &db, "c").await, 1);
+    for (_, client) in &mut clients {
+        assert_eq!(exactly(client, 20).await, first);
+    }
+    let owner = settled_owner(async || instance_owners(&instances).await).await;
+    eventually("one change-stream cursor on mongod", WAIT, async || {
+        change_stream_cursors(&mongo, &db, "c").await == 1
+    })
+    .await;
 
     let writer = {
         let coll = coll.clone();
@@ -197,28 +257,31 @@ async fn an_owner_killed_with_sigkill_is_taken_over_within_two_seconds_losing_no
     // Frozen first (SIGSTOP): its running `getMore` is answered and its cursor sits idle on
     // mongod, as when an owner dies between two `getMore`s; then killed. mongod keeps such a
     // cursor until `cursorTimeoutMillis` (10 minutes): the new owner must end it.
-    let pid = owner.id().unwrap().to_string();
-    let frozen = std::process::Command::new("kill")
-        .args(["-STOP", &pid])
-        .status()
-        .unwrap();
-    assert!(frozen.success());
+    instances[owner].signal("-STOP");
     let killed = Instant::now();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    owner.start_kill().unwrap();
-    owner.wait().await.unwrap();
+    instances[owner].stop("-KILL").await;
+    clients.retain(|(i, _)| *i != owner);
+    let others: Vec<&Instance> = (0..3)
+        .filter(|i| *i != owner)
+        .map(|i| &instances[i])
+        .collect();
     eventually("an instance takes the cursor over", WAIT, async || {
-        owned(&[&b, &c]).iter().sum::<i64>() == 1
+        let mut sum = 0.0;
+        for instance in &others {
+            sum += instance.metric("streamgate_relay_owned_cursors").await;
+        }
+        sum == 1.0
     })
     .await;
-    // Taken over: the next change written reaches the clients.
     let took = killed.elapsed();
     eprintln!("relay takeover after SIGSTOP + SIGKILL of the owner: {took:?}");
     assert!(took < Duration::from_secs(2), "takeover took {took:?}");
     writer.await.unwrap();
     let rest: Vec<i64> = (20..400).collect();
-    assert_eq!(exactly(&mut on_b, 380).await, rest);
-    assert_eq!(exactly(&mut on_c, 380).await, rest);
+    for (_, client) in &mut clients {
+        assert_eq!(exactly(client, 380).await, rest);
+    }
     // The new owner's cursor is open (it read those changes); the killed one's is gone.
     eventually(
         "the killed owner's idle cursor ended: one cursor on mongod",
@@ -226,9 +289,12 @@ async fn an_owner_killed_with_sigkill_is_taken_over_within_two_seconds_losing_no
         async || change_stream_cursors(&mongo, &db, "c").await == 1,
     )
     .await;
-    drop(on_owner);
-    b.stop().await;
-    c.stop().await;
+    drop(clients);
+    for instance in &mut instances {
+        if instance.is_running() {
+            instance.stop("-TERM").await;
+        }
+    }
 }
 
 #[tokio::test]
@@ -259,6 +325,227 @@ async fn readiness_follows_the_nats_server_in_relay_mode() {
     server.stop().await;
 }
 
+/// Streams of the spread test, one per collection.
+const SPREAD_STREAMS: usize = 12;
+
+/// A relay-mode config with stream `s` on each of the collections `c0` … `c11` of `db`.
+fn spread_config(db: &str, nats: &NatsServer) -> Config {
+    let mut config = server::config(mongod::shared());
+    for i in 0..SPREAD_STREAMS {
+        config.streams.push(server::stream(
+            db,
+            &format!("c{i}"),
+            "s",
+            serde_json::json!([]),
+        ));
+    }
+    set_relay(&mut config, nats);
+    config
+}
+
+/// A client of stream `s` of `c{stream}` on `server`, read by a task of its own until the
+/// `seq: -1` that ends the test (or until the server ends the stream): its `seq`s in order.
+async fn spread_reader(
+    server: &TestServer,
+    db: &str,
+    stream: usize,
+) -> tokio::task::JoinHandle<Vec<i64>> {
+    let path = format!("/{db}/c{stream}/_streams/s");
+    let mut client = Client::connect(Kind::Sse, &server.url(""), &path, None)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        loop {
+            match client.next(WAIT).await {
+                Next::Event(event) if event.event == "change" => {
+                    let seq = event.data["fullDocument"]["seq"].as_i64().expect("seq");
+                    if seq < 0 {
+                        return seen;
+                    }
+                    seen.push(seq);
+                }
+                Next::End(_) => return seen,
+                other => panic!("stream {stream}: after {} changes: {other:?}", seen.len()),
+            }
+        }
+    })
+}
+
+/// Whether every instance owns between `low` and `high` cursors, all of them owned.
+fn spread_within(counts: &[i64], low: i64, high: i64) -> bool {
+    counts.iter().sum::<i64>() == SPREAD_STREAMS as i64
+        && counts.iter().all(|n| (low..=high).contains(n))
+}
+
+/// Ownership spreads evenly over the instances that have the workers (rendezvous hashing
+/// with bounded loads over the heartbeats, `membership.rs`), and moves when an instance joins
+/// or leaves, each move a clean hand-over: 12 streams, each with a client on every instance;
+/// 3 instances own 4±1 each; a 4th joins while changes are written and takes its share (3±1
+/// each); one stops and its cursors are taken over within 2 s. Every client gets every change
+/// once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ownership_spreads_evenly_over_instances_and_moves_when_one_joins_or_leaves() {
+    let nats = NatsServer::start();
+    let db = unique_db("relay_spread");
+    let mongo = mongod::shared().client().await;
+    let colls: Vec<Collection<Document>> = (0..SPREAD_STREAMS)
+        .map(|i| mongo.database(&db).collection(&format!("c{i}")))
+        .collect();
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        servers.push(TestServer::start(spread_config(&db, &nats)).await);
+    }
+    // (instance, stream, reader): every stream has a client on every instance. The first
+    // instance's clients come first, so it has every worker before the others have any.
+    let mut readers = Vec::new();
+    for (i, server) in servers.iter().enumerate() {
+        for stream in 0..SPREAD_STREAMS {
+            readers.push((i, stream, spread_reader(server, &db, stream).await));
+        }
+    }
+    let counts = |servers: &[TestServer]| -> Vec<i64> {
+        servers
+            .iter()
+            .map(|s| s.metrics.relay.owned_cursors.get())
+            .collect()
+    };
+    let took = eventually("3 instances own 4±1 cursors each", WAIT, async || {
+        spread_within(&counts(&servers), 3, 5)
+    })
+    .await;
+    // Once the views agree, the placement is exact: 12 over 3.
+    let even = eventually("3 instances own 4 cursors each", WAIT, async || {
+        spread_within(&counts(&servers), 4, 4)
+    })
+    .await;
+    println!("relay spread over 3 instances: 4±1 each after {took:?}, 4 each after {even:?}");
+
+    // Changes flow from now on: one per collection every 10 ms or so.
+    let writing = CancellationToken::new();
+    let writer = tokio::spawn({
+        let (colls, writing) = (colls.clone(), writing.clone());
+        async move {
+            let mut seq = 0_i64;
+            while !writing.is_cancelled() {
+                for coll in &colls {
+                    coll.insert_one(doc! { "seq": seq }).await.unwrap();
+                }
+                seq += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            for coll in &colls {
+                coll.insert_one(doc! { "seq": -1_i64 }).await.unwrap();
+            }
+            seq - 1
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // A 4th instance joins: its clients start its workers, its heartbeat names it for a
+    // share, and the owners of that share hand it over.
+    servers.push(TestServer::start(spread_config(&db, &nats)).await);
+    for stream in 0..SPREAD_STREAMS {
+        readers.push((3, stream, spread_reader(&servers[3], &db, stream).await));
+    }
+    let took = eventually("4 instances own 3±1 cursors each", WAIT, async || {
+        spread_within(&counts(&servers), 2, 4)
+    })
+    .await;
+    let even = eventually("4 instances own 3 cursors each", WAIT, async || {
+        spread_within(&counts(&servers), 3, 3)
+    })
+    .await;
+    println!(
+        "relay spread over 4 instances: 3±1 each {took:?}, 3 each {even:?} after the 4th's \
+         clients subscribed"
+    );
+
+    // One leaves (a graceful stop): its cursors move to the other three.
+    let leaving = 1;
+    let stopping = servers.remove(leaving);
+    let left = Instant::now();
+    let stopped = tokio::spawn(stopping.stop());
+    let took = eventually(
+        "the stopped instance's cursors taken over",
+        WAIT,
+        async || counts(&servers).iter().sum::<i64>() == SPREAD_STREAMS as i64,
+    )
+    .await;
+    println!(
+        "relay: an instance of 4 stopped; its cursors taken over after {took:?}: {:?}",
+        counts(&servers)
+    );
+    assert!(took < Duration::from_secs(2), "taken over after {took:?}");
+    stopped.await.unwrap();
+    eventually(
+        "3 instances own 4±1 cursors each again",
+        WAIT,
+        async || spread_within(&counts(&servers), 3, 5),
+    )
+    .await;
+    eventually("3 instances own 4 cursors each again", WAIT, async || {
+        spread_within(&counts(&servers), 4, 4)
+    })
+    .await;
+    println!(
+        "relay spread over the 3 left: 4 each {:?} after the stop",
+        left.elapsed()
+    );
+
+    // One cursor per stream for the fleet, hand-overs and the stop included (a cursor left
+    // behind by any of them would stay on mongod for minutes).
+    eventually(
+        "one change-stream cursor per stream on mongod",
+        WAIT,
+        async || {
+            let mut total = 0;
+            for i in 0..SPREAD_STREAMS {
+                total += change_stream_cursors(&mongo, &db, &format!("c{i}")).await;
+            }
+            total == SPREAD_STREAMS
+        },
+    )
+    .await;
+    writing.cancel();
+    let last = writer.await.unwrap();
+    let mut changes = 0;
+    for (i, stream, reader) in readers {
+        let seen = reader.await.unwrap();
+        if i == leaving {
+            continue;
+        }
+        changes += seen.len();
+        if i == 3 {
+            // Subscribed while changes were being written: every one after its first.
+            let first = *seen.first().expect("the 4th instance's client got changes");
+            let expected: Vec<i64> = (first..=last).collect();
+            assert_eq!(seen, expected, "instance 4, stream {stream}");
+        } else {
+            let expected: Vec<i64> = (0..=last).collect();
+            assert_eq!(seen, expected, "instance {}, stream {stream}", i + 1);
+        }
+    }
+    println!(
+        "relay spread: {} changes per stream, {changes} delivered, 0 lost, 0 repeated",
+        last + 1
+    );
+    // Every client gone, every worker retires (`worker_linger_ms`), its lease bouncing
+    // between the instances whose workers linger longest: no cursor may stay behind (one whose
+    // open a retiring owner dropped in flight would stay idle on mongod for minutes).
+    eventually("no change-stream cursor left on mongod", WAIT, async || {
+        let mut total = 0;
+        for i in 0..SPREAD_STREAMS {
+            total += change_stream_cursors(&mongo, &db, &format!("c{i}")).await;
+        }
+        total == 0
+    })
+    .await;
+    for server in servers {
+        server.stop().await;
+    }
+}
+
 /// Each instance's `streamgate_relay_owned_cursors` (0 for one that does not answer).
 async fn fleet_owners(fleet: &Fleet) -> Vec<f64> {
     let mut owned = Vec::new();
@@ -279,23 +566,26 @@ async fn fleet_behind_haproxy_in_relay_mode_survives_sigkill_of_the_owner_and_ro
     let nats = NatsServer::start();
     let db = unique_db("relay_fleet");
     let mongo = mongod::shared().client().await;
-    let relay = format!(
-        "[relay]\nnats_url = {:?}\nlease_ttl_ms = 1000\n",
-        nats.url()
-    );
-    let mut fleet = Fleet::start(&db, fleet::client_count(), &relay).await;
+    let mut fleet = Fleet::start(&db, fleet::client_count(), &relay_toml(&nats)).await;
     let cursors = async || change_stream_cursors(&mongo, &db, "c").await;
-    assert_eq!(cursors().await, 1, "one cursor for the fleet");
-    let owners = fleet_owners(&fleet).await;
-    assert_eq!(owners.iter().sum::<f64>(), 1.0, "one owner: {owners:?}");
-    let owner = owners.iter().position(|o| *o == 1.0).unwrap();
+    let owner = settled_owner(async || fleet_owners(&fleet).await).await;
+    eventually("one cursor for the fleet", WAIT, async || {
+        cursors().await == 1
+    })
+    .await;
 
     // SIGKILL the owner: its lease is left to expire (lease_ttl_ms), then another instance
     // takes it and opens the cursor after the last change published.
+    let others: Vec<usize> = (0..3).filter(|i| *i != owner).collect();
+    let mut published_before = 0.0;
+    for i in &others {
+        published_before += fleet.instances[*i]
+            .metric("streamgate_relay_published_total")
+            .await;
+    }
     let after = fleet.next_seq() + 1;
     let killed = Instant::now();
     fleet.instances[owner].stop("-KILL").await;
-    let others: Vec<usize> = (0..3).filter(|i| *i != owner).collect();
     // Measured side by side (a scrape of a busy instance can take a few hundred ms): the lease
     // taken, the first message the new owner published, every client has the next change.
     let metric_sum = async |series: &str| {
@@ -315,7 +605,7 @@ async fn fleet_behind_haproxy_in_relay_mode_survives_sigkill_of_the_owner_and_ro
         },
         async {
             eventually("the new owner publishes", WAIT, async || {
-                metric_sum("streamgate_relay_published_total").await > 0.0
+                metric_sum("streamgate_relay_published_total").await > published_before
             })
             .await;
             killed.elapsed()
@@ -342,8 +632,7 @@ async fn fleet_behind_haproxy_in_relay_mode_survives_sigkill_of_the_owner_and_ro
 
     fleet.instances[owner].start().await;
     let restarts = fleet.rolling_restart().await;
-    let owners = fleet_owners(&fleet).await;
-    assert_eq!(owners.iter().sum::<f64>(), 1.0, "one owner: {owners:?}");
+    settled_owner(async || fleet_owners(&fleet).await).await;
     // The killed owner's cursor is gone too: mongod ends it if a `getMore` was running when
     // the connection closed, else the new owner did (`owner.rs`, `kill_orphans`).
     eventually("one change-stream cursor on mongod", WAIT, async || {

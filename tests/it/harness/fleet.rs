@@ -75,7 +75,8 @@ impl Instance {
         .await;
     }
 
-    fn signal(&self, signal: &str) {
+    /// Sends `signal` (`-STOP`, `-CONT`, …) without waiting for anything.
+    pub fn signal(&self, signal: &str) {
         let pid = self
             .child
             .as_ref()
@@ -97,6 +98,11 @@ impl Instance {
             .await
             .unwrap()
             .unwrap()
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
     }
 
     pub fn is_running(&self) -> bool {
