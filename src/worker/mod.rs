@@ -377,12 +377,32 @@ impl Worker {
     /// Waits until the worker can serve clients: its first cursor is open, or it ended with an
     /// event. Transient errors while opening (an election) are waited out up to `timeout`.
     pub async fn ready(&self, timeout: Duration) -> bool {
-        let mut state = self.state.subscribe();
-        let wait = state.wait_for(|s| matches!(s, WorkerState::Running | WorkerState::Stopped));
-        let _ = tokio::time::timeout(timeout, wait).await;
-        let hub = lock(&self.hub);
         // Ended before opening (e.g. a pipeline MongoDB refuses): ready, with that error.
-        hub.terminal.is_some() || hub.coverage_start.is_some()
+        let covered = || {
+            let hub = lock(&self.hub);
+            hub.terminal.is_some() || hub.coverage_start.is_some()
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut state = self.state.subscribe();
+        loop {
+            if covered() {
+                return true;
+            }
+            if *state.borrow_and_update() == WorkerState::Stopped
+                || tokio::time::Instant::now() >= deadline
+            {
+                return covered();
+            }
+            // `Running` alone is not enough: a cursor (or a database feed) opened "from now"
+            // without a position yet covers no place a client could start from, until its
+            // first post-batch token. Answering then was an immediate 503 (seen about 1 run in
+            // 16 right after a restart). The position comes without a state change: look again
+            // shortly.
+            let next = deadline.min(tokio::time::Instant::now() + Duration::from_millis(20));
+            if let Ok(Err(_)) = tokio::time::timeout_at(next, state.changed()).await {
+                return covered();
+            }
+        }
     }
 
     /// Reads for a client that has seen everything through `after` (`None`: a new client): at
