@@ -134,7 +134,7 @@ impl Worker {
             }
             Step::Change(routed) => self.publish(routed),
             Step::Quiet(Some(token)) => {
-                lock(&self.hub).position = Some(token);
+                lock(&self.hub).advance(token);
                 // An empty batch: the cursor has read everything MongoDB holds, as of now.
                 self.read_through(crate::metrics::now_ms());
             }
@@ -208,5 +208,45 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Token;
+    use std::time::Duration;
+
+    fn token(n: u32) -> Token {
+        Token::parse(&format!("8200000001{n:08}")).unwrap()
+    }
+
+    /// A cursor opened "from now" that tells its place only later: the worker is ready from
+    /// that first position on, and a client that has seen it is covered.
+    #[tokio::test]
+    async fn a_cursor_opened_without_a_position_is_ready_at_its_first_post_batch_token() {
+        let worker = crate::worker::test_worker(10).await;
+        assert!(!worker.apply(Step::Opened(None)).is_stop());
+        assert!(
+            !worker.ready(Duration::from_millis(50)).await,
+            "no position yet"
+        );
+        assert!(!worker.apply(Step::Quiet(Some(token(3)))).is_stop());
+        assert!(worker.ready(Duration::from_millis(50)).await);
+        assert!(lock(&worker.hub).covers(&token(3)));
+        assert!(!lock(&worker.hub).covers(&token(2)));
+    }
+
+    /// The same when the first thing after the open is a change.
+    #[tokio::test]
+    async fn a_cursor_opened_without_a_position_is_ready_at_its_first_change() {
+        let worker = crate::worker::test_worker(10).await;
+        assert!(!worker.apply(Step::Opened(None)).is_stop());
+        worker.publish_change_for_test(mongodb::bson::doc! {
+            "_id": { "_data": token(5).as_str() }, "operationType": "insert", "fullDocument": {}
+        });
+        assert!(worker.ready(Duration::from_millis(50)).await);
+        assert!(lock(&worker.hub).covers(&token(5)));
+        assert!(!lock(&worker.hub).covers(&token(4)));
     }
 }

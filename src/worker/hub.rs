@@ -74,8 +74,8 @@ pub struct Scan {
 pub(crate) struct Hub {
     ring: VecDeque<Routed>,
     capacity: usize,
-    /// Every change after this token is in `ring` or still to come. `None` until the first
-    /// cursor is open.
+    /// Every change after this token is in `ring` or still to come. `None` until the feeding
+    /// cursor has a first position (its open's token, a post-batch token or a change).
     pub coverage_start: Option<Token>,
     /// Where the feeding cursor stands: the last event's token or the latest post-batch token.
     pub position: Option<Token>,
@@ -216,8 +216,19 @@ impl Hub {
         {
             self.coverage_start = Some(evicted.id);
         }
-        self.position = Some(routed.id.clone());
+        self.advance(routed.id.clone());
         self.ring.push_back(routed);
+    }
+
+    /// The feeding cursor has read through `token`. The first position also starts the
+    /// coverage: a cursor opened "from now" may tell its place only with a later post-batch
+    /// token or change, and until then no client could be served (a restart under writes
+    /// left a first subscriber waiting out `cursor_open_wait` for a 503).
+    pub fn advance(&mut self, token: Token) {
+        if self.coverage_start.is_none() {
+            self.coverage_start = Some(token.clone());
+        }
+        self.position = Some(token);
     }
 
     /// Appends a change and sends it to the live clients it is for.
