@@ -602,6 +602,20 @@ async fn drain_until(
     }
 }
 
+/// Inserts `{seq}` into each of `colls` in one transaction: their changes share one cluster
+/// time and differ by `txnOpIndex`.
+async fn insert_in_one_transaction(colls: &[Collection<Document>], seq: i64) {
+    let mut session = colls[0].client().start_session().await.unwrap();
+    session.start_transaction().await.unwrap();
+    for coll in colls {
+        coll.insert_one(doc! { "seq": seq })
+            .session(&mut session)
+            .await
+            .unwrap();
+    }
+    session.commit_transaction().await.unwrap();
+}
+
 /// Writes round `seq` = 0, 1, 2… into each of `colls` until `stop`: every third round in one
 /// transaction over all of them (their changes then share one cluster time and differ by
 /// `txnOpIndex`), the others one insert each. Returns how many rounds were written.
@@ -609,19 +623,10 @@ async fn write_rounds(
     colls: Vec<Collection<Document>>,
     stop: tokio_util::sync::CancellationToken,
 ) -> i64 {
-    let client = colls[0].client().clone();
     let mut seq = 0;
     while !stop.is_cancelled() {
         if seq % 3 == 0 {
-            let mut session = client.start_session().await.unwrap();
-            session.start_transaction().await.unwrap();
-            for coll in &colls {
-                coll.insert_one(doc! { "seq": seq })
-                    .session(&mut session)
-                    .await
-                    .unwrap();
-            }
-            session.commit_transaction().await.unwrap();
+            insert_in_one_transaction(&colls, seq).await;
         } else {
             for coll in &colls {
                 coll.insert_one(doc! { "seq": seq }).await.unwrap();
@@ -679,18 +684,7 @@ async fn composite_ids_of_10_and_100_streams_stay_small_and_resume_exactly() {
     }
     ten.changes(10, WAIT).await;
     hundred.changes(100, WAIT).await;
-    let in_transaction = async |seq: i64| {
-        let mut session = colls[0].client().start_session().await.unwrap();
-        session.start_transaction().await.unwrap();
-        for coll in &colls {
-            coll.insert_one(doc! { "seq": seq })
-                .session(&mut session)
-                .await
-                .unwrap();
-        }
-        session.commit_transaction().await.unwrap();
-    };
-    in_transaction(1).await;
+    insert_in_one_transaction(&colls, 1).await;
     for event in ten.changes(10, WAIT).await {
         assert!(event.data["stream"].is_string(), "{event:?}");
         assert!(
@@ -712,7 +706,7 @@ async fn composite_ids_of_10_and_100_streams_stay_small_and_resume_exactly() {
     assert!(hundred_id.len() <= 1000, "100 streams: {hundred_id}");
 
     drop(hundred);
-    in_transaction(2).await;
+    insert_in_one_transaction(&colls, 2).await;
     let mut resumed = m
         .connect(Kind::Sse, &m.path(&all, ""), Some(&hundred_id))
         .await;
