@@ -10,6 +10,7 @@
 //! (published twice across a hand-over, outside JetStream's de-duplication) is dropped, so
 //! each change reaches the hub once, in order.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +43,8 @@ pub(super) struct Consumer {
     failed: bool,
     /// Whether the worker must be told it is reading again (after a `Retrying`).
     reopened: bool,
+    /// The rest of a `changes` message read (applied one step at a time, before the next).
+    batched: VecDeque<RawChange>,
 }
 
 impl Consumer {
@@ -63,12 +66,19 @@ impl Consumer {
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
             failed: false,
             reopened: false,
+            batched: VecDeque::new(),
         })
     }
 
     /// The next step (cancel-safe: a message is taken off the consumer only when returned).
     async fn step(&mut self) -> Step<Routed> {
         loop {
+            if let Some(raw) = self.batched.pop_front() {
+                if let Some(step) = self.applied.accept(Relayed::Change(raw)) {
+                    return self.router.route(step);
+                }
+                continue;
+            }
             if self.failed {
                 tokio::time::sleep(self.backoff.next_delay()).await;
                 self.failed = false;
@@ -107,10 +117,20 @@ impl Consumer {
                     continue;
                 }
             };
-            if let (Relayed::Change(_), Some(published)) = (&relayed, wire::published_ms(headers)) {
+            if let (Relayed::Change(_) | Relayed::Changes(_), Some(published)) =
+                (&relayed, wire::published_ms(headers))
+            {
                 let lag = now_ms().saturating_sub(published);
                 self.relay.metrics().relay.delivery_lag.observe_ms(lag);
             }
+            let relayed = match relayed {
+                // Applied change by change, before the next message.
+                Relayed::Changes(raws) if self.applied.opened => {
+                    self.batched.extend(raws);
+                    continue;
+                }
+                relayed => relayed,
+            };
             if let Some(step) = self.applied.accept(relayed) {
                 return self.router.route(step);
             }
@@ -180,6 +200,9 @@ impl Applied {
         }
         Some(match relayed {
             Relayed::Change(raw) => Step::Change(raw),
+            // The consumer applies a batch change by change; read as one message, it stands for
+            // its last change (as the first message read, where it opens the worker).
+            Relayed::Changes(mut raws) => Step::Change(raws.pop()?),
             Relayed::Mark(token) => Step::Quiet(Some(token)),
             Relayed::Invalidate(event) => Step::Invalidated(event),
             Relayed::Failed(code, message) => Step::Failed(code, message),

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
-use futures::TryStreamExt;
+use futures::{FutureExt, TryStreamExt};
 use mongodb::bson::{Document, doc};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -37,7 +37,7 @@ use crate::backoff::Backoff;
 use crate::event::{ErrorCode, Token};
 use crate::metrics::now_ms;
 use crate::worker::Worker;
-use crate::worker::source::{ChangeSource, Step, Watch};
+use crate::worker::source::{ChangeSource, RawChange, Step, Watch};
 
 /// How a turn as owner ended.
 enum Outcome {
@@ -76,6 +76,13 @@ pub(super) fn spawn(relay: Arc<Relay>, worker: &Arc<Worker>, subject: String, ke
         Membership::unwant(&relay, &key).await;
     });
 }
+
+/// At most this many changes the cursor held together go out as one message.
+const BATCH_CHANGES: usize = 1_000;
+
+/// A batch of changes stays under this many bytes (JetStream's default `max_payload` is 1 MB;
+/// a single change may pass it, as without batching).
+const BATCH_BYTES: usize = 256 * 1024;
 
 /// Longest an owner that keeps taking leases in the grace keeps one before handing it over
 /// again, in lease lifetimes.
@@ -400,9 +407,13 @@ impl Turn<'_> {
         // open dropped in flight would leave its cursor on mongod (the driver never learns
         // its id), idle there until `cursorTimeoutMillis`. When the turn ends with an open in
         // flight, it is let finish (bounded), so that dropping the source ends its cursor.
+        // A step read while gathering a batch that did not go into it: the next one handled.
+        let mut carried: Option<Step<RawChange>> = None;
         let exit = 'turn: loop {
             let opening = !source.is_open();
-            let step = {
+            let step = if let Some(step) = carried.take() {
+                step
+            } else {
                 let mut pending = std::pin::pin!(source.next());
                 let settle = async |pending: std::pin::Pin<&mut _>| {
                     if opening {
@@ -447,31 +458,44 @@ impl Turn<'_> {
                     (position.as_ref().map(|t| wire::mark(t, published)), false)
                 }
                 Step::Change(raw) => {
-                    position = Some(raw.id.clone());
-                    let at_ms = raw
-                        .doc
-                        .get_datetime("wallTime")
-                        .ok()
-                        .and_then(|wall| u64::try_from(wall.timestamp_millis()).ok());
-                    match wire::change(&raw, published) {
-                        Ok(message) => {
-                            if let Some(at_ms) = at_ms {
-                                metrics
-                                    .publish_lag
-                                    .observe_ms(published.saturating_sub(at_ms));
+                    // What the cursor already holds goes out with this change: one message,
+                    // one acknowledgement. (A round trip per change held the owner to one
+                    // change per acknowledgement, which a busy JetStream stretched until the
+                    // relay fell behind the writes.)
+                    let mut batch = wire::Batch::default();
+                    let mut next = Some(raw);
+                    while let Some(raw) = next.take() {
+                        match batch.try_push(&raw, BATCH_BYTES) {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                carried = Some(Step::Change(raw));
+                                break;
                             }
-                            (Some(message), false)
+                            Err(error) => {
+                                // Published after what came before it, at its position.
+                                carried =
+                                    Some(Step::Failed(ErrorCode::Upstream, error.to_string()));
+                                break;
+                            }
                         }
-                        Err(error) => (
-                            Some(wire::failed(
-                                ErrorCode::Upstream,
-                                &error.to_string(),
-                                position.as_ref(),
-                                published,
-                            )),
-                            true,
-                        ),
+                        position = Some(raw.id.clone());
+                        if let Some(at_ms) = wall_ms(&raw) {
+                            metrics
+                                .publish_lag
+                                .observe_ms(published.saturating_sub(at_ms));
+                        }
+                        // Only from an open cursor: an open polled once and dropped would leave
+                        // its server-side cursor behind.
+                        if batch.len() >= BATCH_CHANGES || !source.is_open() {
+                            break;
+                        }
+                        match source.next().now_or_never() {
+                            Some(Step::Change(raw)) => next = Some(raw),
+                            Some(step) => carried = Some(step),
+                            None => {}
+                        }
                     }
+                    (batch.finish(published), false)
                 }
                 Step::Quiet(Some(token)) => {
                     let moved = position.as_ref() != Some(&token);
@@ -527,6 +551,12 @@ impl Turn<'_> {
         }
         (Outcome::HandedOver, Some(lease))
     }
+}
+
+/// When the change was written (its `wallTime`), Unix ms.
+fn wall_ms(raw: &RawChange) -> Option<u64> {
+    let wall = raw.doc.get_datetime("wallTime").ok()?;
+    u64::try_from(wall.timestamp_millis()).ok()
 }
 
 /// Publishes one message and waits for JetStream's acknowledgement (a duplicate, which

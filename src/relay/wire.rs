@@ -8,6 +8,7 @@
 //! | kind | `Nats-Msg-Id` | `Sg-Token` | payload |
 //! |---|---|---|---|
 //! | `change`, `skipped` | the resume token | the resume token | the change document (BSON) |
+//! | `changes` (two or more the cursor held together) | `b` + first + `.` + last token | the last token | per change: a `skipped` byte, the token's length (u16, big-endian), the token, the change document (BSON) |
 //! | `mark` (an open, or a quiet cursor's position) | `m` + token | the position | empty |
 //! | `invalidate` | `i` + last position | the invalidate's id, if any | the event's `data` (JSON) |
 //! | `failed` | `f` + last position | — | the message; `Sg-Code` the error code |
@@ -42,6 +43,9 @@ pub const PUBLISHED_MS: &str = "Sg-Published-Ms";
 pub enum Relayed {
     /// A change (or a `skipped` placeholder for one over 16 MB).
     Change(RawChange),
+    /// Changes the owner's cursor held together, in order (published under one
+    /// acknowledgement; never empty).
+    Changes(Vec<RawChange>),
     /// A position the owner's cursor reached (its open, or an empty batch).
     Mark(Token),
     /// The collection was dropped or renamed: the stream is over.
@@ -55,6 +59,7 @@ impl Relayed {
     pub fn token(&self) -> Option<&Token> {
         match self {
             Relayed::Change(raw) => Some(&raw.id),
+            Relayed::Changes(raws) => raws.last().map(|raw| &raw.id),
             Relayed::Mark(token) => Some(token),
             Relayed::Invalidate(_) | Relayed::Failed(..) => None,
         }
@@ -103,16 +108,113 @@ fn headers(kind: &str, msg_id: &str, published_ms: u64) -> HeaderMap {
     headers
 }
 
-/// A change read by the owner's cursor.
+/// A change read by the owner's cursor, as one message.
+#[cfg(test)]
 pub fn change(raw: &RawChange, published_ms: u64) -> Result<Outbound, Malformed> {
-    let kind = if raw.skipped { "skipped" } else { "change" };
-    let mut headers = headers(kind, raw.id.as_str(), published_ms);
-    headers.insert(TOKEN, raw.id.as_str());
-    let payload = mongodb::bson::to_vec(&raw.doc).map_err(|e| Malformed(e.to_string()))?;
-    Ok(Outbound {
-        headers,
-        payload: Bytes::from(payload),
-    })
+    let mut batch = Batch::default();
+    batch.try_push(raw, 0)?;
+    batch
+        .finish(published_ms)
+        .ok_or_else(|| Malformed("no change".into()))
+}
+
+/// Changes the owner's cursor held together, gathered into one message so that one
+/// acknowledgement covers them all and the log never holds some without the others.
+#[derive(Debug, Default)]
+pub struct Batch {
+    payload: Vec<u8>,
+    first: Option<Token>,
+    last: Option<Token>,
+    count: usize,
+}
+
+impl Batch {
+    /// Adds `raw` unless the payload would then pass `max_bytes` (a batch's first change is
+    /// always taken). `Ok(false)`: not taken, the batch is full.
+    pub fn try_push(&mut self, raw: &RawChange, max_bytes: usize) -> Result<bool, Malformed> {
+        let token = raw.id.as_str().as_bytes();
+        let length = u16::try_from(token.len())
+            .map_err(|_| Malformed(format!("a resume token of {} bytes", token.len())))?;
+        let doc = mongodb::bson::to_vec(&raw.doc).map_err(|e| Malformed(e.to_string()))?;
+        let entry = 3 + token.len() + doc.len();
+        if self.count > 0 && self.payload.len() + entry > max_bytes {
+            return Ok(false);
+        }
+        self.payload.push(u8::from(raw.skipped));
+        self.payload.extend_from_slice(&length.to_be_bytes());
+        self.payload.extend_from_slice(token);
+        self.payload.extend_from_slice(&doc);
+        self.first.get_or_insert_with(|| raw.id.clone());
+        self.last = Some(raw.id.clone());
+        self.count += 1;
+        Ok(true)
+    }
+
+    /// How many changes it holds.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// The message (a single change as a `change` or `skipped` one); `None` for an empty
+    /// batch.
+    pub fn finish(self, published_ms: u64) -> Option<Outbound> {
+        let (first, last) = (self.first?, self.last?);
+        if self.count == 1 {
+            let kind = if self.payload.first() == Some(&1) {
+                "skipped"
+            } else {
+                "change"
+            };
+            let mut headers = headers(kind, first.as_str(), published_ms);
+            headers.insert(TOKEN, first.as_str());
+            // The entry's document follows its flag, length and token.
+            let doc = Bytes::from(self.payload).slice(3 + first.as_str().len()..);
+            return Some(Outbound {
+                headers,
+                payload: doc,
+            });
+        }
+        let mut headers = headers("changes", &format!("b{first}.{last}"), published_ms);
+        headers.insert(TOKEN, last.as_str());
+        Some(Outbound {
+            headers,
+            payload: Bytes::from(self.payload),
+        })
+    }
+}
+
+/// Reads the payload of a `changes` message.
+fn decode_changes(mut payload: &[u8]) -> Result<Vec<RawChange>, Malformed> {
+    let short = || Malformed("a truncated batch of changes".into());
+    let mut raws = Vec::new();
+    while let [skipped, high, low, rest @ ..] = payload {
+        let length = usize::from(u16::from_be_bytes([*high, *low]));
+        let token = rest.get(..length).ok_or_else(short)?;
+        let token = std::str::from_utf8(token)
+            .ok()
+            .and_then(|t| Token::parse(t).ok())
+            .ok_or_else(|| Malformed("a batched change without a valid token".into()))?;
+        let rest = &rest[length..];
+        let size = rest
+            .get(..4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(i32::from_le_bytes)
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|n| *n <= rest.len())
+            .ok_or_else(short)?;
+        let doc: Document =
+            mongodb::bson::from_slice(&rest[..size]).map_err(|e| Malformed(e.to_string()))?;
+        raws.push(RawChange {
+            id: token,
+            doc,
+            skipped: *skipped != 0,
+        });
+        payload = &rest[size..];
+    }
+    if !payload.is_empty() || raws.is_empty() {
+        return Err(short());
+    }
+    Ok(raws)
 }
 
 /// A position of the owner's cursor.
@@ -187,6 +289,16 @@ pub fn decode(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<Relayed, Ma
                 skipped: kind == "skipped",
             }))
         }
+        "changes" => {
+            let raws = decode_changes(payload)?;
+            // The header names the last change: a payload cut between two changes is refused.
+            if raws.last().map(|raw| &raw.id) != Some(&token()?) {
+                return Err(Malformed(
+                    "a batch of changes not ending at its Sg-Token".into(),
+                ));
+            }
+            Ok(Relayed::Changes(raws))
+        }
         "mark" => Ok(Relayed::Mark(token()?)),
         "invalidate" => {
             let data: serde_json::Value = serde_json::from_slice(payload)
@@ -249,6 +361,54 @@ mod tests {
             panic!("expected a change");
         };
         assert!(back.skipped);
+    }
+
+    #[test]
+    fn changes_held_together_round_trip_in_one_message() {
+        let token = |n: u8| Token::parse(&format!("8263A1B2C3000000{n:02X}2B022C01")).unwrap();
+        let raws: Vec<RawChange> = (1..=3)
+            .map(|n| RawChange {
+                id: token(n),
+                doc: doc! { "operationType": "insert", "fullDocument": { "n": i32::from(n) } },
+                skipped: n == 2,
+            })
+            .collect();
+        let mut batch = Batch::default();
+        for raw in &raws {
+            assert!(batch.try_push(raw, 1 << 20).unwrap());
+        }
+        assert_eq!(batch.len(), 3);
+        let out = batch.finish(7).unwrap();
+        let id = out
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .unwrap();
+        assert_eq!(id.as_str(), format!("b{}.{}", token(1), token(3)));
+        let back = decode(Some(&out.headers), &out.payload).unwrap();
+        assert_eq!(back.token(), Some(&token(3)));
+        let Relayed::Changes(back) = back else {
+            panic!("expected changes");
+        };
+        assert_eq!(back.len(), 3);
+        for (back, raw) in back.iter().zip(&raws) {
+            assert_eq!(
+                (&back.id, &back.doc, back.skipped),
+                (&raw.id, &raw.doc, raw.skipped)
+            );
+        }
+        // Bounded in bytes, though a first change is always taken; none makes no message.
+        let mut small = Batch::default();
+        assert!(small.try_push(&raws[0], 1).unwrap());
+        assert!(!small.try_push(&raws[1], 1).unwrap());
+        assert_eq!(small.len(), 1);
+        assert!(Batch::default().finish(7).is_none());
+        // Truncated anywhere: refused, never a panic.
+        for cut in 0..out.payload.len() {
+            assert!(
+                decode(Some(&out.headers), &out.payload[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
     }
 
     #[test]
