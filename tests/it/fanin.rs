@@ -552,6 +552,10 @@ async fn a_catch_up_reader_that_stops_does_not_hold_up_the_others() {
     let mut first = f.connect(Kind::Sse).await;
     f.insert_seqs(0..1).await;
     let id = first.changes(1, WAIT).await[0].id.clone().expect("id");
+    // Kept connected (so that the worker runs) and read: unread, its socket would fill with
+    // the megabytes below and the server would rightly cut it as a slow consumer once the
+    // test runs past the stall timeout (30 s; under load it does).
+    let first = first.drain_in_background();
     // Far more than a catch-up reads ahead of its readers (4,096) plus what sockets hold.
     const N: i64 = 8001;
     insert_padded_until_read(&f, 1..N, 2048).await;
@@ -588,6 +592,10 @@ async fn a_slow_but_moving_catch_up_reader_does_not_set_the_others_pace() {
     let mut first = f.connect(Kind::Sse).await;
     f.insert_seqs(0..1).await;
     let id = first.changes(1, WAIT).await[0].id.clone().expect("id");
+    // Kept connected (so that the worker runs) and read: unread, its socket would fill with
+    // the megabytes below and the server would rightly cut it as a slow consumer once the
+    // test runs past the stall timeout (30 s; under load it does).
+    let first = first.drain_in_background();
     // Paced by the slow reader, the fast one would wait until the slow one is within a catch-up
     // ring (4,096) plus what the sockets hold of the end: over 50 s at its pace.
     const N: i64 = 16001;

@@ -160,6 +160,15 @@ impl Client {
         }
     }
 
+    /// Reads and discards every event in a task of its own until the handle is dropped (or
+    /// the stream ends): a client kept connected only to keep its worker running, whose
+    /// socket must not fill up and be cut as a slow consumer when a test writes megabytes.
+    pub fn drain_in_background(mut self) -> tokio_util::task::AbortOnDropHandle<()> {
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            while !matches!(self.next(Duration::from_secs(3600)).await, Next::End(_)) {}
+        }))
+    }
+
     /// Waits up to `timeout` for the next event.
     pub async fn next(&mut self, timeout: Duration) -> Next {
         let deadline = Instant::now() + timeout;
