@@ -3,9 +3,8 @@
 //! role; and a loopback server without auth does not answer a page that reached it through
 //! DNS rebinding (`Host` not a loopback name).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use streamgate::config::Config;
 
@@ -16,20 +15,7 @@ use crate::harness::{mongod, unique_db};
 const SECRET: &str = "exposure-secret-0123456789-0123456789";
 
 fn token(claims: Value) -> String {
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
-}
-
-fn exp_in(secs: u64) -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + secs
+    server::hs256(SECRET, &claims)
 }
 
 /// A server with stream `c`/`s` on a fresh database, HS256 auth on, every role may subscribe.
@@ -67,11 +53,14 @@ async fn per_user_limits_a_token_without_sub_by_its_lasting_claims() {
     config.limits.per_user = Some(1);
     let server = TestServer::start(config).await;
     let url = server.url(&format!("/{db}/c/_streams/s"));
-    let first =
-        token(json!({ "client_id": "svc-a", "roles": ["r"], "exp": exp_in(600), "iat": 1 }));
-    let again =
-        token(json!({ "roles": ["r"], "client_id": "svc-a", "exp": exp_in(900), "iat": 2 }));
-    let other = token(json!({ "client_id": "svc-b", "roles": ["r"], "exp": exp_in(600) }));
+    let first = token(
+        json!({ "client_id": "svc-a", "roles": ["r"], "exp": server::expires_in(600), "iat": 1 }),
+    );
+    let again = token(
+        json!({ "roles": ["r"], "client_id": "svc-a", "exp": server::expires_in(900), "iat": 2 }),
+    );
+    let other =
+        token(json!({ "client_id": "svc-b", "roles": ["r"], "exp": server::expires_in(600) }));
     let held = sse(&url, Some(&first), None).await;
     assert_eq!(held.status(), 200);
     let refused = sse(&url, Some(&again), None).await;
@@ -136,7 +125,7 @@ async fn metrics_need_the_metrics_role_when_it_is_set() {
     };
     let anonymous = get(None).await.unwrap();
     assert_eq!(anonymous.status(), 401);
-    let reader = token(json!({ "sub": "u", "roles": ["reader"], "exp": exp_in(600) }));
+    let reader = token(json!({ "sub": "u", "roles": ["reader"], "exp": server::expires_in(600) }));
     let forbidden = get(Some(reader)).await.unwrap();
     assert_eq!(forbidden.status(), 403);
     let body: Value = forbidden.json().await.unwrap();
@@ -144,7 +133,8 @@ async fn metrics_need_the_metrics_role_when_it_is_set() {
         body["detail"].as_str().unwrap().contains("metrics"),
         "{body}"
     );
-    let scraper = token(json!({ "sub": "prom", "roles": ["metrics"], "exp": exp_in(600) }));
+    let scraper =
+        token(json!({ "sub": "prom", "roles": ["metrics"], "exp": server::expires_in(600) }));
     let scraped = get(Some(scraper)).await.unwrap();
     assert_eq!(scraped.status(), 200);
     assert!(scraped.text().await.unwrap().contains("streamgate_workers"));
@@ -210,7 +200,7 @@ async fn a_rebound_host_is_refused_on_loopback_without_auth() {
 async fn the_host_guard_is_off_with_auth_on() {
     let db = unique_db("exposure_host_auth");
     let server = TestServer::start(auth_config(&db)).await;
-    let bearer = token(json!({ "sub": "u", "roles": ["r"], "exp": exp_in(600) }));
+    let bearer = token(json!({ "sub": "u", "roles": ["r"], "exp": server::expires_in(600) }));
     let stream = server.url(&format!("/{db}/c/_streams/s"));
     let response = sse(&stream, Some(&bearer), Some("streams.example.com")).await;
     assert_eq!(response.status(), 200);

@@ -3,9 +3,8 @@
 //! slot is held for the life of the stream and freed when it ends; the server stays healthy.
 
 use std::net::IpAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use mongodb::bson::{Document, doc};
 use serde_json::json;
 use streamgate::config::{Config, LimitsConfig};
@@ -207,17 +206,10 @@ async fn per_user_limit_counts_each_subject() {
     config.auth = server::hs256_subscribers_of_c(&db, SECRET);
     let server = TestServer::start(config).await;
     let token = |sub: &str| {
-        let exp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-            + 600;
-        jsonwebtoken::encode(
-            &Header::new(Algorithm::HS256),
-            &json!({ "sub": sub, "exp": exp }),
-            &EncodingKey::from_secret(SECRET.as_bytes()),
+        server::hs256(
+            SECRET,
+            &json!({ "sub": sub, "exp": server::expires_in(600) }),
         )
-        .unwrap()
     };
     let (alice, bob) = (token("alice"), token("bob"));
     let a = server.url(&format!("/{db}/c/_streams/a"));

@@ -4,10 +4,9 @@
 //! transport and in the document view.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use mongodb::bson::{Bson, Document, doc};
 use mongodb::options::ReplaceOptions;
 use serde_json::{Value, json};
@@ -23,17 +22,8 @@ const SECRET: &str = "membership-secret-0123456789-0123456789";
 const WAIT: Duration = Duration::from_secs(30);
 
 fn token(tenant: Value) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &json!({ "sub": "someone", "roles": ["r"], "tenant": tenant, "exp": exp }),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    let claims = json!({ "sub": "someone", "roles": ["r"], "tenant": tenant, "exp": server::expires_in(600) });
+    server::hs256(SECRET, &claims)
 }
 
 /// What a client has built from its events: documents by `_id` text.

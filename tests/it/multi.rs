@@ -640,6 +640,25 @@ async fn write_rounds(
 
 /// Every stream of `names` (streams `/db/<name>/_streams/<name>`) got exactly `0..rounds`, in
 /// order.
+/// Reads an SSE multi-stream client (see [`drain`]) until each of the streams `names` of `db`
+/// has at least `rounds` changes in `seen`.
+async fn drain_until_every_stream_has(
+    client: &mut Client,
+    seen: &mut BTreeMap<String, Vec<i64>>,
+    db: &str,
+    names: &[&str],
+    rounds: i64,
+) {
+    eventually("every change arrived", WAIT, async || {
+        drain(Kind::Sse, client, seen, Duration::from_millis(300)).await;
+        names.iter().all(|n| {
+            seen.get(&format!("/{db}/{n}/_streams/{n}"))
+                .is_some_and(|s| s.len() >= rounds as usize)
+        })
+    })
+    .await;
+}
+
 fn assert_exactly_once(db: &str, names: &[&str], seen: &BTreeMap<String, Vec<i64>>, rounds: i64) {
     for name in names {
         let got = seen
@@ -851,20 +870,7 @@ async fn composite_id_resumes_every_stream_exactly_once_after_kill_9_and_restart
     }
     stop.cancel();
     let rounds = writer.await.unwrap();
-    eventually("every change arrived", WAIT, async || {
-        drain(
-            Kind::Sse,
-            &mut client,
-            &mut seen,
-            Duration::from_millis(300),
-        )
-        .await;
-        names.iter().all(|n| {
-            seen.get(&stream(n))
-                .is_some_and(|s| s.len() >= rounds as usize)
-        })
-    })
-    .await;
+    drain_until_every_stream_has(&mut client, &mut seen, &db, &names, rounds).await;
     client.expect_quiet(Duration::from_millis(500)).await;
     assert_exactly_once(&db, &names, &seen, rounds);
     process.kill().await;
@@ -944,19 +950,7 @@ async fn composite_id_resumes_every_stream_exactly_once_across_a_stepdown() {
     }
     let mut client = m.connect(Kind::Sse, &path, Some(&last)).await;
     round(12).await;
-    eventually("every change arrived", WAIT, async || {
-        drain(
-            Kind::Sse,
-            &mut client,
-            &mut seen,
-            Duration::from_millis(300),
-        )
-        .await;
-        names
-            .iter()
-            .all(|n| seen.get(&m.stream(n)).is_some_and(|s| s.len() >= 13))
-    })
-    .await;
+    drain_until_every_stream_has(&mut client, &mut seen, &m.db, &names, 13).await;
     assert_exactly_once(&m.db, &names, &seen, 13);
     m.server.stop().await;
     drop(mongo);

@@ -122,6 +122,25 @@ impl Drop for TestServer {
     }
 }
 
+/// A JWT with `claims`, signed HS256 with `secret`.
+pub fn hs256(secret: &str, claims: &serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("HS256 signs any claims")
+}
+
+/// An `exp` claim `secs` seconds from now.
+pub fn expires_in(secs: u64) -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+        + secs
+}
+
 /// Auth on with HS256 tokens signed by `secret`, and every role allowed to subscribe to the
 /// streams of `{db}/c` (what limits and exposure tests need to tell principals apart).
 pub fn hs256_subscribers_of_c(db: &str, secret: &str) -> AuthConfig {
