@@ -117,11 +117,17 @@ impl Consumer {
                     continue;
                 }
             };
-            if let (Relayed::Change(_) | Relayed::Changes(_), Some(published)) =
-                (&relayed, wire::published_ms(headers))
-            {
+            // One observation per change, batched or not.
+            let changes = match &relayed {
+                Relayed::Change(_) => 1,
+                Relayed::Changes(raws) => raws.len(),
+                _ => 0,
+            };
+            if let Some(published) = wire::published_ms(headers) {
                 let lag = now_ms().saturating_sub(published);
-                self.relay.metrics().relay.delivery_lag.observe_ms(lag);
+                for _ in 0..changes {
+                    self.relay.metrics().relay.delivery_lag.observe_ms(lag);
+                }
             }
             let relayed = match relayed {
                 // Applied change by change, before the next message.
