@@ -195,6 +195,8 @@ pub struct ServerSpec<'a> {
     pub wrapper: &'a [String],
     /// `Some(nats_url)`: the relay tier (`[relay] nats_url`, docs/relay.md).
     pub relay_url: Option<&'a str>,
+    /// More top-level TOML (e.g. an `[auth]` table), after the streams.
+    pub more_toml: Option<&'a str>,
 }
 
 /// The config file for a server on `addr`: only what `spec` sets, defaults for the rest.
@@ -222,6 +224,11 @@ pub fn server_config(addr: SocketAddr, spec: &ServerSpec<'_>) -> String {
     }
     if let Some(url) = spec.relay_url {
         config.push_str(&format!("\n[relay]\nnats_url = \"{url}\"\n"));
+    }
+    if let Some(more) = spec.more_toml {
+        config.push('\n');
+        config.push_str(more);
+        config.push('\n');
     }
     config
 }
@@ -537,6 +544,7 @@ mod tests {
             env: &[],
             wrapper: &[],
             relay_url: None,
+            more_toml: None,
         };
         let text = server_config(([127, 0, 0, 1], 9).into(), &spec);
         let config: toml::Table = text.parse().expect("valid TOML");

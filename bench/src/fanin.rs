@@ -18,8 +18,9 @@
 //! * `stall`: a client with a 4 KiB receive buffer that never reads while 2 KB events flow
 //!   (and a second client that reads): when does the server close it, and what does it hold.
 //!
-//! * `membership`: K SSE clients (default 1,000) over 100 owners of one `$var` stream (routed
-//!   in-process, the same mechanism as `match` claims), updates at `--rate` (default 100/s)
+//! * `membership`: K SSE clients (default 1,000) over 100 owners of one stream filtered by a
+//!   JWT claim (`match = { "fullDocument.owner" = { "$claim" = "owner" } }`, auth on, each
+//!   client with an HS256 token naming its owner), updates at `--rate` (default 100/s)
 //!   for `--events-secs` of documents that stay with their owner; the same run with the
 //!   definition's `membership = false`, then with membership on (pre-images on the collection
 //!   in both), to compare their latency (issue 19: p99 within 1.2x).
@@ -139,6 +140,15 @@ pub async fn run(ctx: &Ctx, which: FanIn, on_report: &mut dyn FnMut(Report)) -> 
 
 /// A fresh server with the default configuration and these streams.
 async fn start(ctx: &Ctx, streams: &[StreamSpec]) -> Result<Server, String> {
+    start_with(ctx, streams, None).await
+}
+
+/// [`start`] with more top-level TOML in the server's config (an `[auth]` table).
+async fn start_with(
+    ctx: &Ctx,
+    streams: &[StreamSpec],
+    more_toml: Option<&str>,
+) -> Result<Server, String> {
     Server::start(
         &ServerSpec {
             bin: &ctx.server_bin,
@@ -149,6 +159,7 @@ async fn start(ctx: &Ctx, streams: &[StreamSpec]) -> Result<Server, String> {
             env: &ctx.cli.server_env(),
             wrapper: &[],
             relay_url: ctx.relay_url.as_deref(),
+            more_toml,
         },
         Duration::from_secs(30),
     )
@@ -418,6 +429,20 @@ async fn bindings(ctx: &Ctx, k: usize) -> Result<Report, String> {
     Ok(report)
 }
 
+/// The HS256 secret of the `membership` scenario's server.
+const MEMBERSHIP_SECRET: &str = "streamgate-bench-membership-0123456789";
+
+/// A JWT with `claims`, signed HS256 with [`MEMBERSHIP_SECRET`].
+fn hs256_token(claims: &serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(MEMBERSHIP_SECRET.as_bytes()),
+    )
+    // Signing HS256 fails only on claims that do not serialize; these are plain JSON.
+    .unwrap_or_default()
+}
+
 /// Owners of the `membership` scenario's documents (one document each).
 const MEMBERSHIP_OWNERS: u64 = 100;
 
@@ -443,15 +468,23 @@ async fn membership(ctx: &Ctx, k: usize, on: bool) -> Result<Report, String> {
         .insert_many(seeds)
         .await
         .map_err(|e| format!("seed {coll}: {e}"))?;
+    let mut more = r#"match = { "fullDocument.owner" = { "$claim" = "owner" } }"#.to_owned();
+    if !on {
+        more.push_str("\nmembership = false");
+    }
     let stream = StreamSpec {
-        pipeline_toml: Some(BY_OWNER.into()),
-        more_toml: (!on).then(|| "membership = false".to_owned()),
+        more_toml: Some(more),
         ..StreamSpec::all(&cli.db, &coll, "byowner")
     };
     eprintln!(
-        "bench: membership {label}: {k} SSE clients over {MEMBERSHIP_OWNERS} owners, updates, default config"
+        "bench: membership {label}: {k} SSE clients over {MEMBERSHIP_OWNERS} owners (a JWT claim each), updates, default config"
     );
-    let server = start(ctx, &[stream]).await?;
+    let auth = format!(
+        "[auth]\nenabled = true\n[auth.jwt]\nhs256_secret = \"{MEMBERSHIP_SECRET}\"\n\
+         [[auth.rules]]\nroles = [\"*\"]\nstreams = [\"/{}/{coll}/_streams/*\"]\n",
+        cli.db
+    );
+    let server = start_with(ctx, &[stream], Some(&auth)).await?;
     let rate = if cli.rate > 0.0 { cli.rate } else { 100.0 };
     let per_owner = ((rate * cli.events_secs as f64) as u64 / MEMBERSHIP_OWNERS).max(1);
     let docs = per_owner * MEMBERSHIP_OWNERS;
@@ -472,7 +505,15 @@ async fn membership(ctx: &Ctx, k: usize, on: bool) -> Result<Report, String> {
     let clients = (0..k)
         .map(|i| {
             let o = i as u64 % MEMBERSHIP_OWNERS;
-            let target = base.with_avars(&serde_json::json!({ "who": owner(o) }));
+            let token = hs256_token(&serde_json::json!({
+                "sub": format!("client{i}"),
+                "owner": owner(o),
+                "exp": now_us() / 1_000_000 + 24 * 3600,
+            }));
+            let target = Target {
+                addr: base.addr,
+                path: format!("{}?access_token={token}", base.path),
+            };
             let expect = Expect::every(0, per_owner, MEMBERSHIP_OWNERS, o);
             (Arc::new(target), expect, None)
         })

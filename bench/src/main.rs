@@ -554,6 +554,7 @@ async fn place(ctx: &Ctx, index: usize, scenario: &Scenario) -> Result<Place, St
             env: &cli.server_env(),
             wrapper: &wrapper,
             relay_url: ctx.relay_url.as_deref(),
+            more_toml: None,
         },
         ready_timeout,
     )

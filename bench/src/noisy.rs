@@ -194,6 +194,7 @@ async fn one_run(ctx: &Ctx, abuser: Abuser, run: usize) -> Result<Report, String
             env: &cli.server_env(),
             wrapper: &[],
             relay_url: ctx.relay_url.as_deref(),
+            more_toml: None,
         },
         Duration::from_secs(30),
     )
