@@ -138,9 +138,18 @@ function canConnect(port) {
 /** A TOML string. */
 const q = (s) => JSON.stringify(s);
 
+/** A JSON value as a TOML inline value (keys quoted, so `$match` and dotted paths stay keys). */
+function tomlValue(value) {
+  if (Array.isArray(value)) return `[${value.map(tomlValue).join(", ")}]`;
+  if (value !== null && typeof value === "object") return `{ ${Object.entries(value).map(([k, v]) => `${q(k)} = ${tomlValue(v)}`).join(", ")} }`;
+  if (typeof value === "string" || typeof value === "number" || typeof value === "boolean") return JSON.stringify(value);
+  throw new Error(`no TOML for ${value}`);
+}
+
 /**
- * A Streamgate process. `streams`: `[{db, coll, name}]`; `auth`: HS256 tokens (`token()`)
- * that may subscribe to every stream of those databases.
+ * A Streamgate process. `streams`: `[{db, coll, name, ...definition}]`, the definition's other
+ * members (`pipeline`, `fullDocument`, `membership`, …, PROTOCOL.md §1) written as they are;
+ * `auth`: HS256 tokens (`token()`) that may subscribe to every stream of those databases.
  */
 export class Streamgate {
   static async start(mongod, { streams, auth = false, retryMs = 300, port } = {}) {
@@ -161,7 +170,10 @@ export class Streamgate {
       "worker_linger_ms = 300",
       "shutdown_grace_secs = 2",
     ];
-    for (const s of streams) lines.push("", "[[streams]]", `db = ${q(s.db)}`, `coll = ${q(s.coll)}`, `name = ${q(s.name)}`);
+    for (const { db, coll, name, ...definition } of streams) {
+      lines.push("", "[[streams]]", `db = ${q(db)}`, `coll = ${q(coll)}`, `name = ${q(name)}`);
+      for (const [key, value] of Object.entries(definition)) lines.push(`${key} = ${tomlValue(value)}`);
+    }
     if (auth) {
       const dbs = [...new Set(streams.map((s) => s.db))];
       lines.push("", "[auth]", "enabled = true", "[auth.jwt]", `hs256_secret = ${q(SECRET)}`, `audience = ${q(AUDIENCE)}`);

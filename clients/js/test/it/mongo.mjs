@@ -1,7 +1,16 @@
 // A minimal MongoDB client for the tests (OP_MSG over one socket, a small BSON codec): just
-// enough to insert, update, delete, read back and drop. The package keeps no dependencies, so
-// the tests carry this instead of the driver.
+// enough to insert, update, delete, read back, drop and commit a transaction. The package keeps
+// no dependencies, so the tests carry this instead of the driver.
+import { randomBytes } from "node:crypto";
 import net from "node:net";
+
+/** BSON binary data of a subtype (4: a UUID, as a session id is). */
+export class Binary {
+  constructor(bytes, subtype = 0) {
+    this.bytes = bytes;
+    this.subtype = subtype;
+  }
+}
 
 /** A BSON ObjectId (12 bytes). */
 export class ObjectId {
@@ -58,6 +67,12 @@ function encodeValue(value) {
     return [0x01, b];
   }
   if (value instanceof ObjectId) return [0x07, value.bytes];
+  if (value instanceof Binary) {
+    const head = Buffer.alloc(5);
+    head.writeInt32LE(value.bytes.length);
+    head[4] = value.subtype;
+    return [0x05, Buffer.concat([head, value.bytes])];
+  }
   if (value instanceof Date) {
     const b = Buffer.alloc(8);
     b.writeBigInt64LE(BigInt(value.getTime()));
@@ -236,6 +251,27 @@ export class Mongo {
 
   delete(db, coll, q, limit = 1) {
     return this.command(db, { delete: coll, deletes: [{ q, limit }] });
+  }
+
+  /**
+   * Runs `body(run)` as one multi-document transaction on a new session and commits it (aborts
+   * it if `body` throws): `run(cmd)` sends `cmd` to `db` inside the transaction.
+   */
+  async transaction(db, body) {
+    const session = { lsid: { id: new Binary(randomBytes(16), 4) }, txnNumber: 1n, autocommit: false };
+    let first = true;
+    const run = (cmd) => {
+      const start = first ? { startTransaction: true } : {};
+      first = false;
+      return this.command(db, { ...cmd, ...session, ...start });
+    };
+    try {
+      await body(run);
+    } catch (error) {
+      if (!first) await this.command("admin", { abortTransaction: 1, ...session }).catch(() => undefined);
+      throw error;
+    }
+    await this.command("admin", { commitTransaction: 1, ...session });
   }
 
   drop(db, coll) {
