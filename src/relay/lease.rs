@@ -60,6 +60,47 @@ impl Lease {
         }
     }
 
+    /// Takes the lease on `key` from its holder when `is_gone` says that holder is gone (its
+    /// heartbeat expired), without waiting out the lease: an `update` at the revision read,
+    /// which fails if anybody wrote the key meanwhile. `Ok(None)`: free (take it with
+    /// [`Lease::try_take`]), held by a live instance, or taken by another meanwhile.
+    ///
+    /// A holder that is only slow, not gone, learns at its next renewal that it lost the
+    /// lease, as when a lease expires under a stalled owner; the changes both read until then
+    /// are published under the same ids, and consumers drop what they already applied.
+    pub async fn try_take_from_gone(
+        store: &kv::Store,
+        key: &str,
+        instance: &str,
+        ttl: Duration,
+        is_gone: impl Fn(&str) -> bool,
+    ) -> Result<Option<Lease>, String> {
+        let Some(entry) = store.entry(key).await.map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let holder = String::from_utf8_lossy(&entry.value);
+        if entry.operation != kv::Operation::Put || holder == instance || !is_gone(&holder) {
+            return Ok(None);
+        }
+        let value = Bytes::copy_from_slice(instance.as_bytes());
+        let asked = Instant::now();
+        match store.update(key, value.clone(), entry.revision).await {
+            Ok(revision) => {
+                tracing::info!(key, holder = %holder, "relay: took the cursor lease of an instance whose heartbeat expired");
+                Ok(Some(Lease {
+                    store: store.clone(),
+                    key: key.to_owned(),
+                    revision,
+                    value,
+                    ttl,
+                    renewed: asked,
+                }))
+            }
+            Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
     /// How often to renew: three renewals per lifetime, so one lost round trip is survived.
     pub fn renew_every(ttl: Duration) -> Duration {
         ttl / 3

@@ -43,6 +43,9 @@ pub(super) struct View {
     pub known: bool,
     /// Live instances with workers, this one included.
     pub instances: usize,
+    /// Instances heard from before whose heartbeat has since expired (killed, or cut off):
+    /// their leases may be taken without waiting for them to expire.
+    gone: BTreeSet<String>,
     /// Worker (lease key) → the instance that should read its cursor.
     assignment: HashMap<String, String>,
 }
@@ -51,6 +54,13 @@ impl View {
     /// The instance that should read `key`'s cursor, if the view knows one.
     pub fn assignee(&self, key: &str) -> Option<&str> {
         self.assignment.get(key).map(String::as_str)
+    }
+
+    /// Whether `instance` is gone as far as this view can tell: it was heard from, and not
+    /// within `instance_ttl_ms` since. (An instance never heard from is not gone: this view
+    /// may simply not have caught up with it.)
+    pub fn is_gone(&self, instance: &str) -> bool {
+        self.gone.contains(instance)
     }
 }
 
@@ -166,6 +176,11 @@ impl Membership {
         let view = View {
             known: true,
             instances: wants.len(),
+            gone: heard
+                .iter()
+                .filter(|(name, (_, at))| **name != self.instance && now.duration_since(*at) >= ttl)
+                .map(|(name, _)| name.clone())
+                .collect(),
             assignment: assign(&wants),
         };
         self.view.send_if_modified(|current| {

@@ -172,7 +172,27 @@ impl Contender<'_> {
     ) -> Option<Duration> {
         let (relay, worker) = (self.relay, self.worker);
         let ttl = relay.settings.lease_ttl();
-        let lease = match Lease::try_take(&handles.leases, self.key, &relay.instance, ttl).await {
+        let taken = match Lease::try_take(&handles.leases, self.key, &relay.instance, ttl).await {
+            // Held: by an instance that is gone (killed), the one the placement names takes it
+            // now rather than when it expires (`instance_ttl_ms` is shorter than the lease).
+            Ok(None) if named => {
+                let view = Arc::clone(&self.view.borrow());
+                let is_gone = |holder: &str| view.is_gone(holder);
+                let key = self.key;
+                match Lease::try_take_from_gone(&handles.leases, key, &relay.instance, ttl, is_gone)
+                    .await
+                {
+                    Ok(lease) => Ok(lease),
+                    Err(error) => {
+                        relay.metrics().relay.error("lease");
+                        tracing::warn!(%error, "relay: cannot read a cursor lease");
+                        Ok(None)
+                    }
+                }
+            }
+            other => other,
+        };
+        let lease = match taken {
             Ok(None) => return Some(ttl / 4),
             Err(error) => {
                 relay.metrics().relay.error("lease");

@@ -8,10 +8,13 @@ const HISTORY_LOST: i32 = 286;
 const CHANGE_STREAM_FATAL: i32 = 280;
 
 /// Server error codes that mean "this node is unavailable for now" (SDAM's not-primary,
-/// recovering and shutting-down codes, network codes, cursor loss).
+/// recovering and shutting-down codes, network codes, cursor loss). `Interrupted` (11601) and
+/// `CursorKilled` (237): somebody ended our operation or cursor (`killOp`, `killCursors`; in
+/// relay mode, a new owner ending what it took for a killed owner's cursor): reopening from
+/// our position is the answer, not ending the stream.
 const TRANSIENT_CODES: &[i32] = &[
-    6, 7, 43, 63, 89, 91, 133, 134, 150, 189, 234, 262, 9001, 10107, 11600, 11602, 13388, 13435,
-    13436,
+    6, 7, 43, 63, 89, 91, 133, 134, 150, 189, 234, 237, 262, 9001, 10107, 11600, 11601, 11602,
+    13388, 13435, 13436,
 ];
 
 /// What to do about an error from the change-stream cursor.

@@ -37,8 +37,13 @@ fn set_relay(config: &mut Config, nats: &NatsServer) {
 
 /// The same as a TOML section, for instances run as processes.
 fn relay_toml(nats: &NatsServer) -> String {
+    relay_toml_with_lease(nats, LEASE_TTL_MS)
+}
+
+/// [`relay_toml`] with leases of `lease_ttl_ms`.
+fn relay_toml_with_lease(nats: &NatsServer, lease_ttl_ms: u64) -> String {
     format!(
-        "[relay]\nnats_url = {:?}\nlease_ttl_ms = {LEASE_TTL_MS}\nheartbeat_ms = {HEARTBEAT_MS}\n\
+        "[relay]\nnats_url = {:?}\nlease_ttl_ms = {lease_ttl_ms}\nheartbeat_ms = {HEARTBEAT_MS}\n\
          instance_ttl_ms = {}\ntakeover_grace_ms = 600\n",
         nats.url(),
         5 * HEARTBEAT_MS,
@@ -81,8 +86,16 @@ fn owned(servers: &[&TestServer]) -> Vec<i64> {
 /// Waits until one instance (of those `owned` reports on) owns the one cursor, and has for
 /// longer than an owner keeps a lease before handing it over plus a few heartbeats (for the
 /// views to agree): the instance the placement names, which keeps it. Returns its index.
-async fn settled_owner(mut owned: impl AsyncFnMut() -> Vec<f64>) -> usize {
-    let settle = Duration::from_millis(LEASE_TTL_MS + 3 * HEARTBEAT_MS);
+async fn settled_owner(owned: impl AsyncFnMut() -> Vec<f64>) -> usize {
+    settled_owner_with_lease(LEASE_TTL_MS, owned).await
+}
+
+/// [`settled_owner`] for instances whose leases live `lease_ttl_ms`.
+async fn settled_owner_with_lease(
+    lease_ttl_ms: u64,
+    mut owned: impl AsyncFnMut() -> Vec<f64>,
+) -> usize {
+    let settle = Duration::from_millis(lease_ttl_ms + 3 * HEARTBEAT_MS);
     let started = Instant::now();
     let mut current: Option<(usize, Instant)> = None;
     loop {
@@ -226,15 +239,19 @@ async fn instance_owners(instances: &[Instance]) -> Vec<f64> {
     owned
 }
 
+/// The kill test's lease lifetime: far longer than a heartbeat's (`5 * HEARTBEAT_MS`).
+const KILL_TEST_LEASE_TTL_MS: u64 = 5_000;
+
 #[tokio::test]
 async fn an_owner_killed_with_sigkill_is_taken_over_within_two_seconds_losing_nothing() {
     let nats = NatsServer::start();
     let db = unique_db("relay_kill");
     let mongo = mongod::shared().client().await;
     let coll = mongo.database(&db).collection("c");
-    // Processes, so that the owner can really be frozen and killed.
+    // Processes, so that the owner can really be frozen and killed. Leases of 5 s: the
+    // killed owner's is taken once its heartbeat has expired (0.5 s), not when it would.
     let mut instances: Vec<Instance> = (0..3)
-        .map(|_| Instance::new(&db, &relay_toml(&nats)))
+        .map(|_| Instance::new(&db, &relay_toml_with_lease(&nats, KILL_TEST_LEASE_TTL_MS)))
         .collect();
     for instance in &mut instances {
         instance.start().await;
@@ -252,7 +269,10 @@ async fn an_owner_killed_with_sigkill_is_taken_over_within_two_seconds_losing_no
     for (_, client) in &mut clients {
         assert_eq!(exactly(client, 20).await, first);
     }
-    let owner = settled_owner(async || instance_owners(&instances).await).await;
+    let owner = settled_owner_with_lease(KILL_TEST_LEASE_TTL_MS, async || {
+        instance_owners(&instances).await
+    })
+    .await;
     eventually("one change-stream cursor on mongod", WAIT, async || {
         change_stream_cursors(&mongo, &db, "c").await == 1
     })
