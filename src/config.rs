@@ -440,7 +440,9 @@ settings! {
         /// JetStream key-value bucket holding the cursor leases (created if missing).
         pub lease_bucket: String = "streamgate_leases".to_owned(),
         /// Milliseconds a cursor lease lives without renewal (renewed every third of it): how
-        /// long a killed owner's streams wait before another instance takes the cursor over.
+        /// long the streams of an owner that stopped renewing but still heartbeats wait before
+        /// another instance takes the cursor over (a killed owner's move once its heartbeat
+        /// expires, `instance_ttl_ms`).
         pub lease_ttl_ms: u64 = 1_200,
         /// Milliseconds between the positions an owner publishes while its cursor is quiet
         /// (the point a new owner resumes from, and the relay's lag clock).
