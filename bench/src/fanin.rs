@@ -688,12 +688,14 @@ async fn live_default(ctx: &Ctx, tag: &str, scenario: &Scenario) -> Result<Repor
     let coll = coll_name(tag);
     let server = start(ctx, &[StreamSpec::all(&cli.db, &coll, "all")]).await?;
     let addr = server.addr;
+    let target = Arc::new(Target::stream(addr, &cli.db, &coll, "all"));
     let place = Place {
-        target: Arc::new(Target::stream(addr, &cli.db, &coll, "all")),
+        targets: vec![Arc::clone(&target)],
+        target,
         coll: ctx.mongo.database(&cli.db).collection(&coll),
         spread: Vec::new(),
-        server_pid: Some(server.pid()),
-        _server: Some(server),
+        server_pids: vec![server.pid()],
+        _servers: vec![server],
     };
     let before = Snapshot::take(&ctx.mongo, addr).await;
     let probe = Probe::start(&ctx.mongo);

@@ -181,6 +181,11 @@ struct Cli {
     /// `scripts/fetch-nats`).
     #[arg(long, requires = "relay")]
     nats_server: Option<PathBuf>,
+    /// Servers the tool starts for a live run (issue 22's fleet): the clients spread over them
+    /// round-robin; with `--relay` they share one change-stream cursor per stream. The report's
+    /// server CPU and RSS are their sums; its mongod cursors and CPU are the point.
+    #[arg(long, default_value_t = 1, conflicts_with = "target")]
+    instances: usize,
 }
 
 impl Cli {
@@ -232,10 +237,11 @@ impl Scenario {
                 } else {
                     cli.clients
                 },
-                if cli.streams_per_client > 1 {
-                    format!(" x{} streams", cli.streams_per_client)
-                } else {
-                    String::new()
+                match (cli.streams_per_client, cli.instances) {
+                    (0 | 1, 0 | 1) => String::new(),
+                    (streams, 0 | 1) => format!(" x{streams} streams"),
+                    (0 | 1, instances) => format!(" on {instances} instances"),
+                    (streams, instances) => format!(" x{streams} streams on {instances} instances"),
                 },
                 cli.docs,
                 rate_label(cli.rate)
@@ -321,12 +327,26 @@ struct Ctx {
 
 /// Where one scenario sends its clients and inserts.
 struct Place {
+    /// The first server's stream.
     target: Arc<Target>,
+    /// Every server's (`--instances`): client `i` goes to `targets[i % len]`.
+    targets: Vec<Arc<Target>>,
     coll: mongodb::Collection<Document>,
     /// Multi-stream scenarios: the N collections documents are spread over (empty otherwise).
     spread: Vec<mongodb::Collection<Document>>,
-    server_pid: Option<u32>,
-    _server: Option<Server>,
+    /// The servers' pids (none for `--target` without `--server-pid`).
+    server_pids: Vec<u32>,
+    _servers: Vec<Server>,
+}
+
+impl Place {
+    /// The servers' RSS (or peak RSS with `env::hwm_kib`), summed.
+    fn rss_kib(&self, read: fn(u32) -> Option<u64>) -> Option<u64> {
+        if self.server_pids.is_empty() {
+            return None;
+        }
+        self.server_pids.iter().map(|pid| read(*pid)).sum()
+    }
 }
 
 fn main() -> ExitCode {
@@ -492,15 +512,17 @@ async fn place(ctx: &Ctx, index: usize, scenario: &Scenario) -> Result<Place, St
         if !addr.ip().is_loopback() {
             return Err("--target must be a loopback address".into());
         }
+        let target = Arc::new(Target {
+            addr,
+            path: format!("/{}/{}/_streams/{}", cli.db, cli.coll, cli.stream),
+        });
         return Ok(Place {
-            target: Arc::new(Target {
-                addr,
-                path: format!("/{}/{}/_streams/{}", cli.db, cli.coll, cli.stream),
-            }),
+            targets: vec![Arc::clone(&target)],
+            target,
             coll: ctx.mongo.database(&cli.db).collection(&cli.coll),
             spread: Vec::new(),
-            server_pid: cli.server_pid,
-            _server: None,
+            server_pids: cli.server_pid.into_iter().collect(),
+            _servers: Vec::new(),
         });
     }
     let coll = format!(
@@ -544,33 +566,50 @@ async fn place(ctx: &Ctx, index: usize, scenario: &Scenario) -> Result<Place, St
             .collect();
         format!("/_streams?streams={}", list.join(","))
     };
-    let server = Server::start(
-        &ServerSpec {
-            bin: &ctx.server_bin,
-            mongo_uri: &ctx.mongo_uri,
-            streams: &specs,
-            client_queue: Some(client_queue),
-            dir: &ctx.dir,
-            env: &cli.server_env(),
-            wrapper: &wrapper,
-            relay_url: ctx.relay_url.as_deref(),
-            more_toml: None,
-        },
-        ready_timeout,
-    )
-    .await?;
+    let instances = if scenario.mode == Mode::Live {
+        cli.instances.max(1)
+    } else {
+        1
+    };
+    let mut servers = Vec::with_capacity(instances);
+    for _ in 0..instances {
+        servers.push(
+            Server::start(
+                &ServerSpec {
+                    bin: &ctx.server_bin,
+                    mongo_uri: &ctx.mongo_uri,
+                    streams: &specs,
+                    client_queue: Some(client_queue),
+                    dir: &ctx.dir,
+                    env: &cli.server_env(),
+                    wrapper: &wrapper,
+                    relay_url: ctx.relay_url.as_deref(),
+                    more_toml: None,
+                },
+                ready_timeout,
+            )
+            .await?,
+        );
+    }
+    let targets: Vec<Arc<Target>> = servers
+        .iter()
+        .map(|server| {
+            Arc::new(Target {
+                addr: server.addr,
+                path: path.clone(),
+            })
+        })
+        .collect();
     Ok(Place {
-        target: Arc::new(Target {
-            addr: server.addr,
-            path,
-        }),
+        target: Arc::clone(&targets[0]),
+        targets,
         coll: ctx.mongo.database(&cli.db).collection(&coll),
         spread: spread
             .iter()
             .map(|c| ctx.mongo.database(&cli.db).collection(c))
             .collect(),
-        server_pid: Some(server.pid()),
-        _server: Some(server),
+        server_pids: servers.iter().map(Server::pid).collect(),
+        _servers: servers,
     })
 }
 
@@ -579,7 +618,9 @@ async fn run_scenario(ctx: &Ctx, index: usize, scenario: &Scenario) -> Result<Re
     let place = place(ctx, index, scenario).await?;
     // Start the stream's worker (it lingers) so the first client does not pay for it and the
     // RSS baseline includes it.
-    drop(client::Conn::connect(&place.target, Transport::Sse, None).await?);
+    for target in &place.targets {
+        drop(client::Conn::connect(target, Transport::Sse, None).await?);
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut report = match scenario.mode {
         Mode::Live => live(ctx, &place, scenario).await?,
@@ -599,9 +640,18 @@ struct Cpu {
 
 impl Cpu {
     fn read(ctx: &Ctx, server_pid: Option<u32>) -> Cpu {
+        Cpu::read_all(ctx, &Vec::from_iter(server_pid))
+    }
+
+    /// With the servers' CPU summed.
+    fn read_all(ctx: &Ctx, server_pids: &[u32]) -> Cpu {
         Cpu {
             at: Instant::now(),
-            server: server_pid.and_then(env::cpu_secs),
+            server: if server_pids.is_empty() {
+                None
+            } else {
+                server_pids.iter().map(|pid| env::cpu_secs(*pid)).sum()
+            },
             mongod: ctx.mongod_pid.and_then(env::cpu_secs),
             bench: env::cpu_secs(std::process::id()),
         }
@@ -627,7 +677,7 @@ async fn live(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Report, S
         rate: scenario.rate,
         ..Report::default()
     };
-    report.server_rss_base_kib = place.server_pid.and_then(env::rss_kib);
+    report.server_rss_base_kib = place.rss_kib(env::rss_kib);
 
     let shared = Shared::new(64);
     let gate = Arc::new(Semaphore::new(cli.connect_concurrency.max(1)));
@@ -638,7 +688,7 @@ async fn live(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Report, S
             ctx.clients_rt.spawn(client::run_client(
                 i,
                 scenario.transport.for_client(i),
-                Arc::clone(&place.target),
+                Arc::clone(&place.targets[i % place.targets.len()]),
                 expect,
                 None,
                 Arc::clone(&gate),
@@ -657,7 +707,7 @@ async fn live(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Report, S
     if scenario.idle_secs > 0.0 {
         tokio::time::sleep(Duration::from_secs_f64(scenario.idle_secs)).await;
     }
-    report.server_rss_connected_kib = place.server_pid.and_then(env::rss_kib);
+    report.server_rss_connected_kib = place.rss_kib(env::rss_kib);
     if let (Some(base), Some(conn)) = (report.server_rss_base_kib, report.server_rss_connected_kib)
         && report.connected > 0
     {
@@ -668,7 +718,7 @@ async fn live(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Report, S
     report.relay = ctx.relay_url.is_some();
     report.mongod_cursors = upstream::change_stream_cursors(&ctx.mongo).await.ok();
 
-    let cpu0 = Cpu::read(ctx, place.server_pid);
+    let cpu0 = Cpu::read_all(ctx, &place.server_pids);
     let bytes0 = shared.bytes.load(Ordering::Relaxed);
     let first_insert_us = now_us();
     let inserted = if place.spread.is_empty() {
@@ -695,9 +745,9 @@ async fn live(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Report, S
     report.insert_rate = inserted as f64 / insert_secs.max(1e-9);
 
     wait_delivered(&shared, report.connected, scenario.docs > 0, cli).await;
-    let cpu1 = Cpu::read(ctx, place.server_pid);
+    let cpu1 = Cpu::read_all(ctx, &place.server_pids);
     cpu0.fill(&cpu1, &mut report);
-    report.server_rss_peak_kib = place.server_pid.and_then(env::hwm_kib);
+    report.server_rss_peak_kib = place.rss_kib(env::hwm_kib);
     shared.stop.cancel();
     let results = join_clients(handles).await?;
     report.deliveries = shared.delivered.load(Ordering::Relaxed);
@@ -761,7 +811,7 @@ async fn catch_up(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Repor
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let shared = Shared::new(1);
-    let cpu0 = Cpu::read(ctx, place.server_pid);
+    let cpu0 = Cpu::read_all(ctx, &place.server_pids);
     let t0 = now_us();
     let handle = ctx.clients_rt.spawn(client::run_client(
         0,
@@ -794,7 +844,7 @@ async fn catch_up(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Repor
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let cpu1 = Cpu::read(ctx, place.server_pid);
+    let cpu1 = Cpu::read_all(ctx, &place.server_pids);
     cpu0.fill(&cpu1, &mut report);
     shared.stop.cancel();
     let result = handle.await.map_err(|e| e.to_string())?;
