@@ -51,6 +51,9 @@ enum Inner {
     Text {
         body: Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send + Unpin>,
         buffer: String,
+        /// Leading bytes of `buffer` already searched for a frame's end (not found): a large
+        /// frame arriving in many chunks is scanned once, not once per chunk.
+        scanned: usize,
         sse: bool,
     },
     Ws(Box<WsStream>),
@@ -148,6 +151,7 @@ impl Client {
                     inner: Inner::Text {
                         body: Box::new(response.bytes_stream()),
                         buffer: String::new(),
+                        scanned: 0,
                         sse: kind == Kind::Sse,
                     },
                     headers,
@@ -174,9 +178,20 @@ impl Client {
         let deadline = Instant::now() + timeout;
         loop {
             // A complete frame already buffered?
-            if let Inner::Text { buffer, sse, .. } = &mut self.inner {
+            if let Inner::Text {
+                buffer,
+                scanned,
+                sse,
+                ..
+            } = &mut self.inner
+            {
                 let separator = if *sse { "\n\n" } else { "\n" };
-                if let Some(end) = buffer.find(separator) {
+                // (A separator may straddle the end of what was scanned.)
+                let from = scanned.saturating_sub(separator.len() - 1);
+                let found = memchr::memmem::find(&buffer.as_bytes()[from..], separator.as_bytes())
+                    .map(|at| from + at);
+                *scanned = if found.is_some() { 0 } else { buffer.len() };
+                if let Some(end) = found {
                     let frame: String = buffer.drain(..end + separator.len()).collect();
                     let frame = &frame[..end];
                     let sse = *sse;
