@@ -101,7 +101,7 @@ class Tree:
         self.events = 0
 
     def apply(self, name, path, data):
-        """Applies a put/patch; True when the end marker arrived."""
+        """Applies a put/patch; True when the end marker arrived (alone or in a full put)."""
         if name == "put":
             self.set(segments(path), data)
         elif name == "patch":
@@ -110,7 +110,9 @@ class Tree:
         else:
             return False
         self.events += 1
-        return path == "/" + END
+        # The end marker arrives as its own put, or, for a stream opened after it was written
+        # (an app that renews its token opens a new stream), inside the new stream's full put.
+        return path == "/" + END or (path == "/" and isinstance(data, dict) and END in data)
 
     def set(self, at, value):
         if not at:
