@@ -36,6 +36,26 @@ pub enum Renewal {
 }
 
 impl Lease {
+    /// The lease written at `revision` by a request sent at `asked`.
+    fn held(
+        store: &kv::Store,
+        key: &str,
+        revision: u64,
+        value: Bytes,
+        ttl: Duration,
+        asked: Instant,
+    ) -> Lease {
+        Lease {
+            store: store.clone(),
+            key: key.to_owned(),
+            revision,
+            value,
+            ttl,
+            // Counted from the request: the entry may have been written as it was sent.
+            renewed: asked,
+        }
+    }
+
     /// Takes the lease on `key` if nobody holds it. `Err` only for errors other than "held".
     pub async fn try_take(
         store: &kv::Store,
@@ -46,15 +66,7 @@ impl Lease {
         let value = Bytes::copy_from_slice(instance.as_bytes());
         let asked = Instant::now();
         match store.create(key, value.clone()).await {
-            Ok(revision) => Ok(Some(Lease {
-                store: store.clone(),
-                key: key.to_owned(),
-                revision,
-                value,
-                ttl,
-                // Counted from the request: the entry may have been written as it was sent.
-                renewed: asked,
-            })),
+            Ok(revision) => Ok(Some(Lease::held(store, key, revision, value, ttl, asked))),
             Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
             Err(error) => Err(error),
         }
@@ -87,14 +99,7 @@ impl Lease {
         match store.update(key, value.clone(), entry.revision).await {
             Ok(revision) => {
                 tracing::info!(key, holder = %holder, "relay: took the cursor lease of an instance whose heartbeat expired");
-                Ok(Some(Lease {
-                    store: store.clone(),
-                    key: key.to_owned(),
-                    revision,
-                    value,
-                    ttl,
-                    renewed: asked,
-                }))
+                Ok(Some(Lease::held(store, key, revision, value, ttl, asked)))
             }
             Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
             Err(error) => Err(error.to_string()),

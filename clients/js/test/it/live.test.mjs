@@ -7,27 +7,10 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { liveCollection, subscribe } from "../../dist/index.js";
-import { Streamgate, eventually, missingBinaries, probe, uniqueDb, mongodForFile } from "./harness.mjs";
+import { Streamgate, eventually, missingBinaries, probe, uniqueDb, mongodForFile, canonical, prng } from "./harness.mjs";
 
 const skip = missingBinaries();
 const shared = mongodForFile(skip);
-
-/** A small deterministic PRNG (mulberry32). */
-function prng(seed) {
-  return () => {
-    seed = (seed + 0x6d2b79f5) | 0;
-    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-/** JSON with object keys sorted, so field order does not matter. */
-function canonical(value) {
-  if (Array.isArray(value)) return `[${value.map(canonical).join(",")}]`;
-  if (value && typeof value === "object") return `{${Object.keys(value).sort().map((k) => `${JSON.stringify(k)}:${canonical(value[k])}`).join(",")}}`;
-  return JSON.stringify(value);
-}
 
 /** The collection as `{id: canonical doc}`. */
 async function collectionState(db, coll) {
