@@ -2,7 +2,8 @@
 //! worker's MongoDB cursor and publish every step to the worker's subject.
 //!
 //! Who contends: the instance the fleet's placement (`membership.rs`) names for the worker
-//! takes a free lease at once; any other instance that has the worker only once the lease has
+//! takes a free lease at once, and a lease held by an instance whose heartbeat expired without
+//! waiting for the lease to; any other instance that has the worker only once the lease has
 //! been free for `takeover_grace_ms` (the named one cannot take it, or the views differ for a
 //! moment). An owner the placement no longer names (an instance joined, or it took the lease
 //! in the grace) hands it over: it stops reading, publishes its last position, releases the
@@ -108,9 +109,9 @@ impl Contender<'_> {
     /// Contends (and owns, when it wins) until the worker stops.
     async fn run(&mut self) {
         let ttl = self.relay.settings.lease_ttl();
-        // Others look a few times per lease lifetime (a killed owner's cursor moves within
-        // about `ttl` plus a quarter of it); the instance the placement names, twice as
-        // often (it waits for a hand-over, or for the lease to expire).
+        // Others look a few times per lease lifetime; the instance the placement names, twice
+        // as often (it waits for a hand-over, a killed owner's heartbeat to expire, or the
+        // lease to).
         let (poll, poll_named) = (ttl / 4, ttl / 8);
         let cancel = self.worker.cancel_token().clone();
         loop {
@@ -172,23 +173,17 @@ impl Contender<'_> {
     ) -> Option<Duration> {
         let (relay, worker) = (self.relay, self.worker);
         let ttl = relay.settings.lease_ttl();
-        let taken = match Lease::try_take(&handles.leases, self.key, &relay.instance, ttl).await {
+        let taken = Lease::try_take(&handles.leases, self.key, &relay.instance, ttl)
+            .await
+            .map_err(|error| error.to_string());
+        let taken = match taken {
             // Held: by an instance that is gone (killed), the one the placement names takes it
             // now rather than when it expires (`instance_ttl_ms` is shorter than the lease).
             Ok(None) if named => {
                 let view = Arc::clone(&self.view.borrow());
                 let is_gone = |holder: &str| view.is_gone(holder);
-                let key = self.key;
-                match Lease::try_take_from_gone(&handles.leases, key, &relay.instance, ttl, is_gone)
+                Lease::try_take_from_gone(&handles.leases, self.key, &relay.instance, ttl, is_gone)
                     .await
-                {
-                    Ok(lease) => Ok(lease),
-                    Err(error) => {
-                        relay.metrics().relay.error("lease");
-                        tracing::warn!(%error, "relay: cannot read a cursor lease");
-                        Ok(None)
-                    }
-                }
             }
             other => other,
         };
