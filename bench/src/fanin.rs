@@ -690,8 +690,7 @@ async fn live_default(ctx: &Ctx, tag: &str, scenario: &Scenario) -> Result<Repor
     let addr = server.addr;
     let target = Arc::new(Target::stream(addr, &cli.db, &coll, "all"));
     let place = Place {
-        targets: vec![Arc::clone(&target)],
-        target,
+        targets: vec![target],
         coll: ctx.mongo.database(&cli.db).collection(&coll),
         spread: Vec::new(),
         server_pids: vec![server.pid()],
@@ -701,7 +700,7 @@ async fn live_default(ctx: &Ctx, tag: &str, scenario: &Scenario) -> Result<Repor
     let probe = Probe::start(&ctx.mongo);
     // As in the matrix: the worker runs before the measurement (it lingers 5 s by default,
     // longer than the clients take to connect).
-    drop(client::Conn::connect(&place.target, Transport::Sse, None).await?);
+    drop(client::Conn::connect(place.target(), Transport::Sse, None).await?);
     let mut report = crate::live(ctx, &place, scenario).await?;
     let after = Snapshot::take(&ctx.mongo, addr).await;
     report.upstream = Some(probe.finish(&before, &after).await);

@@ -327,9 +327,8 @@ struct Ctx {
 
 /// Where one scenario sends its clients and inserts.
 struct Place {
-    /// The first server's stream.
-    target: Arc<Target>,
-    /// Every server's (`--instances`): client `i` goes to `targets[i % len]`.
+    /// Every server's stream (`--instances`; never empty): client `i` goes to
+    /// `targets[i % len]`.
     targets: Vec<Arc<Target>>,
     coll: mongodb::Collection<Document>,
     /// Multi-stream scenarios: the N collections documents are spread over (empty otherwise).
@@ -340,6 +339,11 @@ struct Place {
 }
 
 impl Place {
+    /// The first server's stream.
+    fn target(&self) -> &Arc<Target> {
+        &self.targets[0]
+    }
+
     /// The servers' RSS (or peak RSS with `env::hwm_kib`), summed.
     fn rss_kib(&self, read: fn(u32) -> Option<u64>) -> Option<u64> {
         if self.server_pids.is_empty() {
@@ -517,8 +521,7 @@ async fn place(ctx: &Ctx, index: usize, scenario: &Scenario) -> Result<Place, St
             path: format!("/{}/{}/_streams/{}", cli.db, cli.coll, cli.stream),
         });
         return Ok(Place {
-            targets: vec![Arc::clone(&target)],
-            target,
+            targets: vec![target],
             coll: ctx.mongo.database(&cli.db).collection(&cli.coll),
             spread: Vec::new(),
             server_pids: cli.server_pid.into_iter().collect(),
@@ -601,7 +604,6 @@ async fn place(ctx: &Ctx, index: usize, scenario: &Scenario) -> Result<Place, St
         })
         .collect();
     Ok(Place {
-        target: Arc::clone(&targets[0]),
         targets,
         coll: ctx.mongo.database(&cli.db).collection(&coll),
         spread: spread
@@ -785,7 +787,7 @@ async fn catch_up(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Repor
     };
     let coll = place.coll.clone();
     let marker = client::first_id_of(
-        &place.target,
+        place.target(),
         scenario.transport,
         -1,
         Duration::from_secs(10),
@@ -816,7 +818,7 @@ async fn catch_up(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Repor
     let handle = ctx.clients_rt.spawn(client::run_client(
         0,
         scenario.transport,
-        Arc::clone(&place.target),
+        Arc::clone(place.target()),
         Expect::range(0, scenario.docs),
         Some(marker),
         Arc::new(Semaphore::new(1)),
