@@ -438,6 +438,9 @@ pub struct Event {
     pub view: std::sync::OnceLock<Option<Arc<Event>>>,
     /// The change's `operationType` (changes only), for clients that narrow by it.
     pub operation_type: Option<Box<str>>,
+    /// The id's place in the oplog ([`Token::place`]), read once for every multi-stream
+    /// connection that puts it in its composite id (a fan-out asks for it once per client).
+    place: std::sync::OnceLock<Option<Place>>,
 }
 
 /// A change document could not be turned into an event.
@@ -449,6 +452,14 @@ pub enum EncodeError {
 }
 
 impl Event {
+    /// The id's place in the oplog ([`Token::place`]); `None` without an id or for a token
+    /// that is not an oplog position. Read once, then shared by every reader of the event.
+    pub fn place(&self) -> Option<Place> {
+        *self
+            .place
+            .get_or_init(|| self.id.as_ref().and_then(Token::place))
+    }
+
     /// Encodes a change document as returned by MongoDB (after the pipeline).
     ///
     /// `_id` becomes the event id and is removed from `data`; the rest is relaxed Extended JSON.
@@ -553,6 +564,7 @@ impl Event {
             at_ms: 0,
             view: std::sync::OnceLock::new(),
             operation_type: None,
+            place: std::sync::OnceLock::new(),
         }
     }
 
@@ -616,6 +628,7 @@ impl Event {
             at_ms: 0,
             view: std::sync::OnceLock::new(),
             operation_type: None,
+            place: std::sync::OnceLock::new(),
         }
     }
 }

@@ -421,8 +421,11 @@ impl Slot {
         }
     }
 
-    fn advance(&mut self, id: &Token) {
-        self.entry = Some(Entry::of(id));
+    /// The stream has delivered (or passed over) `event`: its entry moves to the event's id.
+    fn advance(&mut self, event: &Event) {
+        if let Some(id) = &event.id {
+            self.entry = Some(Entry::with_place(id, event.place()));
+        }
     }
 
     fn flush_stats(&mut self) {
@@ -511,6 +514,12 @@ impl Streams {
 
     /// The composite position of every stream.
     fn position(&mut self) -> String {
+        self.current_position().to_owned()
+    }
+
+    /// The composite position of every stream, in the encoder's buffer (no allocation: it is
+    /// spliced into every event of the connection).
+    fn current_position(&mut self) -> &str {
         let entries = self
             .slots
             .iter()
@@ -648,9 +657,7 @@ impl MultiFeed {
         };
         if self.narrowing.as_ref().is_some_and(|n| !n.keeps(&event)) {
             // Not for this client, but seen: the position moves past it.
-            if let Some(id) = &event.id {
-                self.streams.slots[index].advance(id);
-            }
+            self.streams.slots[index].advance(&event);
             return;
         }
         let terminal = event.kind.is_terminal();
@@ -659,14 +666,16 @@ impl MultiFeed {
             let slot = self.streams.remove(index);
             (slot.head.clone(), Some(slot))
         } else {
-            if let Some(id) = &event.id {
-                self.streams.slots[index].advance(id);
-            }
+            self.streams.slots[index].advance(&event);
             (self.streams.slots[index].head.clone(), None)
         };
-        let position = self.streams.position();
+        let splice = Splice {
+            transport: self.transport,
+            enveloped: self.enveloped,
+        };
+        let position = self.streams.current_position();
         let before = batch.chunks.len();
-        self.encode(&event, &name_head, &position, &mut batch.chunks);
+        splice.encode(&event, &name_head, position, &mut batch.chunks);
         let bytes: usize = batch.chunks[before..].iter().map(Bytes::len).sum();
         batch.ends.push(batch.chunks.len());
         batch.events += 1;
@@ -684,54 +693,63 @@ impl MultiFeed {
             }
         }
     }
+}
 
-    /// Splices one event: prefix (stream, event name, composite id) + the shared `data` bytes
-    /// + suffix.
-    fn encode(&self, event: &Event, head: &Bytes, position: &str, out: &mut Vec<Bytes>) {
+/// How a connection frames each event it splices.
+#[derive(Clone, Copy)]
+struct Splice {
+    transport: Transport,
+    enveloped: bool,
+}
+
+impl Splice {
+    /// Splices one event into one chunk: prefix (composite id, stream, event name) + the
+    /// event's shared `data` bytes + suffix, copied together. One chunk per event, as a
+    /// single-stream connection writes: each chunk is a trip through the body and an iovec,
+    /// which cost more than copying the few hundred bytes of a change.
+    fn encode(self, event: &Event, head: &Bytes, position: &str, out: &mut Vec<Bytes>) {
         let name = event.kind.name();
         let data = event.data();
         let bare = !self.enveloped && event.kind == EventKind::Change;
-        let mut prefix = String::with_capacity(head.len() + position.len() + 64);
+        let mut frame: Vec<u8> =
+            Vec::with_capacity(head.len() + 2 * position.len() + data.len() + 64);
         if self.transport == Transport::Sse {
             // PROTOCOL.md §8: every stream's event is an `event: change` whose data is the
             // envelope (its `event` member says what it is: change, snapshot, cancel, …).
-            prefix.push_str("id: ");
-            prefix.push_str(position);
-            prefix.push_str("\nevent: change\ndata: ");
+            frame.extend_from_slice(b"id: ");
+            frame.extend_from_slice(position.as_bytes());
+            frame.extend_from_slice(b"\nevent: change\ndata: ");
         }
-        // `enveloped=false`: the change alone (SSE keeps its id line, which is the position).
         if bare {
-            if !prefix.is_empty() {
-                out.push(Bytes::from(prefix));
-            }
-            out.push(data);
-            out.push(self.suffix(false));
-            return;
-        }
-        prefix.push_str(std::str::from_utf8(head).unwrap_or_default());
-        prefix.push_str(name);
-        if self.transport == Transport::Sse {
-            // The `id:` line above is the id: not repeated in the envelope (§8).
-            prefix.push_str("\",\"data\":");
+            // `enveloped=false`: the change alone (SSE keeps its id line, the position).
+            frame.extend_from_slice(&data);
         } else {
-            prefix.push_str("\",\"id\":\"");
-            prefix.push_str(position);
-            prefix.push_str("\",\"data\":");
+            // The stream's head is spliced as the bytes it is (built from a `String`).
+            frame.extend_from_slice(head);
+            frame.extend_from_slice(name.as_bytes());
+            if self.transport == Transport::Sse {
+                // The `id:` line above is the id: not repeated in the envelope (§8).
+                frame.extend_from_slice(b"\",\"data\":");
+            } else {
+                frame.extend_from_slice(b"\",\"id\":\"");
+                frame.extend_from_slice(position.as_bytes());
+                frame.extend_from_slice(b"\",\"data\":");
+            }
+            frame.extend_from_slice(&data);
         }
-        out.push(Bytes::from(prefix));
-        out.push(data);
-        out.push(self.suffix(true));
+        frame.extend_from_slice(self.suffix(!bare));
+        out.push(Bytes::from(frame));
     }
 
-    fn suffix(&self, envelope: bool) -> Bytes {
-        Bytes::from_static(match (self.transport, envelope) {
+    fn suffix(self, envelope: bool) -> &'static [u8] {
+        match (self.transport, envelope) {
             (Transport::Sse, true) => b"}\n\n",
             (Transport::Sse, false) => b"\n\n",
             (Transport::Ndjson, true) => b"}\n",
             (Transport::Ndjson, false) => b"\n",
             (Transport::WebSocket, true) => b"}",
             (Transport::WebSocket, false) => b"",
-        })
+        }
     }
 }
 
@@ -766,32 +784,28 @@ fn text_response(feed: MultiFeed, info: Option<Bytes>, opener: &Opener) -> Respo
         .heartbeat(opener.transport)
         .unwrap_or_else(|| Bytes::from_static(if sse { b": keep-alive\n\n" } else { b"\n" }));
     let goodbye = sse.then_some(retry);
+    // The state is boxed: `unfold` moves its state into a new future for every chunk (three
+    // per event here), and the feed is large (as in `body.rs`).
     let stream = futures::stream::unfold(
-        (feed, pending, false),
-        move |(mut feed, mut pending, mut ending)| {
-            let keepalive = keepalive.clone();
-            let goodbye = goodbye.clone();
-            async move {
-                loop {
-                    if let Some(bytes) = pending.pop_front() {
-                        return Some((
-                            Ok::<Bytes, std::convert::Infallible>(bytes),
-                            (feed, pending, ending),
-                        ));
+        Box::new((feed, pending, false, keepalive, goodbye)),
+        |mut state| async move {
+            let (feed, pending, ending, keepalive, goodbye) = &mut *state;
+            loop {
+                if let Some(bytes) = pending.pop_front() {
+                    return Some((Ok::<Bytes, std::convert::Infallible>(bytes), state));
+                }
+                if *ending {
+                    return None;
+                }
+                match feed.next().await? {
+                    MultiFrame::Events { chunks, close, .. } => {
+                        pending.extend(chunks);
+                        *ending = close.is_some();
                     }
-                    if ending {
-                        return None;
-                    }
-                    match feed.next().await? {
-                        MultiFrame::Events { chunks, close, .. } => {
-                            pending.extend(chunks);
-                            ending = close.is_some();
-                        }
-                        MultiFrame::KeepAlive => pending.push_back(keepalive.clone()),
-                        MultiFrame::Shutdown => {
-                            pending.extend(goodbye.clone());
-                            ending = true;
-                        }
+                    MultiFrame::KeepAlive => pending.push_back(keepalive.clone()),
+                    MultiFrame::Shutdown => {
+                        pending.extend(goodbye.clone());
+                        *ending = true;
                     }
                 }
             }
@@ -884,12 +898,18 @@ async fn write_messages<W: Sink<Message> + Unpin>(
 ) -> Result<bool, W::Error> {
     let mut start = 0;
     for &end in ends {
-        let mut text = Vec::with_capacity(chunks[start..end].iter().map(Bytes::len).sum());
-        for chunk in &chunks[start..end] {
-            text.extend_from_slice(chunk);
-        }
+        let message = match &chunks[start..end] {
+            [one] => one.clone(),
+            many => {
+                let mut text = Vec::with_capacity(many.iter().map(Bytes::len).sum());
+                for chunk in many {
+                    text.extend_from_slice(chunk);
+                }
+                Bytes::from(text)
+            }
+        };
         start = end;
-        sink.feed(super::ws::text(&Bytes::from(text))).await?;
+        sink.feed(super::ws::text(&message)).await?;
     }
     sink.flush().await?;
     match code {

@@ -73,9 +73,15 @@ pub enum Entry {
 impl Entry {
     /// The entry of a stream at `token`.
     pub fn of(token: &Token) -> Entry {
-        token
-            .place()
-            .map_or_else(|| Entry::Whole(token.clone()), Entry::Place)
+        Entry::with_place(token, token.place())
+    }
+
+    /// The entry of a stream at `token`, whose place is already known (an [`Event`]'s,
+    /// read once for all its readers).
+    ///
+    /// [`Event`]: crate::event::Event
+    pub fn with_place(token: &Token, place: Option<Place>) -> Entry {
+        place.map_or_else(|| Entry::Whole(token.clone()), Entry::Place)
     }
 
     /// The position a stream resumes from.
@@ -83,13 +89,6 @@ impl Entry {
         match self {
             Entry::Place(place) => Token::after_place(place),
             Entry::Whole(token) => token.clone(),
-        }
-    }
-
-    fn at(&self) -> Option<Timestamp> {
-        match self {
-            Entry::Place(place) => Some(place.at),
-            Entry::Whole(_) => None,
         }
     }
 }
@@ -192,10 +191,11 @@ impl Position {
     }
 }
 
-/// Builds composite ids. Reused by a connection (its buffer is kept between events).
+/// Builds composite ids. Reused by a connection (its buffers are kept between events).
 #[derive(Debug, Default)]
 pub struct Encoder {
     bytes: Vec<u8>,
+    text: Vec<u8>,
 }
 
 impl Encoder {
@@ -205,30 +205,32 @@ impl Encoder {
         &mut self,
         width: usize,
         entries: impl Iterator<Item = (u64, &'a Entry)> + Clone,
-    ) -> String {
-        let width = if entries.clone().any(|(_, e)| matches!(e, Entry::Whole(_))) {
+    ) -> &str {
+        // One pass for the header: whether an entry is carried whole, the version most
+        // changes share (the first one's: one server, one version), the oldest second.
+        let mut whole = false;
+        let mut version = None;
+        let mut base: Option<u32> = None;
+        for (_, entry) in entries.clone() {
+            match entry {
+                Entry::Place(place) => {
+                    if version.is_none() {
+                        version = place.fields.map(|f| f.version);
+                    }
+                    base = Some(base.map_or(place.at.time, |b| b.min(place.at.time)));
+                }
+                Entry::Whole(_) => whole = true,
+            }
+        }
+        let width = if whole {
             width.max(RAW_MIN_WIDTH)
         } else {
             width
         };
         let code = WIDTHS.iter().position(|w| *w == width).unwrap_or(3);
         let width = WIDTHS[code];
-        // The version most changes share (the first one's: one server, one version).
-        let version = entries
-            .clone()
-            .find_map(|(_, e)| match e {
-                Entry::Place(Place {
-                    fields: Some(f), ..
-                }) => Some(f.version),
-                _ => None,
-            })
-            .unwrap_or(1);
-        let base = entries
-            .clone()
-            .filter_map(|(_, e)| e.at())
-            .map(|at| at.time)
-            .min()
-            .unwrap_or(0);
+        let version = version.unwrap_or(1);
+        let base = base.unwrap_or(0);
         let out = &mut self.bytes;
         out.clear();
         out.push(FORMAT);
@@ -292,7 +294,15 @@ impl Encoder {
                 }
             }
         }
-        URL_SAFE_NO_PAD.encode(&self.bytes)
+        // Into a buffer of the exact length: `encode_string` goes through base64's chunked
+        // encoder, twice the cost for ids this short.
+        let length = base64::encoded_len(self.bytes.len(), false).unwrap_or(0);
+        self.text.resize(length, 0);
+        let written = URL_SAFE_NO_PAD
+            .encode_slice(&self.bytes, &mut self.text)
+            .unwrap_or(0);
+        // base64url is ASCII.
+        std::str::from_utf8(&self.text[..written]).unwrap_or_default()
     }
 }
 
@@ -429,8 +439,9 @@ mod tests {
             .iter()
             .map(|(p, t)| (hash(p), Entry::of(t)))
             .collect();
-        let text =
-            Encoder::default().encode(width_for(&hashes, 2), reduced.iter().map(|(h, e)| (*h, e)));
+        let text = Encoder::default()
+            .encode(width_for(&hashes, 2), reduced.iter().map(|(h, e)| (*h, e)))
+            .to_owned();
         let position = Position::decode(&text).unwrap();
         (text, position)
     }
@@ -601,7 +612,7 @@ mod tests {
             Err(PositionError::Malformed)
         );
         // No stream yet: a valid, empty position.
-        let empty = Encoder::default().encode(2, std::iter::empty());
+        let empty = Encoder::default().encode(2, std::iter::empty()).to_owned();
         assert_eq!(
             Position::decode(&empty).unwrap().get("/d/a/_streams/s"),
             None
