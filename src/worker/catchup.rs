@@ -35,7 +35,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, watch};
 
-use super::hub::Hub;
+use super::hub::{Hub, Routed};
+use super::relayed::WindowSource;
 use super::source::{Step, WorkerSource};
 use super::{Worker, lock};
 use crate::event::{ErrorCode, Event, EventKind, Token};
@@ -382,7 +383,6 @@ impl Worker {
         let reader = catch_up.reader(after);
         running.push(Arc::clone(&catch_up));
         drop(running);
-        self.metrics().catchups.inc();
         let worker = Arc::clone(self);
         self.tracker().spawn(async move {
             run(&worker, &catch_up).await;
@@ -399,10 +399,71 @@ impl Worker {
     }
 }
 
-/// The catch-up's cursor loop.
+/// Where a catch-up's steps come from.
+enum Upstream {
+    /// The relay's retained log (relay mode, when it holds everything after the start).
+    Window(Box<dyn WindowSource>),
+    /// A MongoDB cursor after the start (or after the last position a window gave).
+    Cursor(Box<WorkerSource>),
+}
+
+impl Upstream {
+    /// The relay's retained window when it covers `start`, else a MongoDB cursor.
+    async fn open(worker: &Arc<Worker>, start: &Token) -> Upstream {
+        if let Some(relay) = worker.context.relay.get()
+            && let Some(window) = Arc::clone(relay).window(worker, start.clone()).await
+        {
+            worker.metrics().relay.window_catchups.inc();
+            return Upstream::Window(window);
+        }
+        Upstream::cursor(worker, start)
+    }
+
+    fn cursor(worker: &Arc<Worker>, after: &Token) -> Upstream {
+        worker.metrics().catchups.inc();
+        Upstream::Cursor(Box::new(WorkerSource::new(worker, Some(after.clone()))))
+    }
+
+    /// The next step (cancel-safe). A window that cannot go on is replaced by a cursor after
+    /// `position`, the last position the catch-up was given.
+    async fn next(&mut self, worker: &Arc<Worker>, position: &Token) -> Step<Routed> {
+        loop {
+            match self {
+                Upstream::Cursor(source) => return source.next().await,
+                Upstream::Window(window) => match window.next().await {
+                    Some(step) => return step,
+                    None => *self = Upstream::cursor(worker, position),
+                },
+            }
+        }
+    }
+}
+
+/// The worker ended (replace, delete, shutdown): its terminal event, if it has one, is what
+/// every reader gets.
+fn end_with_worker(worker: &Worker, catch_up: &CatchUp) {
+    let event = worker.terminal().unwrap_or_else(|| {
+        Arc::new(Event::control(
+            EventKind::Error(ErrorCode::Shutdown),
+            "the server is shutting down",
+            false,
+        ))
+    });
+    catch_up.set_status(Status::Ended(event));
+}
+
+/// The catch-up's loop: its steps from the relay's window or its cursor, into its ring.
 async fn run(worker: &Arc<Worker>, catch_up: &Arc<CatchUp>) {
-    let mut source = WorkerSource::new(worker, Some(catch_up.start.clone()));
     let cancel = worker.cancel_token().clone();
+    let mut source = tokio::select! {
+        _ = cancel.cancelled() => {
+            end_with_worker(worker, catch_up);
+            return;
+        }
+        source = Upstream::open(worker, &catch_up.start) => source,
+    };
+    // The last position the catch-up was given (where a cursor replacing a window resumes).
+    let mut position = catch_up.start.clone();
     loop {
         // Back-pressure: wait for the slowest reader (letting go of one a whole ring behind
         // another that waits); stop when nobody reads any more.
@@ -437,19 +498,12 @@ async fn run(worker: &Arc<Worker>, catch_up: &Arc<CatchUp>) {
         }
         let step = tokio::select! {
             _ = cancel.cancelled() => {
-                // The worker ended (replace, delete, shutdown): its terminal event, if it has
-                // one, is what every reader gets.
-                let event = worker.terminal().unwrap_or_else(|| Arc::new(Event::control(
-                    EventKind::Error(ErrorCode::Shutdown),
-                    "the server is shutting down",
-                    false,
-                )));
-                catch_up.set_status(Status::Ended(event));
+                end_with_worker(worker, catch_up);
                 return;
             }
-            step = source.next() => step,
+            step = source.next(worker, &position) => step,
         };
-        let position = match step {
+        position = match step {
             Step::Opened(_) => {
                 let mut state = lock(&catch_up.state);
                 if matches!(state.status, Status::Opening) {
@@ -530,7 +584,6 @@ fn hand_over(worker: &Worker, catch_up: &CatchUp, through: Token) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::worker::hub::Routed;
     use mongodb::bson::doc;
 
     fn token(n: u32) -> Token {
