@@ -4,7 +4,8 @@
 //!
 //! The first message read is the last one published before the worker started: the worker
 //! opens at its position (the ring covers every change after it; an older resume id is
-//! served by a catch-up cursor, as without the relay). A message ending an earlier life of
+//! served by a catch-up, which reads this same log from the id's place, `window.rs`, with
+//! this module's [`Applied`] started after the id, or a MongoDB cursor). A message ending an earlier life of
 //! the stream (an `invalidate` the collection has since outlived) is passed over: the next
 //! owner's open follows it. After that, a message at or before the last position applied
 //! (published twice across a hand-over, outside JetStream's de-duplication) is dropped, so

@@ -1,10 +1,11 @@
 //! Shared catch-up cursors: clients resuming from before the worker's ring share them.
 //!
 //! A client whose position is older than the worker's ring covers reads from a [`CatchUp`]: a
-//! cursor opened `resumeAfter` an old position, filling a ring of its own that its readers pull
-//! from by position (like the worker's ring, but with back-pressure). One catch-up serves every
-//! client whose position it covers, whatever their exact ids, so a restart storm of N clients
-//! opens a handful of cursors, not N:
+//! cursor opened `resumeAfter` an old position (or, in relay mode, the relay's retained log
+//! read from there: "Where the steps come from" below), filling a ring of its own that its
+//! readers pull from by position (like the worker's ring, but with back-pressure). One
+//! catch-up serves every client whose position it covers, whatever their exact ids, so a
+//! restart storm of N clients opens a handful of cursors, not N:
 //!
 //! * **Join.** A client at X joins the running catch-up with the newest start at or before X
 //!   (its ring still holds everything after X); only when none covers X does it start one, up to
@@ -28,6 +29,15 @@
 //! * **Failure.** A failure to open (bad token, history lost) goes to the client whose id it was;
 //!   the other readers look for another way. Later failures, `invalidate`, and the worker's own
 //!   end (`cancel` on replace/delete) reach every reader.
+//! * **Where the steps come from.** A MongoDB cursor `resumeAfter` the start, except in relay
+//!   mode when the relay's retained log of the worker still holds everything after the start
+//!   (`Relay::window` in `relayed.rs`, implemented in `relay/window.rs`): then the steps are
+//!   read from there, on any instance, with no cursor on mongod. Only the source differs:
+//!   both begin with `Opened(Some(start))` and give every step after it once, in order, and
+//!   joining, back-pressure, hand-over and failures are the same. A window that cannot go on
+//!   (the relay failed, or retention dropped what came next) is replaced by a cursor after the
+//!   last position the catch-up was given. `catchups` counts the MongoDB cursors,
+//!   `relay.window_catchups` the windows.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
