@@ -32,12 +32,12 @@
 //!   read (skipped when their sequences follow each other: nothing between them could have
 //!   gone). When it is, or NATS fails, the source gives up (`None`) and the catch-up goes on
 //!   from MongoDB after the last position it gave: nothing lost or repeated.
-//! * **Known limit.** The search assumes the subject's positions grow with its sequence. They
-//!   do, except for late duplicates: an owner frozen past its lease's end (SIGSTOP) can publish
-//!   a batch its successor already published once it thaws, before it learns the lease is gone.
-//!   A probe landing on such a duplicate could place the start after changes that only an
-//!   earlier message holds. That needs a frozen owner *and* a probe on its one late message;
-//!   the worker's own consumer is not affected (it reads every message).
+//! * **The search relies on order.** A subject's positions grow with its stream sequence: a
+//!   new owner resumes after the log's last message, and every owner publishes expecting the
+//!   subject's last sequence it knows (`owner.rs`, `publish`), so an owner frozen past its
+//!   lease cannot append, once it thaws, a batch its successor already published. (Before
+//!   that rule, such a late duplicate could sit after newer messages, and a probe landing on
+//!   it would have placed the start after changes only an earlier message held.)
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -221,6 +221,11 @@ impl Window {
         router: ChangeRouter,
         after: Token,
     ) -> Option<Box<dyn WindowSource>> {
+        use crate::worker::relayed::Relay as _;
+        if !relay.reachable() {
+            // Not worth a client's wait for the search's timeout.
+            return None;
+        }
         let located = async {
             let handles = relay.handles().await.map_err(|e| e.to_string())?;
             let mut log = Subject {
