@@ -236,6 +236,11 @@ async fn two_small_ring_instances(db: &str, nats: &NatsServer) -> (TestServer, T
     let config = || {
         let mut config = relay_config(db, nats);
         config.ring_size = 5;
+        // A second stream, on collection `d`: its messages interleave with `s`'s in the
+        // JetStream stream.
+        config
+            .streams
+            .push(server::stream(db, "d", "s2", serde_json::json!([])));
         config
     };
     let a = TestServer::start(config()).await;
@@ -275,19 +280,33 @@ async fn a_resume_older_than_the_ring_is_read_from_the_retained_window_on_any_in
     let db = unique_db("relay_window");
     let mongo = mongod::shared().client().await;
     let coll = mongo.database(&db).collection("c");
+    let other: Collection<Document> = mongo.database(&db).collection("d");
     let (a, b) = two_small_ring_instances(&db, &nats).await;
     let mut live = subscribe(&a, &db, Kind::Sse).await;
-    eventually("instance a reads the cursor", WAIT, async || {
-        a.metrics.relay.owned_cursors.get() == 1
+    let mut live_other =
+        Client::connect(Kind::Sse, &a.url(""), &format!("/{db}/d/_streams/s2"), None)
+            .await
+            .unwrap();
+    eventually("instance a reads both cursors", WAIT, async || {
+        a.metrics.relay.owned_cursors.get() == 2
     })
     .await;
-    // A batch (one `insertMany`: few `changes` messages) and single changes.
+    // A batch (one `insertMany`: few `changes` messages) and single changes, between which
+    // the other stream's changes are published (the search and the retention check meet
+    // sequences of another subject).
     coll.insert_many((0..30).map(|seq| doc! { "seq": seq }))
         .await
         .unwrap();
-    insert_seqs(&coll, 30..60).await;
+    for seq in 30..60 {
+        coll.insert_one(doc! { "seq": seq }).await.unwrap();
+        other.insert_one(doc! { "seq": seq }).await.unwrap();
+    }
     let seen = live.changes(60, WAIT).await;
     assert_eq!(seqs(&seen), (0..60).collect::<Vec<_>>());
+    assert_eq!(
+        seqs(&live_other.changes(30, WAIT).await),
+        (30..60).collect::<Vec<_>>()
+    );
     let id = |n: usize| seen[n].id.clone().expect("id");
 
     // Instance b has no worker yet: it starts one at the log's last message (its ring holds
