@@ -272,7 +272,7 @@ impl Window {
             opening: Some(after.clone()),
             applied: Applied::after(after),
             messages,
-            last_sequence: start - 1,
+            last_sequence: start.saturating_sub(1),
             unchecked: Vec::new(),
             checked: VecDeque::new(),
         }))
