@@ -313,11 +313,11 @@ async fn a_resume_older_than_the_ring_is_read_from_the_retained_window_on_any_in
     // nothing older), and the client's id, inside the batch, is far older.
     let mut resumed =
         resume_while_writing(&b, &db, &coll, Kind::Ndjson, &id(12), 13, 60..100).await;
-    assert_eq!(
-        b.metrics.relay.window_catchups.get(),
-        1,
-        "read from the window"
-    );
+    // One normally; a reader slowed down by a busy machine can fall behind the 5-event ring
+    // again after the hand-over (writes go on) and need another: from the window too.
+    let windows = b.metrics.relay.window_catchups.get();
+    assert!(windows >= 1, "read from the window");
+    assert_eq!(b.metrics.catchups.get(), 0, "no MongoDB catch-up cursor");
     // Another, between single changes, while b's worker runs: the window again (or the
     // first catch-up's ring, if it still holds it), never MongoDB.
     let mut again = resume_while_writing(&b, &db, &coll, Kind::Sse, &id(40), 41, 100..120).await;
@@ -381,8 +381,10 @@ async fn a_resume_from_before_the_retained_window_falls_back_to_a_mongodb_catch_
         (3..30).collect::<Vec<_>>()
     );
     let mut resumed = resume_while_writing(&b, &db, &coll, Kind::Sse, &early[1], 2, 30..60).await;
-    assert_eq!(b.metrics.relay.window_catchups.get(), 0, "not covered");
-    assert_eq!(b.metrics.catchups.get(), 1, "one MongoDB catch-up cursor");
+    // The id is not covered: a MongoDB catch-up. (A reader slowed down by a busy machine can
+    // fall behind the 5-event ring again after the hand-over, and that later catch-up, from an
+    // id the window holds, may read the window.)
+    assert!(b.metrics.catchups.get() >= 1, "a MongoDB catch-up cursor");
     insert_seqs(&coll, 60..62).await;
     assert_eq!(exactly(&mut resumed, 2).await, vec![60, 61]);
     a.stop().await;
