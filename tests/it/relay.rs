@@ -391,6 +391,52 @@ async fn a_resume_from_before_the_retained_window_falls_back_to_a_mongodb_catch_
     b.stop().await;
 }
 
+/// With a stream small enough that retention drops the oldest messages while the test
+/// writes: an id whose message is still retained resumes from the window, one whose message
+/// retention dropped through MongoDB, both exactly once.
+#[tokio::test]
+async fn once_retention_dropped_an_id_it_resumes_through_mongodb_and_a_retained_one_from_the_window()
+ {
+    let nats = NatsServer::start();
+    let db = unique_db("relay_window_retention");
+    let mongo = mongod::shared().client().await;
+    let coll: Collection<Document> = mongo.database(&db).collection("c");
+    let config = || {
+        let mut config = relay_config(&db, &nats);
+        config.ring_size = 5;
+        // About a hundred messages of these changes.
+        config.relay.max_bytes = 32 * 1024;
+        config
+    };
+    let a = TestServer::start(config()).await;
+    let b = TestServer::start(config()).await;
+    let mut live = subscribe(&a, &db, Kind::Sse).await;
+    eventually("instance a reads the cursor", WAIT, async || {
+        a.metrics.relay.owned_cursors.get() == 1
+    })
+    .await;
+    insert_seqs(&coll, 0..300).await;
+    let seen = live.changes(300, WAIT).await;
+    assert_eq!(seqs(&seen), (0..300).collect::<Vec<_>>());
+    let id = |n: usize| seen[n].id.clone().expect("id");
+
+    let mut recent =
+        resume_while_writing(&b, &db, &coll, Kind::Ndjson, &id(290), 291, 300..305).await;
+    assert!(
+        b.metrics.relay.window_catchups.get() >= 1,
+        "read from the window"
+    );
+    assert_eq!(b.metrics.catchups.get(), 0, "no MongoDB catch-up cursor");
+    let mut old = resume_while_writing(&b, &db, &coll, Kind::Sse, &id(5), 6, 305..310).await;
+    assert!(b.metrics.catchups.get() >= 1, "a MongoDB catch-up cursor");
+    assert_eq!(
+        exactly(&mut recent, 5).await,
+        (305..310).collect::<Vec<_>>()
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
 /// Each process's `streamgate_relay_owned_cursors` (0 for one that does not answer).
 async fn instance_owners(instances: &[Instance]) -> Vec<f64> {
     let mut owned = Vec::new();
