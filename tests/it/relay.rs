@@ -433,6 +433,10 @@ async fn once_retention_dropped_an_id_it_resumes_through_mongodb_and_a_retained_
         exactly(&mut recent, 5).await,
         (305..310).collect::<Vec<_>>()
     );
+    insert_seqs(&coll, 310..312).await;
+    for client in [&mut recent, &mut old] {
+        assert_eq!(exactly(client, 2).await, vec![310, 311]);
+    }
     a.stop().await;
     b.stop().await;
 }
