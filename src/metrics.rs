@@ -207,7 +207,8 @@ pub struct Metrics {
     pub slow_consumers: Counter,
     /// Cursor reconnect attempts after transient errors.
     pub worker_retries: Counter,
-    /// Catch-up cursors opened for resumes older than a worker's ring.
+    /// Catch-up cursors opened on MongoDB for resumes older than a worker's ring (in relay
+    /// mode, those the retained window could not serve: `relay.window_catchups`).
     pub catchups: Counter,
     /// Clients that joined a catch-up cursor another client had opened.
     pub catchups_joined: Counter,
@@ -253,7 +254,8 @@ pub struct Metrics {
     lag: Arc<LagCollector>,
 }
 
-/// Label of relay errors: what failed (`connect`, `publish`, `consume`, `lease`, `read`).
+/// Label of relay errors: what failed (`connect`, `publish`, `consume`, `lease`, `read`,
+/// `window`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RelayErrorLabel {
     /// The operation.
@@ -275,6 +277,9 @@ pub struct RelayMetrics {
     pub publish_lag: Arc<LatencyHistogram>,
     /// Published by the owner → applied to this instance's hub, per change.
     pub delivery_lag: Arc<LatencyHistogram>,
+    /// Catch-ups (resumes older than a worker's ring) read from JetStream's retained window
+    /// instead of a MongoDB cursor (those count in `catchups`).
+    pub window_catchups: Counter,
 }
 
 impl RelayMetrics {
@@ -309,7 +314,12 @@ impl RelayMetrics {
             "Owner's publish to this instance's hub, per relayed change",
             Shared(Arc::clone(&self.delivery_lag)),
         );
-        for op in ["connect", "publish", "consume", "lease", "read"] {
+        registry.register(
+            "relay_window_catchups",
+            "Catch-ups for old resume ids read from JetStream's retained window instead of a MongoDB cursor",
+            self.window_catchups.clone(),
+        );
+        for op in ["connect", "publish", "consume", "lease", "read", "window"] {
             let _ = self.errors.get_or_create(&RelayErrorLabel { op });
         }
     }
@@ -379,7 +389,7 @@ impl Metrics {
         let catchups = Counter::default();
         registry.register(
             "catchups",
-            "Catch-up cursors opened for old resume ids",
+            "Catch-up cursors opened on MongoDB for old resume ids",
             catchups.clone(),
         );
         let catchups_joined = Counter::default();

@@ -4,7 +4,8 @@
 //!
 //! The first message read is the last one published before the worker started: the worker
 //! opens at its position (the ring covers every change after it; an older resume id is
-//! served by a catch-up cursor, as without the relay). A message ending an earlier life of
+//! served by a catch-up, which reads this same log from the id's place, `window.rs`, with
+//! this module's [`Applied`] started after the id, or a MongoDB cursor). A message ending an earlier life of
 //! the stream (an `invalidate` the collection has since outlived) is passed over: the next
 //! owner's open follows it. After that, a message at or before the last position applied
 //! (published twice across a hand-over, outside JetStream's de-duplication) is dropped, so
@@ -36,15 +37,13 @@ pub(super) struct Consumer {
     messages: Option<pull::Ordered>,
     /// Stream sequence of the last message read: a new consumer goes on after it.
     last_sequence: u64,
-    /// Where the worker stands in the log.
+    /// Where the worker stands in the log (and the rest of a batch being applied).
     applied: Applied,
     backoff: Backoff,
     /// Whether the last attempt failed (the next call waits out the backoff first).
     failed: bool,
     /// Whether the worker must be told it is reading again (after a `Retrying`).
     reopened: bool,
-    /// The rest of a `changes` message read (applied one step at a time, before the next).
-    batched: VecDeque<RawChange>,
 }
 
 impl Consumer {
@@ -66,18 +65,14 @@ impl Consumer {
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
             failed: false,
             reopened: false,
-            batched: VecDeque::new(),
         })
     }
 
     /// The next step (cancel-safe: a message is taken off the consumer only when returned).
     async fn step(&mut self) -> Step<Routed> {
         loop {
-            if let Some(raw) = self.batched.pop_front() {
-                if let Some(step) = self.applied.accept(Relayed::Change(raw)) {
-                    return self.router.route(step);
-                }
-                continue;
+            if let Some(step) = self.applied.next_batched() {
+                return self.router.route(step);
             }
             if self.failed {
                 tokio::time::sleep(self.backoff.next_delay()).await;
@@ -129,15 +124,7 @@ impl Consumer {
                     self.relay.metrics().relay.delivery_lag.observe_ms(lag);
                 }
             }
-            let relayed = match relayed {
-                // Applied change by change, before the next message.
-                Relayed::Changes(raws) if self.applied.opened => {
-                    self.batched.extend(raws);
-                    continue;
-                }
-                relayed => relayed,
-            };
-            if let Some(step) = self.applied.accept(relayed) {
+            if let Some(step) = self.applied.read(relayed) {
                 return self.router.route(step);
             }
         }
@@ -179,17 +166,55 @@ async fn subscribe(
     consumer.messages().await.map_err(|e| e.to_string())
 }
 
-/// Where a worker stands in its log: what each message read means to it.
+/// Where a reader of a worker's log stands: what each message read means to it. The worker's
+/// consumer starts unopened (its first message opens it); a catch-up reading the retained
+/// window (`window.rs`) starts [`Applied::after`] its client's position.
 #[derive(Debug, Default)]
-struct Applied {
-    /// Whether the worker has opened (its first message was read).
+pub(super) struct Applied {
+    /// Whether the reader has opened (its first message was read).
     opened: bool,
     /// The last position applied.
     last: Option<Token>,
+    /// The rest of a `changes` message read (applied one step at a time, before the next
+    /// message; kept here so that a future dropped between two steps loses none).
+    batched: VecDeque<RawChange>,
 }
 
 impl Applied {
-    /// What a message means to the worker, if anything.
+    /// A reader that has applied everything through `position`: what the log holds at or
+    /// before it is passed over.
+    pub(super) fn after(position: Token) -> Applied {
+        Applied {
+            opened: true,
+            last: Some(position),
+            batched: VecDeque::new(),
+        }
+    }
+
+    /// What a message read means to the reader, if anything: a `changes` message, once
+    /// opened, is applied change by change (the first now, the rest by
+    /// [`Applied::next_batched`] before the next message).
+    pub(super) fn read(&mut self, relayed: Relayed) -> Option<Step<RawChange>> {
+        match relayed {
+            Relayed::Changes(raws) if self.opened => {
+                self.batched.extend(raws);
+                self.next_batched()
+            }
+            relayed => self.accept(relayed),
+        }
+    }
+
+    /// The next step of a batch being applied, if any is left.
+    pub(super) fn next_batched(&mut self) -> Option<Step<RawChange>> {
+        while let Some(raw) = self.batched.pop_front() {
+            if let Some(step) = self.accept(Relayed::Change(raw)) {
+                return Some(step);
+            }
+        }
+        None
+    }
+
+    /// What one message (a batch as a whole) means to the reader, if anything.
     fn accept(&mut self, relayed: Relayed) -> Option<Step<RawChange>> {
         if !self.opened {
             // Where the log stood when the worker started: it covers what follows.
@@ -266,6 +291,30 @@ mod tests {
             applied.accept(Relayed::Failed(ErrorCode::HistoryLost, "gone".into())),
             Some(Step::Failed(ErrorCode::HistoryLost, _))
         ));
+    }
+
+    #[test]
+    fn a_reader_started_after_a_position_skips_what_is_at_or_before_it_even_inside_a_batch() {
+        let batch = |ns: std::ops::RangeInclusive<u8>| {
+            Relayed::Changes(
+                ns.map(|n| match change(n) {
+                    Relayed::Change(raw) => raw,
+                    _ => unreachable!(),
+                })
+                .collect(),
+            )
+        };
+        let mut applied = Applied::after(token(5));
+        assert!(applied.read(change(4)).is_none());
+        assert!(applied.read(Relayed::Mark(token(5))).is_none());
+        // A batch holding the position: only what follows it.
+        assert_eq!(id_of(applied.read(batch(3..=7))), Some(token(6)));
+        assert_eq!(id_of(applied.next_batched()), Some(token(7)));
+        assert!(applied.next_batched().is_none());
+        // Published again across a hand-over: nothing twice.
+        assert!(applied.read(batch(6..=7)).is_none());
+        assert_eq!(id_of(applied.read(batch(7..=8))), Some(token(8)));
+        assert!(applied.next_batched().is_none());
     }
 
     #[test]

@@ -31,6 +31,8 @@
 //! * A worker's subject is a hash of what its cursor watches (database, collection, bound
 //!   pipeline, `fullDocument…` options): instances agree on it without agreeing on anything
 //!   else, and a replaced definition gets a new log.
+//! * A client older than its worker's ring catches up from the subject's retained messages
+//!   when they still hold everything after its id (`window.rs`), else from a MongoDB cursor.
 //! * In relay mode workers do not share database feeds (`worker/feed.rs`): the unit of
 //!   ownership is the worker, each with its own cursor on exactly one instance.
 
@@ -38,21 +40,25 @@ mod consumer;
 mod lease;
 mod membership;
 mod owner;
+mod window;
 mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use futures::future::BoxFuture;
 use mongodb::bson::{Document, doc};
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
 use crate::config::RelayConfig;
+use crate::event::Token;
 use crate::metrics::Metrics;
 use crate::spec::WatchSpec;
 use crate::worker::Worker;
-use crate::worker::relayed::RelayedSource;
+use crate::worker::relayed::{RelayedSource, WindowSource};
+use crate::worker::source::ChangeRouter;
 
 /// The relay could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -253,6 +259,16 @@ impl crate::worker::relayed::Relay for Relay {
 
     fn reachable(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    fn window(
+        self: Arc<Self>,
+        worker: &Arc<Worker>,
+        after: Token,
+    ) -> BoxFuture<'static, Option<Box<dyn WindowSource>>> {
+        let (subject, _) = self.subject_of(worker.spec());
+        let router = ChangeRouter::of_worker(worker);
+        Box::pin(window::Window::open(self, subject, router, after))
     }
 }
 

@@ -14,7 +14,9 @@
 //! while owning (a publish not acknowledged, the lease lost) ends the turn: the cursor is
 //! dropped and the instance contends again, resuming, if it wins, from the subject's last
 //! message once more. JetStream's de-duplication by resume token makes those re-reads
-//! publish nothing twice.
+//! publish nothing twice, and each publish expects the subject's last sequence the owner
+//! knows, so an owner whose lease ran out while it was frozen appends nothing after its
+//! successor's messages (the subject's positions grow with its sequence).
 //!
 //! An owner's cursor carries a comment naming the worker and the instance, so that a new
 //! owner can end the cursor a killed one left idle on mongod ([`kill_orphans`]).
@@ -352,19 +354,20 @@ struct Turn<'a> {
 }
 
 /// Where the fleet's log of `subject` stands: the last change or position published, `None`
-/// when there is none (or the last message ended an earlier life of the stream).
-async fn last_position(handles: &Handles, subject: &str) -> Result<Option<Token>, String> {
+/// when there is none (or the last message ended an earlier life of the stream), and the
+/// stream sequence of the subject's last message (0: none).
+async fn last_position(handles: &Handles, subject: &str) -> Result<(Option<Token>, u64), String> {
     match handles
         .stream
         .get_last_raw_message_by_subject(subject)
         .await
     {
         Ok(message) => match wire::decode(Some(&message.headers), &message.payload) {
-            Ok(relayed) if relayed.is_end() => Ok(None),
-            Ok(relayed) => Ok(relayed.token().cloned()),
+            Ok(relayed) if relayed.is_end() => Ok((None, message.sequence)),
+            Ok(relayed) => Ok((relayed.token().cloned(), message.sequence)),
             Err(error) => Err(error.to_string()),
         },
-        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok((None, 0)),
         Err(error) => Err(error.to_string()),
     }
 }
@@ -389,8 +392,10 @@ impl Turn<'_> {
         let taken = Instant::now();
         let metrics = &relay.metrics().relay;
         spawn_kill_orphans(relay, worker, key);
-        let after = match last_position(handles, subject).await {
-            Ok(after) => after,
+        // `last_sequence`: the subject's last message as far as this owner knows; each publish
+        // expects it (`publish`), so that nothing is appended after a successor's messages.
+        let (after, mut last_sequence) = match last_position(handles, subject).await {
+            Ok(last) => last,
             Err(error) => {
                 metrics.error("read");
                 tracing::warn!(%error, subject, "relay: cannot read where the stream's log stands");
@@ -538,7 +543,7 @@ impl Turn<'_> {
                 ),
             };
             if let Some(message) = message
-                && let Err(error) = publish(relay, subject, key, message).await
+                && let Err(error) = publish(relay, subject, key, message, &mut last_sequence).await
             {
                 metrics.error("publish");
                 tracing::warn!(%error, subject, "relay: JetStream did not take a change; resuming from the log");
@@ -559,7 +564,14 @@ impl Turn<'_> {
         // change the next owner reads again is one JetStream and the consumers drop.
         drop(source);
         if let Some(position) = &position
-            && let Err(error) = publish(relay, subject, key, wire::mark(position, now_ms())).await
+            && let Err(error) = publish(
+                relay,
+                subject,
+                key,
+                wire::mark(position, now_ms()),
+                &mut last_sequence,
+            )
+            .await
         {
             metrics.error("publish");
             tracing::warn!(%error, subject, "relay: the last position before a hand-over was not published");
@@ -576,14 +588,36 @@ fn wall_ms(raw: &RawChange) -> Option<u64> {
 
 /// Publishes one message and waits for JetStream's acknowledgement (a duplicate, which
 /// another owner published already, is as good).
-async fn publish(relay: &Relay, subject: &str, key: &str, message: Outbound) -> Result<(), String> {
-    let message = message.scoped(key);
+///
+/// The message expects the subject's last message to be `last_sequence`
+/// (`Nats-Expected-Last-Subject-Sequence`), which it then becomes: once another owner has
+/// published (this one's lease expired while it was frozen, and it has not noticed yet),
+/// JetStream refuses it and the turn ends. So no owner appends a batch its successor already
+/// published after the successor's messages, and a subject's positions grow with its stream
+/// sequence, which the search of a catch-up from the retained window relies on
+/// (`window.rs`).
+async fn publish(
+    relay: &Relay,
+    subject: &str,
+    key: &str,
+    message: Outbound,
+    last_sequence: &mut u64,
+) -> Result<(), String> {
+    let mut message = message.scoped(key);
+    message.headers.insert(
+        async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+        last_sequence.to_string().as_str(),
+    );
     let ack = relay
         .jetstream
         .publish_with_headers(subject.to_owned(), message.headers, message.payload)
         .await
         .map_err(|e| e.to_string())?;
-    ack.await.map_err(|e| e.to_string())?;
+    let ack = ack.await.map_err(|e| e.to_string())?;
+    // A duplicate stored nothing: the subject's last message is still the one expected.
+    if !ack.duplicate {
+        *last_sequence = ack.sequence;
+    }
     relay.metrics().relay.published.inc();
     Ok(())
 }

@@ -271,6 +271,31 @@ pub fn published_ms(headers: Option<&HeaderMap>) -> Option<u64> {
     header(headers, PUBLISHED_MS)?.parse().ok()
 }
 
+/// Where a message stands in its worker's log, read from its headers alone (a catch-up
+/// searching the retained window reads many messages and needs only this of each).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// A change, the last change of a batch, or a marked position.
+    At(Token),
+    /// An `invalidate` at this id: the stream ended there.
+    EndAt(Token),
+    /// An end without a position (a `failed`, an `invalidate` without an id), or a message
+    /// this relay did not write: the search cannot place it.
+    Unknown,
+}
+
+/// The [`Placement`] of a message, from its headers.
+pub fn placement(headers: Option<&HeaderMap>) -> Placement {
+    let token = || header(headers, TOKEN).and_then(|t| Token::parse(t).ok());
+    match header(headers, KIND) {
+        Some("change" | "skipped" | "changes" | "mark") => {
+            token().map_or(Placement::Unknown, Placement::At)
+        }
+        Some("invalidate") => token().map_or(Placement::Unknown, Placement::EndAt),
+        _ => Placement::Unknown,
+    }
+}
+
 /// Reads a relayed message.
 pub fn decode(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<Relayed, Malformed> {
     let kind = header(headers, KIND).ok_or_else(|| Malformed("no Sg-Kind header".into()))?;
@@ -465,6 +490,40 @@ mod tests {
             decode(Some(&out.headers), &out.payload).unwrap(),
             Relayed::Failed(ErrorCode::HistoryLost, m) if m == "gone"
         ));
+    }
+
+    #[test]
+    fn placements_come_from_the_headers_alone() {
+        let token = Token::parse(T1).unwrap();
+        assert_eq!(
+            placement(Some(&change(&raw(false), 1).unwrap().headers)),
+            Placement::At(token.clone())
+        );
+        assert_eq!(
+            placement(Some(&mark(&token, 1).headers)),
+            Placement::At(token.clone())
+        );
+        let event = Event::new(
+            EventKind::Invalidate,
+            Some(token.clone()),
+            &serde_json::json!({}),
+        );
+        assert_eq!(
+            placement(Some(&invalidate(&event, None, 1).headers)),
+            Placement::EndAt(token.clone())
+        );
+        let event = Event::control(EventKind::Invalidate, "dropped", false);
+        assert_eq!(
+            placement(Some(&invalidate(&event, Some(&token), 1).headers)),
+            Placement::Unknown
+        );
+        assert_eq!(
+            placement(Some(
+                &failed(ErrorCode::Upstream, "x", Some(&token), 1).headers
+            )),
+            Placement::Unknown
+        );
+        assert_eq!(placement(None), Placement::Unknown);
     }
 
     #[test]

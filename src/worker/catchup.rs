@@ -1,10 +1,11 @@
 //! Shared catch-up cursors: clients resuming from before the worker's ring share them.
 //!
 //! A client whose position is older than the worker's ring covers reads from a [`CatchUp`]: a
-//! cursor opened `resumeAfter` an old position, filling a ring of its own that its readers pull
-//! from by position (like the worker's ring, but with back-pressure). One catch-up serves every
-//! client whose position it covers, whatever their exact ids, so a restart storm of N clients
-//! opens a handful of cursors, not N:
+//! cursor opened `resumeAfter` an old position (or, in relay mode, the relay's retained log
+//! read from there: "Where the steps come from" below), filling a ring of its own that its
+//! readers pull from by position (like the worker's ring, but with back-pressure). One
+//! catch-up serves every client whose position it covers, whatever their exact ids, so a
+//! restart storm of N clients opens a handful of cursors, not N:
 //!
 //! * **Join.** A client at X joins the running catch-up with the newest start at or before X
 //!   (its ring still holds everything after X); only when none covers X does it start one, up to
@@ -28,6 +29,15 @@
 //! * **Failure.** A failure to open (bad token, history lost) goes to the client whose id it was;
 //!   the other readers look for another way. Later failures, `invalidate`, and the worker's own
 //!   end (`cancel` on replace/delete) reach every reader.
+//! * **Where the steps come from.** A MongoDB cursor `resumeAfter` the start, except in relay
+//!   mode when the relay's retained log of the worker still holds everything after the start
+//!   (`Relay::window` in `relayed.rs`, implemented in `relay/window.rs`): then the steps are
+//!   read from there, on any instance, with no cursor on mongod. Only the source differs:
+//!   both begin with `Opened(Some(start))` and give every step after it once, in order, and
+//!   joining, back-pressure, hand-over and failures are the same. A window that cannot go on
+//!   (the relay failed, or retention dropped what came next) is replaced by a cursor after the
+//!   last position the catch-up was given. `catchups` counts the MongoDB cursors,
+//!   `relay.window_catchups` the windows.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,7 +45,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, watch};
 
-use super::hub::Hub;
+use super::hub::{Hub, Routed};
+use super::relayed::WindowSource;
 use super::source::{Step, WorkerSource};
 use super::{Worker, lock};
 use crate::event::{ErrorCode, Event, EventKind, Token};
@@ -382,7 +393,6 @@ impl Worker {
         let reader = catch_up.reader(after);
         running.push(Arc::clone(&catch_up));
         drop(running);
-        self.metrics().catchups.inc();
         let worker = Arc::clone(self);
         self.tracker().spawn(async move {
             run(&worker, &catch_up).await;
@@ -399,10 +409,71 @@ impl Worker {
     }
 }
 
-/// The catch-up's cursor loop.
+/// Where a catch-up's steps come from.
+enum Upstream {
+    /// The relay's retained log (relay mode, when it holds everything after the start).
+    Window(Box<dyn WindowSource>),
+    /// A MongoDB cursor after the start (or after the last position a window gave).
+    Cursor(Box<WorkerSource>),
+}
+
+impl Upstream {
+    /// The relay's retained window when it covers `start`, else a MongoDB cursor.
+    async fn open(worker: &Arc<Worker>, start: &Token) -> Upstream {
+        if let Some(relay) = worker.context.relay.get()
+            && let Some(window) = Arc::clone(relay).window(worker, start.clone()).await
+        {
+            worker.metrics().relay.window_catchups.inc();
+            return Upstream::Window(window);
+        }
+        Upstream::cursor(worker, start)
+    }
+
+    fn cursor(worker: &Arc<Worker>, after: &Token) -> Upstream {
+        worker.metrics().catchups.inc();
+        Upstream::Cursor(Box::new(WorkerSource::new(worker, Some(after.clone()))))
+    }
+
+    /// The next step (cancel-safe). A window that cannot go on is replaced by a cursor after
+    /// `position`, the last position the catch-up was given.
+    async fn next(&mut self, worker: &Arc<Worker>, position: &Token) -> Step<Routed> {
+        loop {
+            match self {
+                Upstream::Cursor(source) => return source.next().await,
+                Upstream::Window(window) => match window.next().await {
+                    Some(step) => return step,
+                    None => *self = Upstream::cursor(worker, position),
+                },
+            }
+        }
+    }
+}
+
+/// The worker ended (replace, delete, shutdown): its terminal event, if it has one, is what
+/// every reader gets.
+fn end_with_worker(worker: &Worker, catch_up: &CatchUp) {
+    let event = worker.terminal().unwrap_or_else(|| {
+        Arc::new(Event::control(
+            EventKind::Error(ErrorCode::Shutdown),
+            "the server is shutting down",
+            false,
+        ))
+    });
+    catch_up.set_status(Status::Ended(event));
+}
+
+/// The catch-up's loop: its steps from the relay's window or its cursor, into its ring.
 async fn run(worker: &Arc<Worker>, catch_up: &Arc<CatchUp>) {
-    let mut source = WorkerSource::new(worker, Some(catch_up.start.clone()));
     let cancel = worker.cancel_token().clone();
+    let mut source = tokio::select! {
+        _ = cancel.cancelled() => {
+            end_with_worker(worker, catch_up);
+            return;
+        }
+        source = Upstream::open(worker, &catch_up.start) => source,
+    };
+    // The last position the catch-up was given (where a cursor replacing a window resumes).
+    let mut position = catch_up.start.clone();
     loop {
         // Back-pressure: wait for the slowest reader (letting go of one a whole ring behind
         // another that waits); stop when nobody reads any more.
@@ -437,19 +508,12 @@ async fn run(worker: &Arc<Worker>, catch_up: &Arc<CatchUp>) {
         }
         let step = tokio::select! {
             _ = cancel.cancelled() => {
-                // The worker ended (replace, delete, shutdown): its terminal event, if it has
-                // one, is what every reader gets.
-                let event = worker.terminal().unwrap_or_else(|| Arc::new(Event::control(
-                    EventKind::Error(ErrorCode::Shutdown),
-                    "the server is shutting down",
-                    false,
-                )));
-                catch_up.set_status(Status::Ended(event));
+                end_with_worker(worker, catch_up);
                 return;
             }
-            step = source.next() => step,
+            step = source.next(worker, &position) => step,
         };
-        let position = match step {
+        position = match step {
             Step::Opened(_) => {
                 let mut state = lock(&catch_up.state);
                 if matches!(state.status, Status::Opening) {
@@ -530,7 +594,6 @@ fn hand_over(worker: &Worker, catch_up: &CatchUp, through: Token) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::worker::hub::Routed;
     use mongodb::bson::doc;
 
     fn token(n: u32) -> Token {

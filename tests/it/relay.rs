@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::harness::clients::{Client, Kind, Next};
 use crate::harness::eventually;
-use crate::harness::fixture::{insert_seqs, seqs};
+use crate::harness::fixture::{insert_seqs, resume, seqs};
 use crate::harness::fleet::{self, Fleet, Instance};
 use crate::harness::mongod::{self, change_stream_cursors};
 use crate::harness::nats::NatsServer;
@@ -228,6 +228,217 @@ async fn three_instances_hold_one_cursor_and_a_stopped_owner_hands_it_over_exact
     for server in servers {
         server.stop().await;
     }
+}
+
+/// Two instances in relay mode whose workers keep 5 events in memory: the catch-up path is
+/// taken by any id older than the last few changes.
+async fn two_small_ring_instances(db: &str, nats: &NatsServer) -> (TestServer, TestServer) {
+    let config = || {
+        let mut config = relay_config(db, nats);
+        config.ring_size = 5;
+        // A second stream, on collection `d`: its messages interleave with `s`'s in the
+        // JetStream stream.
+        config
+            .streams
+            .push(server::stream(db, "d", "s2", serde_json::json!([])));
+        config
+    };
+    let a = TestServer::start(config()).await;
+    let b = TestServer::start(config()).await;
+    (a, b)
+}
+
+/// Resumes on `server` after `id` while `more` are written, and checks that the client gets
+/// exactly `expected`, in order, and then the live changes.
+async fn resume_while_writing(
+    server: &TestServer,
+    db: &str,
+    coll: &Collection<Document>,
+    kind: Kind,
+    id: &str,
+    from: i64,
+    more: std::ops::Range<i64>,
+) -> Client {
+    let writer = {
+        let coll = coll.clone();
+        let more = more.clone();
+        tokio::spawn(async move { insert_seqs(&coll, more).await })
+    };
+    let mut resumed = resume(server, &format!("/{db}/c/_streams/s"), kind, id).await;
+    let expected: Vec<i64> = (from..more.end).collect();
+    assert_eq!(exactly(&mut resumed, expected.len()).await, expected);
+    writer.await.unwrap();
+    resumed
+}
+
+/// Issue 22's middle step: a resume older than the worker's ring is read from JetStream's
+/// retained window, on an instance that is not the one holding the cursor, and no MongoDB
+/// catch-up cursor is opened for it.
+#[tokio::test]
+async fn a_resume_older_than_the_ring_is_read_from_the_retained_window_on_any_instance() {
+    let nats = NatsServer::start();
+    let db = unique_db("relay_window");
+    let mongo = mongod::shared().client().await;
+    let coll = mongo.database(&db).collection("c");
+    let other: Collection<Document> = mongo.database(&db).collection("d");
+    let (a, b) = two_small_ring_instances(&db, &nats).await;
+    let mut live = subscribe(&a, &db, Kind::Sse).await;
+    let mut live_other =
+        Client::connect(Kind::Sse, &a.url(""), &format!("/{db}/d/_streams/s2"), None)
+            .await
+            .unwrap();
+    eventually("instance a reads both cursors", WAIT, async || {
+        a.metrics.relay.owned_cursors.get() == 2
+    })
+    .await;
+    // A batch (one `insertMany`: few `changes` messages) and single changes, between which
+    // the other stream's changes are published (the search and the retention check meet
+    // sequences of another subject).
+    coll.insert_many((0..30).map(|seq| doc! { "seq": seq }))
+        .await
+        .unwrap();
+    for seq in 30..60 {
+        coll.insert_one(doc! { "seq": seq }).await.unwrap();
+        other.insert_one(doc! { "seq": seq }).await.unwrap();
+    }
+    let seen = live.changes(60, WAIT).await;
+    assert_eq!(seqs(&seen), (0..60).collect::<Vec<_>>());
+    assert_eq!(
+        seqs(&live_other.changes(30, WAIT).await),
+        (30..60).collect::<Vec<_>>()
+    );
+    let id = |n: usize| seen[n].id.clone().expect("id");
+
+    // Instance b has no worker yet: it starts one at the log's last message (its ring holds
+    // nothing older), and the client's id, inside the batch, is far older.
+    let mut resumed =
+        resume_while_writing(&b, &db, &coll, Kind::Ndjson, &id(12), 13, 60..100).await;
+    // One normally; a reader slowed down by a busy machine can fall behind the 5-event ring
+    // again after the hand-over (writes go on) and need another: from the window too.
+    let windows = b.metrics.relay.window_catchups.get();
+    assert!(windows >= 1, "read from the window");
+    assert_eq!(b.metrics.catchups.get(), 0, "no MongoDB catch-up cursor");
+    // Another, between single changes, while b's worker runs: the window again (or the
+    // first catch-up's ring, if it still holds it), never MongoDB.
+    let mut again = resume_while_writing(&b, &db, &coll, Kind::Sse, &id(40), 41, 100..120).await;
+    assert_eq!(
+        exactly(&mut resumed, 20).await,
+        (100..120).collect::<Vec<_>>()
+    );
+    insert_seqs(&coll, 120..123).await;
+    assert_eq!(exactly(&mut again, 3).await, vec![120, 121, 122]);
+    assert_eq!(exactly(&mut resumed, 3).await, vec![120, 121, 122]);
+    for server in [&a, &b] {
+        assert_eq!(
+            server.metrics.catchups.get(),
+            0,
+            "no MongoDB catch-up cursor"
+        );
+    }
+    assert!(b.metrics.relay.window_catchups.get() >= 1);
+    assert_eq!(
+        b.metrics
+            .relay
+            .errors
+            .get_or_create(&streamgate::metrics::RelayErrorLabel { op: "window" })
+            .get(),
+        0
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+/// An id the window cannot cover (written before the relay's log of the stream began) still
+/// resumes exactly once, through a MongoDB catch-up cursor.
+#[tokio::test]
+async fn a_resume_from_before_the_retained_window_falls_back_to_a_mongodb_catch_up() {
+    use futures::StreamExt;
+
+    let nats = NatsServer::start();
+    let db = unique_db("relay_window_fallback");
+    let mongo = mongod::shared().client().await;
+    let coll: Collection<Document> = mongo.database(&db).collection("c");
+    // Changes before any instance watched the stream: in no relay log.
+    let mut watch = coll.watch().await.unwrap();
+    insert_seqs(&coll, 0..3).await;
+    let mut early = Vec::new();
+    for _ in 0..3 {
+        let change = watch.next().await.unwrap().unwrap();
+        let token = mongodb::bson::to_document(&change.id).unwrap();
+        early.push(token.get_str("_data").unwrap().to_owned());
+    }
+    drop(watch);
+
+    let (a, b) = two_small_ring_instances(&db, &nats).await;
+    let mut live = subscribe(&a, &db, Kind::Sse).await;
+    eventually("instance a reads the cursor", WAIT, async || {
+        a.metrics.relay.owned_cursors.get() == 1
+    })
+    .await;
+    insert_seqs(&coll, 3..30).await;
+    assert_eq!(
+        seqs(&live.changes(27, WAIT).await),
+        (3..30).collect::<Vec<_>>()
+    );
+    let mut resumed = resume_while_writing(&b, &db, &coll, Kind::Sse, &early[1], 2, 30..60).await;
+    // The id is not covered: a MongoDB catch-up. (A reader slowed down by a busy machine can
+    // fall behind the 5-event ring again after the hand-over, and that later catch-up, from an
+    // id the window holds, may read the window.)
+    assert!(b.metrics.catchups.get() >= 1, "a MongoDB catch-up cursor");
+    insert_seqs(&coll, 60..62).await;
+    assert_eq!(exactly(&mut resumed, 2).await, vec![60, 61]);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// With a stream small enough that retention drops the oldest messages while the test
+/// writes: an id whose message is still retained resumes from the window, one whose message
+/// retention dropped through MongoDB, both exactly once.
+#[tokio::test]
+async fn once_retention_dropped_an_id_it_resumes_through_mongodb_and_a_retained_one_from_the_window()
+ {
+    let nats = NatsServer::start();
+    let db = unique_db("relay_window_retention");
+    let mongo = mongod::shared().client().await;
+    let coll: Collection<Document> = mongo.database(&db).collection("c");
+    let config = || {
+        let mut config = relay_config(&db, &nats);
+        config.ring_size = 5;
+        // About a hundred messages of these changes.
+        config.relay.max_bytes = 32 * 1024;
+        config
+    };
+    let a = TestServer::start(config()).await;
+    let b = TestServer::start(config()).await;
+    let mut live = subscribe(&a, &db, Kind::Sse).await;
+    eventually("instance a reads the cursor", WAIT, async || {
+        a.metrics.relay.owned_cursors.get() == 1
+    })
+    .await;
+    insert_seqs(&coll, 0..300).await;
+    let seen = live.changes(300, WAIT).await;
+    assert_eq!(seqs(&seen), (0..300).collect::<Vec<_>>());
+    let id = |n: usize| seen[n].id.clone().expect("id");
+
+    let mut recent =
+        resume_while_writing(&b, &db, &coll, Kind::Ndjson, &id(290), 291, 300..305).await;
+    assert!(
+        b.metrics.relay.window_catchups.get() >= 1,
+        "read from the window"
+    );
+    assert_eq!(b.metrics.catchups.get(), 0, "no MongoDB catch-up cursor");
+    let mut old = resume_while_writing(&b, &db, &coll, Kind::Sse, &id(5), 6, 305..310).await;
+    assert!(b.metrics.catchups.get() >= 1, "a MongoDB catch-up cursor");
+    assert_eq!(
+        exactly(&mut recent, 5).await,
+        (305..310).collect::<Vec<_>>()
+    );
+    insert_seqs(&coll, 310..312).await;
+    for client in [&mut recent, &mut old] {
+        assert_eq!(exactly(client, 2).await, vec![310, 311]);
+    }
+    a.stop().await;
+    b.stop().await;
 }
 
 /// Each process's `streamgate_relay_owned_cursors` (0 for one that does not answer).
