@@ -280,6 +280,9 @@ pub struct RelayMetrics {
     /// Catch-ups (resumes older than a worker's ring) read from JetStream's retained window
     /// instead of a MongoDB cursor (those count in `catchups`).
     pub window_catchups: Counter,
+    /// Relayed changes this instance applied as it published them as owner, without waiting
+    /// for JetStream to deliver them back.
+    pub applied_as_owner: Counter,
 }
 
 impl RelayMetrics {
@@ -318,6 +321,11 @@ impl RelayMetrics {
             "relay_window_catchups",
             "Catch-ups for old resume ids read from JetStream's retained window instead of a MongoDB cursor",
             self.window_catchups.clone(),
+        );
+        registry.register(
+            "relay_applied_as_owner",
+            "Relayed changes this instance applied as it published them as owner (not read back from JetStream)",
+            self.applied_as_owner.clone(),
         );
         for op in ["connect", "publish", "consume", "lease", "read", "window"] {
             let _ = self.errors.get_or_create(&RelayErrorLabel { op });

@@ -18,6 +18,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use futures::StreamExt;
 use futures::future::BoxFuture;
+use tokio::sync::mpsc;
 
 use super::wire::{self, Relayed};
 use super::{Relay, owner};
@@ -44,6 +45,11 @@ pub(super) struct Consumer {
     failed: bool,
     /// Whether the worker must be told it is reading again (after a `Retrying`).
     reopened: bool,
+    /// What this instance publishes as the worker's owner (`owner::Local`).
+    local: mpsc::Receiver<owner::Local>,
+    /// Stream sequence of the last message applied from `local`: JetStream's delivery of
+    /// it, and of anything before it, is passed over unread.
+    local_through: u64,
 }
 
 impl Consumer {
@@ -54,7 +60,10 @@ impl Consumer {
         subject: String,
         key: String,
     ) -> Box<dyn RelayedSource> {
-        owner::spawn(Arc::clone(&relay), worker, subject.clone(), key);
+        // A few messages in flight: the reader takes them as fast as JetStream's acknowledgements
+        // come, and one it misses is read from JetStream.
+        let (local_tx, local) = mpsc::channel(16);
+        owner::spawn(Arc::clone(&relay), worker, subject.clone(), key, local_tx);
         Box::new(Consumer {
             relay,
             subject,
@@ -65,6 +74,8 @@ impl Consumer {
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
             failed: false,
             reopened: false,
+            local,
+            local_through: 0,
         })
     }
 
@@ -94,14 +105,30 @@ impl Consumer {
             if std::mem::take(&mut self.reopened) && self.applied.opened {
                 return Step::Opened(self.applied.last.clone());
             }
-            let message = match messages.next().await {
-                Some(Ok(message)) => message,
-                Some(Err(error)) => return self.retry("consume", error.to_string()),
-                None => return self.retry("consume", "the consumer ended".into()),
+            let next = tokio::select! {
+                message = messages.next() => Next::Delivered(message),
+                Some(local) = self.local.recv() => Next::Local(local),
+            };
+            let message = match next {
+                Next::Delivered(Some(Ok(message))) => message,
+                Next::Delivered(Some(Err(error))) => {
+                    return self.retry("consume", error.to_string());
+                }
+                Next::Delivered(None) => return self.retry("consume", "the consumer ended".into()),
+                Next::Local(local) => {
+                    if let Some(step) = self.apply_local(local) {
+                        return self.router.route(step);
+                    }
+                    continue;
+                }
             };
             self.backoff.reset();
             if let Ok(info) = message.info() {
                 self.last_sequence = info.stream_sequence;
+                if info.stream_sequence <= self.local_through {
+                    // Applied already, straight from this instance's owner.
+                    continue;
+                }
             }
             let headers = message.headers.as_ref();
             let relayed = match wire::decode(headers, &message.payload) {
@@ -130,6 +157,24 @@ impl Consumer {
         }
     }
 
+    /// A message this instance just published as owner: applied now when it is the next one
+    /// of the subject this reader would read (it has read everything before it), else
+    /// passed over (JetStream delivers it in its turn).
+    fn apply_local(&mut self, local: owner::Local) -> Option<Step<RawChange>> {
+        if !self.applied.opened || local.previous != self.last_sequence {
+            return None;
+        }
+        self.last_sequence = local.sequence;
+        self.local_through = local.sequence;
+        let lag = now_ms().saturating_sub(local.published);
+        let metrics = &self.relay.metrics().relay;
+        for _ in 0..local.changes.len() {
+            metrics.delivery_lag.observe_ms(lag);
+        }
+        metrics.applied_as_owner.inc_by(local.changes.len() as u64);
+        self.applied.read(Relayed::Changes(local.changes))
+    }
+
     /// Drops the consumer and reports a transient error; the next call subscribes again
     /// after the last message read.
     fn retry(&mut self, op: &'static str, error: String) -> Step<Routed> {
@@ -139,6 +184,14 @@ impl Consumer {
         self.reopened = true;
         Step::Retrying(format!("relay: {error}"))
     }
+}
+
+/// What a reader waits for.
+enum Next<M> {
+    /// JetStream delivered a message (or the consumer failed or ended).
+    Delivered(Option<M>),
+    /// This instance published a message as owner.
+    Local(owner::Local),
 }
 
 /// An ordered consumer of `subject` from after `last_sequence` (0: from its last message).

@@ -28,7 +28,7 @@ use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use futures::{FutureExt, TryStreamExt};
 use mongodb::bson::{Document, doc};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -57,8 +57,30 @@ enum Outcome {
     HandedOver,
 }
 
-/// Starts contending for `worker`'s cursor, on its tracker, until the worker stops.
-pub(super) fn spawn(relay: Arc<Relay>, worker: &Arc<Worker>, subject: String, key: String) {
+/// Changes this instance published as owner, handed straight to its own reader of the
+/// subject (`consumer.rs`), which applies them without waiting for JetStream to deliver what
+/// it just acknowledged, when it has read everything before them.
+#[derive(Debug)]
+pub(super) struct Local {
+    /// The subject's message before this one (the sequence the publish expected).
+    pub previous: u64,
+    /// This message's stream sequence.
+    pub sequence: u64,
+    /// When it was published, Unix ms.
+    pub published: u64,
+    /// Its changes, in order.
+    pub changes: Vec<RawChange>,
+}
+
+/// Starts contending for `worker`'s cursor, on its tracker, until the worker stops. What it
+/// publishes as owner also goes to `local`.
+pub(super) fn spawn(
+    relay: Arc<Relay>,
+    worker: &Arc<Worker>,
+    subject: String,
+    key: String,
+    local: mpsc::Sender<Local>,
+) {
     let worker = Arc::clone(worker);
     let tracker = worker.tracker().clone();
     tracker.spawn(async move {
@@ -74,6 +96,7 @@ pub(super) fn spawn(relay: Arc<Relay>, worker: &Arc<Worker>, subject: String, ke
             backoff: Backoff::new(Duration::from_millis(100), ttl),
             free_since: None,
             hold: ttl,
+            local: &local,
         };
         contender.run().await;
         Membership::unwant(&relay, &key).await;
@@ -105,6 +128,8 @@ struct Contender<'a> {
     /// each lease in a row taken in the grace (so that an instance the placement names but
     /// that cannot take it costs a pause per hand-over attempt, ever more rarely).
     hold: Duration,
+    /// This instance's reader of the subject.
+    local: &'a mpsc::Sender<Local>,
 }
 
 impl Contender<'_> {
@@ -217,6 +242,7 @@ impl Contender<'_> {
             subject: self.subject,
             key: self.key,
             hold,
+            local: self.local,
         };
         let (outcome, lease) = turn.own(lease, &mut self.view, cancel).await;
         metrics.owned_cursors.dec();
@@ -351,6 +377,7 @@ struct Turn<'a> {
     key: &'a str,
     /// How long to keep the lease before handing it over.
     hold: Duration,
+    local: &'a mpsc::Sender<Local>,
 }
 
 /// Where the fleet's log of `subject` stands: the last change or position published, `None`
@@ -387,6 +414,7 @@ impl Turn<'_> {
             worker,
             subject,
             key,
+            local,
             ..
         } = *self;
         let taken = Instant::now();
@@ -429,6 +457,8 @@ impl Turn<'_> {
         // flight, it is let finish (bounded), so that dropping the source ends its cursor.
         // A step read while gathering a batch that did not go into it: the next one handled.
         let mut carried: Option<Step<RawChange>> = None;
+        // The changes of the `changes` message being published (for this instance's reader).
+        let mut batched: Vec<RawChange> = Vec::new();
         let exit = 'turn: loop {
             let opening = !source.is_open();
             let step = if let Some(step) = carried.take() {
@@ -483,6 +513,7 @@ impl Turn<'_> {
                     // change per acknowledgement, which a busy JetStream stretched until the
                     // relay fell behind the writes.)
                     let mut batch = wire::Batch::default();
+                    let mut changes = Vec::new();
                     let mut next = Some(raw);
                     while let Some(raw) = next.take() {
                         match batch.try_push(&raw, BATCH_BYTES) {
@@ -504,6 +535,7 @@ impl Turn<'_> {
                                 .publish_lag
                                 .observe_ms(published.saturating_sub(at_ms));
                         }
+                        changes.push(raw);
                         // Only from an open cursor: an open polled once and dropped would leave
                         // its server-side cursor behind.
                         if batch.len() >= BATCH_CHANGES || !source.is_open() {
@@ -515,6 +547,7 @@ impl Turn<'_> {
                             None => {}
                         }
                     }
+                    batched = changes;
                     (batch.finish(published), false)
                 }
                 Step::Quiet(Some(token)) => {
@@ -542,12 +575,25 @@ impl Turn<'_> {
                     true,
                 ),
             };
-            if let Some(message) = message
-                && let Err(error) = publish(relay, subject, key, message, &mut last_sequence).await
-            {
-                metrics.error("publish");
-                tracing::warn!(%error, subject, "relay: JetStream did not take a change; resuming from the log");
-                return (Outcome::Unpublished, Some(lease));
+            if let Some(message) = message {
+                let previous = last_sequence;
+                if let Err(error) = publish(relay, subject, key, message, &mut last_sequence).await
+                {
+                    metrics.error("publish");
+                    tracing::warn!(%error, subject, "relay: JetStream did not take a change; resuming from the log");
+                    return (Outcome::Unpublished, Some(lease));
+                }
+                let changes = std::mem::take(&mut batched);
+                if last_sequence != previous && !changes.is_empty() {
+                    // Stored as a new message: this instance's reader may apply it now. (A
+                    // full channel only means it reads them from JetStream, as without this.)
+                    let _ = local.try_send(Local {
+                        previous,
+                        sequence: last_sequence,
+                        published,
+                        changes,
+                    });
+                }
             }
             if ends {
                 return (Outcome::Ended, Some(lease));

@@ -165,11 +165,16 @@ async fn three_instances_hold_one_cursor_and_a_stopped_owner_hands_it_over_exact
     // The owner published them; every instance applied them.
     for (i, server) in servers.iter().enumerate() {
         let published = server.metrics.relay.published.get() - published_before[i];
+        // The owner's own clients got (most of) them as it published them, not read back
+        // from JetStream; each change still exactly once (above).
+        let as_owner = server.metrics.relay.applied_as_owner.get();
         if i == owner {
             assert!(published >= 1, "the owner published {published}");
             assert!(server.metrics.relay.publish_lag.count() >= 100);
+            assert!(as_owner >= 1, "the owner applied none of its own publishes");
         } else {
             assert_eq!(published, 0, "instance {i} is not the owner");
+            assert_eq!(as_owner, 0, "instance {i} is not the owner");
         }
         assert!(server.metrics.relay.delivery_lag.count() >= 100);
     }
