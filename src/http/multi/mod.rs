@@ -379,14 +379,17 @@ impl Slot {
             "{{\"stream\":{},\"event\":\"",
             serde_json::Value::String(name.clone())
         );
+        // The state is boxed: `unfold` moves it into a new future for every event, and a
+        // subscription is large.
         let events: EventStream = Box::pin(futures::stream::unfold(
-            (prelude, subscription, revocation),
-            |(mut prelude, mut subscription, mut revocation)| async move {
+            Box::new((prelude, subscription, revocation)),
+            |mut state| async move {
+                let (prelude, subscription, revocation) = &mut *state;
                 // A snapshot first (its `snapshot` events and `ready`), then the changes.
                 if let Some(events) = prelude.as_mut() {
                     match events.recv().await {
-                        Some(event) => return Some((event, (prelude, subscription, revocation))),
-                        None => prelude = None,
+                        Some(event) => return Some((event, state)),
+                        None => *prelude = None,
                     }
                 }
                 let event = match revocation.as_mut() {
@@ -398,7 +401,7 @@ impl Slot {
                     },
                     None => subscription.next().await?,
                 };
-                Some((event, (prelude, subscription, revocation)))
+                Some((event, state))
             },
         ));
         // A placeholder parent until the slot joins a `Streams` (see `Streams::push`).
