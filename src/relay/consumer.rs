@@ -18,8 +18,8 @@ use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 
+use super::Relay;
 use super::wire::{self, Relayed};
-use super::{Relay, owner};
 use crate::backoff::Backoff;
 use crate::event::Token;
 use crate::metrics::now_ms;
@@ -48,14 +48,12 @@ pub(super) struct Consumer {
 }
 
 impl Consumer {
-    /// Starts contending for the worker's cursor and returns its reader.
+    /// The worker's reader of `subject` (its owner side is started beside it, `mod.rs`).
     pub(super) fn start(
         relay: Arc<Relay>,
         worker: &Arc<Worker>,
         subject: String,
-        key: String,
     ) -> Box<dyn RelayedSource> {
-        owner::spawn(Arc::clone(&relay), worker, subject.clone(), key);
         Box::new(Consumer {
             relay,
             subject,

@@ -35,6 +35,7 @@
 //!   ownership is the worker, each with its own cursor on exactly one instance.
 
 mod consumer;
+mod feed;
 mod lease;
 mod membership;
 mod owner;
@@ -72,6 +73,8 @@ struct Handles {
     leases: jetstream::kv::Store,
     /// The instances' heartbeats (`membership.rs`).
     instances: jetstream::kv::Store,
+    /// Each instance's members of each database feed (`feed.rs`).
+    feeds: jetstream::kv::Store,
 }
 
 /// The relay tier of one instance.
@@ -85,6 +88,8 @@ pub struct Relay {
     metrics: Arc<Metrics>,
     /// Who of the fleet is live and should read which cursor.
     membership: Arc<membership::Membership>,
+    /// This instance's members of the fleet's database feeds, by feed key.
+    feeds: std::sync::Mutex<std::collections::HashMap<String, Arc<feed::LocalFeed>>>,
 }
 
 impl Drop for Relay {
@@ -144,6 +149,7 @@ impl Relay {
             instance,
             handles: OnceCell::new(),
             metrics,
+            feeds: std::sync::Mutex::default(),
         }))
     }
 
@@ -167,10 +173,18 @@ impl Relay {
                         self.settings.instance_ttl(),
                     )
                     .await?;
+                let feeds = self
+                    .open_bucket(
+                        &self.settings.feed_bucket,
+                        "Streamgate relay: each instance's members of each database feed",
+                        self.settings.instance_ttl(),
+                    )
+                    .await?;
                 Ok(Handles {
                     stream,
                     leases,
                     instances,
+                    feeds,
                 })
             })
             .await
@@ -248,7 +262,13 @@ impl Relay {
 impl crate::worker::relayed::Relay for Relay {
     fn source(self: Arc<Self>, worker: &Arc<Worker>) -> Box<dyn RelayedSource> {
         let (subject, key) = self.subject_of(worker.spec());
-        consumer::Consumer::start(self, worker, subject, key)
+        // The owner side: the database feed's (one cursor for many workers) or the worker's.
+        if feed::joins(worker) {
+            feed::join(&self, worker, subject.clone(), key);
+        } else {
+            owner::spawn(Arc::clone(&self), worker, subject.clone(), key);
+        }
+        consumer::Consumer::start(self, worker, subject)
     }
 
     fn reachable(&self) -> bool {

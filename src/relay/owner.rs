@@ -41,7 +41,7 @@ use crate::worker::Worker;
 use crate::worker::source::{ChangeSource, RawChange, Step, Watch};
 
 /// How a turn as owner ended.
-enum Outcome {
+pub(super) enum Outcome {
     /// The worker stopped (retired, evicted, shut down): release the lease.
     Cancelled,
     /// Another instance holds the lease now.
@@ -62,38 +62,67 @@ pub(super) fn spawn(relay: Arc<Relay>, worker: &Arc<Worker>, subject: String, ke
     tracker.spawn(async move {
         // Announced in this instance's heartbeat while the worker runs.
         Membership::want(&relay, &key);
-        let ttl = relay.settings.lease_ttl();
-        let mut contender = Contender {
-            relay: &relay,
-            worker: &worker,
-            subject: &subject,
-            key: &key,
-            view: relay.membership.subscribe(),
-            backoff: Backoff::new(Duration::from_millis(100), ttl),
-            free_since: None,
-            hold: ttl,
-        };
-        contender.run().await;
+        let cancel = worker.cancel_token().clone();
+        let unit = StreamCursor { worker, subject };
+        Contender::new(&relay, &unit, &key).run(&cancel).await;
         Membership::unwant(&relay, &key).await;
     });
 }
 
+/// What an owner reads for the fleet: one worker's cursor ([`StreamCursor`]), or a database
+/// feed's (`feed.rs`).
+pub(super) trait Unit: Sync {
+    /// Name in logs.
+    fn label(&self) -> String;
+
+    /// One turn as owner: reads and publishes until something ends it. Gives the lease back
+    /// when it may still be held.
+    fn own<'a>(
+        &'a self,
+        turn: Turn<'a>,
+        lease: Lease,
+        view: &'a mut watch::Receiver<Arc<View>>,
+        cancel: &'a CancellationToken,
+    ) -> impl Future<Output = (Outcome, Option<Lease>)> + Send + 'a;
+}
+
+/// A relayed worker's own cursor.
+struct StreamCursor {
+    worker: Arc<Worker>,
+    subject: String,
+}
+
+impl Unit for StreamCursor {
+    fn label(&self) -> String {
+        self.worker.key.stream.to_string()
+    }
+
+    fn own<'a>(
+        &'a self,
+        turn: Turn<'a>,
+        lease: Lease,
+        view: &'a mut watch::Receiver<Arc<View>>,
+        cancel: &'a CancellationToken,
+    ) -> impl Future<Output = (Outcome, Option<Lease>)> + Send + 'a {
+        turn.own_stream(&self.worker, &self.subject, lease, view, cancel)
+    }
+}
+
 /// At most this many changes the cursor held together go out as one message.
-const BATCH_CHANGES: usize = 1_000;
+pub(super) const BATCH_CHANGES: usize = 1_000;
 
 /// A batch of changes stays under this many bytes (JetStream's default `max_payload` is 1 MB;
 /// a single change may pass it, as without batching).
-const BATCH_BYTES: usize = 256 * 1024;
+pub(super) const BATCH_BYTES: usize = 256 * 1024;
 
 /// Longest an owner that keeps taking leases in the grace keeps one before handing it over
 /// again, in lease lifetimes.
 const MAX_HOLD_LIFETIMES: u32 = 32;
 
-/// One worker's contention for its cursor on this instance.
-struct Contender<'a> {
+/// One unit's contention for its cursor on this instance.
+pub(super) struct Contender<'a, U: Unit> {
     relay: &'a Relay,
-    worker: &'a Arc<Worker>,
-    subject: &'a str,
+    unit: &'a U,
     key: &'a str,
     view: watch::Receiver<Arc<View>>,
     backoff: Backoff,
@@ -105,15 +134,28 @@ struct Contender<'a> {
     hold: Duration,
 }
 
-impl Contender<'_> {
-    /// Contends (and owns, when it wins) until the worker stops.
-    async fn run(&mut self) {
+impl<'a, U: Unit> Contender<'a, U> {
+    /// A contender for `unit`'s lease `key`.
+    pub(super) fn new(relay: &'a Relay, unit: &'a U, key: &'a str) -> Self {
+        let ttl = relay.settings.lease_ttl();
+        Contender {
+            relay,
+            unit,
+            key,
+            view: relay.membership.subscribe(),
+            backoff: Backoff::new(Duration::from_millis(100), ttl),
+            free_since: None,
+            hold: ttl,
+        }
+    }
+
+    /// Contends (and owns, when it wins) until `cancel` (the unit stopped).
+    pub(super) async fn run(&mut self, cancel: &CancellationToken) {
         let ttl = self.relay.settings.lease_ttl();
         // Others look a few times per lease lifetime; the instance the placement names, twice
         // as often (it waits for a hand-over, a killed owner's heartbeat to expire, or the
         // lease to).
         let (poll, poll_named) = (ttl / 4, ttl / 8);
-        let cancel = self.worker.cancel_token().clone();
         loop {
             let named = self.view.borrow_and_update().assignee(self.key)
                 == Some(self.relay.instance.as_str());
@@ -125,7 +167,7 @@ impl Contender<'_> {
                 }
                 Ok(handles) => {
                     if named || self.free_long_enough(&handles).await {
-                        self.try_own(&handles, named, &cancel).await
+                        self.try_own(&handles, named, cancel).await
                     } else {
                         Some(poll)
                     }
@@ -171,7 +213,7 @@ impl Contender<'_> {
         named: bool,
         cancel: &CancellationToken,
     ) -> Option<Duration> {
-        let (relay, worker) = (self.relay, self.worker);
+        let relay = self.relay;
         let ttl = relay.settings.lease_ttl();
         let taken = Lease::try_take(&handles.leases, self.key, &relay.instance, ttl)
             .await
@@ -207,16 +249,15 @@ impl Contender<'_> {
         let metrics = &relay.metrics().relay;
         metrics.takeovers.inc();
         metrics.owned_cursors.inc();
-        tracing::info!(stream = %worker.key.stream, subject = self.subject, named, "relay: this instance reads the stream's cursor for the fleet");
+        let label = self.unit.label();
+        tracing::info!(stream = %label, key = self.key, named, "relay: this instance reads the cursor for the fleet");
         let turn = Turn {
             relay,
             handles,
-            worker,
-            subject: self.subject,
             key: self.key,
             hold,
         };
-        let (outcome, lease) = turn.own(lease, &mut self.view, cancel).await;
+        let (outcome, lease) = self.unit.own(turn, lease, &mut self.view, cancel).await;
         metrics.owned_cursors.dec();
         if let Some(lease) = lease {
             lease.release().await;
@@ -229,11 +270,11 @@ impl Contender<'_> {
                 None
             }
             Outcome::Lost => {
-                tracing::info!(stream = %worker.key.stream, "relay: cursor lease lost; another instance reads it");
+                tracing::info!(stream = %label, "relay: cursor lease lost; another instance reads it");
                 Some(ttl / 4)
             }
             Outcome::HandedOver => {
-                tracing::info!(stream = %worker.key.stream, "relay: cursor handed over to the instance the placement names");
+                tracing::info!(stream = %label, "relay: cursor handed over to the instance the placement names");
                 Some(ttl / 4)
             }
             Outcome::Unpublished => Some(self.backoff.next_delay()),
@@ -252,7 +293,7 @@ async fn lease_is_free(leases: &kv::Store, key: &str) -> Result<bool, kv::EntryE
 /// The comment an owner's change stream carries (its pipeline's first stage after
 /// `$changeStream`, `{$match: {$comment}}`, shown by `$currentOp` and in mongod's log): how a
 /// later owner finds the cursor of one that was killed.
-fn cursor_comment(key: &str, instance: &str) -> String {
+pub(super) fn cursor_comment(key: &str, instance: &str) -> String {
     format!("streamgate relay {key} {instance}")
 }
 
@@ -302,10 +343,15 @@ async fn kill_orphans(
 }
 
 /// Ends, beside a takeover (not before it), the cursors earlier owners of `key` left.
-fn spawn_kill_orphans(relay: &Relay, worker: &Arc<Worker>, key: &str) {
-    let client = worker.client().clone();
+pub(super) fn spawn_kill_orphans(
+    relay: &Relay,
+    client: &mongodb::Client,
+    tracker: &tokio_util::task::TaskTracker,
+    key: &str,
+) {
+    let client = client.clone();
     let (key, instance) = (key.to_owned(), relay.instance.clone());
-    worker.tracker().spawn(async move {
+    tracker.spawn(async move {
         let killed = tokio::time::timeout(
             Duration::from_secs(5),
             kill_orphans(&client, &key, &instance),
@@ -328,10 +374,10 @@ fn spawn_kill_orphans(relay: &Relay, worker: &Arc<Worker>, key: &str) {
 }
 
 /// Longest an owner stopping waits for a cursor open in flight to finish.
-const OPEN_SETTLE: Duration = Duration::from_secs(2);
+pub(super) const OPEN_SETTLE: Duration = Duration::from_secs(2);
 
 /// Why an owner stops reading.
-enum Exit {
+pub(super) enum Exit {
     /// The worker stopped.
     Cancelled,
     /// The lease was lost.
@@ -340,20 +386,22 @@ enum Exit {
     HandOver,
 }
 
-/// One turn as owner of a worker's cursor.
-struct Turn<'a> {
-    relay: &'a Relay,
-    handles: &'a Handles,
-    worker: &'a Arc<Worker>,
-    subject: &'a str,
-    key: &'a str,
+/// One turn as owner of a unit's cursor.
+pub(super) struct Turn<'a> {
+    pub relay: &'a Relay,
+    pub handles: &'a Handles,
+    /// The lease key.
+    pub key: &'a str,
     /// How long to keep the lease before handing it over.
-    hold: Duration,
+    pub hold: Duration,
 }
 
 /// Where the fleet's log of `subject` stands: the last change or position published, `None`
 /// when there is none (or the last message ended an earlier life of the stream).
-async fn last_position(handles: &Handles, subject: &str) -> Result<Option<Token>, String> {
+pub(super) async fn last_position(
+    handles: &Handles,
+    subject: &str,
+) -> Result<Option<Token>, String> {
     match handles
         .stream
         .get_last_raw_message_by_subject(subject)
@@ -370,10 +418,20 @@ async fn last_position(handles: &Handles, subject: &str) -> Result<Option<Token>
 }
 
 impl Turn<'_> {
-    /// Reads the cursor and publishes, until something ends the turn. Gives the lease back
-    /// when it may still be held.
-    async fn own(
-        &self,
+    /// Whether the placement names another instance and the lease was held long enough.
+    pub(super) fn handing_over(&self, taken: Instant, view: &View) -> bool {
+        taken.elapsed() >= self.hold
+            && view
+                .assignee(self.key)
+                .is_some_and(|named| named != self.relay.instance)
+    }
+
+    /// Reads `worker`'s cursor and publishes to `subject`, until something ends the turn.
+    /// Gives the lease back when it may still be held.
+    async fn own_stream(
+        self,
+        worker: &Arc<Worker>,
+        subject: &str,
         mut lease: Lease,
         view: &mut watch::Receiver<Arc<View>>,
         cancel: &CancellationToken,
@@ -381,14 +439,12 @@ impl Turn<'_> {
         let Turn {
             relay,
             handles,
-            worker,
-            subject,
             key,
             ..
-        } = *self;
+        } = self;
         let taken = Instant::now();
         let metrics = &relay.metrics().relay;
-        spawn_kill_orphans(relay, worker, key);
+        spawn_kill_orphans(relay, worker.client(), worker.tracker(), key);
         let after = match last_position(handles, subject).await {
             Ok(after) => after,
             Err(error) => {
@@ -411,13 +467,7 @@ impl Turn<'_> {
         let mut renew = tokio::time::interval_at(Instant::now() + every, every);
         let mark_every = Duration::from_millis(relay.settings.mark_interval_ms);
         let mut marked = Instant::now();
-        // Whether the placement names another instance and the lease was held long enough.
-        let handing_over = |view: &View| {
-            taken.elapsed() >= self.hold
-                && view
-                    .assignee(key)
-                    .is_some_and(|named| named != relay.instance)
-        };
+        let handing_over = |view: &View| self.handing_over(taken, view);
         // The step in flight is kept across renewals and view changes rather than dropped: an
         // open dropped in flight would leave its cursor on mongod (the driver never learns
         // its id), idle there until `cursorTimeoutMillis`. When the turn ends with an open in
@@ -569,14 +619,19 @@ impl Turn<'_> {
 }
 
 /// When the change was written (its `wallTime`), Unix ms.
-fn wall_ms(raw: &RawChange) -> Option<u64> {
+pub(super) fn wall_ms(raw: &RawChange) -> Option<u64> {
     let wall = raw.doc.get_datetime("wallTime").ok()?;
     u64::try_from(wall.timestamp_millis()).ok()
 }
 
 /// Publishes one message and waits for JetStream's acknowledgement (a duplicate, which
 /// another owner published already, is as good).
-async fn publish(relay: &Relay, subject: &str, key: &str, message: Outbound) -> Result<(), String> {
+pub(super) async fn publish(
+    relay: &Relay,
+    subject: &str,
+    key: &str,
+    message: Outbound,
+) -> Result<(), String> {
     let message = message.scoped(key);
     let ack = relay
         .jetstream

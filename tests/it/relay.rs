@@ -15,7 +15,7 @@ use crate::harness::clients::{Client, Kind, Next};
 use crate::harness::eventually;
 use crate::harness::fixture::{insert_seqs, seqs};
 use crate::harness::fleet::{self, Fleet, Instance};
-use crate::harness::mongod::{self, change_stream_cursors};
+use crate::harness::mongod::{self, change_stream_cursors, database_change_stream_cursors};
 use crate::harness::nats::NatsServer;
 use crate::harness::server::{self, TestServer};
 use crate::harness::unique_db;
@@ -676,5 +676,158 @@ async fn fleet_behind_haproxy_in_relay_mode_survives_sigkill_of_the_owner_and_ro
     fleet.finish().await;
     for took in &restarts {
         assert!(*took < Duration::from_secs(30), "a recovery took {took:?}");
+    }
+}
+
+/// Collections of the database-feed tests' streams (stream `s` on each).
+const FEED_COLLS: usize = 6;
+
+/// A relay-mode config with stream `s` on each of `c0` … `c5` of `db` (pipelines that only
+/// filter: they share their database's cursor) and `more` streams.
+fn feed_config(db: &str, nats: &NatsServer, more: &[(&str, &str, serde_json::Value)]) -> Config {
+    let mut config = server::config(mongod::shared());
+    for i in 0..FEED_COLLS {
+        config.streams.push(server::stream(
+            db,
+            &format!("c{i}"),
+            "s",
+            serde_json::json!([]),
+        ));
+    }
+    for (coll, name, pipeline) in more {
+        config
+            .streams
+            .push(server::stream(db, coll, name, pipeline.clone()));
+    }
+    set_relay(&mut config, nats);
+    config
+}
+
+/// A client of `path` at `base`, read by a task of its own until the `seq: -1` that ends the
+/// test: its `seq`s in order (and whether the stream ended with an `invalidate`).
+async fn reader(base: &str, path: &str) -> tokio::task::JoinHandle<(Vec<i64>, bool)> {
+    let mut client = Client::connect(Kind::Sse, base, path, None).await.unwrap();
+    let path = path.to_owned();
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        loop {
+            match client.next(WAIT).await {
+                Next::Event(event) if event.event == "change" => {
+                    if event.data["operationType"] != "insert" {
+                        continue;
+                    }
+                    let seq = event.data["fullDocument"]["seq"].as_i64().expect("seq");
+                    if seq < 0 {
+                        return (seen, false);
+                    }
+                    seen.push(seq);
+                }
+                Next::Event(event) if event.event == "invalidate" => return (seen, true),
+                Next::End(_) => return (seen, false),
+                other => panic!("{path}: after {} changes: {other:?}", seen.len()),
+            }
+        }
+    })
+}
+
+/// Writes `seq` 0, 1, … to every collection of `colls` until `writing` is cancelled, then
+/// `seq: -1`; returns the last `seq` written.
+fn write_until(
+    colls: Vec<Collection<Document>>,
+    writing: CancellationToken,
+) -> tokio::task::JoinHandle<i64> {
+    tokio::spawn(async move {
+        let mut seq = 0_i64;
+        while !writing.is_cancelled() {
+            for coll in &colls {
+                coll.insert_one(doc! { "seq": seq }).await.unwrap();
+            }
+            seq += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for coll in &colls {
+            coll.insert_one(doc! { "seq": -1_i64 }).await.unwrap();
+        }
+        seq - 1
+    })
+}
+
+/// Issue 22 for database feeds: in relay mode the `$match`-only streams of a database share
+/// ONE cursor for the whole fleet (read by one instance, published to each stream's subject),
+/// not one per stream. 3 instances, 5 streams on 5 collections with a client on every
+/// instance: one change-stream cursor on mongod; a 6th stream joins (its clients subscribe on
+/// every instance) while changes are written: every client gets every change once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_feed_streams_share_one_cursor_for_the_whole_fleet() {
+    let nats = NatsServer::start();
+    let db = unique_db("relay_feed");
+    let mongo = mongod::shared().client().await;
+    let colls: Vec<Collection<Document>> = (0..FEED_COLLS)
+        .map(|i| mongo.database(&db).collection(&format!("c{i}")))
+        .collect();
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        servers.push(TestServer::start(feed_config(&db, &nats, &[])).await);
+    }
+    // (instance, stream, reader): streams c0 … c4 now, c5 later.
+    let mut readers = Vec::new();
+    for (i, server) in servers.iter().enumerate() {
+        for stream in 0..FEED_COLLS - 1 {
+            let path = format!("/{db}/c{stream}/_streams/s");
+            readers.push((i, stream, reader(&server.url(""), &path).await));
+        }
+    }
+    let all: Vec<&TestServer> = servers.iter().collect();
+    eventually("one instance owns the database feed", WAIT, async || {
+        owned(&all).iter().sum::<i64>() == 1
+    })
+    .await;
+    eventually("one change-stream cursor on mongod", WAIT, async || {
+        database_change_stream_cursors(&mongo, &db).await == 1
+    })
+    .await;
+    let writing = CancellationToken::new();
+    let writer = write_until(colls.clone(), writing.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A member joins the fleet's feed while changes are written.
+    for (i, server) in servers.iter().enumerate() {
+        let stream = FEED_COLLS - 1;
+        let path = format!("/{db}/c{stream}/_streams/s");
+        readers.push((i, stream, reader(&server.url(""), &path).await));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cursors = database_change_stream_cursors(&mongo, &db).await;
+    let owners = owned(&all);
+    writing.cancel();
+    let last = writer.await.unwrap();
+    println!(
+        "relay database feed: {FEED_COLLS} streams × 3 instances: {cursors} change-stream \
+         cursor(s) on mongod, owned cursors per instance {owners:?}"
+    );
+    assert_eq!(
+        cursors, 1,
+        "one cursor for the fleet's {FEED_COLLS} streams"
+    );
+    assert_eq!(owners.iter().sum::<i64>(), 1);
+    let mut changes = 0;
+    for (i, stream, reader) in readers {
+        let (seen, _) = reader.await.unwrap();
+        changes += seen.len();
+        if stream == FEED_COLLS - 1 {
+            // Subscribed while changes were written: every one after its first.
+            let first = *seen.first().expect("the joining stream got changes");
+            let expected: Vec<i64> = (first..=last).collect();
+            assert_eq!(seen, expected, "instance {i}, the joining stream");
+        } else {
+            let expected: Vec<i64> = (0..=last).collect();
+            assert_eq!(seen, expected, "instance {i}, stream c{stream}");
+        }
+    }
+    println!(
+        "relay database feed: {} changes per stream, {changes} delivered, 0 lost, 0 repeated",
+        last + 1
+    );
+    for server in servers {
+        server.stop().await;
     }
 }
