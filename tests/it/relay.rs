@@ -362,9 +362,11 @@ async fn readiness_follows_the_nats_server_in_relay_mode() {
 /// Streams of the spread test, one per collection.
 const SPREAD_STREAMS: usize = 12;
 
-/// A relay-mode config with stream `s` on each of the collections `c0` … `c11` of `db`.
+/// A relay-mode config with stream `s` on each of the collections `c0` … `c11` of `db`, each
+/// on a cursor of its own (not their database's feed: what is placed is each stream's cursor).
 fn spread_config(db: &str, nats: &NatsServer) -> Config {
     let mut config = server::config(mongod::shared());
+    config.shared_database_cursors = false;
     for i in 0..SPREAD_STREAMS {
         config.streams.push(server::stream(
             db,
@@ -778,14 +780,24 @@ async fn database_feed_streams_share_one_cursor_for_the_whole_fleet() {
         }
     }
     let all: Vec<&TestServer> = servers.iter().collect();
-    eventually("one instance owns the database feed", WAIT, async || {
-        owned(&all).iter().sum::<i64>() == 1
-    })
-    .await;
-    eventually("one change-stream cursor on mongod", WAIT, async || {
-        database_change_stream_cursors(&mongo, &db).await == 1
-    })
-    .await;
+    // One instance owns the feed and mongod holds its one cursor (a cursor per stream, 5,
+    // before the relay shared database feeds).
+    let settled = Instant::now();
+    let (mut cursors, mut owners) = (0, Vec::new());
+    while settled.elapsed() < WAIT {
+        cursors = database_change_stream_cursors(&mongo, &db).await;
+        owners = owned(&all);
+        if cursors == 1 && owners.iter().sum::<i64>() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "relay database feed: {} streams × 3 instances, clients on every instance: {cursors} \
+         change-stream cursor(s) on mongod, owned per instance {owners:?}",
+        FEED_COLLS - 1
+    );
+    assert_eq!(cursors, 1, "one cursor for the fleet's streams");
     let writing = CancellationToken::new();
     let writer = write_until(colls.clone(), writing.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -827,6 +839,217 @@ async fn database_feed_streams_share_one_cursor_for_the_whole_fleet() {
         "relay database feed: {} changes per stream, {changes} delivered, 0 lost, 0 repeated",
         last + 1
     );
+    for server in servers {
+        server.stop().await;
+    }
+}
+
+/// The database feed's owner SIGKILLed (frozen first, so that its cursor sits idle on mongod)
+/// while changes are written to its 5 streams: another instance takes the feed over and every
+/// client of the other instances gets every change once, in order; one cursor on mongod after
+/// (the new owner ended the killed one's).
+#[tokio::test]
+async fn a_database_feed_owner_killed_with_sigkill_is_taken_over_losing_nothing() {
+    let nats = NatsServer::start();
+    let db = unique_db("relay_feed_kill");
+    let mongo = mongod::shared().client().await;
+    let names = ["c", "c1", "c2", "c3", "c4"];
+    let colls: Vec<Collection<Document>> = names
+        .iter()
+        .map(|name| mongo.database(&db).collection(name))
+        .collect();
+    let mut extra = relay_toml_with_lease(&nats, KILL_TEST_LEASE_TTL_MS);
+    for name in &names[1..] {
+        extra.push_str(&format!(
+            "[[streams]]\ndb = {db:?}\ncoll = {name:?}\nname = \"s\"\n"
+        ));
+    }
+    let mut instances: Vec<Instance> = (0..3).map(|_| Instance::new(&db, &extra)).collect();
+    for instance in &mut instances {
+        instance.start().await;
+    }
+    let mut readers = Vec::new();
+    for (i, instance) in instances.iter().enumerate() {
+        for name in names {
+            let path = format!("/{db}/{name}/_streams/s");
+            readers.push((i, name, reader(&instance.url(), &path).await));
+        }
+    }
+    let owner = settled_owner_with_lease(KILL_TEST_LEASE_TTL_MS, async || {
+        instance_owners(&instances).await
+    })
+    .await;
+    eventually("one change-stream cursor on mongod", WAIT, async || {
+        database_change_stream_cursors(&mongo, &db).await == 1
+    })
+    .await;
+    let writing = CancellationToken::new();
+    let writer = write_until(colls, writing.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    instances[owner].signal("-STOP");
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    instances[owner].stop("-KILL").await;
+    let others: Vec<&Instance> = (0..3)
+        .filter(|i| *i != owner)
+        .map(|i| &instances[i])
+        .collect();
+    eventually(
+        "an instance takes the database feed over",
+        WAIT,
+        async || {
+            let mut sum = 0.0;
+            for instance in &others {
+                sum += instance.metric("streamgate_relay_owned_cursors").await;
+            }
+            sum == 1.0
+        },
+    )
+    .await;
+    let took = killed.elapsed();
+    eprintln!("relay database feed takeover after SIGSTOP + SIGKILL of the owner: {took:?}");
+    assert!(took < Duration::from_secs(2), "takeover took {took:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    writing.cancel();
+    let last = writer.await.unwrap();
+    let expected: Vec<i64> = (0..=last).collect();
+    for (i, name, reader) in readers {
+        if i == owner {
+            reader.abort();
+            continue;
+        }
+        let (seen, _) = reader.await.unwrap();
+        assert_eq!(seen, expected, "instance {i}, stream {name}");
+    }
+    eventually(
+        "the killed owner's idle cursor ended: one cursor on mongod",
+        Duration::from_secs(5),
+        async || database_change_stream_cursors(&mongo, &db).await == 1,
+    )
+    .await;
+    for instance in &mut instances {
+        if instance.is_running() {
+            instance.stop("-TERM").await;
+        }
+    }
+}
+
+/// Streams filtering one collection differently share the fleet's feed (one cursor), and each
+/// client gets only its own stream's matches (MongoDB judges a batch's changes per `$match`);
+/// a stream without a filter on that collection gets all of them.
+#[tokio::test]
+async fn database_feed_streams_filtering_one_collection_differently_get_only_their_matches() {
+    let nats = NatsServer::start();
+    let db = unique_db("relay_feed_filters");
+    let mongo = mongod::shared().client().await;
+    let more = [
+        (
+            "c0",
+            "evens",
+            serde_json::json!([{ "$match": { "documentKey._id": { "$mod": [2, 0] } } }]),
+        ),
+        (
+            "c0",
+            "odds",
+            serde_json::json!([{ "$match": { "documentKey._id": { "$mod": [2, 1] } } }]),
+        ),
+    ];
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        servers.push(TestServer::start(feed_config(&db, &nats, &more)).await);
+    }
+    let mut clients = Vec::new();
+    for server in &servers {
+        for name in ["evens", "odds", "s"] {
+            let path = format!("/{db}/c0/_streams/{name}");
+            let client = Client::connect(Kind::Sse, &server.url(""), &path, None)
+                .await
+                .unwrap();
+            clients.push((name, client));
+        }
+    }
+    eventually("one change-stream cursor on mongod", WAIT, async || {
+        database_change_stream_cursors(&mongo, &db).await == 1
+    })
+    .await;
+
+    let coll: Collection<Document> = mongo.database(&db).collection("c0");
+    // A burst (batches the cursor holds together), then one by one.
+    coll.insert_many((0..40).map(|seq| doc! { "_id": seq, "seq": seq }))
+        .await
+        .unwrap();
+    for seq in 40..60 {
+        coll.insert_one(doc! { "_id": seq, "seq": seq })
+            .await
+            .unwrap();
+    }
+    for (name, client) in &mut clients {
+        let expected: Vec<i64> = match *name {
+            "evens" => (0..60).step_by(2).collect(),
+            "odds" => (1..60).step_by(2).collect(),
+            _ => (0..60).collect(),
+        };
+        assert_eq!(exactly(client, expected.len()).await, expected, "{name}");
+    }
+    // (A hand-over between the two instances may leave the old cursor a moment.)
+    eventually(
+        "still one change-stream cursor on mongod",
+        WAIT,
+        async || database_change_stream_cursors(&mongo, &db).await == 1,
+    )
+    .await;
+    for server in servers {
+        server.stop().await;
+    }
+}
+
+/// A member's collection dropped: its stream's clients get the `drop` and the `invalidate`
+/// on every instance, the fleet feed's other streams go on.
+#[tokio::test]
+async fn a_dropped_collection_ends_its_database_feed_stream_and_the_others_go_on() {
+    let nats = NatsServer::start();
+    let db = unique_db("relay_feed_drop");
+    let mongo = mongod::shared().client().await;
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        servers.push(TestServer::start(feed_config(&db, &nats, &[])).await);
+    }
+    let mut gone = Vec::new();
+    let mut stays = Vec::new();
+    for server in &servers {
+        for (coll, clients) in [("c0", &mut gone), ("c1", &mut stays)] {
+            let path = format!("/{db}/{coll}/_streams/s");
+            let client = Client::connect(Kind::Sse, &server.url(""), &path, None)
+                .await
+                .unwrap();
+            clients.push(client);
+        }
+    }
+    let (c0, c1): (Collection<Document>, Collection<Document>) = (
+        mongo.database(&db).collection("c0"),
+        mongo.database(&db).collection("c1"),
+    );
+    insert_seqs(&c0, 0..3).await;
+    for client in &mut gone {
+        assert_eq!(exactly(client, 3).await, vec![0, 1, 2]);
+    }
+    c0.drop().await.unwrap();
+    for client in &mut gone {
+        let drop_event = client.expect_event(WAIT).await;
+        assert_eq!(drop_event.data["operationType"], "drop");
+        let invalidate = client.expect_event(WAIT).await;
+        assert_eq!(invalidate.event, "invalidate");
+        assert!(invalidate.id.is_some());
+        assert!(matches!(client.next(WAIT).await, Next::End(_)));
+    }
+    insert_seqs(&c1, 0..5).await;
+    for client in &mut stays {
+        assert_eq!(exactly(client, 5).await, (0..5).collect::<Vec<_>>());
+    }
+    eventually("one change-stream cursor on mongod", WAIT, async || {
+        database_change_stream_cursors(&mongo, &db).await == 1
+    })
+    .await;
     for server in servers {
         server.stop().await;
     }
