@@ -56,7 +56,7 @@ use std::time::Duration;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
-use mongodb::bson::{Bson, Document, doc};
+use mongodb::bson::{Bson, Document, Timestamp, doc};
 use mongodb::options::ChangeStreamOptions;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -392,6 +392,9 @@ struct Member {
     added: bool,
     /// Added at the last open, which has not succeeded yet (a refusal may be its).
     joined: bool,
+    /// Its log stood far behind the feed: a cursor of its own brings it up to the oplog's
+    /// head before it joins the feed's filter ([`catch_up`]).
+    catching: bool,
 }
 
 /// Why the feed's turn stops, beside the ways every owner's turn ends.
@@ -475,18 +478,39 @@ impl Owner<'_> {
         let mut marked = Instant::now();
         let mut source: Option<ChangeSource> = None;
         let mut reopen = true;
+        // The cluster time the feed has read to, for members catching up on their own.
+        let feed_at = watch::Sender::new(None::<Timestamp>);
+        // Members catching up on cursors of their own: each ends with its subject.
+        let mut catch_ups: futures::stream::FuturesUnordered<
+            futures::future::BoxFuture<'_, (String, Caught)>,
+        > = futures::stream::FuturesUnordered::new();
         // A step read while gathering a batch that did not go into it: the next one handled.
         let mut carried: Option<Step<RawChange>> = None;
         let exit = 'turn: loop {
             if reopen && carried.is_none() {
                 reopen = false;
                 source = None;
-                if let Err(error) = self.prepare().await {
-                    relay.metrics().relay.error("read");
-                    tracing::warn!(%error, "relay: cannot read where a database feed member's log stands");
-                    break 'turn Exit::Unpublished;
+                match self.prepare().await {
+                    Ok(started) => {
+                        for (subject, advert, from) in started {
+                            let (local, instance) = (self.local, relay.instance.as_str());
+                            let feed_at = feed_at.subscribe();
+                            catch_ups.push(Box::pin(async move {
+                                let caught =
+                                    catch_up(relay, local, key, instance, &advert, from, feed_at)
+                                        .await;
+                                (subject, caught)
+                            }));
+                        }
+                    }
+                    Err(error) => {
+                        relay.metrics().relay.error("read");
+                        tracing::warn!(%error, "relay: cannot read where a database feed member's log stands");
+                        break 'turn Exit::Unpublished;
+                    }
                 }
-                source = (!self.members.is_empty()).then(|| self.open());
+                let feeding = self.members.values().any(|m| !m.catching);
+                source = feeding.then(|| self.open());
             }
             let step = if let Some(step) = carried.take() {
                 step
@@ -543,6 +567,31 @@ impl Owner<'_> {
                                 break 'turn Exit::Unpublished;
                             }
                         },
+                        Some((subject, caught)) = catch_ups.next(), if !catch_ups.is_empty() => {
+                            match caught {
+                                Caught::Up(at) => {
+                                    if let Some(member) = self.members.get_mut(&subject) {
+                                        member.at = Some(at);
+                                        member.catching = false;
+                                        member.served = true;
+                                    }
+                                    // It joins the feed's filter from where it caught up.
+                                    settle(pending.as_mut()).await;
+                                    reopen = true;
+                                    continue 'turn;
+                                }
+                                Caught::Ended => {
+                                    self.members.remove(&subject);
+                                    self.ended.insert(subject, Instant::now());
+                                }
+                                Caught::Unpublished(error) => {
+                                    relay.metrics().relay.error("publish");
+                                    tracing::warn!(%error, "relay: JetStream did not take a catching-up member's change; resuming from the logs");
+                                    settle(pending.as_mut()).await;
+                                    break 'turn Exit::Unpublished;
+                                }
+                            }
+                        }
                         _ = expire.tick() => {
                             if self.take_roster() {
                                 settle(pending.as_mut()).await;
@@ -624,6 +673,7 @@ impl Owner<'_> {
             if let Some(position) = source.as_ref().and_then(ChangeSource::position) {
                 self.position = Some(position.clone());
             }
+            feed_at.send_replace(self.position.as_ref().and_then(Token::cluster_time));
             if marked.elapsed() >= mark_every {
                 marked = Instant::now();
                 if let Err(error) = self.mark_moved().await {
@@ -634,6 +684,7 @@ impl Owner<'_> {
             }
         };
         drop(source);
+        drop(catch_ups);
         match exit {
             Exit::Cancelled => (Outcome::Cancelled, Some(lease)),
             Exit::Lost => (Outcome::Lost, None),
@@ -701,6 +752,7 @@ impl Owner<'_> {
                     served: false,
                     added: true,
                     joined: false,
+                    catching: false,
                 },
             );
             added = true;
@@ -709,8 +761,9 @@ impl Owner<'_> {
     }
 
     /// Before an open: members served so far skip what they had (up to the cursor's
-    /// position); added members start where their log stands.
-    async fn prepare(&mut self) -> Result<(), String> {
+    /// position); added members start where their log stands, those whose log stands far
+    /// behind the others after a catch-up of their own (returned: subject, member, position).
+    async fn prepare(&mut self) -> Result<Vec<(String, Advert, Token)>, String> {
         let handles = self.turn.handles;
         for (subject, member) in &mut self.members {
             if member.served {
@@ -727,7 +780,42 @@ impl Owner<'_> {
                 self.joined = true;
             }
         }
-        Ok(())
+        // Far behind the newest position: rewinding the feed there would hold every other
+        // member's changes back while it re-reads; the member catches up on its own instead.
+        let behind = 2 * Duration::from_millis(self.turn.relay.settings.mark_interval_ms);
+        let newest = self
+            .members
+            .values()
+            .filter(|m| !m.catching)
+            .filter_map(|m| m.at.clone())
+            .chain(self.position.clone())
+            .max();
+        let Some(newest) = newest.as_ref().and_then(Token::cluster_time) else {
+            return Ok(Vec::new());
+        };
+        let mut catch_ups = Vec::new();
+        for (subject, member) in &mut self.members {
+            let far = member
+                .at
+                .as_ref()
+                .and_then(Token::cluster_time)
+                .is_some_and(|at| {
+                    seconds(newest).saturating_sub(seconds(at)) > behind.as_secs().max(1)
+                });
+            if member.joined
+                && member.served
+                && far
+                && let Some(at) = member.at.clone()
+            {
+                tracing::info!(coll = %member.advert.coll, "relay: a database feed member's log stands far behind; it catches up on a cursor of its own, then joins");
+                self.turn.relay.metrics().relay.feed_catch_ups.inc();
+                member.served = false;
+                member.joined = false;
+                member.catching = true;
+                catch_ups.push((subject.clone(), member.advert.clone(), at));
+            }
+        }
+        Ok(catch_ups)
     }
 
     /// The cursor for the members: at the cluster time of the oldest log position, or from
@@ -735,7 +823,12 @@ impl Owner<'_> {
     fn open(&mut self) -> ChangeSource {
         let template = &self.local.template;
         let relay = self.turn.relay;
-        let from = self.members.values().filter_map(|m| m.at.clone()).min();
+        let from = self
+            .members
+            .values()
+            .filter(|m| !m.catching)
+            .filter_map(|m| m.at.clone())
+            .min();
         self.pending_start = from
             .as_ref()
             .and_then(Token::cluster_time)
@@ -743,6 +836,7 @@ impl Owner<'_> {
         let filter = filter_of(
             self.members
                 .values()
+                .filter(|m| !m.catching)
                 .map(|m| (m.advert.coll.as_str(), m.advert.pipeline.as_slice())),
         );
         let mut fields: Vec<String> = self
@@ -790,7 +884,7 @@ impl Owner<'_> {
         let fresh: Vec<String> = self
             .members
             .iter()
-            .filter(|(_, m)| !m.served && !m.added)
+            .filter(|(_, m)| !m.served && !m.added && !m.catching)
             .map(|(subject, _)| subject.clone())
             .collect();
         let messages = fresh
@@ -1110,6 +1204,123 @@ impl Owner<'_> {
             });
         futures::future::try_join_all(sends).await.map(|_| ())
     }
+}
+
+/// How a member's catch-up ended.
+enum Caught {
+    /// Its log reached the oplog's head at this position (an empty batch): it joins the feed.
+    Up(Token),
+    /// Its stream ended (the collection dropped, an error retrying cannot fix), published.
+    Ended,
+    /// JetStream did not take a message.
+    Unpublished(String),
+}
+
+/// Brings a member whose log stands far behind the feed up to the oplog's head on a cursor
+/// of its own (its collection and pipeline, as its own owner would read, from the cluster
+/// time of `from`, skipping what its log has), publishing to its subject; the feed then
+/// includes it from there. The other members' changes are not held back meanwhile.
+async fn catch_up(
+    relay: &Relay,
+    local: &LocalFeed,
+    feed_key: &str,
+    instance: &str,
+    advert: &Advert,
+    from: Token,
+    feed_at: watch::Receiver<Option<Timestamp>>,
+) -> Caught {
+    let template = &local.template;
+    let mut pipeline = vec![doc! { "$match": { "$comment": cursor_comment(feed_key, instance) } }];
+    pipeline.extend(advert.pipeline.iter().cloned());
+    let watch = Watch {
+        client: template.client.clone(),
+        db: template.db.clone(),
+        coll: Some(advert.coll.clone()),
+        pipeline,
+        options: template.options.clone(),
+        probe_fields: advert.fields.clone(),
+        features: template.features,
+        isolation_changes: template.isolation_changes,
+        max_backoff: template.max_backoff,
+        label: format!(
+            "{}.{} (relayed database feed catch-up)",
+            template.db, advert.coll
+        ),
+        on_open: Arc::new(|| {}),
+        on_skip: Arc::new(|| {}),
+    };
+    let mut source = ChangeSource::at_time_of(watch, from.clone());
+    let mut at = from;
+    let send =
+        async |message: Outbound| publish(relay, &advert.subject, &advert.key, message).await;
+    // A step read while gathering a batch that did not go into it: the next one handled.
+    let mut carried: Option<Step<RawChange>> = None;
+    loop {
+        let step = match carried.take() {
+            Some(step) => step,
+            None => source.next().await,
+        };
+        let published = now_ms();
+        let message = match step {
+            Step::Opened(_) | Step::Quiet(None) | Step::Retrying(_) => continue,
+            Step::Quiet(Some(token)) => return Caught::Up(if token > at { token } else { at }),
+            Step::Change(raw) => {
+                // Reached where the feed reads: it joins the feed from here.
+                let reached = |raw: &RawChange| {
+                    let feed_at = *feed_at.borrow();
+                    raw.id
+                        .cluster_time()
+                        .zip(feed_at)
+                        .is_some_and(|(t, f)| t >= f)
+                };
+                let mut caught = false;
+                let mut batch = wire::Batch::default();
+                let mut next = Some(raw);
+                while let Some(raw) = next.take() {
+                    // Opened at the cluster time of `from`: what its log has is skipped.
+                    caught = reached(&raw);
+                    if raw.id > at {
+                        match batch.try_push(&raw, BATCH_BYTES) {
+                            Ok(true) => at = raw.id.clone(),
+                            Ok(false) => {
+                                carried = Some(Step::Change(raw));
+                                break;
+                            }
+                            Err(error) => return Caught::Unpublished(error.to_string()),
+                        }
+                    }
+                    if caught || batch.len() >= BATCH_CHANGES || !source.is_open() {
+                        break;
+                    }
+                    match source.next().now_or_never() {
+                        Some(Step::Change(raw)) => next = Some(raw),
+                        Some(step) => carried = Some(step),
+                        None => {}
+                    }
+                }
+                if let Some(message) = batch.finish(published)
+                    && let Err(error) = send(message).await
+                {
+                    return Caught::Unpublished(error);
+                }
+                if caught && carried.is_none() {
+                    return Caught::Up(at);
+                }
+                continue;
+            }
+            Step::Invalidated(event) => wire::invalidate(&event, Some(&at), published),
+            Step::Failed(code, message) => wire::failed(code, &message, Some(&at), published),
+        };
+        return match send(message).await {
+            Ok(()) => Caught::Ended,
+            Err(error) => Caught::Unpublished(error),
+        };
+    }
+}
+
+/// Seconds of a cluster time.
+fn seconds(at: Timestamp) -> u64 {
+    u64::from(at.time)
 }
 
 /// A pipeline as bytes (a map key).

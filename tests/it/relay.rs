@@ -808,19 +808,19 @@ async fn database_feed_streams_share_one_cursor_for_the_whole_fleet() {
         readers.push((i, stream, reader(&server.url(""), &path).await));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let cursors = database_change_stream_cursors(&mongo, &db).await;
-    let owners = owned(&all);
+    // A join reopens the feed's cursor; the one it replaced may linger for its `getMore`'s
+    // wait (100 ms), and a hand-over between instances for a moment.
+    eventually(
+        "one cursor for the fleet after the join",
+        WAIT,
+        async || {
+            database_change_stream_cursors(&mongo, &db).await == 1
+                && owned(&all).iter().sum::<i64>() == 1
+        },
+    )
+    .await;
     writing.cancel();
     let last = writer.await.unwrap();
-    println!(
-        "relay database feed: {FEED_COLLS} streams × 3 instances: {cursors} change-stream \
-         cursor(s) on mongod, owned cursors per instance {owners:?}"
-    );
-    assert_eq!(
-        cursors, 1,
-        "one cursor for the fleet's {FEED_COLLS} streams"
-    );
-    assert_eq!(owners.iter().sum::<i64>(), 1);
     let mut changes = 0;
     for (i, stream, reader) in readers {
         let (seen, _) = reader.await.unwrap();
@@ -1045,6 +1045,77 @@ async fn a_dropped_collection_ends_its_database_feed_stream_and_the_others_go_on
     insert_seqs(&c1, 0..5).await;
     for client in &mut stays {
         assert_eq!(exactly(client, 5).await, (0..5).collect::<Vec<_>>());
+    }
+    eventually("one change-stream cursor on mongod", WAIT, async || {
+        database_change_stream_cursors(&mongo, &db).await == 1
+    })
+    .await;
+    for server in servers {
+        server.stop().await;
+    }
+}
+
+/// A stream whose clients all left (its workers retired, it left the fleet's feed) and one
+/// resumes later with its last id, while changes are written: its log stands seconds behind
+/// the feed, so it catches up on a cursor of its own (the feed does not rewind the other
+/// streams' cursor) and then joins the feed. The resuming client gets every change after its
+/// id once, in order; the other streams lose and repeat nothing; one cursor at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_feed_stream_resumed_after_its_workers_retired_catches_up_on_its_own() {
+    let nats = NatsServer::start();
+    let db = unique_db("relay_feed_rejoin");
+    let mongo = mongod::shared().client().await;
+    let colls: Vec<Collection<Document>> = (0..FEED_COLLS)
+        .map(|i| mongo.database(&db).collection(&format!("c{i}")))
+        .collect();
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        servers.push(TestServer::start(feed_config(&db, &nats, &[])).await);
+    }
+    let mut readers = Vec::new();
+    for (i, server) in servers.iter().enumerate() {
+        for stream in 0..FEED_COLLS - 1 {
+            let path = format!("/{db}/c{stream}/_streams/s");
+            readers.push((i, stream, reader(&server.url(""), &path).await));
+        }
+    }
+    let leaving = format!("/{db}/c{}/_streams/s", FEED_COLLS - 1);
+    let mut client = Client::connect(Kind::Sse, &servers[0].url(""), &leaving, None)
+        .await
+        .unwrap();
+    let writing = CancellationToken::new();
+    let writer = write_until(colls, writing.clone());
+    let first = client.changes(10, WAIT).await;
+    let last_id = first.last().and_then(|e| e.id.clone()).expect("an id");
+    let last_seen = seqs(&first).last().copied().expect("a seq");
+    drop(client);
+    // Its worker retires (`worker_linger_ms`), the stream leaves the feed; the others go on.
+    let catch_ups = || {
+        servers
+            .iter()
+            .map(|s| s.metrics.relay.feed_catch_ups.get())
+            .sum::<u64>()
+    };
+    // Longer than the two mark intervals past which a log counts as far behind.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(catch_ups(), 0);
+    let mut client = Client::connect(Kind::Sse, &servers[1].url(""), &leaving, Some(&last_id))
+        .await
+        .unwrap();
+    eventually("the stream caught up on its own", WAIT, async || {
+        catch_ups() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    writing.cancel();
+    let last = writer.await.unwrap();
+    // Every change after its id, then the writer's `seq: -1`.
+    let rest: Vec<i64> = ((last_seen + 1)..=last).chain([-1]).collect();
+    assert_eq!(exactly(&mut client, rest.len()).await, rest);
+    let all: Vec<i64> = (0..=last).collect();
+    for (i, stream, reader) in readers {
+        let (seen, _) = reader.await.unwrap();
+        assert_eq!(seen, all, "instance {i}, stream c{stream}");
     }
     eventually("one change-stream cursor on mongod", WAIT, async || {
         database_change_stream_cursors(&mongo, &db).await == 1
