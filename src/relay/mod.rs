@@ -2,7 +2,7 @@
 //! of instances, through NATS JetStream.
 //!
 //! ```text
-//!  instance A (owner of worker W)                        instance B, C, …
+//!  instance A (owner of worker W, or of its database feed) instance B, C, …
 //!  ChangeSource ──raw change──▶ publish ─▶ JetStream stream ─▶ ordered consumer ─┐
 //!   (owner.rs, holds lease)     Nats-Msg-Id = token       one subject per worker   ▼
 //!                                            └──────────▶ ordered consumer ─▶ Worker::apply
@@ -31,8 +31,11 @@
 //! * A worker's subject is a hash of what its cursor watches (database, collection, bound
 //!   pipeline, `fullDocument…` options): instances agree on it without agreeing on anything
 //!   else, and a replaced definition gets a new log.
-//! * In relay mode workers do not share database feeds (`worker/feed.rs`): the unit of
-//!   ownership is the worker, each with its own cursor on exactly one instance.
+//! * Workers that would share their database's cursor on one instance (`worker/feed.rs`)
+//!   share it across the fleet (`feed.rs`): the unit of ownership is then the database feed,
+//!   whose owner reads one `db.watch()` for the members every instance lists and publishes
+//!   each change to its members' own subjects; the reading side is the same as for a worker
+//!   relayed on its own cursor (`consumer.rs`). `Relay::source` picks the owner side.
 
 mod consumer;
 mod feed;

@@ -1,6 +1,10 @@
 //! The owner side of a relayed worker: contend for its lease; while holding it, read the
 //! worker's MongoDB cursor and publish every step to the worker's subject.
 //!
+//! The contention (placement, lease, hand-over, takeover) is the same for whatever an owner
+//! reads: a [`Unit`] is one worker's cursor ([`StreamCursor`], here) or a database feed's
+//! (`feed.rs`), each with its own turn as owner.
+//!
 //! Who contends: the instance the fleet's placement (`membership.rs`) names for the worker
 //! takes a free lease at once, and a lease held by an instance whose heartbeat expired without
 //! waiting for the lease to; any other instance that has the worker only once the lease has
