@@ -1089,21 +1089,31 @@ impl Owner<'_> {
             .collect()
     }
 
-    /// Ends the members `subjects` with the message `end` makes for each.
+    /// Ends the members `subjects` with the message `end` makes for each. A member whose log
+    /// is empty gets a start first ("before" the cluster time the feed stands at): a log
+    /// whose first message is an end reads as an earlier life of the stream, and its workers
+    /// would wait for a start rather than end with the error.
     async fn end(
         &mut self,
         subjects: Vec<String>,
         end: impl Fn(&Member) -> Outbound,
     ) -> Result<(), String> {
+        let start = self.pending_start.clone().or_else(|| {
+            let at = self.position.as_ref()?.cluster_time()?;
+            Some(Token::before_cluster_time(at))
+        });
         let messages = subjects
             .iter()
             .filter_map(|subject| {
                 let member = self.members.get(subject)?;
-                Some((
-                    subject.clone(),
-                    member.advert.key.clone(),
-                    vec![end(member)],
-                ))
+                let mut messages = Vec::with_capacity(2);
+                if member.at.is_none()
+                    && let Some(start) = &start
+                {
+                    messages.push(wire::mark(start, now_ms()));
+                }
+                messages.push(end(member));
+                Some((subject.clone(), member.advert.key.clone(), messages))
             })
             .collect();
         self.publish_all(messages).await?;

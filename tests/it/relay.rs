@@ -1125,3 +1125,76 @@ async fn a_database_feed_stream_resumed_after_its_workers_retired_catches_up_on_
         server.stop().await;
     }
 }
+
+/// Members that could take the fleet's feed down do not: a `$match` MongoDB refuses ends its
+/// own stream alone with MongoDB's error (the feed's open is probed member by member; the
+/// stream's empty log gets a start before the error, so its worker opens and ends with it),
+/// and one whose `$expr` fails
+/// on a change is relayed on a cursor of its own, whose error reaches its clients alone. The
+/// plain stream of the same database gets every change once, in order.
+#[tokio::test]
+async fn database_feed_members_that_fail_do_not_take_the_others_down() {
+    let nats = NatsServer::start();
+    let db = unique_db("relay_feed_fail");
+    let mongo = mongod::shared().client().await;
+    let more = [
+        (
+            "bad",
+            "s",
+            // An invalid regular expression: MongoDB refuses it when a cursor opens.
+            serde_json::json!([{ "$match": { "fullDocument.name": { "$regex": "(" } } }]),
+        ),
+        (
+            "b",
+            "s",
+            serde_json::json!([{ "$match": { "$expr": { "$eq": [{ "$toInt": "$fullDocument.code" }, 5] } } }]),
+        ),
+    ];
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        servers.push(TestServer::start(feed_config(&db, &nats, &more)).await);
+    }
+    let c0: Collection<Document> = mongo.database(&db).collection("c0");
+    let path = format!("/{db}/c0/_streams/s");
+    let mut good = Vec::new();
+    for server in &servers {
+        good.push(
+            Client::connect(Kind::Sse, &server.url(""), &path, None)
+                .await
+                .unwrap(),
+        );
+    }
+    insert_seqs(&c0, 0..2).await;
+    for client in &mut good {
+        assert_eq!(exactly(client, 2).await, vec![0, 1]);
+    }
+    let bad = format!("/{db}/bad/_streams/s");
+    let mut refused = Client::connect(Kind::Sse, &servers[1].url(""), &bad, None)
+        .await
+        .unwrap();
+    let error = refused.expect_event(WAIT).await;
+    assert_eq!(error.event, "error", "{error:?}");
+    let message = error.data["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("Regular expression is invalid"),
+        "{error:?}"
+    );
+    assert!(matches!(refused.next(WAIT).await, Next::End(_)));
+    let poison = format!("/{db}/b/_streams/s");
+    let mut poisoned = Client::connect(Kind::Sse, &servers[0].url(""), &poison, None)
+        .await
+        .unwrap();
+    let b: Collection<Document> = mongo.database(&db).collection("b");
+    b.insert_one(doc! { "code": "x" }).await.unwrap();
+    let error = poisoned.expect_event(WAIT).await;
+    assert_eq!(error.event, "error", "{error:?}");
+    let message = error.data["message"].as_str().unwrap_or_default();
+    assert!(message.contains("Failed to parse number 'x'"), "{error:?}");
+    insert_seqs(&c0, 2..5).await;
+    for client in &mut good {
+        assert_eq!(exactly(client, 3).await, vec![2, 3, 4]);
+    }
+    for server in servers {
+        server.stop().await;
+    }
+}
