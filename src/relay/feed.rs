@@ -1344,6 +1344,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_feed_is_its_database_and_options() {
+        let spec = |coll: &str, full| WatchSpec {
+            db: "d".into(),
+            coll: coll.into(),
+            pipeline: vec![],
+            full_document: full,
+            full_document_before_change: crate::spec::FullDocumentBeforeChange::Off,
+            routing: Vec::new(),
+            membership: None,
+        };
+        use crate::spec::FullDocument;
+        let key = feed_key(&spec("a", FullDocument::Default));
+        assert_eq!(key, feed_key(&spec("b", FullDocument::Default)));
+        assert_ne!(key, feed_key(&spec("a", FullDocument::UpdateLookup)));
+        assert_eq!(key.len(), 32);
+    }
+
+    #[test]
     fn member_lists_round_trip() {
         let adverts = vec![
             Advert {
