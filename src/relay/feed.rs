@@ -723,9 +723,11 @@ impl Owner<'_> {
     fn take_roster(&mut self) -> bool {
         let relay = self.turn.relay;
         let ttl = relay.settings.instance_ttl();
+        // A killed instance's list expired without a delete.
+        self.heard.retain(|_, (_, at)| at.elapsed() < ttl);
         let mut listed: BTreeMap<String, Advert> = BTreeMap::new();
-        for (instance, (adverts, at)) in &self.heard {
-            if *instance != relay.instance && at.elapsed() < ttl {
+        for (instance, (adverts, _)) in &self.heard {
+            if *instance != relay.instance {
                 for advert in adverts {
                     listed.insert(advert.subject.clone(), advert.clone());
                 }
