@@ -32,7 +32,7 @@
 //!   pipeline, `fullDocument…` options): instances agree on it without agreeing on anything
 //!   else, and a replaced definition gets a new log.
 //! * Workers that would share their database's cursor on one instance (`worker/feed.rs`)
-//!   share it across the fleet (`feed.rs`): the unit of ownership is then the database feed,
+//!   share it across the fleet (`feed/`): the unit of ownership is then the database feed,
 //!   whose owner reads one `db.watch()` for the members every instance lists and publishes
 //!   each change to its members' own subjects; the reading side is the same as for a worker
 //!   relayed on its own cursor (`consumer.rs`). `Relay::source` picks the owner side.
@@ -76,7 +76,7 @@ struct Handles {
     leases: jetstream::kv::Store,
     /// The instances' heartbeats (`membership.rs`).
     instances: jetstream::kv::Store,
-    /// Each instance's members of each database feed (`feed.rs`).
+    /// Each instance's members of each database feed (`feed/`).
     feeds: jetstream::kv::Store,
 }
 

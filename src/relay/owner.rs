@@ -3,7 +3,7 @@
 //!
 //! The contention (placement, lease, hand-over, takeover) is the same for whatever an owner
 //! reads: a [`Unit`] is one worker's cursor ([`StreamCursor`], here) or a database feed's
-//! (`feed.rs`), each with its own turn as owner.
+//! (`feed/`), each with its own turn as owner.
 //!
 //! Who contends: the instance the fleet's placement (`membership.rs`) names for the worker
 //! takes a free lease at once, and a lease held by an instance whose heartbeat expired without
@@ -74,7 +74,7 @@ pub(super) fn spawn(relay: Arc<Relay>, worker: &Arc<Worker>, subject: String, ke
 }
 
 /// What an owner reads for the fleet: one worker's cursor ([`StreamCursor`]), or a database
-/// feed's (`feed.rs`).
+/// feed's (`feed/`).
 pub(super) trait Unit: Sync {
     /// Name in logs.
     fn label(&self) -> String;

@@ -37,7 +37,7 @@
 //! * **Leave.** A member leaves when its worker stops (its [`Membership`] drops); the feed
 //!   stops with its last member.
 //!
-//! In relay mode the fleet shares feeds instead (`relay/feed.rs`, whose members are every
+//! In relay mode the fleet shares feeds instead (`relay/feed/`, whose members are every
 //! instance's): it reuses this module's filter ([`filter_of`]), ends ([`invalidate_after`],
 //! [`taken_by`]) and the rule of which pipelines share ([`shareable`], [`fails_on_data`]).
 
