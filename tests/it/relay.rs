@@ -921,9 +921,11 @@ async fn a_database_feed_owner_killed_with_sigkill_is_taken_over_losing_nothing(
         let (seen, _) = reader.await.unwrap();
         assert_eq!(seen, expected, "instance {i}, stream {name}");
     }
+    // The new owner's cursor is open (it read those changes); the killed one's is gone (the
+    // new owner ended it: `kill_orphans` finds database cursors by their comment too).
     eventually(
         "the killed owner's idle cursor ended: one cursor on mongod",
-        Duration::from_secs(5),
+        Duration::from_secs(1),
         async || database_change_stream_cursors(&mongo, &db).await == 1,
     )
     .await;
