@@ -456,6 +456,10 @@ settings! {
         /// JetStream key-value bucket of the instances' heartbeats, each listing the workers
         /// the instance has (created if missing): who is live and who could read each cursor.
         pub instance_bucket: String = "streamgate_instances".to_owned(),
+        /// JetStream key-value bucket where each instance lists the streams it has that share
+        /// their database's cursor (created if missing): the members of the fleet's database
+        /// feeds.
+        pub feed_bucket: String = "streamgate_feeds".to_owned(),
         /// Milliseconds between an instance's heartbeats (and its reads of the others'): how
         /// soon ownership moves when an instance joins or leaves.
         pub heartbeat_ms: u64 = 300,

@@ -271,6 +271,9 @@ pub struct RelayMetrics {
     pub takeovers: Counter,
     /// Messages this instance published to JetStream (changes and positions).
     pub published: Counter,
+    /// Members of a database feed whose log stood far behind and that this instance, owning
+    /// the feed, brought up to date on a cursor of their own before they joined it.
+    pub feed_catch_ups: Counter,
     /// JetStream errors, by operation.
     pub errors: Family<RelayErrorLabel, Counter>,
     /// MongoDB cluster time (`wallTime`) → acknowledged by JetStream, per change published.
@@ -301,6 +304,11 @@ impl RelayMetrics {
             "relay_published",
             "Messages this instance published to JetStream",
             self.published.clone(),
+        );
+        registry.register(
+            "relay_feed_catch_ups",
+            "Database feed members brought up to date on a cursor of their own before joining",
+            self.feed_catch_ups.clone(),
         );
         registry.register(
             "relay_errors",

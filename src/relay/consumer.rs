@@ -53,17 +53,13 @@ pub(super) struct Consumer {
 }
 
 impl Consumer {
-    /// Starts contending for the worker's cursor and returns its reader.
+    /// The worker's reader of `subject` (its owner side is started beside it, `mod.rs`).
     pub(super) fn start(
         relay: Arc<Relay>,
         worker: &Arc<Worker>,
         subject: String,
-        key: String,
     ) -> Box<dyn RelayedSource> {
-        // A few messages in flight: the reader takes them as fast as JetStream's acknowledgements
-        // come, and one it misses is read from JetStream.
-        let (local_tx, local) = mpsc::channel(16);
-        owner::spawn(Arc::clone(&relay), worker, subject.clone(), key, local_tx);
+        let local = relay.register_reader(&subject);
         Box::new(Consumer {
             relay,
             subject,
@@ -183,6 +179,14 @@ impl Consumer {
         self.failed = true;
         self.reopened = true;
         Step::Retrying(format!("relay: {error}"))
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        // Closed first, so that the registry sees this reader gone.
+        self.local.close();
+        self.relay.unregister_reader(&self.subject);
     }
 }
 

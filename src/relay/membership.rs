@@ -2,7 +2,8 @@
 //! should read each worker's cursor.
 //!
 //! Every instance with relayed workers keeps one key in the JetStream key-value bucket
-//! `relay.instance_bucket`: its name, whose value lists the lease keys of its workers. It
+//! `relay.instance_bucket`: its name, whose value lists the lease keys of its workers (and of
+//! the database feeds its workers are members of, `feed/`: a feed is placed as a worker). It
 //! writes it every `heartbeat_ms` (and at once when a worker starts or stops) and deletes it
 //! when its last worker stops; the bucket's `max_age` (`instance_ttl_ms`) drops the key of an
 //! instance that was killed. Each instance watches the bucket (one consumer, for as long as

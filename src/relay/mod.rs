@@ -2,7 +2,7 @@
 //! of instances, through NATS JetStream.
 //!
 //! ```text
-//!  instance A (owner of worker W)                        instance B, C, …
+//!  instance A (owner of worker W, or of its database feed) instance B, C, …
 //!  ChangeSource ──raw change──▶ publish ─▶ JetStream stream ─▶ ordered consumer ─┐
 //!   (owner.rs, holds lease)     Nats-Msg-Id = token       one subject per worker   ▼
 //!                                            └──────────▶ ordered consumer ─▶ Worker::apply
@@ -33,10 +33,14 @@
 //!   else, and a replaced definition gets a new log.
 //! * A client older than its worker's ring catches up from the subject's retained messages
 //!   when they still hold everything after its id (`window.rs`), else from a MongoDB cursor.
-//! * In relay mode workers do not share database feeds (`worker/feed.rs`): the unit of
-//!   ownership is the worker, each with its own cursor on exactly one instance.
+//! * Workers that would share their database's cursor on one instance (`worker/feed.rs`)
+//!   share it across the fleet (`feed/`): the unit of ownership is then the database feed,
+//!   whose owner reads one `db.watch()` for the members every instance lists and publishes
+//!   each change to its members' own subjects; the reading side is the same as for a worker
+//!   relayed on its own cursor (`consumer.rs`). `Relay::source` picks the owner side.
 
 mod consumer;
+mod feed;
 mod lease;
 mod membership;
 mod owner;
@@ -50,7 +54,7 @@ use async_nats::jetstream;
 use futures::future::BoxFuture;
 use mongodb::bson::{Document, doc};
 use sha2::{Digest, Sha256};
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, mpsc};
 
 use crate::config::RelayConfig;
 use crate::event::Token;
@@ -78,6 +82,8 @@ struct Handles {
     leases: jetstream::kv::Store,
     /// The instances' heartbeats (`membership.rs`).
     instances: jetstream::kv::Store,
+    /// Each instance's members of each database feed (`feed/`).
+    feeds: jetstream::kv::Store,
 }
 
 /// The relay tier of one instance.
@@ -91,6 +97,11 @@ pub struct Relay {
     metrics: Arc<Metrics>,
     /// Who of the fleet is live and should read which cursor.
     membership: Arc<membership::Membership>,
+    /// This instance's members of the fleet's database feeds, by feed key.
+    feeds: std::sync::Mutex<std::collections::HashMap<String, Arc<feed::LocalFeed>>>,
+    /// This instance's reader of each subject, which takes what this instance publishes as
+    /// owner straight from it (`owner::Local`).
+    readers: std::sync::Mutex<std::collections::HashMap<String, mpsc::Sender<owner::Local>>>,
 }
 
 impl Drop for Relay {
@@ -150,6 +161,8 @@ impl Relay {
             instance,
             handles: OnceCell::new(),
             metrics,
+            feeds: std::sync::Mutex::default(),
+            readers: std::sync::Mutex::default(),
         }))
     }
 
@@ -173,10 +186,18 @@ impl Relay {
                         self.settings.instance_ttl(),
                     )
                     .await?;
+                let feeds = self
+                    .open_bucket(
+                        &self.settings.feed_bucket,
+                        "Streamgate relay: each instance's members of each database feed",
+                        self.settings.instance_ttl(),
+                    )
+                    .await?;
                 Ok(Handles {
                     stream,
                     leases,
                     instances,
+                    feeds,
                 })
             })
             .await
@@ -249,12 +270,72 @@ impl Relay {
     fn metrics(&self) -> &Metrics {
         &self.metrics
     }
+
+    /// Registers this instance's reader of `subject` for what this instance publishes there
+    /// as owner (a later reader of the same subject takes its place: the earlier one reads
+    /// from JetStream only, which is slower, never wrong).
+    fn register_reader(&self, subject: &str) -> mpsc::Receiver<owner::Local> {
+        // A few messages in flight: the reader takes them as fast as acknowledgements come,
+        // and one it misses it reads from JetStream.
+        let (sender, receiver) = mpsc::channel(16);
+        crate::sync::lock(&self.readers).insert(subject.to_owned(), sender);
+        receiver
+    }
+
+    /// The reader of `subject` is gone (unless another took its place).
+    fn unregister_reader(&self, subject: &str) {
+        let mut readers = crate::sync::lock(&self.readers);
+        if readers.get(subject).is_some_and(mpsc::Sender::is_closed) {
+            readers.remove(subject);
+        }
+    }
+
+    /// A batch for a message to `subject`: keeping its changes when this instance has a
+    /// reader of the subject to hand them to ([`Relay::hand_to_reader`]).
+    fn batch_for(&self, subject: &str) -> wire::Batch {
+        if crate::sync::lock(&self.readers).contains_key(subject) {
+            wire::Batch::keeping()
+        } else {
+            wire::Batch::default()
+        }
+    }
+
+    /// Hands the changes of a message this instance just stored on `subject` as owner (the
+    /// subject's message before it being `previous`) to this instance's reader of it, if any.
+    /// A reader that is busy or gone reads them from JetStream instead.
+    fn hand_to_reader(
+        &self,
+        subject: &str,
+        previous: u64,
+        sequence: u64,
+        published: u64,
+        changes: Vec<crate::worker::source::RawChange>,
+    ) {
+        if changes.is_empty() {
+            return;
+        }
+        let reader = crate::sync::lock(&self.readers).get(subject).cloned();
+        if let Some(reader) = reader {
+            let _ = reader.try_send(owner::Local {
+                previous,
+                sequence,
+                published,
+                changes,
+            });
+        }
+    }
 }
 
 impl crate::worker::relayed::Relay for Relay {
     fn source(self: Arc<Self>, worker: &Arc<Worker>) -> Box<dyn RelayedSource> {
         let (subject, key) = self.subject_of(worker.spec());
-        consumer::Consumer::start(self, worker, subject, key)
+        // The owner side: the database feed's (one cursor for many workers) or the worker's.
+        if feed::joins(worker) {
+            feed::join(&self, worker, subject.clone(), key);
+        } else {
+            owner::spawn(Arc::clone(&self), worker, subject.clone(), key);
+        }
+        consumer::Consumer::start(self, worker, subject)
     }
 
     fn reachable(&self) -> bool {

@@ -1,6 +1,10 @@
 //! The owner side of a relayed worker: contend for its lease; while holding it, read the
 //! worker's MongoDB cursor and publish every step to the worker's subject.
 //!
+//! The contention (placement, lease, hand-over, takeover) is the same for whatever an owner
+//! reads: a [`Unit`] is one worker's cursor ([`StreamCursor`], here) or a database feed's
+//! (`feed/`), each with its own turn as owner.
+//!
 //! Who contends: the instance the fleet's placement (`membership.rs`) names for the worker
 //! takes a free lease at once, and a lease held by an instance whose heartbeat expired without
 //! waiting for the lease to; any other instance that has the worker only once the lease has
@@ -28,7 +32,7 @@ use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use futures::{FutureExt, TryStreamExt};
 use mongodb::bson::{Document, doc};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -43,7 +47,7 @@ use crate::worker::Worker;
 use crate::worker::source::{ChangeSource, RawChange, Step, Watch};
 
 /// How a turn as owner ended.
-enum Outcome {
+pub(super) enum Outcome {
     /// The worker stopped (retired, evicted, shut down): release the lease.
     Cancelled,
     /// Another instance holds the lease now.
@@ -58,8 +62,8 @@ enum Outcome {
 }
 
 /// Changes this instance published as owner, handed straight to its own reader of the
-/// subject (`consumer.rs`), which applies them without waiting for JetStream to deliver what
-/// it just acknowledged, when it has read everything before them.
+/// subject (`consumer.rs`, [`Relay::hand_to_reader`]), which applies them without waiting for
+/// JetStream to deliver what it just acknowledged, when it has read everything before them.
 #[derive(Debug)]
 pub(super) struct Local {
     /// The subject's message before this one (the sequence the publish expected).
@@ -72,53 +76,74 @@ pub(super) struct Local {
     pub changes: Vec<RawChange>,
 }
 
-/// Starts contending for `worker`'s cursor, on its tracker, until the worker stops. What it
-/// publishes as owner also goes to `local`.
-pub(super) fn spawn(
-    relay: Arc<Relay>,
-    worker: &Arc<Worker>,
-    subject: String,
-    key: String,
-    local: mpsc::Sender<Local>,
-) {
+/// Starts contending for `worker`'s cursor, on its tracker, until the worker stops.
+pub(super) fn spawn(relay: Arc<Relay>, worker: &Arc<Worker>, subject: String, key: String) {
     let worker = Arc::clone(worker);
     let tracker = worker.tracker().clone();
     tracker.spawn(async move {
         // Announced in this instance's heartbeat while the worker runs.
         Membership::want(&relay, &key);
-        let ttl = relay.settings.lease_ttl();
-        let mut contender = Contender {
-            relay: &relay,
-            worker: &worker,
-            subject: &subject,
-            key: &key,
-            view: relay.membership.subscribe(),
-            backoff: Backoff::new(Duration::from_millis(100), ttl),
-            free_since: None,
-            hold: ttl,
-            local: &local,
-        };
-        contender.run().await;
+        let cancel = worker.cancel_token().clone();
+        let unit = StreamCursor { worker, subject };
+        Contender::new(&relay, &unit, &key).run(&cancel).await;
         Membership::unwant(&relay, &key).await;
     });
 }
 
+/// What an owner reads for the fleet: one worker's cursor ([`StreamCursor`]), or a database
+/// feed's (`feed/`).
+pub(super) trait Unit: Sync {
+    /// Name in logs.
+    fn label(&self) -> String;
+
+    /// One turn as owner: reads and publishes until something ends it. Gives the lease back
+    /// when it may still be held.
+    fn own<'a>(
+        &'a self,
+        turn: Turn<'a>,
+        lease: Lease,
+        view: &'a mut watch::Receiver<Arc<View>>,
+        cancel: &'a CancellationToken,
+    ) -> impl Future<Output = (Outcome, Option<Lease>)> + Send + 'a;
+}
+
+/// A relayed worker's own cursor.
+struct StreamCursor {
+    worker: Arc<Worker>,
+    subject: String,
+}
+
+impl Unit for StreamCursor {
+    fn label(&self) -> String {
+        self.worker.key.stream.to_string()
+    }
+
+    fn own<'a>(
+        &'a self,
+        turn: Turn<'a>,
+        lease: Lease,
+        view: &'a mut watch::Receiver<Arc<View>>,
+        cancel: &'a CancellationToken,
+    ) -> impl Future<Output = (Outcome, Option<Lease>)> + Send + 'a {
+        turn.own_stream(&self.worker, &self.subject, lease, view, cancel)
+    }
+}
+
 /// At most this many changes the cursor held together go out as one message.
-const BATCH_CHANGES: usize = 1_000;
+pub(super) const BATCH_CHANGES: usize = 1_000;
 
 /// A batch of changes stays under this many bytes (JetStream's default `max_payload` is 1 MB;
 /// a single change may pass it, as without batching).
-const BATCH_BYTES: usize = 256 * 1024;
+pub(super) const BATCH_BYTES: usize = 256 * 1024;
 
 /// Longest an owner that keeps taking leases in the grace keeps one before handing it over
 /// again, in lease lifetimes.
 const MAX_HOLD_LIFETIMES: u32 = 32;
 
-/// One worker's contention for its cursor on this instance.
-struct Contender<'a> {
+/// One unit's contention for its cursor on this instance.
+pub(super) struct Contender<'a, U: Unit> {
     relay: &'a Relay,
-    worker: &'a Arc<Worker>,
-    subject: &'a str,
+    unit: &'a U,
     key: &'a str,
     view: watch::Receiver<Arc<View>>,
     backoff: Backoff,
@@ -128,19 +153,30 @@ struct Contender<'a> {
     /// each lease in a row taken in the grace (so that an instance the placement names but
     /// that cannot take it costs a pause per hand-over attempt, ever more rarely).
     hold: Duration,
-    /// This instance's reader of the subject.
-    local: &'a mpsc::Sender<Local>,
 }
 
-impl Contender<'_> {
-    /// Contends (and owns, when it wins) until the worker stops.
-    async fn run(&mut self) {
+impl<'a, U: Unit> Contender<'a, U> {
+    /// A contender for `unit`'s lease `key`.
+    pub(super) fn new(relay: &'a Relay, unit: &'a U, key: &'a str) -> Self {
+        let ttl = relay.settings.lease_ttl();
+        Contender {
+            relay,
+            unit,
+            key,
+            view: relay.membership.subscribe(),
+            backoff: Backoff::new(Duration::from_millis(100), ttl),
+            free_since: None,
+            hold: ttl,
+        }
+    }
+
+    /// Contends (and owns, when it wins) until `cancel` (the unit stopped).
+    pub(super) async fn run(&mut self, cancel: &CancellationToken) {
         let ttl = self.relay.settings.lease_ttl();
         // Others look a few times per lease lifetime; the instance the placement names, twice
         // as often (it waits for a hand-over, a killed owner's heartbeat to expire, or the
         // lease to).
         let (poll, poll_named) = (ttl / 4, ttl / 8);
-        let cancel = self.worker.cancel_token().clone();
         loop {
             let named = self.view.borrow_and_update().assignee(self.key)
                 == Some(self.relay.instance.as_str());
@@ -152,7 +188,7 @@ impl Contender<'_> {
                 }
                 Ok(handles) => {
                     if named || self.free_long_enough(&handles).await {
-                        self.try_own(&handles, named, &cancel).await
+                        self.try_own(&handles, named, cancel).await
                     } else {
                         Some(poll)
                     }
@@ -198,7 +234,7 @@ impl Contender<'_> {
         named: bool,
         cancel: &CancellationToken,
     ) -> Option<Duration> {
-        let (relay, worker) = (self.relay, self.worker);
+        let relay = self.relay;
         let ttl = relay.settings.lease_ttl();
         let taken = Lease::try_take(&handles.leases, self.key, &relay.instance, ttl)
             .await
@@ -234,17 +270,15 @@ impl Contender<'_> {
         let metrics = &relay.metrics().relay;
         metrics.takeovers.inc();
         metrics.owned_cursors.inc();
-        tracing::info!(stream = %worker.key.stream, subject = self.subject, named, "relay: this instance reads the stream's cursor for the fleet");
+        let label = self.unit.label();
+        tracing::info!(stream = %label, key = self.key, named, "relay: this instance reads the cursor for the fleet");
         let turn = Turn {
             relay,
             handles,
-            worker,
-            subject: self.subject,
             key: self.key,
             hold,
-            local: self.local,
         };
-        let (outcome, lease) = turn.own(lease, &mut self.view, cancel).await;
+        let (outcome, lease) = self.unit.own(turn, lease, &mut self.view, cancel).await;
         metrics.owned_cursors.dec();
         if let Some(lease) = lease {
             lease.release().await;
@@ -257,11 +291,11 @@ impl Contender<'_> {
                 None
             }
             Outcome::Lost => {
-                tracing::info!(stream = %worker.key.stream, "relay: cursor lease lost; another instance reads it");
+                tracing::info!(stream = %label, "relay: cursor lease lost; another instance reads it");
                 Some(ttl / 4)
             }
             Outcome::HandedOver => {
-                tracing::info!(stream = %worker.key.stream, "relay: cursor handed over to the instance the placement names");
+                tracing::info!(stream = %label, "relay: cursor handed over to the instance the placement names");
                 Some(ttl / 4)
             }
             Outcome::Unpublished => Some(self.backoff.next_delay()),
@@ -280,7 +314,7 @@ async fn lease_is_free(leases: &kv::Store, key: &str) -> Result<bool, kv::EntryE
 /// The comment an owner's change stream carries (its pipeline's first stage after
 /// `$changeStream`, `{$match: {$comment}}`, shown by `$currentOp` and in mongod's log): how a
 /// later owner finds the cursor of one that was killed.
-fn cursor_comment(key: &str, instance: &str) -> String {
+pub(super) fn cursor_comment(key: &str, instance: &str) -> String {
     format!("streamgate relay {key} {instance}")
 }
 
@@ -330,10 +364,15 @@ async fn kill_orphans(
 }
 
 /// Ends, beside a takeover (not before it), the cursors earlier owners of `key` left.
-fn spawn_kill_orphans(relay: &Relay, worker: &Arc<Worker>, key: &str) {
-    let client = worker.client().clone();
+pub(super) fn spawn_kill_orphans(
+    relay: &Relay,
+    client: &mongodb::Client,
+    tracker: &tokio_util::task::TaskTracker,
+    key: &str,
+) {
+    let client = client.clone();
     let (key, instance) = (key.to_owned(), relay.instance.clone());
-    worker.tracker().spawn(async move {
+    tracker.spawn(async move {
         let killed = tokio::time::timeout(
             Duration::from_secs(5),
             kill_orphans(&client, &key, &instance),
@@ -356,10 +395,10 @@ fn spawn_kill_orphans(relay: &Relay, worker: &Arc<Worker>, key: &str) {
 }
 
 /// Longest an owner stopping waits for a cursor open in flight to finish.
-const OPEN_SETTLE: Duration = Duration::from_secs(2);
+pub(super) const OPEN_SETTLE: Duration = Duration::from_secs(2);
 
 /// Why an owner stops reading.
-enum Exit {
+pub(super) enum Exit {
     /// The worker stopped.
     Cancelled,
     /// The lease was lost.
@@ -368,22 +407,23 @@ enum Exit {
     HandOver,
 }
 
-/// One turn as owner of a worker's cursor.
-struct Turn<'a> {
-    relay: &'a Relay,
-    handles: &'a Handles,
-    worker: &'a Arc<Worker>,
-    subject: &'a str,
-    key: &'a str,
+/// One turn as owner of a unit's cursor.
+pub(super) struct Turn<'a> {
+    pub relay: &'a Relay,
+    pub handles: &'a Handles,
+    /// The lease key.
+    pub key: &'a str,
     /// How long to keep the lease before handing it over.
-    hold: Duration,
-    local: &'a mpsc::Sender<Local>,
+    pub hold: Duration,
 }
 
 /// Where the fleet's log of `subject` stands: the last change or position published, `None`
 /// when there is none (or the last message ended an earlier life of the stream), and the
-/// stream sequence of the subject's last message (0: none).
-async fn last_position(handles: &Handles, subject: &str) -> Result<(Option<Token>, u64), String> {
+/// stream sequence of the subject's last message (0: none), which the next publish expects.
+pub(super) async fn last_position(
+    handles: &Handles,
+    subject: &str,
+) -> Result<(Option<Token>, u64), String> {
     match handles
         .stream
         .get_last_raw_message_by_subject(subject)
@@ -400,10 +440,20 @@ async fn last_position(handles: &Handles, subject: &str) -> Result<(Option<Token
 }
 
 impl Turn<'_> {
-    /// Reads the cursor and publishes, until something ends the turn. Gives the lease back
-    /// when it may still be held.
-    async fn own(
-        &self,
+    /// Whether the placement names another instance and the lease was held long enough.
+    pub(super) fn handing_over(&self, taken: Instant, view: &View) -> bool {
+        taken.elapsed() >= self.hold
+            && view
+                .assignee(self.key)
+                .is_some_and(|named| named != self.relay.instance)
+    }
+
+    /// Reads `worker`'s cursor and publishes to `subject`, until something ends the turn.
+    /// Gives the lease back when it may still be held.
+    async fn own_stream(
+        self,
+        worker: &Arc<Worker>,
+        subject: &str,
         mut lease: Lease,
         view: &mut watch::Receiver<Arc<View>>,
         cancel: &CancellationToken,
@@ -411,15 +461,12 @@ impl Turn<'_> {
         let Turn {
             relay,
             handles,
-            worker,
-            subject,
             key,
-            local,
             ..
-        } = *self;
+        } = self;
         let taken = Instant::now();
         let metrics = &relay.metrics().relay;
-        spawn_kill_orphans(relay, worker, key);
+        spawn_kill_orphans(relay, worker.client(), worker.tracker(), key);
         // `last_sequence`: the subject's last message as far as this owner knows; each publish
         // expects it (`publish`), so that nothing is appended after a successor's messages.
         let (after, mut last_sequence) = match last_position(handles, subject).await {
@@ -444,21 +491,13 @@ impl Turn<'_> {
         let mut renew = tokio::time::interval_at(Instant::now() + every, every);
         let mark_every = Duration::from_millis(relay.settings.mark_interval_ms);
         let mut marked = Instant::now();
-        // Whether the placement names another instance and the lease was held long enough.
-        let handing_over = |view: &View| {
-            taken.elapsed() >= self.hold
-                && view
-                    .assignee(key)
-                    .is_some_and(|named| named != relay.instance)
-        };
+        let handing_over = |view: &View| self.handing_over(taken, view);
         // The step in flight is kept across renewals and view changes rather than dropped: an
         // open dropped in flight would leave its cursor on mongod (the driver never learns
         // its id), idle there until `cursorTimeoutMillis`. When the turn ends with an open in
         // flight, it is let finish (bounded), so that dropping the source ends its cursor.
         // A step read while gathering a batch that did not go into it: the next one handled.
         let mut carried: Option<Step<RawChange>> = None;
-        // The changes of the `changes` message being published (for this instance's reader).
-        let mut batched: Vec<RawChange> = Vec::new();
         let exit = 'turn: loop {
             let opening = !source.is_open();
             let step = if let Some(step) = carried.take() {
@@ -512,8 +551,7 @@ impl Turn<'_> {
                     // one acknowledgement. (A round trip per change held the owner to one
                     // change per acknowledgement, which a busy JetStream stretched until the
                     // relay fell behind the writes.)
-                    let mut batch = wire::Batch::default();
-                    let mut changes = Vec::new();
+                    let mut batch = relay.batch_for(subject);
                     let mut next = Some(raw);
                     while let Some(raw) = next.take() {
                         match batch.try_push(&raw, BATCH_BYTES) {
@@ -535,7 +573,6 @@ impl Turn<'_> {
                                 .publish_lag
                                 .observe_ms(published.saturating_sub(at_ms));
                         }
-                        changes.push(raw);
                         // Only from an open cursor: an open polled once and dropped would leave
                         // its server-side cursor behind.
                         if batch.len() >= BATCH_CHANGES || !source.is_open() {
@@ -547,7 +584,6 @@ impl Turn<'_> {
                             None => {}
                         }
                     }
-                    batched = changes;
                     (batch.finish(published), false)
                 }
                 Step::Quiet(Some(token)) => {
@@ -575,25 +611,12 @@ impl Turn<'_> {
                     true,
                 ),
             };
-            if let Some(message) = message {
-                let previous = last_sequence;
-                if let Err(error) = publish(relay, subject, key, message, &mut last_sequence).await
-                {
-                    metrics.error("publish");
-                    tracing::warn!(%error, subject, "relay: JetStream did not take a change; resuming from the log");
-                    return (Outcome::Unpublished, Some(lease));
-                }
-                let changes = std::mem::take(&mut batched);
-                if last_sequence != previous && !changes.is_empty() {
-                    // Stored as a new message: this instance's reader may apply it now. (A
-                    // full channel only means it reads them from JetStream, as without this.)
-                    let _ = local.try_send(Local {
-                        previous,
-                        sequence: last_sequence,
-                        published,
-                        changes,
-                    });
-                }
+            if let Some(message) = message
+                && let Err(error) = publish(relay, subject, key, message, &mut last_sequence).await
+            {
+                metrics.error("publish");
+                tracing::warn!(%error, subject, "relay: JetStream did not take a change; resuming from the log");
+                return (Outcome::Unpublished, Some(lease));
             }
             if ends {
                 return (Outcome::Ended, Some(lease));
@@ -627,7 +650,7 @@ impl Turn<'_> {
 }
 
 /// When the change was written (its `wallTime`), Unix ms.
-fn wall_ms(raw: &RawChange) -> Option<u64> {
+pub(super) fn wall_ms(raw: &RawChange) -> Option<u64> {
     let wall = raw.doc.get_datetime("wallTime").ok()?;
     u64::try_from(wall.timestamp_millis()).ok()
 }
@@ -642,7 +665,7 @@ fn wall_ms(raw: &RawChange) -> Option<u64> {
 /// published after the successor's messages, and a subject's positions grow with its stream
 /// sequence, which the search of a catch-up from the retained window relies on
 /// (`window.rs`).
-async fn publish(
+pub(super) async fn publish(
     relay: &Relay,
     subject: &str,
     key: &str,
@@ -654,6 +677,8 @@ async fn publish(
         async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
         last_sequence.to_string().as_str(),
     );
+    let published = wire::published_ms(Some(&message.headers)).unwrap_or_else(now_ms);
+    let changes = std::mem::take(&mut message.changes);
     let ack = relay
         .jetstream
         .publish_with_headers(subject.to_owned(), message.headers, message.payload)
@@ -662,7 +687,9 @@ async fn publish(
     let ack = ack.await.map_err(|e| e.to_string())?;
     // A duplicate stored nothing: the subject's last message is still the one expected.
     if !ack.duplicate {
-        *last_sequence = ack.sequence;
+        let previous = std::mem::replace(last_sequence, ack.sequence);
+        // Stored as the subject's next message: this instance's reader may apply it now.
+        relay.hand_to_reader(subject, previous, ack.sequence, published, changes);
     }
     relay.metrics().relay.published.inc();
     Ok(())

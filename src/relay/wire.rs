@@ -78,6 +78,9 @@ pub struct Outbound {
     pub headers: HeaderMap,
     /// Payload.
     pub payload: Bytes,
+    /// The changes it carries, kept for this instance's reader of the subject (only by a
+    /// [`Batch::keeping`] them; empty otherwise). Never sent.
+    pub changes: Vec<RawChange>,
 }
 
 impl Outbound {
@@ -126,9 +129,20 @@ pub struct Batch {
     first: Option<Token>,
     last: Option<Token>,
     count: usize,
+    /// The changes taken, when kept for this instance's reader ([`Outbound::changes`]).
+    kept: Option<Vec<RawChange>>,
 }
 
 impl Batch {
+    /// A batch that also keeps the changes it takes, for this instance's reader of the
+    /// subject it goes to ([`Outbound::changes`]).
+    pub fn keeping() -> Batch {
+        Batch {
+            kept: Some(Vec::new()),
+            ..Batch::default()
+        }
+    }
+
     /// Adds `raw` unless the payload would then pass `max_bytes` (a batch's first change is
     /// always taken). `Ok(false)`: not taken, the batch is full.
     pub fn try_push(&mut self, raw: &RawChange, max_bytes: usize) -> Result<bool, Malformed> {
@@ -147,6 +161,9 @@ impl Batch {
         self.first.get_or_insert_with(|| raw.id.clone());
         self.last = Some(raw.id.clone());
         self.count += 1;
+        if let Some(kept) = &mut self.kept {
+            kept.push(raw.clone());
+        }
         Ok(true)
     }
 
@@ -172,6 +189,7 @@ impl Batch {
             return Some(Outbound {
                 headers,
                 payload: doc,
+                changes: self.kept.unwrap_or_default(),
             });
         }
         let mut headers = headers("changes", &format!("b{first}.{last}"), published_ms);
@@ -179,6 +197,7 @@ impl Batch {
         Some(Outbound {
             headers,
             payload: Bytes::from(self.payload),
+            changes: self.kept.unwrap_or_default(),
         })
     }
 }
@@ -224,6 +243,7 @@ pub fn mark(token: &Token, published_ms: u64) -> Outbound {
     Outbound {
         headers,
         payload: Bytes::new(),
+        changes: Vec::new(),
     }
 }
 
@@ -236,6 +256,7 @@ pub fn invalidate(event: &Event, after: Option<&Token>, published_ms: u64) -> Ou
     Outbound {
         headers,
         payload: event.data(),
+        changes: Vec::new(),
     }
 }
 
@@ -251,6 +272,7 @@ pub fn failed(
     Outbound {
         headers,
         payload: Bytes::copy_from_slice(message.as_bytes()),
+        changes: Vec::new(),
     }
 }
 

@@ -36,6 +36,10 @@
 //!   `dropDatabase`'s `invalidate`): every member ends with it.
 //! * **Leave.** A member leaves when its worker stops (its [`Membership`] drops); the feed
 //!   stops with its last member.
+//!
+//! In relay mode the fleet shares feeds instead (`relay/feed/`, whose members are every
+//! instance's): it reuses this module's filter ([`filter_of`]), ends ([`invalidate_after`],
+//! [`taken_by`]) and the rule of which pipelines share ([`shareable`], [`fails_on_data`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -57,13 +61,13 @@ use crate::spec::{FullDocument, FullDocumentBeforeChange, WatchSpec};
 
 /// How long MongoDB gets to say whether a filtering member's `$match` takes its collection's
 /// `drop`/`rename` (past it, the member gets the `invalidate` alone).
-const END_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const END_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Steps read without waiting (what the driver already holds) that go out as one batch.
 const BATCH: usize = 1024;
 
 /// `maxAwaitTimeMS` of a feed's `getMore` (at most the workers' `max_await`).
-const FEED_MAX_AWAIT: Duration = Duration::from_millis(100);
+pub(crate) const FEED_MAX_AWAIT: Duration = Duration::from_millis(100);
 
 /// `maxAwaitTimeMS` of a probe's `getMore`: an empty batch is how a probe that matches nothing
 /// new learns it read to the head, so it must come soon (the feed's members wait meanwhile).
@@ -795,19 +799,13 @@ impl EndCheck {
     fn spawn(self) {
         let tracker = self.tracker.clone();
         tracker.spawn(async move {
-            let mut stages = vec![doc! { "$documents": [self.change] }];
-            stages.extend(self.pipeline);
-            let takes = async {
-                let mut cursor = self.db.aggregate(stages).await?;
-                cursor.advance().await
-            };
-            let takes = match tokio::time::timeout(END_CHECK_TIMEOUT, takes).await {
-                Ok(Ok(takes)) => takes,
-                Ok(Err(error)) => {
+            let id = self.change.get("_id").cloned();
+            let takes = match taken_by(&self.db, vec![self.change], &self.pipeline).await {
+                Ok(taken) => id.is_some_and(|id| taken.contains(&id)),
+                Err(error) => {
                     tracing::warn!(%error, "could not tell whether a stream's $match takes its collection's end; sending the invalidate alone");
                     false
                 }
-                Err(_) => false,
             };
             let mut steps = Vec::with_capacity(2);
             if takes {
@@ -816,6 +814,34 @@ impl EndCheck {
             steps.push(Step::Invalidated(self.invalidate));
             self.link.deliver(steps);
         });
+    }
+}
+
+/// The `_id`s of those of `changes` that the `$match` stages `pipeline` take, as MongoDB
+/// evaluates them over `$documents` (only MongoDB evaluates a `$match`). Bounded by
+/// [`END_CHECK_TIMEOUT`].
+pub(crate) async fn taken_by(
+    db: &mongodb::Database,
+    changes: Vec<Document>,
+    pipeline: &[Document],
+) -> Result<Vec<Bson>, String> {
+    let mut stages = vec![doc! { "$documents": changes }];
+    stages.extend(pipeline.iter().cloned());
+    stages.push(doc! { "$project": { "_id": 1 } });
+    let taken = async {
+        let mut cursor = db.aggregate(stages).await?;
+        let mut ids = Vec::new();
+        while cursor.advance().await? {
+            if let Ok(id) = cursor.current().get("_id") {
+                ids.extend(id.and_then(|id| Bson::try_from(id.to_raw_bson()).ok()));
+            }
+        }
+        Ok::<_, mongodb::error::Error>(ids)
+    };
+    match tokio::time::timeout(END_CHECK_TIMEOUT, taken).await {
+        Ok(Ok(ids)) => Ok(ids),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err("timed out".into()),
     }
 }
 
@@ -905,7 +931,7 @@ fn suspects(members: &[Member]) -> Vec<Suspect> {
 /// Whether a `$match` can fail on a change rather than only when the cursor opens: query
 /// operators are checked when MongoDB parses them, but `$expr` evaluates aggregation
 /// expressions (`$toInt`, `$divide`, `$function`, …) on each change.
-fn fails_on_data(pipeline: &[Document]) -> bool {
+pub(crate) fn fails_on_data(pipeline: &[Document]) -> bool {
     fn has_expr(value: &Bson) -> bool {
         match value {
             Bson::Document(doc) => doc.iter().any(|(k, v)| k == "$expr" || has_expr(v)),
@@ -959,8 +985,8 @@ fn filter(members: &[Member]) -> Document {
     )
 }
 
-/// [`filter`] of (collection, pipeline) pairs.
-fn filter_of<'a>(members: impl Iterator<Item = (&'a str, &'a [Document])>) -> Document {
+/// [`filter`] of (collection, pipeline) pairs (also the relay's fleet feeds' `$match`).
+pub(crate) fn filter_of<'a>(members: impl Iterator<Item = (&'a str, &'a [Document])>) -> Document {
     let mut clauses: Vec<Document> = Vec::new();
     let mut filtered_colls: Vec<&str> = Vec::new();
     for (coll, pipeline) in members {
@@ -1004,7 +1030,7 @@ fn probe_fields(members: &[Member]) -> Vec<String> {
 }
 
 /// The `invalidate` a collection stream sends after its collection's `drop` or `rename`.
-fn invalidate_after(change: &RawChange) -> Event {
+pub(crate) fn invalidate_after(change: &RawChange) -> Event {
     let mut invalidate = doc! { "_id": change.doc.get("_id").cloned().unwrap_or_default(), "operationType": "invalidate" };
     for key in ["clusterTime", "wallTime"] {
         if let Some(value) = change.doc.get(key) {

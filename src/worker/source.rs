@@ -110,7 +110,7 @@ pub enum Step<C = Routed> {
 
 /// A change as the cursor returned it, before encoding: a database feed routes it by `ns` and
 /// computes each worker's routing values from it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RawChange {
     /// The change's resume token.
     pub id: Token,

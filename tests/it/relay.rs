@@ -15,7 +15,7 @@ use crate::harness::clients::{Client, Kind, Next};
 use crate::harness::eventually;
 use crate::harness::fixture::{insert_seqs, resume, seqs};
 use crate::harness::fleet::{self, Fleet, Instance};
-use crate::harness::mongod::{self, change_stream_cursors};
+use crate::harness::mongod::{self, change_stream_cursors, database_change_stream_cursors};
 use crate::harness::nats::NatsServer;
 use crate::harness::server::{self, TestServer};
 use crate::harness::unique_db;
@@ -292,8 +292,9 @@ async fn a_resume_older_than_the_ring_is_read_from_the_retained_window_on_any_in
         Client::connect(Kind::Sse, &a.url(""), &format!("/{db}/d/_streams/s2"), None)
             .await
             .unwrap();
-    eventually("instance a reads both cursors", WAIT, async || {
-        a.metrics.relay.owned_cursors.get() == 2
+    // Both streams only filter: one database feed's cursor for the fleet, read by `a`.
+    eventually("instance a reads the streams' cursor", WAIT, async || {
+        a.metrics.relay.owned_cursors.get() == 1
     })
     .await;
     // A batch (one `insertMany`: few `changes` messages) and single changes, between which
@@ -578,9 +579,11 @@ async fn readiness_follows_the_nats_server_in_relay_mode() {
 /// Streams of the spread test, one per collection.
 const SPREAD_STREAMS: usize = 12;
 
-/// A relay-mode config with stream `s` on each of the collections `c0` … `c11` of `db`.
+/// A relay-mode config with stream `s` on each of the collections `c0` … `c11` of `db`, each
+/// on a cursor of its own (not their database's feed: what is placed is each stream's cursor).
 fn spread_config(db: &str, nats: &NatsServer) -> Config {
     let mut config = server::config(mongod::shared());
+    config.shared_database_cursors = false;
     for i in 0..SPREAD_STREAMS {
         config.streams.push(server::stream(
             db,
@@ -892,5 +895,525 @@ async fn fleet_behind_haproxy_in_relay_mode_survives_sigkill_of_the_owner_and_ro
     fleet.finish().await;
     for took in &restarts {
         assert!(*took < Duration::from_secs(30), "a recovery took {took:?}");
+    }
+}
+
+/// Collections of the database-feed tests' streams (stream `s` on each).
+const FEED_COLLS: usize = 6;
+
+/// A relay-mode config with stream `s` on each of `c0` … `c5` of `db` (pipelines that only
+/// filter: they share their database's cursor) and `more` streams.
+fn feed_config(db: &str, nats: &NatsServer, more: &[(&str, &str, serde_json::Value)]) -> Config {
+    let mut config = server::config(mongod::shared());
+    for i in 0..FEED_COLLS {
+        config.streams.push(server::stream(
+            db,
+            &format!("c{i}"),
+            "s",
+            serde_json::json!([]),
+        ));
+    }
+    for (coll, name, pipeline) in more {
+        config
+            .streams
+            .push(server::stream(db, coll, name, pipeline.clone()));
+    }
+    set_relay(&mut config, nats);
+    config
+}
+
+/// A client of `path` at `base`, read by a task of its own until the `seq: -1` that ends the
+/// test: its `seq`s in order (and whether the stream ended with an `invalidate`).
+async fn reader(base: &str, path: &str) -> tokio::task::JoinHandle<(Vec<i64>, bool)> {
+    let mut client = Client::connect(Kind::Sse, base, path, None).await.unwrap();
+    let path = path.to_owned();
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        loop {
+            match client.next(WAIT).await {
+                Next::Event(event) if event.event == "change" => {
+                    if event.data["operationType"] != "insert" {
+                        continue;
+                    }
+                    let seq = event.data["fullDocument"]["seq"].as_i64().expect("seq");
+                    if seq < 0 {
+                        return (seen, false);
+                    }
+                    seen.push(seq);
+                }
+                Next::Event(event) if event.event == "invalidate" => return (seen, true),
+                Next::End(_) => return (seen, false),
+                other => panic!("{path}: after {} changes: {other:?}", seen.len()),
+            }
+        }
+    })
+}
+
+/// Writes `seq` 0, 1, … to every collection of `colls` until `writing` is cancelled, then
+/// `seq: -1`; returns the last `seq` written.
+fn write_until(
+    colls: Vec<Collection<Document>>,
+    writing: CancellationToken,
+) -> tokio::task::JoinHandle<i64> {
+    tokio::spawn(async move {
+        let mut seq = 0_i64;
+        while !writing.is_cancelled() {
+            for coll in &colls {
+                coll.insert_one(doc! { "seq": seq }).await.unwrap();
+            }
+            seq += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for coll in &colls {
+            coll.insert_one(doc! { "seq": -1_i64 }).await.unwrap();
+        }
+        seq - 1
+    })
+}
+
+/// Issue 22 for database feeds: in relay mode the `$match`-only streams of a database share
+/// ONE cursor for the whole fleet (read by one instance, published to each stream's subject),
+/// not one per stream. 3 instances, 5 streams on 5 collections with a client on every
+/// instance: one change-stream cursor on mongod; a 6th stream joins (its clients subscribe on
+/// every instance) while changes are written: every client gets every change once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_feed_streams_share_one_cursor_for_the_whole_fleet() {
+    let nats = NatsServer::start();
+    let db = unique_db("relay_feed");
+    let mongo = mongod::shared().client().await;
+    let colls: Vec<Collection<Document>> = (0..FEED_COLLS)
+        .map(|i| mongo.database(&db).collection(&format!("c{i}")))
+        .collect();
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        servers.push(TestServer::start(feed_config(&db, &nats, &[])).await);
+    }
+    // (instance, stream, reader): streams c0 … c4 now, c5 later.
+    let mut readers = Vec::new();
+    for (i, server) in servers.iter().enumerate() {
+        for stream in 0..FEED_COLLS - 1 {
+            let path = format!("/{db}/c{stream}/_streams/s");
+            readers.push((i, stream, reader(&server.url(""), &path).await));
+        }
+    }
+    let all: Vec<&TestServer> = servers.iter().collect();
+    // One instance owns the feed and mongod holds its one cursor (a cursor per stream, 5,
+    // before the relay shared database feeds).
+    let settled = Instant::now();
+    let (mut cursors, mut owners) = (0, Vec::new());
+    while settled.elapsed() < WAIT {
+        cursors = database_change_stream_cursors(&mongo, &db).await;
+        owners = owned(&all);
+        if cursors == 1 && owners.iter().sum::<i64>() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "relay database feed: {} streams × 3 instances, clients on every instance: {cursors} \
+         change-stream cursor(s) on mongod, owned per instance {owners:?}",
+        FEED_COLLS - 1
+    );
+    assert_eq!(cursors, 1, "one cursor for the fleet's streams");
+    let writing = CancellationToken::new();
+    let writer = write_until(colls.clone(), writing.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A member joins the fleet's feed while changes are written.
+    for (i, server) in servers.iter().enumerate() {
+        let stream = FEED_COLLS - 1;
+        let path = format!("/{db}/c{stream}/_streams/s");
+        readers.push((i, stream, reader(&server.url(""), &path).await));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A join reopens the feed's cursor; the one it replaced may linger for its `getMore`'s
+    // wait (100 ms), and a hand-over between instances for a moment.
+    eventually(
+        "one cursor for the fleet after the join",
+        WAIT,
+        async || {
+            database_change_stream_cursors(&mongo, &db).await == 1
+                && owned(&all).iter().sum::<i64>() == 1
+        },
+    )
+    .await;
+    writing.cancel();
+    let last = writer.await.unwrap();
+    let mut changes = 0;
+    for (i, stream, reader) in readers {
+        let (seen, _) = reader.await.unwrap();
+        changes += seen.len();
+        if stream == FEED_COLLS - 1 {
+            // Subscribed while changes were written: every one after its first.
+            let first = *seen.first().expect("the joining stream got changes");
+            let expected: Vec<i64> = (first..=last).collect();
+            assert_eq!(seen, expected, "instance {i}, the joining stream");
+        } else {
+            let expected: Vec<i64> = (0..=last).collect();
+            assert_eq!(seen, expected, "instance {i}, stream c{stream}");
+        }
+    }
+    println!(
+        "relay database feed: {} changes per stream, {changes} delivered, 0 lost, 0 repeated",
+        last + 1
+    );
+    for server in servers {
+        server.stop().await;
+    }
+}
+
+/// The database feed's owner SIGKILLed (frozen first, so that its cursor sits idle on mongod)
+/// while changes are written to its 5 streams: another instance takes the feed over and every
+/// client of the other instances gets every change once, in order; one cursor on mongod after
+/// (the new owner ended the killed one's).
+#[tokio::test]
+async fn a_database_feed_owner_killed_with_sigkill_is_taken_over_losing_nothing() {
+    let nats = NatsServer::start();
+    let db = unique_db("relay_feed_kill");
+    let mongo = mongod::shared().client().await;
+    let names = ["c", "c1", "c2", "c3", "c4"];
+    let colls: Vec<Collection<Document>> = names
+        .iter()
+        .map(|name| mongo.database(&db).collection(name))
+        .collect();
+    let mut extra = relay_toml_with_lease(&nats, KILL_TEST_LEASE_TTL_MS);
+    for name in &names[1..] {
+        extra.push_str(&format!(
+            "[[streams]]\ndb = {db:?}\ncoll = {name:?}\nname = \"s\"\n"
+        ));
+    }
+    let mut instances: Vec<Instance> = (0..3).map(|_| Instance::new(&db, &extra)).collect();
+    for instance in &mut instances {
+        instance.start().await;
+    }
+    let mut readers = Vec::new();
+    for (i, instance) in instances.iter().enumerate() {
+        for name in names {
+            let path = format!("/{db}/{name}/_streams/s");
+            readers.push((i, name, reader(&instance.url(), &path).await));
+        }
+    }
+    let owner = settled_owner_with_lease(KILL_TEST_LEASE_TTL_MS, async || {
+        instance_owners(&instances).await
+    })
+    .await;
+    eventually("one change-stream cursor on mongod", WAIT, async || {
+        database_change_stream_cursors(&mongo, &db).await == 1
+    })
+    .await;
+    let writing = CancellationToken::new();
+    let writer = write_until(colls, writing.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    instances[owner].signal("-STOP");
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    instances[owner].stop("-KILL").await;
+    let others: Vec<&Instance> = (0..3)
+        .filter(|i| *i != owner)
+        .map(|i| &instances[i])
+        .collect();
+    eventually(
+        "an instance takes the database feed over",
+        WAIT,
+        async || {
+            let mut sum = 0.0;
+            for instance in &others {
+                sum += instance.metric("streamgate_relay_owned_cursors").await;
+            }
+            sum == 1.0
+        },
+    )
+    .await;
+    let took = killed.elapsed();
+    eprintln!("relay database feed takeover after SIGSTOP + SIGKILL of the owner: {took:?}");
+    assert!(took < Duration::from_secs(2), "takeover took {took:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    writing.cancel();
+    let last = writer.await.unwrap();
+    let expected: Vec<i64> = (0..=last).collect();
+    for (i, name, reader) in readers {
+        if i == owner {
+            reader.abort();
+            continue;
+        }
+        let (seen, _) = reader.await.unwrap();
+        assert_eq!(seen, expected, "instance {i}, stream {name}");
+    }
+    // The new owner's cursor is open (it read those changes); the killed one's is gone (the
+    // new owner ended it: `kill_orphans` finds database cursors by their comment too).
+    eventually(
+        "the killed owner's idle cursor ended: one cursor on mongod",
+        Duration::from_secs(1),
+        async || database_change_stream_cursors(&mongo, &db).await == 1,
+    )
+    .await;
+    for instance in &mut instances {
+        if instance.is_running() {
+            instance.stop("-TERM").await;
+        }
+    }
+}
+
+/// Streams filtering one collection differently share the fleet's feed (one cursor), and each
+/// client gets only its own stream's matches (MongoDB judges a batch's changes per `$match`);
+/// a stream without a filter on that collection gets all of them.
+#[tokio::test]
+async fn database_feed_streams_filtering_one_collection_differently_get_only_their_matches() {
+    let nats = NatsServer::start();
+    let db = unique_db("relay_feed_filters");
+    let mongo = mongod::shared().client().await;
+    let more = [
+        (
+            "c0",
+            "evens",
+            serde_json::json!([{ "$match": { "documentKey._id": { "$mod": [2, 0] } } }]),
+        ),
+        (
+            "c0",
+            "odds",
+            serde_json::json!([{ "$match": { "documentKey._id": { "$mod": [2, 1] } } }]),
+        ),
+    ];
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        servers.push(TestServer::start(feed_config(&db, &nats, &more)).await);
+    }
+    let mut clients = Vec::new();
+    for server in &servers {
+        for name in ["evens", "odds", "s"] {
+            let path = format!("/{db}/c0/_streams/{name}");
+            let client = Client::connect(Kind::Sse, &server.url(""), &path, None)
+                .await
+                .unwrap();
+            clients.push((name, client));
+        }
+    }
+    eventually("one change-stream cursor on mongod", WAIT, async || {
+        database_change_stream_cursors(&mongo, &db).await == 1
+    })
+    .await;
+
+    let coll: Collection<Document> = mongo.database(&db).collection("c0");
+    // A burst (batches the cursor holds together), then one by one.
+    coll.insert_many((0..40).map(|seq| doc! { "_id": seq, "seq": seq }))
+        .await
+        .unwrap();
+    for seq in 40..60 {
+        coll.insert_one(doc! { "_id": seq, "seq": seq })
+            .await
+            .unwrap();
+    }
+    for (name, client) in &mut clients {
+        let expected: Vec<i64> = match *name {
+            "evens" => (0..60).step_by(2).collect(),
+            "odds" => (1..60).step_by(2).collect(),
+            _ => (0..60).collect(),
+        };
+        assert_eq!(exactly(client, expected.len()).await, expected, "{name}");
+    }
+    // (A hand-over between the two instances may leave the old cursor a moment.)
+    eventually(
+        "still one change-stream cursor on mongod",
+        WAIT,
+        async || database_change_stream_cursors(&mongo, &db).await == 1,
+    )
+    .await;
+    for server in servers {
+        server.stop().await;
+    }
+}
+
+/// A member's collection dropped: its stream's clients get the `drop` and the `invalidate`
+/// on every instance, the fleet feed's other streams go on.
+#[tokio::test]
+async fn a_dropped_collection_ends_its_database_feed_stream_and_the_others_go_on() {
+    let nats = NatsServer::start();
+    let db = unique_db("relay_feed_drop");
+    let mongo = mongod::shared().client().await;
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        servers.push(TestServer::start(feed_config(&db, &nats, &[])).await);
+    }
+    let mut gone = Vec::new();
+    let mut stays = Vec::new();
+    for server in &servers {
+        for (coll, clients) in [("c0", &mut gone), ("c1", &mut stays)] {
+            let path = format!("/{db}/{coll}/_streams/s");
+            let client = Client::connect(Kind::Sse, &server.url(""), &path, None)
+                .await
+                .unwrap();
+            clients.push(client);
+        }
+    }
+    let (c0, c1): (Collection<Document>, Collection<Document>) = (
+        mongo.database(&db).collection("c0"),
+        mongo.database(&db).collection("c1"),
+    );
+    insert_seqs(&c0, 0..3).await;
+    for client in &mut gone {
+        assert_eq!(exactly(client, 3).await, vec![0, 1, 2]);
+    }
+    c0.drop().await.unwrap();
+    for client in &mut gone {
+        let drop_event = client.expect_event(WAIT).await;
+        assert_eq!(drop_event.data["operationType"], "drop");
+        let invalidate = client.expect_event(WAIT).await;
+        assert_eq!(invalidate.event, "invalidate");
+        assert!(invalidate.id.is_some());
+        assert!(matches!(client.next(WAIT).await, Next::End(_)));
+    }
+    insert_seqs(&c1, 0..5).await;
+    for client in &mut stays {
+        assert_eq!(exactly(client, 5).await, (0..5).collect::<Vec<_>>());
+    }
+    eventually("one change-stream cursor on mongod", WAIT, async || {
+        database_change_stream_cursors(&mongo, &db).await == 1
+    })
+    .await;
+    for server in servers {
+        server.stop().await;
+    }
+}
+
+/// A stream whose clients all left (its workers retired, it left the fleet's feed) and one
+/// resumes later with its last id, while changes are written: its log stands seconds behind
+/// the feed, so it catches up on a cursor of its own (the feed does not rewind the other
+/// streams' cursor) and then joins the feed. The resuming client gets every change after its
+/// id once, in order; the other streams lose and repeat nothing; one cursor at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_feed_stream_resumed_after_its_workers_retired_catches_up_on_its_own() {
+    let nats = NatsServer::start();
+    let db = unique_db("relay_feed_rejoin");
+    let mongo = mongod::shared().client().await;
+    let colls: Vec<Collection<Document>> = (0..FEED_COLLS)
+        .map(|i| mongo.database(&db).collection(&format!("c{i}")))
+        .collect();
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        servers.push(TestServer::start(feed_config(&db, &nats, &[])).await);
+    }
+    let mut readers = Vec::new();
+    for (i, server) in servers.iter().enumerate() {
+        for stream in 0..FEED_COLLS - 1 {
+            let path = format!("/{db}/c{stream}/_streams/s");
+            readers.push((i, stream, reader(&server.url(""), &path).await));
+        }
+    }
+    let leaving = format!("/{db}/c{}/_streams/s", FEED_COLLS - 1);
+    let mut client = Client::connect(Kind::Sse, &servers[0].url(""), &leaving, None)
+        .await
+        .unwrap();
+    let writing = CancellationToken::new();
+    let writer = write_until(colls, writing.clone());
+    let first = client.changes(10, WAIT).await;
+    let last_id = first.last().and_then(|e| e.id.clone()).expect("an id");
+    let last_seen = seqs(&first).last().copied().expect("a seq");
+    drop(client);
+    // Its worker retires (`worker_linger_ms`), the stream leaves the feed; the others go on.
+    let catch_ups = || {
+        servers
+            .iter()
+            .map(|s| s.metrics.relay.feed_catch_ups.get())
+            .sum::<u64>()
+    };
+    // Longer than the two mark intervals past which a log counts as far behind.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(catch_ups(), 0);
+    let mut client = Client::connect(Kind::Sse, &servers[1].url(""), &leaving, Some(&last_id))
+        .await
+        .unwrap();
+    eventually("the stream caught up on its own", WAIT, async || {
+        catch_ups() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    writing.cancel();
+    let last = writer.await.unwrap();
+    // Every change after its id, then the writer's `seq: -1`.
+    let rest: Vec<i64> = ((last_seen + 1)..=last).chain([-1]).collect();
+    assert_eq!(exactly(&mut client, rest.len()).await, rest);
+    let all: Vec<i64> = (0..=last).collect();
+    for (i, stream, reader) in readers {
+        let (seen, _) = reader.await.unwrap();
+        assert_eq!(seen, all, "instance {i}, stream c{stream}");
+    }
+    eventually("one change-stream cursor on mongod", WAIT, async || {
+        database_change_stream_cursors(&mongo, &db).await == 1
+    })
+    .await;
+    for server in servers {
+        server.stop().await;
+    }
+}
+
+/// Members that could take the fleet's feed down do not: a `$match` MongoDB refuses ends its
+/// own stream alone with MongoDB's error (the feed's open is probed member by member; the
+/// stream's empty log gets a start before the error, so its worker opens and ends with it),
+/// and one whose `$expr` fails
+/// on a change is relayed on a cursor of its own, whose error reaches its clients alone. The
+/// plain stream of the same database gets every change once, in order.
+#[tokio::test]
+async fn database_feed_members_that_fail_do_not_take_the_others_down() {
+    let nats = NatsServer::start();
+    let db = unique_db("relay_feed_fail");
+    let mongo = mongod::shared().client().await;
+    let more = [
+        (
+            "bad",
+            "s",
+            // An invalid regular expression: MongoDB refuses it when a cursor opens.
+            serde_json::json!([{ "$match": { "fullDocument.name": { "$regex": "(" } } }]),
+        ),
+        (
+            "b",
+            "s",
+            serde_json::json!([{ "$match": { "$expr": { "$eq": [{ "$toInt": "$fullDocument.code" }, 5] } } }]),
+        ),
+    ];
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        servers.push(TestServer::start(feed_config(&db, &nats, &more)).await);
+    }
+    let c0: Collection<Document> = mongo.database(&db).collection("c0");
+    let path = format!("/{db}/c0/_streams/s");
+    let mut good = Vec::new();
+    for server in &servers {
+        good.push(
+            Client::connect(Kind::Sse, &server.url(""), &path, None)
+                .await
+                .unwrap(),
+        );
+    }
+    insert_seqs(&c0, 0..2).await;
+    for client in &mut good {
+        assert_eq!(exactly(client, 2).await, vec![0, 1]);
+    }
+    let bad = format!("/{db}/bad/_streams/s");
+    let mut refused = Client::connect(Kind::Sse, &servers[1].url(""), &bad, None)
+        .await
+        .unwrap();
+    let error = refused.expect_event(WAIT).await;
+    assert_eq!(error.event, "error", "{error:?}");
+    let message = error.data["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("Regular expression is invalid"),
+        "{error:?}"
+    );
+    assert!(matches!(refused.next(WAIT).await, Next::End(_)));
+    let poison = format!("/{db}/b/_streams/s");
+    let mut poisoned = Client::connect(Kind::Sse, &servers[0].url(""), &poison, None)
+        .await
+        .unwrap();
+    let b: Collection<Document> = mongo.database(&db).collection("b");
+    b.insert_one(doc! { "code": "x" }).await.unwrap();
+    let error = poisoned.expect_event(WAIT).await;
+    assert_eq!(error.event, "error", "{error:?}");
+    let message = error.data["message"].as_str().unwrap_or_default();
+    assert!(message.contains("Failed to parse number 'x'"), "{error:?}");
+    insert_seqs(&c0, 2..5).await;
+    for client in &mut good {
+        assert_eq!(exactly(client, 3).await, vec![2, 3, 4]);
+    }
+    for server in servers {
+        server.stop().await;
     }
 }
