@@ -2,7 +2,8 @@
 //! hold ONE change-stream cursor per stream between them, every client of every instance gets
 //! every change exactly once, and when the cursor's owner stops or is killed another instance
 //! takes the cursor over from the last change published, losing and repeating nothing. The
-//! cursors spread evenly over the instances and move when one joins or leaves.
+//! cursors spread evenly over the instances and move when one joins or leaves. A client that
+//! stops reading, live or in a catch-up of the retained window, costs the others nothing.
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,7 @@ use mongodb::bson::{Document, doc};
 use streamgate::config::Config;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::clients::{Client, Kind, Next};
+use crate::harness::clients::{Client, Kind, Next, parse_raw_sse, stalled_sse};
 use crate::harness::eventually;
 use crate::harness::fixture::{insert_seqs, resume, seqs};
 use crate::harness::fleet::{self, Fleet, Instance};
@@ -238,8 +239,18 @@ async fn three_instances_hold_one_cursor_and_a_stopped_owner_hands_it_over_exact
 /// Two instances in relay mode whose workers keep 5 events in memory: the catch-up path is
 /// taken by any id older than the last few changes.
 async fn two_small_ring_instances(db: &str, nats: &NatsServer) -> (TestServer, TestServer) {
+    two_small_ring_instances_with(db, nats, |_| {}).await
+}
+
+/// [`two_small_ring_instances`] with `tweak` applied to both instances' configs.
+async fn two_small_ring_instances_with(
+    db: &str,
+    nats: &NatsServer,
+    tweak: impl Fn(&mut Config),
+) -> (TestServer, TestServer) {
     let config = || {
         let mut config = relay_config(db, nats);
+        tweak(&mut config);
         config.ring_size = 5;
         // A second stream, on collection `d`: its messages interleave with `s`'s in the
         // JetStream stream.
@@ -443,6 +454,343 @@ async fn once_retention_dropped_an_id_it_resumes_through_mongodb_and_a_retained_
     for client in [&mut recent, &mut old] {
         assert_eq!(exactly(client, 2).await, vec![310, 311]);
     }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The abusive-client test's `stall_timeout_secs`: the cut comes within the test, and a feed
+/// held up until it came would show as a lag far past [`ABUSE_MAX_LAG`].
+const ABUSE_STALL_SECS: u64 = 6;
+/// Changes written beside the abusive client, and each one's padding: 6 MB, far more than its
+/// socket holds (4 KB receive buffer).
+const ABUSE_CHANGES: i64 = 1_500;
+const ABUSE_PAD: usize = 4 * 1024;
+/// Changes per `insert_many` of the abusive-client test's writer.
+const ABUSE_CHUNK: usize = 8;
+/// How long after it was written any change may take to reach a well-behaved client: generous
+/// for a debug build on a loaded 2-core machine, and half the stall timeout.
+const ABUSE_MAX_LAG: Duration = Duration::from_secs(3);
+
+/// Reads `n` changes from `client` in a task of its own, noting when each arrived, then checks
+/// that nothing else comes ([`exactly`]). Yields the client, the `seq`s and the arrival times.
+fn timed_reader(
+    mut client: Client,
+    n: usize,
+) -> tokio::task::JoinHandle<(Client, Vec<i64>, Vec<Instant>)> {
+    tokio::spawn(async move {
+        let mut got = Vec::with_capacity(n);
+        let mut arrived = Vec::with_capacity(n);
+        while got.len() < n {
+            got.extend(seqs(&client.changes(1, WAIT).await));
+            arrived.push(Instant::now());
+        }
+        exactly(&mut client, 0).await;
+        (client, got, arrived)
+    })
+}
+
+/// The fairness rule of a worker's reader in relay mode (the project's "one abusive client
+/// beside well-behaved ones"): a client that connects and never reads its socket, on the
+/// instance that owns the cursor, costs nobody anything. Two instances, an SSE and a WebSocket
+/// client on each, and the abuser on the owner; 1,500 changes of 4 KB are written. Every
+/// well-behaved client gets every change once, in order, each within [`ABUSE_MAX_LAG`] of its
+/// write; the abuser is cut by the stall timeout (`streamgate_slow_consumers_total`), having
+/// got a gap-free prefix; the owner keeps its lease and keeps publishing, before and after the
+/// cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_on_the_owner_costs_the_other_clients_nothing_in_relay_mode() {
+    use tokio::io::AsyncReadExt;
+
+    let nats = NatsServer::start();
+    let db = unique_db("relay_abuser");
+    let mongo = mongod::shared().client().await;
+    let coll: Collection<Document> = mongo.database(&db).collection("c");
+    let config = || {
+        let mut config = relay_config(&db, &nats);
+        config.stall_timeout_secs = ABUSE_STALL_SECS;
+        config
+    };
+    let servers = [
+        TestServer::start(config()).await,
+        TestServer::start(config()).await,
+    ];
+    // (instance, kind, client): an SSE and a WebSocket client on each instance.
+    let mut clients = Vec::new();
+    for (i, server) in servers.iter().enumerate() {
+        for kind in [Kind::Sse, Kind::Ws] {
+            clients.push((i, kind, subscribe(server, &db, kind).await));
+        }
+    }
+    let owner = settled_owner(async || {
+        let servers: Vec<&TestServer> = servers.iter().collect();
+        owned(&servers).into_iter().map(|n| n as f64).collect()
+    })
+    .await;
+    let other = 1 - owner;
+    let path = format!("/{db}/c/_streams/s");
+    let (mut abuser, mut raw) = stalled_sse(servers[owner].addr, &path).await;
+    // When the owner cuts it, seen from the side (every 10 ms, for the report).
+    let cut = {
+        let metrics = std::sync::Arc::clone(&servers[owner].metrics);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            while metrics.slow_consumers.get() == 0 {
+                assert!(started.elapsed() < WAIT, "the abuser was not cut");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Instant::now()
+        })
+    };
+
+    let published_before = servers[owner].metrics.relay.published.get();
+    let publish_lag_before = servers[owner].metrics.relay.publish_lag.count();
+    let delivered_before = servers[other].metrics.relay.delivery_lag.count();
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|(i, kind, client)| (i, kind, timed_reader(client, ABUSE_CHANGES as usize)))
+        .collect();
+    // Paced (a change every millisecond or so), as an application writes; each chunk's
+    // acknowledgement is when its changes were written.
+    let padding = "x".repeat(ABUSE_PAD);
+    let all: Vec<i64> = (0..ABUSE_CHANGES).collect();
+    let writing = Instant::now();
+    let mut written = Vec::new();
+    for chunk in all.chunks(ABUSE_CHUNK) {
+        coll.insert_many(chunk.iter().map(|seq| doc! { "seq": seq, "pad": &padding }))
+            .await
+            .unwrap();
+        written.push(Instant::now());
+        // On purpose: pacing the writer (not waiting for a condition).
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let write_took = writing.elapsed();
+
+    let mut clients = Vec::new();
+    for (i, kind, reader) in readers {
+        let (client, got, arrived) = reader.await.unwrap();
+        assert_eq!(got, all, "instance {i} {kind:?}");
+        let lag = |n: usize| arrived[n].saturating_duration_since(written[n / ABUSE_CHUNK]);
+        let worst = (0..arrived.len()).map(lag).max().unwrap_or_default();
+        let last = lag(arrived.len() - 1);
+        eprintln!(
+            "relay abuser: instance {i}{} {kind:?}: worst lag {worst:?}, the last change \
+             {last:?} after it was written (the write took {write_took:?})",
+            if i == owner { " (owner)" } else { "" }
+        );
+        assert!(
+            worst < ABUSE_MAX_LAG,
+            "instance {i} {kind:?}: a change took {worst:?} to arrive"
+        );
+        clients.push(client);
+    }
+
+    // The abuser is cut by the stall timeout (not by how far behind it is), after a gap-free
+    // prefix of the changes; nobody else is.
+    let cut = cut.await.unwrap();
+    tokio::time::timeout(WAIT, abuser.read_to_end(&mut raw))
+        .await
+        .expect("the abuser's socket closes")
+        .unwrap();
+    let frames = parse_raw_sse(&String::from_utf8_lossy(&raw));
+    let got: Vec<i64> = frames
+        .iter()
+        .filter(|(_, event, _)| event == "change")
+        .map(|(_, _, data)| data["fullDocument"]["seq"].as_i64().expect("seq"))
+        .collect();
+    eprintln!(
+        "relay abuser: cut {:?} after the write began, having got {} of {ABUSE_CHANGES} changes",
+        cut.saturating_duration_since(writing),
+        got.len()
+    );
+    assert!(
+        (got.len() as i64) < ABUSE_CHANGES,
+        "the abuser got every change: its socket never filled"
+    );
+    assert_eq!(got, (0..got.len() as i64).collect::<Vec<_>>());
+    if let Some((_, event, data)) = frames.last().filter(|(_, event, _)| event != "change") {
+        assert_eq!(event, "error");
+        assert_eq!(data["code"], "slow_consumer");
+    }
+    assert_eq!(servers[owner].metrics.slow_consumers.get(), 1);
+    assert_eq!(servers[other].metrics.slow_consumers.get(), 0);
+
+    // The owner's relay went on: it kept its lease, published every change (their publish
+    // lag measured) without an error, and the other instance applied them from JetStream.
+    let owner_metrics = &servers[owner].metrics.relay;
+    let published = owner_metrics.published.get() - published_before;
+    assert!(published >= 1, "the owner published {published} messages");
+    assert!(owner_metrics.publish_lag.count() - publish_lag_before >= ABUSE_CHANGES as u64);
+    let publish_errors = owner_metrics
+        .errors
+        .get_or_create(&streamgate::metrics::RelayErrorLabel { op: "publish" })
+        .get();
+    assert_eq!(publish_errors, 0);
+    assert!(
+        servers[other].metrics.relay.delivery_lag.count() - delivered_before
+            >= ABUSE_CHANGES as u64
+    );
+    let servers_ref: Vec<&TestServer> = servers.iter().collect();
+    let mut expected_owned = vec![0, 0];
+    expected_owned[owner] = 1;
+    assert_eq!(
+        owned(&servers_ref),
+        expected_owned,
+        "the owner kept its lease"
+    );
+    // And goes on after the cut.
+    let published_before = servers[owner].metrics.relay.published.get();
+    let after: Vec<i64> = (ABUSE_CHANGES..ABUSE_CHANGES + 3).collect();
+    insert_seqs(&coll, after[0]..after[2] + 1).await;
+    for client in &mut clients {
+        assert_eq!(exactly(client, 3).await, after);
+    }
+    assert!(servers[owner].metrics.relay.published.get() > published_before);
+    drop(clients);
+    for server in servers {
+        server.stop().await;
+    }
+}
+
+/// Changes the stopped-reader test writes before its clients resume: more than a catch-up
+/// reads ahead of its slowest reader (4,096) plus what a stopped client's sockets hold.
+const STOPPED_READER_CHANGES: i64 = 8_001;
+
+/// Changes the stopped reader of that test reads once it reads again: well past where it was
+/// let go.
+const STOPPED_READER_REREAD: usize = 1_000;
+
+/// The catch-up's fairness rule (`worker/catchup.rs`: a reader a whole ring behind one that
+/// waits at the head is let go) when the catch-up reads JetStream's retained window: two
+/// clients resume from the same old id, 8,000 changes back, on the instance that did not
+/// hold the cursor (nor the worker); one stops reading. The other gets every change once, in
+/// order, and goes live without waiting for it; the stopped one, reading again, goes on from
+/// its own position, nothing lost or repeated. The stall timeout is far past the test's
+/// length, so that the let-go rule frees the reader, not the cut (as in
+/// `fanin::a_catch_up_reader_that_stops_does_not_hold_up_the_others`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_reader_that_stops_in_relay_mode_does_not_hold_up_the_others() {
+    use tokio::io::AsyncReadExt;
+
+    let nats = NatsServer::start();
+    let db = unique_db("relay_stopped_reader");
+    let mongo = mongod::shared().client().await;
+    let coll: Collection<Document> = mongo.database(&db).collection("c");
+    let (a, b) = two_small_ring_instances_with(&db, &nats, |config| {
+        config.stall_timeout_secs = 120;
+    })
+    .await;
+    let mut first = subscribe(&a, &db, Kind::Sse).await;
+    eventually("instance a reads the cursor", WAIT, async || {
+        a.metrics.relay.owned_cursors.get() == 1
+    })
+    .await;
+    insert_seqs(&coll, 0..1).await;
+    let id = first.changes(1, WAIT).await[0].id.clone().expect("id");
+    // Kept connected (so that the owner's worker runs) and read, so that its socket never
+    // fills with the megabytes below.
+    let first = first.drain_in_background();
+    let padding = "x".repeat(1024);
+    let rest: Vec<i64> = (1..STOPPED_READER_CHANGES).collect();
+    for chunk in rest.chunks(500) {
+        coll.insert_many(chunk.iter().map(|seq| doc! { "seq": seq, "pad": &padding }))
+            .await
+            .unwrap();
+    }
+    // Every change is in the log before anybody resumes: the catch-up has all of them to
+    // read (instance b's worker starts at the log's last message).
+    let key = streamgate::streams::StreamKey::new(&db, "c", "s").unwrap();
+    let worker = a.registry.workers_of(&key).pop().expect("a's worker");
+    eventually(
+        "the owner's worker applied every change",
+        WAIT,
+        async || {
+            worker
+                .stats
+                .events
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == STOPPED_READER_CHANGES as u64
+        },
+    )
+    .await;
+
+    let path = format!("/{db}/c/_streams/s");
+    // The stopped one never reads past its response head, on a socket with a 4 KB receive
+    // buffer (a WebSocket or `reqwest` client's kernel buffers can take megabytes, thousands
+    // of these changes: its server side would read far into the catch-up before it stopped).
+    // Both connect at once, so that they share one catch-up (the second joins while the
+    // first's opens): one connecting after the catch-up had read a ring's worth would start
+    // a catch-up of its own, and a lone reader is never let go.
+    let stopped_path = format!("{path}?lastEventId={id}");
+    let ((mut stopped, mut raw), mut reading) = tokio::join!(
+        stalled_sse(b.addr, &stopped_path),
+        resume(&b, &path, Kind::Sse, &id)
+    );
+    let started = Instant::now();
+    let events = reading.changes(rest.len(), WAIT).await;
+    let took = started.elapsed();
+    assert_eq!(seqs(&events), rest);
+    eprintln!(
+        "relay stopped catch-up reader: the other read {} changes from the window in {took:?}",
+        rest.len()
+    );
+    assert!(
+        b.metrics.catchups_joined.get() >= 1,
+        "the two readers share one catch-up"
+    );
+    assert!(
+        b.metrics.catchup_readers_detached.get() >= 1,
+        "the stopped reader was let go"
+    );
+    assert!(
+        b.metrics.relay.window_catchups.get() >= 1,
+        "read from the window"
+    );
+    assert_eq!(b.metrics.catchups.get(), 0, "no MongoDB catch-up cursor");
+    // Live, with the stopped one still not reading.
+    let live: Vec<i64> = (STOPPED_READER_CHANGES..STOPPED_READER_CHANGES + 3).collect();
+    insert_seqs(&coll, live[0]..live[2] + 1).await;
+    assert_eq!(exactly(&mut reading, 3).await, live);
+
+    // The stopped one reads again, from where it was let go (after the chunk it took before
+    // its socket filled: 256 changes) on:
+    // its own position, in order, nothing repeated (served by a catch-up of its own, from the
+    // window again). Only the first [`STOPPED_READER_REREAD`] changes: through a 4 KB
+    // receive buffer, it reads about 450 KB/s.
+    let marker = b"event: change\n";
+    let mut frames = memchr::memmem::find_iter(&raw, marker).count();
+    let mut chunk = vec![0_u8; 64 * 1024];
+    let reading_again = Instant::now();
+    while frames <= STOPPED_READER_REREAD {
+        assert!(
+            reading_again.elapsed() < WAIT,
+            "the stopped reader got {frames} changes"
+        );
+        let n = tokio::time::timeout(WAIT, stopped.read(&mut chunk))
+            .await
+            .expect("the stopped reader's next bytes")
+            .unwrap();
+        assert!(n > 0, "the stopped reader's connection closed");
+        // (A marker may straddle the end of what was counted.)
+        let from = raw.len().saturating_sub(marker.len() - 1);
+        raw.extend_from_slice(&chunk[..n]);
+        frames += memchr::memmem::find_iter(&raw[from..], marker).count();
+    }
+    let got: Vec<i64> = parse_raw_sse(&String::from_utf8_lossy(&raw))
+        .iter()
+        .filter(|(_, event, _)| event == "change")
+        .map(|(_, _, data)| data["fullDocument"]["seq"].as_i64().expect("seq"))
+        .collect();
+    assert!(got.len() >= STOPPED_READER_REREAD, "{} changes", got.len());
+    assert_eq!(got, (1..=got.len() as i64).collect::<Vec<_>>());
+    assert!(
+        b.metrics.relay.window_catchups.get() >= 2,
+        "the stopped reader's own catch-up reads the window"
+    );
+    assert_eq!(b.metrics.catchups.get(), 0, "no MongoDB catch-up cursor");
+    for server in [&a, &b] {
+        assert_eq!(server.metrics.slow_consumers.get(), 0, "nobody was cut");
+    }
+    drop((first, stopped, reading));
     a.stop().await;
     b.stop().await;
 }

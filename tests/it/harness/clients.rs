@@ -343,3 +343,58 @@ pub fn parse_envelope(text: &str) -> Envelope {
         data: value["data"].clone(),
     }
 }
+
+/// A client that never reads its socket: it sends an SSE request over HTTP/1.0 (a
+/// close-delimited body, so the raw bytes are the SSE text) from a socket with a 4 KB receive
+/// buffer, reads the response head and then nothing more, so the socket fills at once with
+/// what the server sends. Returns the socket and the bytes read so far (the head, maybe more).
+/// The head comes only once the subscription is attached (a refusal would need another
+/// status), so every change written afterwards is meant for this client. (`core_faults.rs`
+/// has the first copy of this client.)
+pub async fn stalled_sse(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> (tokio::net::TcpStream, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    let request =
+        format!("GET {path} HTTP/1.0\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut chunk))
+            .await
+            .expect("response head in time")
+            .unwrap();
+        assert!(n > 0, "connection closed before the response head");
+        head.extend_from_slice(&chunk[..n]);
+    }
+    (stream, head)
+}
+
+/// The frames of a raw HTTP/1.0 SSE response (a [`stalled_sse`] client's bytes): `(id, event,
+/// data)` for each frame with an event and JSON data.
+pub fn parse_raw_sse(raw: &str) -> Vec<(Option<String>, String, Value)> {
+    let body = raw.split_once("\r\n\r\n").expect("headers").1;
+    body.split("\n\n")
+        .filter_map(|frame| {
+            let mut id = None;
+            let mut event = None;
+            let mut data = None;
+            for line in frame.lines() {
+                if let Some(v) = line.strip_prefix("id: ") {
+                    id = Some(v.to_owned());
+                } else if let Some(v) = line.strip_prefix("event: ") {
+                    event = Some(v.to_owned());
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(v).ok();
+                }
+            }
+            Some((id, event?, data?))
+        })
+        .collect()
+}
