@@ -441,6 +441,11 @@ pub struct Event {
     /// The id's place in the oplog ([`Token::place`]), read once for every multi-stream
     /// connection that puts it in its composite id (a fan-out asks for it once per client).
     place: std::sync::OnceLock<Option<Place>>,
+    /// This event as the first multi-stream connection that sent it framed it (its
+    /// composite id included), shared with every other connection in the same state: a
+    /// fan-out frames it once, as a single-stream one does. Opaque here: the connection
+    /// type (`http/multi`) says what makes two connections alike.
+    pub shared_frame: std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 /// A change document could not be turned into an event.
@@ -565,6 +570,7 @@ impl Event {
             view: std::sync::OnceLock::new(),
             operation_type: None,
             place: std::sync::OnceLock::new(),
+            shared_frame: std::sync::OnceLock::new(),
         }
     }
 
@@ -629,6 +635,7 @@ impl Event {
             view: std::sync::OnceLock::new(),
             operation_type: None,
             place: std::sync::OnceLock::new(),
+            shared_frame: std::sync::OnceLock::new(),
         }
     }
 }
