@@ -5,7 +5,7 @@ use std::time::Duration;
 use mongodb::bson::{Document, doc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::clients::{Kind, Next};
+use crate::harness::clients::{Kind, Next, parse_raw_sse, stalled_sse};
 use crate::harness::eventually;
 use crate::harness::fixture::{Fixture, seqs};
 use crate::harness::mongod::MongoD;
@@ -59,52 +59,6 @@ async fn mongod_killed_and_restarted_is_invisible_to_clients() {
     drop(mongo);
 }
 
-/// An SSE client that connects, reads the response head and then does not read: its socket
-/// buffers fill up. Returns the socket and the bytes read so far (the head, maybe more). The
-/// head comes only once the subscription is attached (a refusal would need another status),
-/// so events inserted afterwards are all meant for this client.
-async fn stalled_sse(addr: std::net::SocketAddr, path: &str) -> (tokio::net::TcpStream, Vec<u8>) {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = socket.connect(addr).await.unwrap();
-    // HTTP/1.0: the body is close-delimited, so the raw bytes are the SSE text.
-    let request =
-        format!("GET {path} HTTP/1.0\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut chunk = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
-            .await
-            .expect("response head in time")
-            .unwrap();
-        assert!(n > 0, "connection closed before the response head");
-        head.extend_from_slice(&chunk[..n]);
-    }
-    (stream, head)
-}
-
-fn parse_sse(raw: &str) -> Vec<(Option<String>, String, serde_json::Value)> {
-    let body = raw.split_once("\r\n\r\n").expect("headers").1;
-    body.split("\n\n")
-        .filter_map(|frame| {
-            let mut id = None;
-            let mut event = None;
-            let mut data = None;
-            for line in frame.lines() {
-                if let Some(v) = line.strip_prefix("id: ") {
-                    id = Some(v.to_owned());
-                } else if let Some(v) = line.strip_prefix("event: ") {
-                    event = Some(v.to_owned());
-                } else if let Some(v) = line.strip_prefix("data: ") {
-                    data = serde_json::from_str(v).ok();
-                }
-            }
-            Some((id, event?, data?))
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn stalled_client_is_cut_while_fast_client_gets_everything() {
     // A reading client is never cut by how far behind it is; one whose socket takes no bytes
@@ -146,7 +100,7 @@ async fn stalled_client_is_cut_while_fast_client_gets_everything() {
         .await
         .unwrap()
         .unwrap();
-    let frames = parse_sse(&String::from_utf8_lossy(&raw));
+    let frames = parse_raw_sse(&String::from_utf8_lossy(&raw));
     let changes: Vec<_> = frames.iter().filter(|f| f.1 == "change").collect();
     if let Some(last) = frames.last().filter(|f| f.1 != "change") {
         assert_eq!(last.1, "error");

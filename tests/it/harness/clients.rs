@@ -349,8 +349,7 @@ pub fn parse_envelope(text: &str) -> Envelope {
 /// buffer, reads the response head and then nothing more, so the socket fills at once with
 /// what the server sends. Returns the socket and the bytes read so far (the head, maybe more).
 /// The head comes only once the subscription is attached (a refusal would need another
-/// status), so every change written afterwards is meant for this client. (`core_faults.rs`
-/// has the first copy of this client.)
+/// status), so every change written afterwards is meant for this client.
 pub async fn stalled_sse(
     addr: std::net::SocketAddr,
     path: &str,
