@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use mongodb::bson::{Document, doc};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use crate::harness::clients::{Kind, Next, parse_raw_sse, stalled_sse};
 use crate::harness::eventually;
