@@ -1270,9 +1270,54 @@ fn feed_config(db: &str, nats: &NatsServer, more: &[(&str, &str, serde_json::Val
     config
 }
 
+/// A relay fleet whose `FEED_COLLS` `$match`-only streams (collections `c0`…) form one
+/// database feed, with a reader on every instance for each stream but the last.
+struct FeedFleet {
+    nats: NatsServer,
+    db: String,
+    mongo: mongodb::Client,
+    colls: Vec<Collection<Document>>,
+    servers: Vec<TestServer>,
+    /// `(instance, stream, reader)`.
+    readers: Vec<(usize, usize, Reader)>,
+}
+
+/// A [`reader`]'s task: the seqs it read, and whether it saw an `invalidate`.
+type Reader = tokio::task::JoinHandle<(Vec<i64>, bool)>;
+
+impl FeedFleet {
+    async fn start(name: &str, instances: usize) -> FeedFleet {
+        let nats = NatsServer::start();
+        let db = unique_db(name);
+        let mongo = mongod::shared().client().await;
+        let colls = (0..FEED_COLLS)
+            .map(|i| mongo.database(&db).collection(&format!("c{i}")))
+            .collect();
+        let mut servers = Vec::new();
+        for _ in 0..instances {
+            servers.push(TestServer::start(feed_config(&db, &nats, &[])).await);
+        }
+        let mut readers = Vec::new();
+        for (i, server) in servers.iter().enumerate() {
+            for stream in 0..FEED_COLLS - 1 {
+                let path = format!("/{db}/c{stream}/_streams/s");
+                readers.push((i, stream, reader(&server.url(""), &path).await));
+            }
+        }
+        FeedFleet {
+            nats,
+            db,
+            mongo,
+            colls,
+            servers,
+            readers,
+        }
+    }
+}
+
 /// A client of `path` at `base`, read by a task of its own until the `seq: -1` that ends the
 /// test: its `seq`s in order (and whether the stream ended with an `invalidate`).
-async fn reader(base: &str, path: &str) -> tokio::task::JoinHandle<(Vec<i64>, bool)> {
+async fn reader(base: &str, path: &str) -> Reader {
     let mut client = Client::connect(Kind::Sse, base, path, None).await.unwrap();
     let path = path.to_owned();
     tokio::spawn(async move {
@@ -1326,24 +1371,15 @@ fn write_until(
 /// every instance) while changes are written: every client gets every change once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_feed_streams_share_one_cursor_for_the_whole_fleet() {
-    let nats = NatsServer::start();
-    let db = unique_db("relay_feed");
-    let mongo = mongod::shared().client().await;
-    let colls: Vec<Collection<Document>> = (0..FEED_COLLS)
-        .map(|i| mongo.database(&db).collection(&format!("c{i}")))
-        .collect();
-    let mut servers = Vec::new();
-    for _ in 0..3 {
-        servers.push(TestServer::start(feed_config(&db, &nats, &[])).await);
-    }
     // (instance, stream, reader): streams c0 … c4 now, c5 later.
-    let mut readers = Vec::new();
-    for (i, server) in servers.iter().enumerate() {
-        for stream in 0..FEED_COLLS - 1 {
-            let path = format!("/{db}/c{stream}/_streams/s");
-            readers.push((i, stream, reader(&server.url(""), &path).await));
-        }
-    }
+    let FeedFleet {
+        nats: _nats,
+        db,
+        mongo,
+        colls,
+        servers,
+        mut readers,
+    } = FeedFleet::start("relay_feed", 3).await;
     let all: Vec<&TestServer> = servers.iter().collect();
     // One instance owns the feed and mongod holds its one cursor (a cursor per stream, 5,
     // before the relay shared database feeds).
@@ -1629,23 +1665,14 @@ async fn a_dropped_collection_ends_its_database_feed_stream_and_the_others_go_on
 /// id once, in order; the other streams lose and repeat nothing; one cursor at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_feed_stream_resumed_after_its_workers_retired_catches_up_on_its_own() {
-    let nats = NatsServer::start();
-    let db = unique_db("relay_feed_rejoin");
-    let mongo = mongod::shared().client().await;
-    let colls: Vec<Collection<Document>> = (0..FEED_COLLS)
-        .map(|i| mongo.database(&db).collection(&format!("c{i}")))
-        .collect();
-    let mut servers = Vec::new();
-    for _ in 0..2 {
-        servers.push(TestServer::start(feed_config(&db, &nats, &[])).await);
-    }
-    let mut readers = Vec::new();
-    for (i, server) in servers.iter().enumerate() {
-        for stream in 0..FEED_COLLS - 1 {
-            let path = format!("/{db}/c{stream}/_streams/s");
-            readers.push((i, stream, reader(&server.url(""), &path).await));
-        }
-    }
+    let FeedFleet {
+        nats: _nats,
+        db,
+        mongo,
+        colls,
+        servers,
+        readers,
+    } = FeedFleet::start("relay_feed_rejoin", 2).await;
     let leaving = format!("/{db}/c{}/_streams/s", FEED_COLLS - 1);
     let mut client = Client::connect(Kind::Sse, &servers[0].url(""), &leaving, None)
         .await
