@@ -448,6 +448,23 @@ impl Turn<'_> {
                 .is_some_and(|named| named != self.relay.instance)
     }
 
+    /// At a renewal tick: renews `lease`, and says why the turn must end, if it must: the
+    /// lease was lost ([`Exit::Lost`]), or the placement names another instance and the lease
+    /// was held long enough ([`Exit::HandOver`]).
+    pub(super) async fn renew(
+        &self,
+        lease: &mut Lease,
+        taken: Instant,
+        view: &mut watch::Receiver<Arc<View>>,
+    ) -> Option<Exit> {
+        match lease.renew().await {
+            Renewal::Held | Renewal::Unsure => self
+                .handing_over(taken, &view.borrow_and_update())
+                .then_some(Exit::HandOver),
+            Renewal::Lost => Some(Exit::Lost),
+        }
+    }
+
     /// Reads `worker`'s cursor and publishes to `subject`, until something ends the turn.
     /// Gives the lease back when it may still be held.
     async fn own_stream(
@@ -491,7 +508,6 @@ impl Turn<'_> {
         let mut renew = tokio::time::interval_at(Instant::now() + every, every);
         let mark_every = Duration::from_millis(relay.settings.mark_interval_ms);
         let mut marked = Instant::now();
-        let handing_over = |view: &View| self.handing_over(taken, view);
         // The step in flight is kept across renewals and view changes rather than dropped: an
         // open dropped in flight would leave its cursor on mongod (the driver never learns
         // its id), idle there until `cursorTimeoutMillis`. When the turn ends with an open in
@@ -516,19 +532,13 @@ impl Turn<'_> {
                             break 'turn Exit::Cancelled;
                         }
                         _ = renew.tick() => {
-                            let exit = match lease.renew().await {
-                                Renewal::Held | Renewal::Unsure => {
-                                    handing_over(&view.borrow_and_update()).then_some(Exit::HandOver)
-                                }
-                                Renewal::Lost => Some(Exit::Lost),
-                            };
-                            if let Some(exit) = exit {
+                            if let Some(exit) = self.renew(&mut lease, taken, view).await {
                                 settle(pending.as_mut()).await;
                                 break 'turn exit;
                             }
                         }
                         Ok(()) = view.changed() => {
-                            if handing_over(&view.borrow_and_update()) {
+                            if self.handing_over(taken, &view.borrow_and_update()) {
                                 settle(pending.as_mut()).await;
                                 break 'turn Exit::HandOver;
                             }

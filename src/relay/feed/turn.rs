@@ -16,9 +16,9 @@ use super::catch_up::{Caught, catch_up};
 use super::{Advert, LocalFeed, PROBE_TIMEOUT, decode};
 use crate::event::{ErrorCode, Token};
 use crate::metrics::now_ms;
-use crate::relay::lease::{Lease, Renewal};
+use crate::relay::lease::Lease;
 use crate::relay::membership::View;
-use crate::relay::owner::spawn_kill_orphans;
+use crate::relay::owner::{self, spawn_kill_orphans};
 use crate::relay::owner::{
     BATCH_BYTES, BATCH_CHANGES, OPEN_SETTLE, Outcome, Turn, cursor_comment, last_position, publish,
     wall_ms,
@@ -52,6 +52,16 @@ enum Exit {
     Lost,
     HandOver,
     Unpublished,
+}
+
+impl From<owner::Exit> for Exit {
+    fn from(exit: owner::Exit) -> Exit {
+        match exit {
+            owner::Exit::Cancelled => Exit::Cancelled,
+            owner::Exit::Lost => Exit::Lost,
+            owner::Exit::HandOver => Exit::HandOver,
+        }
+    }
 }
 
 /// What ended reading one step: go on, or open the cursor again (members changed or ended).
@@ -207,16 +217,9 @@ impl<'a> Owner<'a> {
                             break 'turn Exit::Cancelled;
                         }
                         _ = renew.tick() => {
-                            let exit = match lease.renew().await {
-                                Renewal::Held | Renewal::Unsure => self
-                                    .turn
-                                    .handing_over(taken, &view.borrow_and_update())
-                                    .then_some(Exit::HandOver),
-                                Renewal::Lost => Some(Exit::Lost),
-                            };
-                            if let Some(exit) = exit {
+                            if let Some(exit) = self.turn.renew(&mut lease, taken, view).await {
                                 settle(pending.as_mut()).await;
-                                break 'turn exit;
+                                break 'turn exit.into();
                             }
                         }
                         Ok(()) = view.changed() => {
