@@ -719,6 +719,7 @@ async fn live(ctx: &Ctx, place: &Place, scenario: &Scenario) -> Result<Report, S
     // Every client attached: what the run costs mongod in cursors (the relay's point).
     report.relay = ctx.relay_url.is_some();
     report.mongod_cursors = upstream::change_stream_cursors(&ctx.mongo).await.ok();
+    report.mongod_connections = upstream::mongod_connections(&ctx.mongo).await.ok();
 
     let cpu0 = Cpu::read_all(ctx, &place.server_pids);
     let bytes0 = shared.bytes.load(Ordering::Relaxed);

@@ -135,6 +135,9 @@ pub struct Report {
     /// Change-stream cursors on mongod with every client attached (live runs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mongod_cursors: Option<u64>,
+    /// mongod's open connections at the same moment (the tool's own few included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mongod_connections: Option<u64>,
     /// Issue 8 scenarios: change-stream cursors and connections on mongod, server counters.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream: Option<Upstream>,
@@ -236,9 +239,13 @@ impl Report {
             self.insert_rate
         );
         if let Some(cursors) = self.mongod_cursors {
+            let connections = self
+                .mongod_connections
+                .map(|n| format!(", {n} connections"))
+                .unwrap_or_default();
             println!(
-                "mongod         {cursors} change-stream cursors with every client attached \
-                 (relay {})",
+                "mongod         {cursors} change-stream cursors{connections} with every client \
+                 attached (relay {})",
                 if self.relay { "on" } else { "off" }
             );
         }
